@@ -1,0 +1,32 @@
+"""Packaging for mixmo_jax (see README.md for the install commands)."""
+import setuptools
+
+setuptools.setup(
+    name="mixmo_jax",
+    version="0.1.0",
+    description=("MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep "
+                 "Subnetworks (Rame, Sun & Cord, ICCV 2021) in JAX/Flax."),
+    packages=setuptools.find_packages(include=["mixmo_jax", "mixmo_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1",
+        "clu>=0.0.12",
+        "tensorflow-cpu>=2.20",
+        "tensorboard",
+        "importlib_resources",
+        "pillow",
+        "scikit-learn",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "cuda12": ["jax[cuda12]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
+        "test": ["pytest", "nbformat", "nbclient", "ipykernel"],
+    },
+)

@@ -1,0 +1,355 @@
+"""Tests for mixmo_jax.metrics: formulas checked against direct NumPy loops."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mixmo_jax import metrics
+
+NUM_BINS = 15
+
+
+def _logits(seed, n=400, c=10, signal=2.0, scale=1.0, m=None):
+  """Random logits with some signal on the label; [N, C] or [N, M, C]."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, c, n)
+  shape = (n, c) if m is None else (n, m, c)
+  z = rng.normal(size=shape)
+  onehot = np.eye(c)[labels]
+  z = z + signal * (onehot if m is None else onehot[:, None, :])
+  return (scale * z).astype(np.float32), labels
+
+
+def _softmax64(z):
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+# --- independent loop references -------------------------------------------
+
+
+def loop_top_k(z, labels, k):
+  hits = 0
+  for n in range(len(labels)):
+    order = np.argsort(-np.asarray(z[n], np.float64), kind='stable')
+    hits += int(labels[n] in order[:k])
+  return hits / len(labels)
+
+
+def loop_nll(z, labels):
+  z = np.asarray(z, np.float64)
+  total = 0.0
+  for n in range(len(labels)):
+    top = z[n].max()
+    total += top + np.log(np.sum(np.exp(z[n] - top))) - z[n, labels[n]]
+  return total / len(labels)
+
+
+def loop_brier(z, labels):
+  p = _softmax64(z)
+  total = 0.0
+  for n in range(len(labels)):
+    for c in range(p.shape[1]):
+      total += (p[n, c] - (1.0 if c == labels[n] else 0.0)) ** 2
+  return total / len(labels)
+
+
+def loop_bins(z, labels, num_bins):
+  p = _softmax64(z)
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  acc, conf, count = np.zeros(num_bins), np.zeros(num_bins), np.zeros(num_bins)
+  for n in range(len(labels)):
+    c = p[n].max()
+    for b in range(num_bins):
+      if edges[b] < c <= edges[b + 1]:
+        count[b] += 1
+        conf[b] += c
+        acc[b] += float(np.argmax(p[n]) == labels[n])
+        break
+  safe = np.maximum(count, 1)
+  return acc / safe, conf / safe, count
+
+
+def loop_ece(z, labels, num_bins):
+  acc, conf, count = loop_bins(z, labels, num_bins)
+  return sum(count[b] / len(labels) * abs(acc[b] - conf[b])
+             for b in range(num_bins))
+
+
+def nll_at_temperature(z, labels, temperatures):
+  """NLL of softmax(z / T) for each T (vectorised over samples): [T] float64."""
+  z = np.asarray(z, np.float64)
+  z_y = z[np.arange(len(labels)), labels]
+  out = []
+  for t in temperatures:
+    s = z / t
+    top = s.max(-1)
+    lse = top + np.log(np.exp(s - top[:, None]).sum(-1))
+    out.append(np.mean(lse - z_y / t))
+  return np.array(out)
+
+
+# --- basic metrics -----------------------------------------------------------
+
+
+@pytest.mark.parametrize('scale', [1.0, 4.0])
+def test_scalar_metrics_match_loops(scale):
+  z, labels = _logits(0, n=300, c=10, scale=scale)
+  lp = np.log(_softmax64(z)).astype(np.float32)
+  for k in (1, 2, 5):
+    assert float(metrics.top_k_accuracy(lp, labels, k)) == pytest.approx(
+        loop_top_k(z, labels, k), abs=1e-6)
+  np.testing.assert_allclose(float(metrics.nll(lp, labels)),
+                             loop_nll(z, labels), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics.brier(lp, labels)),
+                             loop_brier(z, labels), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics.ece(lp, labels, NUM_BINS)),
+                             loop_ece(z, labels, NUM_BINS), rtol=1e-4,
+                             atol=1e-6)
+  # Raw logits are accepted (re-normalised internally).
+  np.testing.assert_allclose(float(metrics.nll(z, labels)),
+                             loop_nll(z, labels), rtol=1e-5)
+
+
+@pytest.mark.parametrize('num_bins', [15, 7])
+def test_calibration_bins_match_loop(num_bins):
+  z, labels = _logits(1, n=300, c=10, scale=1.5)
+  acc, conf, count = (np.asarray(x) for x in
+                      metrics.calibration_bins(z, labels, num_bins))
+  ref_acc, ref_conf, ref_count = loop_bins(z, labels, num_bins)
+  np.testing.assert_array_equal(count, ref_count)
+  np.testing.assert_allclose(acc, ref_acc, atol=1e-6)
+  np.testing.assert_allclose(conf, ref_conf, atol=1e-6)
+  assert count.sum() == len(labels)
+  # ECE is exactly the count-weighted gap of these bins.
+  ece = float(metrics.ece(z, labels, num_bins))
+  np.testing.assert_allclose(
+      ece, np.sum(count / count.sum() * np.abs(acc - conf)), rtol=1e-6)
+
+
+def test_bin_edges_are_left_open_right_closed():
+  # Confidence exactly 0.5 (two tied classes) lies in the bin (0.4, 0.5]
+  # when B = 10; confidence 1 lies in the last bin.
+  z = np.array([[0.0, 0.0], [0.0, -1e4]], np.float32)
+  labels = np.array([0, 0])
+  _, conf, count = (np.asarray(x) for x in
+                    metrics.calibration_bins(z, labels, 10))
+  assert count[4] == 1 and count[9] == 1 and count.sum() == 2
+  np.testing.assert_allclose(conf[[4, 9]], [0.5, 1.0])
+
+
+def test_primitives_are_jittable():
+  z, labels = _logits(2, n=64, c=10, m=2)
+  lp = metrics.ensemble_log_probs(z, 'probs')
+  jitted = jax.jit(metrics.ece, static_argnames='num_bins')
+  ece = jitted(lp, labels, num_bins=NUM_BINS)
+  assert isinstance(ece, jax.Array)
+  np.testing.assert_allclose(ece, metrics.ece(np.asarray(lp), labels,
+                                              NUM_BINS), rtol=1e-5)
+  jitted_ens = jax.jit(metrics.ensemble_log_probs, static_argnames='mode')
+  np.testing.assert_allclose(jitted_ens(z, mode='logits'),
+                             metrics.ensemble_log_probs(z, 'logits'),
+                             rtol=1e-5, atol=1e-5)
+  jitted_topk = jax.jit(metrics.top_k_accuracy, static_argnames='k')
+  assert float(jitted_topk(lp, labels, k=5)) == float(
+      metrics.top_k_accuracy(lp, labels, 5))
+
+
+def test_top_k_ties_break_towards_lower_index():
+  z = np.zeros((4, 3), np.float32)
+  labels = np.array([0, 1, 2, 0])
+  assert float(metrics.top_k_accuracy(z, labels, 1)) == 0.5
+  assert float(metrics.top_k_accuracy(z, labels, 2)) == 0.75
+  assert float(metrics.top_k_accuracy(z, labels, 5)) == 1.0  # k clipped to C.
+
+
+def test_ensemble_log_probs_modes():
+  z, _ = _logits(3, n=50, c=7, m=3, scale=3.0)
+  z64 = z.astype(np.float64)
+  probs_ref = np.log(np.mean(_softmax64(z64), axis=1))
+  logits_ref = np.log(_softmax64(np.mean(z64, axis=1)))
+  np.testing.assert_allclose(metrics.ensemble_log_probs(z, 'probs'),
+                             probs_ref, atol=2e-5)
+  np.testing.assert_allclose(metrics.ensemble_log_probs(z, 'logits'),
+                             logits_ref, atol=2e-5)
+  np.testing.assert_allclose(metrics.ensemble_log_probs(z), logits_ref,
+                             atol=2e-5)
+  # The two modes differ in general.
+  assert np.abs(probs_ref - logits_ref).max() > 1e-2
+  with pytest.raises(ValueError):
+    metrics.ensemble_log_probs(z, 'median')
+
+
+# --- temperature scaling -----------------------------------------------------
+
+
+def brute_force_temperature(z, labels):
+  """Coarse-to-fine grid search of argmin_T NLL(softmax(z / T))."""
+  coarse = np.geomspace(1e-3, 1e3, 241)
+  best = coarse[np.argmin(nll_at_temperature(z, labels, coarse))]
+  ratio = coarse[1] / coarse[0]
+  fine = np.geomspace(best / ratio**2, best * ratio**2, 801)
+  values = nll_at_temperature(z, labels, fine)
+  return fine[np.argmin(values)], values.min()
+
+
+@pytest.mark.parametrize('scale', [1.0, 20.0, 0.05])
+def test_fit_temperature_matches_grid_search(scale):
+  z, labels = _logits(4, n=200, c=10, signal=1.5, scale=scale)
+  t_fit = metrics.fit_temperature(z, labels)
+  t_grid, nll_grid = brute_force_temperature(z, labels)
+  assert isinstance(t_fit, float)
+  assert abs(t_fit - t_grid) / t_grid < 1e-3
+  assert nll_at_temperature(z, labels, [t_fit])[0] <= nll_grid + 1e-12
+  # T scales with the logits: T(s z) = s T(z).
+  t_scaled = metrics.fit_temperature(3.0 * z, labels)
+  assert t_scaled == pytest.approx(3.0 * t_fit, rel=1e-6)
+
+
+def test_fit_temperature_degenerate_cases_clamp_to_bracket():
+  c = 5
+  labels = np.arange(20) % c
+  onehot = np.eye(c, dtype=np.float32)[labels]
+  # All correct: sharpening always helps, optimum beta -> inf.
+  assert metrics.fit_temperature(4.0 * onehot, labels) == pytest.approx(
+      1.0 / metrics.BETA_MAX)
+  # Every label is the least likely class: optimum beta -> 0.
+  assert metrics.fit_temperature(-4.0 * onehot, labels) == pytest.approx(
+      1.0 / metrics.BETA_MIN)
+
+
+def test_calibrated_metrics_improve_overconfident_nll():
+  z, labels = _logits(5, n=2001, c=10, signal=1.0, scale=6.0)
+  lp = np.asarray(metrics.ensemble_log_probs(z[:, None, :]))
+  result = metrics.calibrated_metrics(lp, labels, seed=7)
+  assert result['seed'] == 7
+  assert result['split_sizes'] == [1000, 1001]
+  assert result['nll_c'] < float(metrics.nll(lp, labels))
+  assert result['ece_c'] < float(metrics.ece(lp, labels))
+  assert result['top1_c'] == pytest.approx(
+      float(metrics.top_k_accuracy(lp, labels, 1)), abs=1e-3)
+  t_a, t_b = result['temperatures']
+  assert t_a > 1.5 and t_b > 1.5  # Over-confident: T > 1 softens.
+  assert result['temperature'] == pytest.approx(0.5 * (t_a + t_b))
+  # Cross-fitting: T fitted on half A is evaluated on half B, and swapped.
+  perm = np.random.default_rng(7).permutation(len(labels))
+  half_a, half_b = perm[:1000], perm[1000:]
+  assert t_a == pytest.approx(metrics.fit_temperature(lp[half_a],
+                                                      labels[half_a]))
+  nll_b = loop_nll(lp[half_b] / t_a, labels[half_b])
+  nll_a = loop_nll(lp[half_a] / t_b, labels[half_a])
+  assert result['nll_c'] == pytest.approx(0.5 * (nll_a + nll_b), rel=1e-5)
+  other = metrics.calibrated_metrics(lp, labels, seed=8)
+  assert other['temperatures'] != result['temperatures']
+
+
+# --- diversity ----------------------------------------------------------------
+
+
+def _member_logits_from_preds(preds, c=3):
+  """preds [M][N] -> logits [N, M, C] whose argmax is preds."""
+  preds = np.asarray(preds).T  # Shape: [N, M].
+  return 5.0 * np.eye(c, dtype=np.float32)[preds]
+
+
+def test_diversity_two_members_hand_counted():
+  labels = np.zeros(6, int)
+  z = _member_logits_from_preds([[0, 1, 1, 2, 0, 0], [0, 1, 2, 0, 1, 0]])
+  # Both wrong: samples 1, 2; exactly one wrong: 3, 4; predictions differ: 2, 3, 4.
+  d = metrics.diversity(z, labels)
+  assert d['ratio_error'] == pytest.approx(2 / 2)
+  assert d['disagreement'] == pytest.approx(3 / 6)
+
+
+def test_diversity_without_common_errors_uses_twice_the_count():
+  labels = np.zeros(4, int)
+  z = _member_logits_from_preds([[1, 0, 0, 0], [0, 2, 0, 0]])
+  d = metrics.diversity(z, labels)
+  assert d['ratio_error'] == pytest.approx(2 * 2)
+  assert d['disagreement'] == pytest.approx(2 / 4)
+
+
+def test_diversity_three_members_averages_pairs():
+  labels = np.zeros(4, int)
+  z = _member_logits_from_preds([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 2, 0]])
+  # Pair (0,1): both 1, one 1 -> 1; pair (0,2): both 0, one 3 -> 6;
+  # pair (1,2): both 0, one 2 -> 4. Disagreements: 1/4, 3/4, 2/4.
+  both, one, disagree = (np.asarray(x) for x in
+                         metrics.pairwise_error_counts(z, labels))
+  np.testing.assert_array_equal(both, [1, 0, 0])
+  np.testing.assert_array_equal(one, [1, 3, 2])
+  np.testing.assert_array_equal(disagree, [1, 3, 2])
+  d = metrics.diversity(z, labels)
+  assert d['ratio_error'] == pytest.approx((1 + 6 + 4) / 3)
+  assert d['disagreement'] == pytest.approx(0.5)
+
+
+def test_diversity_single_member_is_none():
+  z, labels = _logits(6, n=20, c=4, m=1)
+  assert metrics.diversity(z, labels) == {'ratio_error': None,
+                                          'disagreement': None}
+
+
+# --- eval.json ------------------------------------------------------------------
+
+SCHEMA = {
+    'ensemble': {'top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c',
+                 'top1_c', 'temperature'},
+    'members': {'top1', 'nll'},
+    'diversity': {'ratio_error', 'disagreement'},
+}
+
+
+@pytest.mark.parametrize('mode', ['logits', 'probs'])
+def test_evaluation_metrics_schema_and_values(mode):
+  z, labels = _logits(7, n=120, c=10, m=2, scale=2.0)
+  result = metrics.evaluation_metrics(z, labels, ensemble=mode,
+                                      calibration_seed=3)
+  json.loads(json.dumps(result, allow_nan=False))
+  assert SCHEMA['ensemble'] <= set(result['ensemble'])
+  assert len(result['members']) == 2
+  for member in result['members']:
+    assert SCHEMA['members'] <= set(member)
+  assert SCHEMA['diversity'] <= set(result['diversity'])
+  assert result['num_examples'] == 120
+  assert result['calibration']['seed'] == 3
+  for key, value in result['ensemble'].items():
+    assert type(value) is float, key
+  lp = np.asarray(metrics.ensemble_log_probs(z, mode))
+  assert result['ensemble']['top1'] == pytest.approx(
+      loop_top_k(lp, labels, 1))
+  assert result['ensemble']['top5'] == pytest.approx(
+      loop_top_k(lp, labels, 5))
+  assert result['ensemble']['nll'] == pytest.approx(loop_nll(lp, labels),
+                                                    rel=1e-5)
+  for i, member in enumerate(result['members']):
+    assert member['top1'] == pytest.approx(loop_top_k(z[:, i], labels, 1))
+    assert member['nll'] == pytest.approx(loop_nll(z[:, i], labels), rel=1e-5)
+    assert 0.0 <= member['top1'] <= 1.0
+
+
+def test_evaluation_metrics_edge_cases_stay_valid_json():
+  # M = 1, C = 3 < 5 (top5 = top-3 = 1), and NaN logits (diverged run).
+  z, labels = _logits(8, n=10, c=3, m=1)
+  result = metrics.evaluation_metrics(z, labels)
+  assert result['ensemble']['top5'] == 1.0
+  assert result['diversity'] == {'ratio_error': None, 'disagreement': None}
+  json.dumps(result, allow_nan=False)
+  z_nan = np.full((6, 2, 4), np.nan, np.float32)
+  result = metrics.evaluation_metrics(z_nan, np.zeros(6, int))
+  assert result['ensemble']['nll'] is None
+  assert result['ensemble']['temperature'] is None
+  json.dumps(result, allow_nan=False)
+
+
+def test_flatten_metrics():
+  nested = {'step': 5, 'ensemble': {'top1': 0.5, 'temperature': None},
+            'members': [{'top1': 0.25}, {'top1': 0.75}], 'ensemble_mode': 'x',
+            'calibration': {'temperatures': [1.5, 2.5]}}
+  flat = metrics.flatten_metrics(nested)
+  assert flat == {'step': 5, 'ensemble/top1': 0.5, 'members/0/top1': 0.25,
+                  'members/1/top1': 0.75, 'calibration/temperatures/0': 1.5,
+                  'calibration/temperatures/1': 2.5}
+  assert metrics.flatten_metrics(flat) == flat

@@ -1,0 +1,140 @@
+"""Tests for mixmo_jax.plots: files, pixel sizes, and the shared bin logic."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mixmo_jax import metrics
+from mixmo_jax import plots
+
+
+def _check_png(path, figsize):
+  with Image.open(path) as image:
+    assert image.format == 'PNG'
+    assert image.size == (round(figsize[0] * plots.DPI),
+                          round(figsize[1] * plots.DPI))
+    pixels = np.asarray(image.convert('L'))
+  assert pixels.std() > 0  # Something was drawn.
+
+
+def _fake_run(seed, n=80, m=2, c=5):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, c, n)
+  z = rng.normal(size=(n, m, c)) + 2.0 * np.eye(c)[labels][:, None]
+  return z.astype(np.float32), labels
+
+
+@pytest.fixture(scope='module')
+def run():
+  z, labels = _fake_run(0)
+  return z, labels, metrics.evaluation_metrics(z, labels)
+
+
+def test_reliability_bins_are_the_ece_bins():
+  # The diagram draws metrics.calibration_bins; ECE is their weighted gap.
+  z, labels = _fake_run(1, n=200, m=1, c=10)
+  lp = metrics.ensemble_log_probs(z)
+  acc, conf, count = (np.asarray(x) for x in
+                      metrics.calibration_bins(lp, labels, 15))
+  assert count.sum() == len(labels)
+  assert np.all((acc >= 0) & (acc <= 1))
+  # Non-empty bins' mean confidence lies inside their (lo, hi] interval.
+  edges = metrics.bin_edges(15)
+  filled = count > 0
+  assert np.all(conf[filled] > edges[:-1][filled] - 1e-6)
+  assert np.all(conf[filled] <= edges[1:][filled] + 1e-6)
+  np.testing.assert_allclose(float(metrics.ece(lp, labels, 15)),
+                             np.sum(count / len(labels) * np.abs(acc - conf)),
+                             rtol=1e-6)
+
+
+def test_reliability_diagram(tmp_path, run):
+  z, labels, _ = run
+  path = plots.reliability_diagram(metrics.ensemble_log_probs(z), labels,
+                                   tmp_path / 'sub' / 'rel.png')
+  assert path == str(tmp_path / 'sub' / 'rel.png')
+  _check_png(path, plots.FIGSIZES['reliability_diagram'])
+
+
+def test_member_vs_ensemble_and_write_evaluation_plots(tmp_path, run):
+  z, labels, result = run
+  path = plots.member_vs_ensemble(result, tmp_path / 'm.png')
+  _check_png(path, plots.FIGSIZES['member_vs_ensemble'])
+  paths = plots.write_evaluation_plots(result, metrics.ensemble_log_probs(z),
+                                       labels, tmp_path / 'plots')
+  assert len(paths) == 2
+  _check_png(paths[0], plots.FIGSIZES['reliability_diagram'])
+  _check_png(paths[1], plots.FIGSIZES['member_vs_ensemble'])
+
+
+def test_diversity_accuracy(tmp_path, run):
+  _, _, result = run
+  z1, labels1 = _fake_run(2, m=1)
+  results = {'cut-mixmo': result,
+             'linear': metrics.evaluation_metrics(*_fake_run(3)),
+             'vanilla (M=1, skipped)': metrics.evaluation_metrics(z1, labels1)}
+  path = plots.diversity_accuracy(results, tmp_path / 'div.png')
+  _check_png(path, plots.FIGSIZES['diversity_accuracy'])
+
+
+def test_training_curves_nested_flat_and_broken_lines(tmp_path, run):
+  _, _, result = run
+  lines = []
+  for epoch in range(1, 4):
+    lines.append(json.dumps({'step': 10 * epoch, 'epoch': epoch, **result}))
+  lines.append('')
+  lines.append('{not json')
+  lines.append(json.dumps({'step': 40, 'epoch': 4, 'ensemble/top1': 0.7,
+                           'members/0/top1': 0.6}))  # Flat, no NLL.
+  lines.append(json.dumps({'step': 50}))  # No metrics at all.
+  history = tmp_path / 'eval_history.jsonl'
+  history.write_text('\n'.join(lines) + '\n')
+  records = plots.read_eval_history(history)
+  assert [e for e, _ in records] == [1.0, 2.0, 3.0, 4.0, 50.0]
+  assert records[3][1]['ensemble/top1'] == 0.7
+  assert records[0][1]['members/1/top1'] == result['members'][1]['top1']
+  path = plots.training_curves(history, tmp_path / 'curves.png')
+  _check_png(path, plots.FIGSIZES['training_curves'])
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('')
+  _check_png(plots.training_curves(empty, tmp_path / 'empty.png'),
+             plots.FIGSIZES['training_curves'])
+
+
+def test_upsample_nearest_and_pixel_mix():
+  rng = np.random.default_rng(4)
+  w = rng.uniform(size=(2, 3, 4, 4))
+  np.testing.assert_array_equal(plots.upsample_nearest(w, 8, 12),
+                                w.repeat(2, axis=-2).repeat(3, axis=-1))
+  assert plots.upsample_nearest(w, 5, 7).shape == (2, 3, 5, 7)
+  # Partition of unity: identical member images mix back to the image.
+  image = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
+  same = np.repeat(image[:, None], 3, axis=1)
+  w = w / w.sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(plots.mix_images(same, w), image, atol=1e-6)
+  # A binary mask selects pixels: member 0 inside the mask, member 1 outside.
+  mask = np.zeros((1, 4, 4))
+  mask[0, :2] = 1.0
+  weights = np.stack([mask, 1.0 - mask], axis=1)
+  a = np.zeros((1, 8, 8, 3), np.uint8)
+  b = np.full((1, 8, 8, 3), 255, np.uint8)
+  mixed = plots.mix_images(np.stack([a, b], axis=1), weights)
+  np.testing.assert_array_equal(mixed[0, :4], 0.0)
+  np.testing.assert_array_equal(mixed[0, 4:], 1.0)
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.float32])
+def test_mask_gallery(tmp_path, dtype):
+  rng = np.random.default_rng(5)
+  k, m, size = 3, 2, 16
+  images = rng.uniform(size=(k, m, size, size, 3))
+  if dtype == np.uint8:
+    images = (255 * images).astype(np.uint8)
+  mask = np.zeros((k, 1, 8, 8))  # Stem resolution 8x8 < image 16x16.
+  mask[:, :, 2:6, 2:6] = 1.0
+  weights = np.concatenate([mask, 1.0 - mask], axis=1)  # Shape: [K, M, h, w].
+  path = plots.mask_gallery(images, weights, tmp_path / 'masks.png')
+  _check_png(path, plots.mask_gallery_figsize(k, m))
+  assert plots.mask_gallery_figsize(k, m) == (
+      plots.GALLERY_CELL_INCHES * 4, plots.GALLERY_CELL_INCHES * 3)
