@@ -7,6 +7,7 @@ unique samples (a pure function of (seed, step)), evaluates every
 current step), and refuses to continue past a non-finite loss.
 """
 import json
+import logging as pylogging
 import os
 import signal
 from typing import Any, Dict, List
@@ -22,6 +23,16 @@ from mixmo_jax import (augmix, checkpointing, inference, input_pipeline,
 HISTORY_FILE = 'eval_history.jsonl'
 # Test hook: SIGKILL this process right after the given step (deterministic).
 FAULT_KILL_ENV = 'MIXMO_FAULT_KILL_AFTER_STEP'
+
+
+class _QuietOrbax(pylogging.Filter):
+  """Keeps orbax's per-save INFO lines out of the training log."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 class NonFiniteLossError(RuntimeError):

@@ -8,3 +8,50 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str = "digits", arg=None):
+  """Loads `configs/<name>.py` by path and returns get_config(arg)."""
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_digits_config(arg=None):
+  """A digits config small enough to train in seconds on the CPU."""
+  config = load_config("digits", arg)
+  config.model.depth = 10
+  config.model.width = 1
+  config.num_train_examples = 320  # 10 steps per epoch at 32 unique / step.
+  config.num_epochs = 2
+  config.optimizer.decay_epochs = (1,)
+  config.eval_every_epochs = 1
+  config.checkpoint_every_epochs = 1
+  config.eval_batch_size = 200
+  return config
+
+
+@pytest.fixture(scope="session")
+def digits_workdir(tmp_path_factory):
+  """A trained 2-epoch digits workdir (WRN-10-1, M=2), shared by tests.
+
+  Written as `python -m mixmo_jax.main` would: config.json, checkpoints at
+  steps 10 and 20, eval_history.jsonl, TensorBoard events.
+  """
+  import json
+  from mixmo_jax import config_validation, trainer
+  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  config = tiny_digits_config()
+  config_validation.validate(config)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_validation.config_to_dict(config), f)
+  trainer.train_and_evaluate(config, workdir)
+  return workdir
