@@ -64,7 +64,10 @@ def _host_batch(config, step, train_x, train_y, num_unique, mesh):
                                        jax.process_count())
   images, labels = train_x[idx[local]], train_y[idx[local]]
   if config.augment.augmix:  # Host-side, deterministic from (seed, step).
-    images = augmix.augmix_batch(images, seed=config.seed, step=step)
+    aug = config.augment
+    images = augmix.augmix_batch(
+        images, config.seed, step, severity=aug.augmix_severity,
+        width=aug.augmix_width, depth=aug.augmix_depth, first_index=local.start)
   return sharding.global_batch((images, labels), mesh)
 
 
@@ -74,9 +77,19 @@ def _truncate_history(workdir: str, step: int) -> None:
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)['step'] <= step]
-  with open(path, 'w') as f:
+    lines = [l for l in f if _history_step(l) <= step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
     f.writelines(lines)
+  os.replace(tmp, path)
+
+
+def _history_step(line: str) -> float:
+  """The step of a history line; inf for a line cut short by a kill."""
+  try:
+    return json.loads(line)['step'] if line.endswith('\n') else float('inf')
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
 
 
 def _evaluate(config, workdir, state, predict, test, mesh, writer, step, epoch):
@@ -102,8 +115,11 @@ def _evaluate(config, workdir, state, predict, test, mesh, writer, step, epoch):
 
 
 def _flush(pending: List[Dict[str, Any]], writer, first_step: int,
-           last_good: int) -> None:
-  """Writes the mean train metrics and stops on a non-finite loss."""
+           last_good: str) -> None:
+  """Writes the mean train metrics and stops on a non-finite loss.
+
+  `last_good` describes the newest checkpoint, for the error message.
+  """
   if not pending:
     return
   host = jax.device_get(pending)
@@ -112,7 +128,8 @@ def _flush(pending: List[Dict[str, Any]], writer, first_step: int,
   if bad.size:
     raise NonFiniteLossError(
         f'non-finite loss {losses[bad[0]]} at step {first_step + bad[0] + 1}; '
-        f'training stopped; last good checkpoint: step {last_good}')
+        f'training stopped, nothing saved after it; last good checkpoint: '
+        f'{last_good}')
   means = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
   writer.write_scalars(first_step + len(host), means)
   pending.clear()
@@ -125,6 +142,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     The last evaluation record ({'step', 'epoch', 'ensemble', 'members',
     'diversity', ...}), or {'step': s, 'preempted': True} after SIGTERM.
   """
+  preemption = _Preemption()  # Before the slow start: a SIGTERM then stops too.
   mesh = sharding.make_mesh()
   train_x, train_y = input_pipeline.load_split(config, 'train')
   if config.num_train_examples:
@@ -150,9 +168,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
-  preemption = _Preemption()
   kill_after = int(os.environ.get(FAULT_KILL_ENV, '-1'))
-  pending, last_good, record = [], start, {'step': start}
+  pending, record = [], {'step': start}
+  last_good = (f'step {start} in {ckpt.directory}' if restored is not None
+               else f'none (no checkpoint in {ckpt.directory} yet)')
+  if preemption.requested and jax.process_count() == 1:  # While starting.
+    logging.warning('Stopped by SIGTERM before step %d.', start + 1)
+    ckpt.close()
+    return {'step': start, 'preempted': True}
   logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
                jax.device_count())
   for step in range(start, total):
@@ -174,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if (epoch_end and epoch % config.checkpoint_every_epochs == 0) or last or stop:
       _flush(pending, writer, done - len(pending), last_good)
       ckpt.save(done, train.state_to_tree(state))
-      last_good = done
+      last_good = f'step {done} in {ckpt.directory}'
     if stop:
       logging.warning('Stopped by SIGTERM after step %d (checkpoint saved).',
                       done)
