@@ -1,0 +1,280 @@
+"""Commands that reproduce the paper's rows: print them, run them, or write jobs.
+
+    python -m experiments.run --table=1 --dataset=cifar100 --method=cut_mixmo
+    python -m experiments.run --table=9 --width=4 --seeds=0 --mode=run
+    python -m experiments.run --table=5 --root=gs://BUCKET/mixmo --mode=jobs \
+        --jobs_file=jobs.txt
+
+Run from the repository root (the config paths are relative to it).
+
+For every selected row (experiments/tables.py) and repetition k, the plan has
+  * training runs: one per training seed, in the workdir
+      ROOT/<table>/<dataset>_<network>-<width>_<method>[_cutmix][_m<M>]_b<b>/seed<k>
+    of the row that owns the config: a training shared by several rows (Table
+    8 = Table 1's runs; Table 9 at w = 10; Table 6 N = 1; Table 2's Mixup and
+    CutMix blocks; deep-ensemble members = the single-network runs) is listed
+    and run once, in the workdir of the first row that uses it;
+  * evaluations of the final checkpoint:
+      python -m mixmo_jax.evaluate --workdir=W --output=W/eval.json
+    for every training run, and for an ensemble of N networks (repetition k:
+    seeds k*N .. k*N+N-1, see tables.Entry.member_seeds)
+      python -m mixmo_jax.evaluate --workdir=W0 --ensemble=W1,...
+          --output=W0/eval_ensemble<N>.json
+
+Modes:
+  print  the commands, trainings first (a comment lists the rows using each).
+  run    runs them one after the other (subprocess, cwd = repository root);
+         a training whose workdir already has eval.json and an evaluation
+         whose output exists are skipped (--noskip_done reruns them; a
+         rerun training resumes from its last checkpoint).
+  jobs   writes --jobs_file, one line per training: `train && evaluate`
+         (independent lines, for a cluster's job array), and, if the rows
+         include ensembles, <jobs_file stem>_ensembles.txt with the ensemble
+         evaluations, to run once the first file is done.
+"""
+import argparse
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from experiments import tables
+
+DEFAULT_ROOT = 'runs'
+
+
+@dataclasses.dataclass
+class Job:
+  """One command of the plan.
+
+  Attributes:
+    kind: 'train' or 'eval'.
+    argv: the command as an argument list.
+    output: train: the run's workdir; eval: the JSON file it writes.
+    rows: labels ('<table>/<name>') of the selected rows that need it.
+  """
+  kind: str
+  argv: List[str]
+  output: str
+  rows: List[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def command(self) -> str:
+    return shlex.join(self.argv)
+
+
+def resolve_root(root: str) -> str:
+  """Absolute local path, or a URL (gs://...) unchanged."""
+  return root if '://' in root else os.path.abspath(root)
+
+
+def workdir(root: str, entry: tables.Entry, seed: int) -> str:
+  """ROOT/<table>/<name>/seed<k> of the row that owns the entry's training."""
+  home = tables.owner(entry)
+  return os.path.join(root, home.table, home.name, f'seed{seed}')
+
+
+def eval_path(root: str, entry: tables.Entry, repetition: int) -> str:
+  """The eval JSON of repetition k of a row.
+
+  A single network: <workdir>/eval.json; an ensemble of N networks:
+  <first member's workdir>/eval_ensemble<N>.json.
+  """
+  first = workdir(root, entry, entry.member_seeds(repetition)[0])
+  name = ('eval.json' if entry.n_networks == 1
+          else f'eval_ensemble{entry.n_networks}.json')
+  return os.path.join(first, name)
+
+
+def train_argv(entry: tables.Entry, seed: int, root: str,
+               python: str = 'python') -> List[str]:
+  """python -m mixmo_jax.main --config=... --config.seed=K --workdir=..."""
+  home = tables.owner(entry)
+  return ([python, '-m', 'mixmo_jax.main'] + home.config_args()
+          + [f'--config.seed={seed}', f'--workdir={workdir(root, entry, seed)}'])
+
+
+def eval_argv(entry: tables.Entry, repetition: int, root: str,
+              python: str = 'python') -> List[str]:
+  """python -m mixmo_jax.evaluate --workdir=W0 [--ensemble=W1,..] --output=..."""
+  dirs = [workdir(root, entry, s) for s in entry.member_seeds(repetition)]
+  argv = [python, '-m', 'mixmo_jax.evaluate', f'--workdir={dirs[0]}']
+  if len(dirs) > 1:
+    argv.append(f'--ensemble={",".join(dirs[1:])}')
+  return argv + [f'--output={eval_path(root, entry, repetition)}']
+
+
+def plan(entries: Sequence[tables.Entry], root: str,
+         python: str = 'python') -> Tuple[List[Job], List[Job], List[Job]]:
+  """(trainings, single evaluations, ensemble evaluations), deduplicated.
+
+  Each training run appears once (keyed by workdir) with the evaluation of
+  its final checkpoint (eval.json); ensemble evaluations follow.
+  """
+  trains: Dict[str, Job] = {}
+  singles: Dict[str, Job] = {}
+  ensembles: Dict[str, Job] = {}
+  for entry in entries:
+    for k in entry.seeds:
+      for seed in entry.member_seeds(k):
+        wd = workdir(root, entry, seed)
+        if wd not in trains:
+          trains[wd] = Job('train', train_argv(entry, seed, root, python), wd)
+          single = dataclasses.replace(entry, n_networks=1)
+          out = eval_path(root, single, seed)
+          singles[out] = Job('eval', eval_argv(single, seed, root, python), out)
+        if entry.label not in trains[wd].rows:
+          trains[wd].rows.append(entry.label)
+      out = eval_path(root, entry, k)
+      target = singles if entry.n_networks == 1 else ensembles
+      if out not in target:
+        target[out] = Job('eval', eval_argv(entry, k, root, python), out)
+      if entry.label not in target[out].rows:
+        target[out].rows.append(entry.label)
+  return list(trains.values()), list(singles.values()), list(ensembles.values())
+
+
+def _unique(items):
+  return list(dict.fromkeys(items))
+
+
+def format_plan(entries: Sequence[tables.Entry], root: str,
+                python: str = 'python') -> str:
+  """The print mode's text: commented trainings, then evaluations."""
+  trains, singles, ensembles = plan(entries, root, python)
+  lines = [
+      f'# mixmo_jax: {len(entries)} rows '
+      f'(tables {", ".join(_unique(e.table for e in entries))}), '
+      f'{len(trains)} trainings, {len(singles) + len(ensembles)} evaluations.',
+      '# Run from the repository root. Rerunning a training resumes it from '
+      'its last checkpoint.',
+      '', '# --- training ---']
+  for job in trains:
+    lines.append(f'# rows: {" ".join(_unique(job.rows))}')
+    lines.append(job.command)
+  lines += ['', '# --- evaluation of the final checkpoints (after training) ---']
+  lines += [job.command for job in singles]
+  if ensembles:
+    lines += ['', '# --- ensembles of independently trained networks ---']
+    for job in ensembles:
+      lines.append(f'# rows: {" ".join(job.rows)}')
+      lines.append(job.command)
+  return '\n'.join(lines) + '\n'
+
+
+def jobs_lines(entries: Sequence[tables.Entry], root: str,
+               python: str = 'python') -> Tuple[List[str], List[str]]:
+  """(one `train && evaluate` line per training, ensemble evaluation lines)."""
+  trains, singles, ensembles = plan(entries, root, python)
+  first = [f'{t.command} && {s.command}' for t, s in zip(trains, singles)]
+  return first, [job.command for job in ensembles]
+
+
+def ensembles_file(jobs_file: str) -> str:
+  stem, ext = os.path.splitext(jobs_file)
+  return f'{stem}_ensembles{ext or ".txt"}'
+
+
+def write_jobs(entries, root, jobs_file: str, python: str = 'python') -> List[str]:
+  """Writes the jobs file(s); returns the paths written."""
+  first, second = jobs_lines(entries, root, python)
+  written = []
+  for path, lines in ((jobs_file, first), (ensembles_file(jobs_file), second)):
+    if not lines:
+      continue
+    folder = os.path.dirname(path)
+    if folder:
+      os.makedirs(folder, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+    written.append(path)
+  return written
+
+
+def run_plan(entries, root, skip_done: bool = True,
+             python: str = sys.executable) -> int:
+  """Runs trainings, then evaluations, sequentially; returns an exit code."""
+  trains, singles, ensembles = plan(entries, root, python)
+  for job in trains + singles + ensembles:
+    marker = (os.path.join(job.output, 'eval.json') if job.kind == 'train'
+              else job.output)
+    if skip_done and os.path.exists(marker):
+      print(f'[skip, {marker} exists] {job.command}', flush=True)
+      continue
+    print(f'[run] {job.command}', flush=True)
+    code = subprocess.run(job.argv, cwd=tables.REPO, check=False).returncode
+    if code:
+      print(f'error: exit code {code} from: {job.command}', file=sys.stderr)
+      return code
+  return 0
+
+
+def _list(text: Optional[str]):
+  return None if not text else [t for t in text.split(',') if t]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m experiments.run',
+      description='Training and evaluation commands for the paper tables.')
+  parser.add_argument('--table', default='all',
+                      help='1,2,5,6,8,9,fig9 (comma-separated) or all')
+  parser.add_argument('--dataset', default=None,
+                      help='cifar100,cifar10,tiny_imagenet (comma-separated)')
+  parser.add_argument('--method', default=None,
+                      help='method names as in results.csv (comma-separated)')
+  parser.add_argument('--width', default=None, help='widths (comma-separated)')
+  parser.add_argument('--seeds', default=None,
+                      help='repetitions, e.g. 0,1,2 (default: the rows\' own)')
+  parser.add_argument('--root', default=DEFAULT_ROOT,
+                      help='folder (or gs:// URL) of the workdirs')
+  parser.add_argument('--mode', default='print',
+                      choices=('print', 'run', 'jobs'))
+  parser.add_argument('--jobs_file', default='jobs.txt')
+  parser.add_argument('--python', default=None,
+                      help='interpreter in the commands (default: python; '
+                      'run mode: this interpreter)')
+  parser.add_argument('--skip_done', default=True,
+                      action=argparse.BooleanOptionalAction)
+  parser.add_argument('--noskip_done', dest='skip_done', action='store_false')
+  return parser.parse_args(argv)
+
+
+def selected_entries(args: argparse.Namespace) -> List[tables.Entry]:
+  tabs = None if args.table in (None, '', 'all') else _list(args.table)
+  seeds = _list(args.seeds)
+  entries = tables.select(
+      tables=tabs, datasets=_list(args.dataset), methods=_list(args.method),
+      widths=_list(args.width),
+      seeds=None if seeds is None else [int(s) for s in seeds])
+  return entries
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  try:
+    entries = selected_entries(args)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  if not entries:
+    print('error: no row matches the filters', file=sys.stderr)
+    return 2
+  root = resolve_root(args.root)
+  if args.mode == 'print':
+    sys.stdout.write(format_plan(entries, root, args.python or 'python'))
+    return 0
+  if args.mode == 'jobs':
+    for path in write_jobs(entries, root, args.jobs_file,
+                           args.python or 'python'):
+      with open(path) as f:
+        count = sum(1 for _ in f)
+      print(f'wrote {path} ({count} lines)')
+    return 0
+  return run_plan(entries, root, args.skip_done, args.python or sys.executable)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,257 @@
+"""Our results beside the paper's, one markdown table per paper table.
+
+    python -m experiments.summarize --root=runs [--table=1,8] [--output=summary.md]
+
+For every row of the selected tables (experiments/tables.py) and repetition
+k, reads the eval JSON that `experiments.run` writes (eval.json, or
+eval_ensemble<N>.json for ensembles; schema in DESIGN.md 2b, accuracies as
+fractions) and reports mean +- std over the repetitions found, beside the
+paper's numbers from `shared/paper/results.csv` (`--results_csv` overrides;
+default `../shared/paper/results.csv` from the repository root).
+
+Units: top-1 / top-5 in percent (ours are converted from fractions); NLL,
+NLL_c and ECE in natural units as results.csv stores them (the paper prints
+several of them x100). Our numbers are always those of the final checkpoint,
+so they compare with Table 8 ("paper (final)"); the paper's other tables
+report the epoch with the best test accuracy ("paper (best epoch)"), and
+every row whose key also appears in Table 8 shows that final-epoch number
+too ("paper (final, T8)"). std is the sample standard deviation (ddof = 1);
+with one repetition only the value is shown. Rows without results show "-".
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from experiments import run as run_lib
+from experiments import tables
+
+DEFAULT_RESULTS_CSV = os.path.join(tables.REPO, os.pardir, 'shared', 'paper',
+                                   'results.csv')
+METRIC_ORDER = ('top1', 'top5', 'nll_c', 'nll', 'ece', 'member_top1')
+PERCENT = ('top1', 'top5', 'member_top1')
+DECIMALS = {'top1': 2, 'top5': 2, 'member_top1': 2, 'nll_c': 3, 'nll': 3,
+            'ece': 4}
+TITLES = {
+    'top1': 'Top-1 %', 'top5': 'Top-5 %', 'nll_c': 'NLL_c', 'nll': 'NLL',
+    'ece': 'ECE', 'member_top1': 'member Top-1 %'}
+TABLE_TITLES = {
+    '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
+    '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '
+         '(paper: best epoch)',
+    '5': 'Table 5: PreActResNet-18-w on Tiny ImageNet (paper: best epoch)',
+    '6': 'Table 6: ensembles of N Cut-MixMo + CutMix, b=4, WRN-28-10 '
+         'CIFAR-100 (paper: best epoch)',
+    '8': 'Table 8: WRN-28-10 on CIFAR without early stopping (paper: final '
+         'epoch)',
+    '9': 'Table 9: WRN-28-w on CIFAR-100, b=4 (paper: best epoch)',
+    'fig9': 'Figure 9: M >= 2 members, WRN-28-10 CIFAR-100, b=2 (paper: '
+            'numbers quoted in Section 4.3.4)',
+}
+
+PaperValue = Tuple[float, str, int]  # (value, text as in the csv, best_epoch)
+
+
+def read_paper(path: str) -> Dict[Tuple, Dict[str, PaperValue]]:
+  """results.csv -> {(table, *row_key): {metric: (value, text, best_epoch)}}."""
+  out: Dict[Tuple, Dict[str, PaperValue]] = {}
+  with open(path, newline='') as f:
+    for r in csv.DictReader(f):
+      key = (r['table'], r['dataset'], r['network'], int(r['width']),
+             r['method'], int(r['cutmix']), int(r['b']), int(r['n_networks']))
+      out.setdefault(key, {})[r['metric']] = (
+          float(r['value']), r['value'], int(r['best_epoch']))
+  return out
+
+
+def _read_json(path: str) -> Optional[dict]:
+  """The JSON at a local path or URL (gs://, via tf.io.gfile); None if absent."""
+  if '://' in path:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    if not tf.io.gfile.exists(path):
+      return None
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def our_value(result: dict, metric: str) -> Optional[float]:
+  """One metric of an eval.json in the paper's units (None if absent).
+
+  member_top1 is the mean of the members' top-1 (Figure 9's "individual").
+  """
+  if metric == 'member_top1':
+    members = [m.get('top1') for m in result.get('members') or []]
+    members = [m for m in members if m is not None]
+    value = sum(members) / len(members) if members else None
+  else:
+    value = (result.get('ensemble') or {}).get(metric)
+  if value is None:
+    return None
+  return 100.0 * value if metric in PERCENT else float(value)
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+  """Mean and sample standard deviation (ddof = 1; None for one value)."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, None
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def table_metrics(table: str, paper) -> List[str]:
+  """The metrics results.csv has for a table, in METRIC_ORDER."""
+  if table == 'fig9':
+    return ['top1', 'member_top1']
+  found = {m for key, metrics in paper.items() if key[0] == table
+           for m in metrics}
+  return [m for m in METRIC_ORDER if m in found] or ['top1', 'nll_c']
+
+
+def collect(entry: tables.Entry, root: str, metrics: Sequence[str]):
+  """({metric: [value per repetition found]}, repetitions found)."""
+  values: Dict[str, List[float]] = {m: [] for m in metrics}
+  found = 0
+  for k in entry.seeds:
+    result = _read_json(run_lib.eval_path(root, entry, k))
+    if result is None:
+      continue
+    found += 1
+    for m in metrics:
+      v = our_value(result, m)
+      if v is not None:
+        values[m].append(v)
+  return values, found
+
+
+def _fmt(value: float, metric: str, text: Optional[str] = None) -> str:
+  """Fixed decimals per metric; a paper value keeps its own extra digits."""
+  decimals = DECIMALS[metric]
+  if text is not None and '.' in text:
+    decimals = max(decimals, len(text.split('.')[1]))
+  return f'{value:.{decimals}f}'
+
+
+def format_ours(values: Sequence[float], metric: str) -> str:
+  if not values:
+    return '-'
+  mean, std = mean_std(values)
+  if std is None:
+    return _fmt(mean, metric)
+  return f'{_fmt(mean, metric)} ± {_fmt(std, metric)}'
+
+
+def _paper_cell(paper, key, metric) -> str:
+  value = paper.get(key, {}).get(metric)
+  return '-' if value is None else _fmt(value[0], metric, value[1])
+
+
+def _row_label(entry: tables.Entry) -> List[str]:
+  net = ('WRN-28' if entry.network == 'wrn28' else 'PreActResNet-18')
+  method = entry.method
+  if entry.table == 'fig9':
+    method += f' (M={entry.num_members})'
+  return [entry.dataset, f'{net}-{entry.width}', method,
+          'yes' if entry.cutmix else '-', str(entry.b), str(entry.n_networks)]
+
+
+def _fig9_paper(entry: tables.Entry, metric: str) -> str:
+  value = tables.FIG9_PAPER_TEXT.get((entry.method, entry.num_members))
+  return '-' if metric != 'member_top1' or value is None else f'{value:.1f}'
+
+
+def render_table(table: str, entries: Sequence[tables.Entry], root: str,
+                 paper) -> str:
+  """The markdown section of one paper table."""
+  metrics = table_metrics(table, paper)
+  with_t8 = table not in ('8', 'fig9') and any(
+      ('8',) + e.row_key in paper for e in entries)
+  header = ['dataset', 'network', 'method', 'CutMix', 'b', 'N', 'runs']
+  for m in metrics:
+    header.append(f'{TITLES[m]} ours (final)')
+    if table == 'fig9':
+      header.append(f'{TITLES[m]} paper (text)')
+      continue
+    header.append(f'{TITLES[m]} paper ('
+                  + ('final' if table == '8' else 'best epoch') + ')')
+    if with_t8:
+      header.append(f'{TITLES[m]} paper (final, T8)')
+  lines = [f'## {TABLE_TITLES[table]}', '',
+           '| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join(['---'] * len(header)) + '|']
+  for entry in entries:
+    values, found = collect(entry, root, metrics)
+    cells = _row_label(entry) + [f'{found}/{len(entry.seeds)}']
+    for m in metrics:
+      cells.append(format_ours(values[m], m))
+      if table == 'fig9':
+        cells.append(_fig9_paper(entry, m))
+        continue
+      cells.append(_paper_cell(paper, entry.key, m))
+      if with_t8:
+        cells.append(_paper_cell(paper, ('8',) + entry.row_key, m))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
+              results_csv: str = DEFAULT_RESULTS_CSV) -> str:
+  """The whole markdown summary for the selected tables (default: all)."""
+  paper = read_paper(results_csv) if os.path.exists(results_csv) else {}
+  root = run_lib.resolve_root(root)
+  ids = tables.TABLES if not table_ids else [
+      tables.normalize_table(t) for t in table_ids]
+  parts = [
+      '# MixMo reproduction: ours vs the paper', '',
+      f'Runs under `{root}`. Ours: final checkpoint, mean ± sample std '
+      '(ddof=1) over the repetitions found ("runs"). Top-1/Top-5 in %, '
+      'NLL, NLL_c and ECE in natural units (results.csv units; the paper '
+      'prints several x100).', '']
+  if not paper:
+    parts += [f'(paper numbers unavailable: {results_csv} not found)', '']
+  for t in ids:
+    entries = [e for e in tables.ENTRIES if e.table == t]
+    parts.append(render_table(t, entries, root, paper))
+  return '\n'.join(parts)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog='python -m experiments.summarize',
+      description='Markdown tables of our results beside the paper\'s.')
+  parser.add_argument('--root', default=run_lib.DEFAULT_ROOT)
+  parser.add_argument('--table', default='all',
+                      help='1,2,5,6,8,9,fig9 (comma-separated) or all')
+  parser.add_argument('--output', default=None, help='also write it here')
+  parser.add_argument('--results_csv', default=DEFAULT_RESULTS_CSV)
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parse_args(argv)
+  ids = None if args.table in ('', 'all') else [
+      t for t in args.table.split(',') if t]
+  try:
+    text = summarize(args.root, ids, args.results_csv)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  sys.stdout.write(text)
+  if args.output:
+    folder = os.path.dirname(args.output)
+    if folder:
+      os.makedirs(folder, exist_ok=True)
+    with open(args.output, 'w') as f:
+      f.write(text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,386 @@
+"""Tests for experiments/: the row registry, the command planner, the summary."""
+import csv
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from experiments import run as run_lib  # noqa: E402
+from experiments import summarize  # noqa: E402
+from experiments import tables  # noqa: E402
+
+RESULTS_CSV = os.path.join(REPO, os.pardir, 'shared', 'paper', 'results.csv')
+PAPER_TABLES = ('1', '2', '5', '6', '8', '9')
+needs_csv = pytest.mark.skipif(not os.path.exists(RESULTS_CSV),
+                               reason='shared/paper/results.csv not present')
+
+# What each method must resolve to (config.mixing.method, pixel_mix, M, b).
+EXPECTED_MIXING = {'mimo': 'sum', 'linear_mixmo': 'linear', 'cut_mixmo': 'cut'}
+
+
+def _find(table, dataset, method, cutmix=False, b=1, n=1, width=None, m=None):
+  width = width if width is not None else (1 if dataset == 'tiny_imagenet'
+                                           else 10)
+  hits = [e for e in tables.ENTRIES
+          if (e.table, e.dataset, e.method, e.cutmix, e.b, e.n_networks,
+              e.width) == (table, dataset, method, cutmix, b, n, width)
+          and (m is None or e.num_members == m)]
+  assert len(hits) == 1, hits
+  return hits[0]
+
+
+# ----------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------
+
+
+def test_every_entry_config_loads_validates_and_matches_its_row():
+  from mixmo_jax import config_validation, mixing
+  registered = set(mixing.mixing_names())
+  for entry in tables.ENTRIES:
+    config = tables.load_config(entry, seed=1)
+    if (entry.table == '2' and config.mixing.method not in registered
+        and config.mixing.method in tables.TABLE2_BLOCKS.values()):
+      config.mixing.method = 'cut'  # Block pending: see the test below.
+    config_validation.validate(config, num_devices=1)
+    assert config.seed == 1
+    assert config.dataset == entry.dataset
+    assert config.model.width == entry.width
+    assert config.batch_repetitions == entry.b
+    assert config.num_members == entry.num_members
+    if entry.network == 'wrn28':
+      assert (config.model.name, config.model.depth) == ('wide_resnet', 28)
+    else:
+      assert config.model.name == 'preact_resnet18'
+    pixel = ('cutmix' if entry.cutmix or entry.method == 'cutmix'
+             else 'mixup' if entry.method == 'mixup' else 'none')
+    assert config.augment.pixel_mix == pixel, entry.label
+    if entry.method in EXPECTED_MIXING:
+      assert config.mixing.method == EXPECTED_MIXING[entry.method]
+    if entry.method in ('vanilla', 'mixup', 'cutmix', 'deep_ensemble'):
+      assert (config.num_members, config.batch_repetitions) == (1, 1)
+    if entry.table == '5':
+      assert config.dataset == 'tiny_imagenet' and config.num_epochs == 1200
+
+
+def test_table2_blocks_use_the_registry_names():
+  for method, block in tables.TABLE2_BLOCKS.items():
+    entry = _find('2', 'cifar100', method, b=2)
+    assert ('mixing.method', block) in entry.overrides
+    assert tables.load_config(entry).mixing.method == block
+  assert set(tables.TABLE2_BLOCKS.values()) == {
+      'linear', 'horizontal_concat', 'vertical_concat', 'patchup', 'fmix',
+      'cowmask', 'cut'}
+
+
+def test_table2_block_names_exist_in_the_package():
+  """The names agree with the blocks' module (registered on its import)."""
+  import importlib
+  try:
+    importlib.import_module('mixmo_jax.mixing_blocks')
+  except ModuleNotFoundError:
+    pytest.xfail('mixmo_jax.mixing_blocks not written yet')
+  from mixmo_jax import mixing
+  assert set(tables.TABLE2_BLOCKS.values()) <= set(mixing.mixing_names())
+
+
+def test_table2_blocks_registered_for_main():
+  """What `python -m mixmo_jax.main` sees: the registry after importing
+  mixmo_jax.mixing alone (as config_validation does), in a fresh process."""
+  code = ('from mixmo_jax import config_validation, mixing; '
+          'print(",".join(mixing.mixing_names()))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  missing = sorted(set(tables.TABLE2_BLOCKS.values())
+                   - set(proc.stdout.strip().split(',')))
+  if missing:
+    pytest.xfail(f'Table 2 blocks {missing} not registered when '
+                 'mixmo_jax.mixing is imported (mixing_blocks not wired in yet)')
+
+
+def _csv_rows():
+  with open(RESULTS_CSV, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+@needs_csv
+def test_every_paper_row_is_covered_and_nothing_invented():
+  rows = [r for r in _csv_rows() if r['table'] in PAPER_TABLES]
+  csv_keys = {(r['table'], r['dataset'], r['network'], int(r['width']),
+               r['method'], int(r['cutmix']), int(r['b']), int(r['n_networks']))
+              for r in rows}
+  entry_keys = {e.key for e in tables.ENTRIES if e.table in PAPER_TABLES}
+  assert csv_keys - entry_keys == set()
+  assert entry_keys - csv_keys == set()
+  assert len(entry_keys) == len(
+      [e for e in tables.ENTRIES if e.table in PAPER_TABLES])
+  best = {(r['table'],) + tuple(r[k] for k in ('dataset', 'method')):
+          int(r['best_epoch']) for r in rows}
+  for e in tables.ENTRIES:
+    if e.table in PAPER_TABLES:
+      assert best[(e.table, e.dataset, e.method)] == e.best_epoch
+
+
+def test_figure9_rows():
+  fig9 = [e for e in tables.ENTRIES if e.table == 'fig9']
+  assert sorted((e.method, e.num_members) for e in fig9) == [
+      ('cut_mixmo', 2), ('cut_mixmo', 3), ('mimo', 2), ('mimo', 3)]
+  for e in fig9:
+    config = tables.load_config(e)
+    assert (config.dataset, config.model.width, config.batch_repetitions) == (
+        'cifar100', 10, 2)
+
+
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
+def test_command_line_flags_give_the_same_config(monkeypatch):
+  """entry.config_args() parsed by ml_collections == tables.load_config."""
+  from absl import flags
+  from ml_collections import config_flags
+  monkeypatch.chdir(REPO)
+  picks = [_find('1', 'cifar10', 'cut_mixmo', cutmix=True, b=4),
+           _find('2', 'cifar100', 'mixmo_block_cowmask', b=2),
+           _find('5', 'tiny_imagenet', 'linear_mixmo', b=4, width=3),
+           _find('9', 'cifar100', 'vanilla', cutmix=True, width=7),
+           _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3)]
+  for entry in picks:
+    argv = ['prog'] + entry.config_args() + ['--config.seed=4']
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=values,
+                                    sys_argv=argv)
+    values(argv)
+    parsed = values.config
+    assert parsed.to_dict() == tables.load_config(entry, seed=4).to_dict()
+
+
+def test_shared_trainings_have_equal_configs():
+  by_workdir = {}
+  for entry in tables.ENTRIES:
+    wd = run_lib.workdir('/r', entry, 0)
+    key = tables.training_key(tables.load_config(entry))
+    assert by_workdir.setdefault(wd, key) == key, entry.label
+  # Different configs never share a workdir, equal ones always do.
+  assert len(set(by_workdir.values())) == len(by_workdir)
+  t1 = _find('1', 'cifar100', 'mimo', b=4)
+  t8 = _find('8', 'cifar100', 'mimo', b=4)
+  assert run_lib.workdir('/r', t8, 2) == run_lib.workdir('/r', t1, 2) == (
+      '/r/1/cifar100_wrn28-10_mimo_b4/seed2')
+  de = _find('9', 'cifar100', 'deep_ensemble', cutmix=True, n=2, width=10)
+  assert run_lib.workdir('/r', de, 3) == '/r/1/cifar100_wrn28-10_cutmix_b1/seed3'
+  assert tables.owner(de).n_networks == 1
+
+
+# ----------------------------------------------------------------------------
+# run.py
+# ----------------------------------------------------------------------------
+
+
+def _train_lines(text):
+  return [l for l in text.splitlines() if ' -m mixmo_jax.main ' in l]
+
+
+def test_print_mode_one_train_command_per_seed(capsys):
+  code = run_lib.main(['--table=1', '--dataset=cifar100', '--method=cut_mixmo',
+                       '--seeds=0,1,2', '--root=/runs'])
+  assert code == 0
+  out = capsys.readouterr().out
+  lines = _train_lines(out)
+  assert len(lines) == 4 * 3  # (cutmix 0/1) x (b 2/4) x 3 seeds.
+  b4 = [shlex.split(l) for l in lines
+        if 'cut_mixmo+cutmix+b4' in l]
+  assert len(b4) == 3
+  for k, argv in enumerate(b4):
+    assert argv[:3] == ['python', '-m', 'mixmo_jax.main']
+    assert '--config=configs/cifar100.py:cut_mixmo+cutmix+b4' in argv
+    assert '--config.model.width=10' in argv
+    assert f'--config.seed={k}' in argv
+    wd = f'/runs/1/cifar100_wrn28-10_cut_mixmo_cutmix_b4/seed{k}'
+    assert f'--workdir={wd}' in argv
+    assert (f'python -m mixmo_jax.evaluate --workdir={wd} '
+            f'--output={wd}/eval.json') in out
+
+
+def test_ensemble_rows_train_disjoint_members_and_evaluate_together():
+  de = _find('5', 'tiny_imagenet', 'deep_ensemble', n=3, width=2)
+  trains, singles, ensembles = run_lib.plan([de], '/r')
+  base = '/r/5/tiny_imagenet_preact_resnet18-2_vanilla_b1'
+  assert [j.output for j in trains] == [f'{base}/seed{s}' for s in range(9)]
+  assert len(singles) == 9
+  assert [j.argv[3:] for j in ensembles] == [
+      [f'--workdir={base}/seed{3 * k}',
+       f'--ensemble={base}/seed{3 * k + 1},{base}/seed{3 * k + 2}',
+       f'--output={base}/seed{3 * k}/eval_ensemble3.json'] for k in range(3)]
+
+
+def test_jobs_mode_files(tmp_path):
+  jobs = tmp_path / 'jobs.txt'
+  code = run_lib.main(['--table=6', f'--root={tmp_path}/runs', '--mode=jobs',
+                       f'--jobs_file={jobs}'])
+  assert code == 0
+  first = jobs.read_text().splitlines()
+  second = (tmp_path / 'jobs_ensembles.txt').read_text().splitlines()
+  # N = 1, 2, 3 with 3 repetitions: seeds 0..8 of one config.
+  assert len(first) == 9 and len(second) == 3 + 3
+  for s, line in enumerate(first):
+    train, evaluate = line.split(' && ')
+    assert f'--config.seed={s} ' in train and train.endswith(f'/seed{s}')
+    assert evaluate.endswith(f'/seed{s}/eval.json')
+  assert all('--ensemble=' in line for line in second)
+
+
+def test_run_mode_skips_done_and_orders(tmp_path, monkeypatch):
+  root = tmp_path / 'runs'
+  entry = _find('1', 'cifar10', 'vanilla')
+  done = root / '1' / 'cifar10_wrn28-10_vanilla_b1' / 'seed1'
+  done.mkdir(parents=True)
+  (done / 'eval.json').write_text('{}')
+  calls = []
+
+  class Result:
+    returncode = 0
+
+  monkeypatch.setattr(run_lib.subprocess, 'run',
+                      lambda argv, **kw: calls.append(argv) or Result())
+  assert run_lib.run_plan([entry], str(root), python='PY') == 0
+  kinds = [argv[2] for argv in calls]
+  assert kinds == ['mixmo_jax.main'] * 2 + ['mixmo_jax.evaluate'] * 2
+  assert all(not any('seed1' in a for a in argv) for argv in calls)
+
+
+def test_cli_subprocess_and_bad_table():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.run', '--table=fig9', '--seeds=0',
+       '--root=/x'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  assert len(_train_lines(proc.stdout)) == 4
+  assert run_lib.main(['--table=7']) == 2
+
+
+# ----------------------------------------------------------------------------
+# summarize.py
+# ----------------------------------------------------------------------------
+
+
+def _write_eval(path, top1, top5=0.9, nll_c=0.5, nll=0.6, ece=0.02,
+                members=(0.8, 0.81)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump({'step': 100, 'ensemble': {
+        'top1': top1, 'top5': top5, 'nll': nll, 'ece': ece, 'brier': 0.2,
+        'nll_c': nll_c, 'ece_c': 0.01, 'top1_c': top1, 'temperature': 1.1},
+               'members': [{'top1': m, 'nll': 1.0} for m in members],
+               'diversity': {'ratio_error': 0.8, 'disagreement': 0.1}}, f)
+
+
+def _parse_markdown(text):
+  """{section title: [ {column: cell} per row ]}."""
+  sections, title, header = {}, None, None
+  for line in text.splitlines():
+    if line.startswith('## '):
+      title, header = line[3:], None
+      sections[title] = []
+    elif line.startswith('|') and title:
+      cells = [c.strip() for c in line.strip('|').split('|')]
+      if header is None:
+        header = cells
+      elif set(line) - set('|-'):
+        sections[title].append(dict(zip(header, cells)))
+  return sections
+
+
+def _row(sections, table_prefix, **match):
+  (title,) = [t for t in sections if t.startswith(table_prefix)]
+  hits = [r for r in sections[title]
+          if all(r[k] == v for k, v in match.items())]
+  assert len(hits) == 1, (match, hits)
+  return hits[0]
+
+
+@needs_csv
+def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
+  root = str(tmp_path / 'runs')
+  # Table 1 / 8 share runs: Cut-MixMo b=4 CIFAR-100, three seeds.
+  tops = [0.851, 0.853, 0.858]
+  nlls = [0.52, 0.55, 0.53]
+  for k, (t, n) in enumerate(zip(tops, nlls)):
+    _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed{k}/eval.json',
+                t, nll_c=n)
+  # Table 5, w=3 Cut-MixMo b=4: a single seed.
+  _write_eval(run_lib.eval_path(
+      root, _find('5', 'tiny_imagenet', 'cut_mixmo', b=4, width=3), 0), 0.7)
+  # A deep ensemble of 2 (repetition 1 only).
+  de = _find('1', 'cifar100', 'deep_ensemble', n=2)
+  path = run_lib.eval_path(root, de, 1)
+  assert path == f'{root}/1/cifar100_wrn28-10_vanilla_b1/seed2/eval_ensemble2.json'
+  _write_eval(path, 0.831)
+  # Figure 9 Cut-MixMo M=3: members' mean top-1.
+  _write_eval(run_lib.eval_path(
+      root, _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3), 0), 0.8,
+      members=(0.79, 0.80, 0.81))
+
+  out = tmp_path / 'summary.md'
+  code = summarize.main([f'--root={root}', '--table=1,5,8,fig9',
+                         f'--output={out}', f'--results_csv={RESULTS_CSV}'])
+  assert code == 0
+  sections = _parse_markdown(out.read_text())
+
+  t1 = _row(sections, 'Table 1', dataset='cifar100', method='cut_mixmo',
+            CutMix='-', b='4', N='1')
+  # Hand-checked against the paper: Table 1 Cut-MixMo b=4 CIFAR-100 85.40.
+  assert t1['Top-1 % paper (best epoch)'] == '85.40'
+  assert t1['Top-1 % paper (final, T8)'] == '85.32'
+  assert t1['runs'] == '3/3'
+  mean = statistics.mean(100 * t for t in tops)
+  std = statistics.stdev(100 * t for t in tops)
+  assert t1['Top-1 % ours (final)'] == f'{mean:.2f} ± {std:.2f}'
+  assert t1['NLL_c ours (final)'] == (
+      f'{statistics.mean(nlls):.3f} ± {statistics.stdev(nlls):.3f}')
+  assert t1['Top-5 % ours (final)'] == '90.00 ± 0.00'
+
+  t5 = _row(sections, 'Table 5', network='PreActResNet-18-3',
+            method='cut_mixmo', b='4')
+  assert t5['Top-1 % paper (best epoch)'] == '70.24'  # Hand-checked.
+  assert t5['Top-1 % ours (final)'] == '70.00' and t5['runs'] == '1/3'
+
+  t8 = _row(sections, 'Table 8', dataset='cifar10', method='cut_mixmo',
+            CutMix='yes', b='4')
+  assert t8['ECE paper (final)'] == '0.0098'  # Paper: 0.98 x 10^-2.
+  assert t8['ECE ours (final)'] == '-' and t8['runs'] == '0/3'
+  t8_ours = _row(sections, 'Table 8', dataset='cifar100', method='cut_mixmo',
+                 CutMix='-', b='4')
+  assert t8_ours['Top-1 % ours (final)'] == t1['Top-1 % ours (final)']
+  assert t8_ours['ECE ours (final)'] == '0.0200 ± 0.0000'
+
+  de_row = _row(sections, 'Table 1', dataset='cifar100',
+                method='deep_ensemble', CutMix='-')
+  assert de_row['runs'] == '1/3' and de_row['Top-1 % ours (final)'] == '83.10'
+  assert de_row['Top-1 % paper (best epoch)'] == '83.17'
+
+  fig9 = _row(sections, 'Figure 9', method='cut_mixmo (M=3)')
+  assert fig9['member Top-1 % ours (final)'] == '80.00'
+  assert fig9['member Top-1 % paper (text)'] == '79.5'
+
+  missing = _row(sections, 'Table 1', dataset='cifar10', method='mixup')
+  assert missing['Top-1 % ours (final)'] == '-'
+  assert missing['Top-1 % paper (best epoch)'] == '97.07'
+
+
+def test_mean_std_and_units():
+  assert summarize.mean_std([1.0]) == (1.0, None)
+  mean, std = summarize.mean_std([1.0, 2.0, 4.0])
+  assert mean == pytest.approx(7 / 3)
+  assert std == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
+  result = {'ensemble': {'top1': 0.5, 'ece': 0.03}, 'members': [
+      {'top1': 0.4}, {'top1': 0.6}, {'top1': 0.5}]}
+  assert summarize.our_value(result, 'top1') == pytest.approx(50.0)
+  assert summarize.our_value(result, 'ece') == pytest.approx(0.03)
+  assert summarize.our_value(result, 'member_top1') == pytest.approx(50.0)
+  assert summarize.our_value(result, 'nll') is None
