@@ -125,7 +125,7 @@ def steps_per_epoch(config, num_train):
 
 def _cpu_device():
   try:
-    return jax.devices('cpu')[0]
+    return jax.local_devices(backend='cpu')[0]
   except RuntimeError:  # CPU backend disabled (JAX_PLATFORMS without cpu).
     return None
 
