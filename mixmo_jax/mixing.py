@@ -384,3 +384,6 @@ def repeat_batch(x: Array, b: int) -> Array:
   """
   x = jnp.asarray(x)
   return jnp.tile(x, (int(b),) + (1,) * (x.ndim - 1))
+
+
+from mixmo_jax import mixing_blocks  # noqa: E402,F401  registers Table 2 blocks

@@ -1,0 +1,389 @@
+"""Tests for mixmo_jax.evaluate and mixmo_jax.corruptions.
+
+The trained network is the session fixture `digits_workdir` (conftest.py);
+copies of its workdir (shutil.copytree) stand in for a second run. Expected
+numbers are recomputed here independently from the predicted logits.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mixmo_jax import checkpointing, corruptions, evaluate, input_pipeline
+from mixmo_jax import predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TEST = 360  # Digits test split (DESIGN 2b).
+EVAL_BATCH = 48  # 360 = 7 * 48 + 24: the last batch is padded.
+PER_SEVERITY = 40
+FOG_CORRECT = (40, 30, 20, 10, 0)  # Correct images per severity (of 40).
+
+
+def _log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _latest_step(workdir):
+  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  return max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+def _copy_run(src, dst, **config_changes):
+  shutil.copytree(src, dst)
+  path = os.path.join(dst, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  for dotted, value in config_changes.items():
+    node = config
+    *parents, leaf = dotted.split('__')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  return str(dst)
+
+
+def _cli_env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  return env
+
+
+@pytest.fixture(scope='module')
+def evaluated(digits_workdir):
+  """(result, logits [N, M, C], labels [N]) with a non-dividing batch size."""
+  return evaluate.run_evaluation([digits_workdir], eval_batch_size=EVAL_BATCH)
+
+
+@pytest.fixture(scope='module')
+def reference(digits_workdir):
+  """Independent predictions on the test set through `predict`."""
+  predictor = predict.load(digits_workdir)
+  images, labels = input_pipeline.load_split(predictor.config, 'test')
+  return predictor, images, labels, predictor(images)['logits']
+
+
+# ---------------------------------------------------------------- test set
+
+
+def test_eval_json_schema(digits_workdir, evaluated):
+  result, logits, labels = evaluated
+  assert result['step'] == _latest_step(digits_workdir) == 20
+  assert result['workdirs'] == [os.path.abspath(digits_workdir)]
+  ens = result['ensemble']
+  for key in ('top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c',
+              'top1_c', 'temperature'):
+    assert isinstance(ens[key], float), key
+  for key in ('top1', 'top5', 'ece', 'ece_c', 'top1_c'):
+    assert 0.0 <= ens[key] <= 1.0, key
+  assert ens['top1'] <= ens['top5']
+  assert ens['nll'] > 0 and ens['temperature'] > 0
+  assert len(result['members']) == result['num_members'] == 2
+  for member in result['members']:
+    assert set(member) >= {'top1', 'nll'}
+    assert 0.0 <= member['top1'] <= 1.0
+  assert set(result['diversity']) >= {'ratio_error', 'disagreement'}
+  assert 0.0 <= result['diversity']['disagreement'] <= 1.0
+  # The whole test set, although 48 does not divide 360.
+  assert result['num_examples'] == NUM_TEST == len(labels)
+  assert logits.shape == (NUM_TEST, 2, 10)
+  json.loads(evaluate.to_json(result))  # Strict JSON.
+
+
+def test_metrics_match_independent_recomputation(evaluated, reference):
+  result, logits, labels = evaluated
+  _, _, ref_labels, ref_logits = reference
+  np.testing.assert_array_equal(labels, ref_labels)
+  # Batch size 48 (evaluate) and 16-padded chunks of 200 (predict) agree.
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  lp = _log_softmax(ref_logits.astype(np.float64).mean(1))  # 'logits' mode.
+  correct = int(np.sum(lp.argmax(-1) == ref_labels))
+  assert result['ensemble']['top1'] == correct / NUM_TEST
+  np.testing.assert_allclose(
+      result['ensemble']['nll'],
+      -np.mean(lp[np.arange(NUM_TEST), ref_labels]), rtol=1e-5)
+  for i, member in enumerate(result['members']):
+    member_correct = np.sum(ref_logits[:, i].argmax(-1) == ref_labels)
+    assert member['top1'] == member_correct / NUM_TEST
+
+
+def test_best_epoch_on_test_from_history(digits_workdir, evaluated):
+  result = evaluated[0]
+  with open(os.path.join(digits_workdir, 'eval_history.jsonl')) as f:
+    history = [json.loads(line) for line in f if line.strip()]
+  best = max(history, key=lambda r: r['ensemble']['top1'])
+  got = result['best_epoch_on_test']
+  assert got['top1'] == best['ensemble']['top1']
+  assert got['epoch'] == best['epoch'] and got['step'] == best['step']
+  assert 'optimistic' in got['note']
+  # Headline numbers are the final checkpoint's, not the best epoch's.
+  assert result['ensemble']['top1'] == history[-1]['ensemble']['top1']
+
+
+def test_rerun_is_byte_identical(tmp_path, digits_workdir, evaluated):
+  first = evaluate.write_eval_json(evaluated[0], str(tmp_path / 'a.json'))
+  again = evaluate.evaluate_workdirs([digits_workdir],
+                                     eval_batch_size=EVAL_BATCH)
+  second = evaluate.write_eval_json(again, str(tmp_path / 'b.json'))
+  with open(first, 'rb') as a, open(second, 'rb') as b:
+    assert a.read() == b.read()
+
+
+def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
+  single = evaluated[0]
+  copy = _copy_run(digits_workdir, tmp_path / 'copy')
+  result = evaluate.evaluate_workdirs([digits_workdir, copy],
+                                      eval_batch_size=EVAL_BATCH)
+  assert result['num_members'] == 4 and len(result['members']) == 4
+  assert result['members'] == single['members'] * 2
+  assert result['ensemble']['top1'] == single['ensemble']['top1']
+  assert result['steps'] == [20, 20] and result['members_per_run'] == [2, 2]
+  assert result['workdirs'] == [os.path.abspath(digits_workdir),
+                                os.path.abspath(copy)]
+  assert 'best_epoch_on_test' not in result
+  # The first run's ensemble mode rules: a 'probs' run first.
+  probs_run = _copy_run(digits_workdir, tmp_path / 'probs',
+                        evaluation__ensemble='probs')
+  result = evaluate.evaluate_workdirs([probs_run, digits_workdir])
+  assert result['ensemble_mode'] == 'probs'
+  _, _, labels, logits = reference
+  p = np.exp(_log_softmax(logits)).mean(1)  # Mean of member probabilities.
+  assert result['ensemble']['top1'] == np.mean(p.argmax(-1) == labels)
+
+
+def test_incompatible_runs_are_refused(tmp_path, digits_workdir):
+  other = _copy_run(digits_workdir, tmp_path / 'other', data_seed=7)
+  with pytest.raises(evaluate.EvaluationError, match='data_seed.*0.*7'):
+    evaluate.evaluate_workdirs([digits_workdir, other])
+
+
+def test_missing_inputs(tmp_path, digits_workdir):
+  with pytest.raises(evaluate.EvaluationError, match='does not exist'):
+    evaluate.evaluate_workdirs([str(tmp_path / 'nope')])
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(evaluate.EvaluationError, match='config.json'):
+    evaluate.evaluate_workdirs([str(empty)])
+  shutil.copy(os.path.join(digits_workdir, 'config.json'), empty)
+  with pytest.raises(evaluate.EvaluationError, match='no checkpoint'):
+    evaluate.evaluate_workdirs([str(empty)])
+  assert sorted(os.listdir(empty)) == ['config.json']  # Nothing created.
+  with pytest.raises(checkpointing.CheckpointError, match='999'):
+    evaluate.evaluate_workdirs([digits_workdir], step=999)
+
+
+def test_output_path(tmp_path):
+  assert evaluate.output_path(None, 'w') == os.path.join('w', 'eval.json')
+  assert evaluate.output_path(str(tmp_path), 'w') == str(tmp_path / 'eval.json')
+  assert evaluate.output_path('x/r.json', 'w') == 'x/r.json'
+
+
+# ---------------------------------------------------------------- CIFAR-C
+
+
+def _margin_images(images, logits):
+  """Indices of test images whose ensemble top-2 margin is safely > 0."""
+  lp = np.sort(_log_softmax(logits.astype(np.float64).mean(1)), axis=-1)
+  return np.flatnonzero(lp[:, -1] - lp[:, -2] > 1e-3)
+
+
+@pytest.fixture(scope='module')
+def cifar_c(tmp_path_factory, reference):
+  """A miniature CIFAR-C folder with known per-severity accuracies.
+
+  fog: severity s holds block X_s of 40 images; labels.npy gives the model's
+  own prediction for FOG_CORRECT[s] of them (at shuffled positions) and a
+  wrong class for the rest, so top-1 is exactly FOG_CORRECT[s] / 40.
+  contrast: the same blocks in reverse severity order (its accuracy is
+  recomputed from the predictions). A stray .npy file is ignored.
+  """
+  _, images, _, logits = reference
+  rng = np.random.default_rng(0)
+  usable = _margin_images(images, logits)
+  idx = rng.choice(usable, 5 * PER_SEVERITY,
+                   replace=len(usable) < 5 * PER_SEVERITY)
+  preds = logits[idx].astype(np.float64).mean(1).argmax(-1)
+  labels = (preds + 1) % 10
+  for s, k in enumerate(FOG_CORRECT):
+    rows = s * PER_SEVERITY + rng.permutation(PER_SEVERITY)[:k]
+    labels[rows] = preds[rows]
+  blocks = idx.reshape(5, PER_SEVERITY)
+  folder = tmp_path_factory.mktemp('cifar_c')
+  np.save(folder / 'labels.npy', labels.astype(np.int64))
+  np.save(folder / 'fog.npy', images[blocks.reshape(-1)])
+  np.save(folder / 'contrast.npy', images[blocks[::-1].reshape(-1)])
+  np.save(folder / 'not_a_corruption.npy', np.zeros(3))
+  contrast_logits = logits[blocks[::-1].reshape(-1)]
+  return str(folder), labels, {'fog': logits[idx], 'contrast': contrast_logits}
+
+
+@pytest.fixture(scope='module')
+def corruption_result(digits_workdir, cifar_c):
+  runs = evaluate.load_runs([digits_workdir])
+  return evaluate.evaluate_corruptions(runs, cifar_c[0], evaluate.local_mesh(),
+                                       eval_batch_size=EVAL_BATCH)
+
+
+def test_corruption_severities_are_indexed_right(corruption_result, cifar_c):
+  res = corruption_result
+  _, labels, logits = cifar_c
+  assert res['evaluated'] == ['fog', 'contrast']  # CORRUPTIONS order.
+  assert res['num_images_per_severity'] == PER_SEVERITY
+  assert res['severities'] == [1, 2, 3, 4, 5]
+  assert res['temperature_scaling'] is False
+  fog = [res['per_corruption']['fog'][str(s)]['top1'] for s in range(1, 6)]
+  assert fog == [k / PER_SEVERITY for k in FOG_CORRECT]
+  for name in ('fog', 'contrast'):
+    lp = _log_softmax(logits[name].astype(np.float64).mean(1))
+    for s in range(5):
+      rows = slice(s * PER_SEVERITY, (s + 1) * PER_SEVERITY)
+      cell = res['per_corruption'][name][str(s + 1)]
+      y = labels[rows]
+      assert cell['top1'] == np.mean(lp[rows].argmax(-1) == y)
+      np.testing.assert_allclose(
+          cell['nll'], -np.mean(lp[rows][np.arange(PER_SEVERITY), y]),
+          rtol=1e-5)
+      assert cell['top1'] <= cell['top5'] <= 1.0 and 0 <= cell['ece'] <= 1
+
+
+def test_corruption_summaries(corruption_result, cifar_c):
+  from mixmo_jax import metrics
+  res = corruption_result
+  _, labels, logits = cifar_c
+  cells = [res['per_corruption'][c][str(s)]
+           for c in ('fog', 'contrast') for s in range(1, 6)]
+  for key in evaluate.CORRUPTION_METRICS:
+    np.testing.assert_allclose(res['mean'][key],
+                               np.mean([c[key] for c in cells]), rtol=1e-12)
+    np.testing.assert_allclose(
+        res['per_severity']['2'][key],
+        np.mean([res['per_corruption'][c]['2'][key]
+                 for c in ('fog', 'contrast')]), rtol=1e-12)
+  # Pooled: all 400 corrupted images at once (ECE is not a mean of cells).
+  all_lp = np.concatenate([_log_softmax(logits[c].astype(np.float64).mean(1))
+                           for c in ('fog', 'contrast')])
+  all_y = np.concatenate([labels, labels])
+  np.testing.assert_allclose(res['pooled']['ece'],
+                             float(metrics.ece(all_lp, all_y)), atol=1e-6)
+  assert res['pooled']['top1'] == np.mean(all_lp.argmax(-1) == all_y)
+  assert res['missing_corruptions'] == [
+      c for c in corruptions.CORRUPTIONS if c not in ('fog', 'contrast')]
+  assert len(res['missing_corruptions']) == 17
+  assert res['ignored_files'] == ['not_a_corruption.npy']
+
+
+def test_pooled_statistics_on_synthetic_cells():
+  """Pooled ECE from additive per-cell statistics equals the ECE of all
+  samples at once, with bins both over- and under-confident."""
+  from mixmo_jax import metrics
+  rng = np.random.default_rng(1)
+  lp = _log_softmax(3.0 * rng.normal(size=(300, 5)))
+  labels = np.where(rng.random(300) < 0.6, lp.argmax(-1),
+                    rng.integers(0, 5, 300))
+  acc, conf, count = (np.asarray(x) for x in
+                      metrics.calibration_bins(lp, labels, 15))
+  gaps = (acc - conf)[count > 0]
+  assert np.any(gaps > 0.02) and np.any(gaps < -0.02)  # Guard: mixed signs.
+  total = None
+  for rows in (slice(0, 100), slice(100, 300)):
+    stats = evaluate.cell_statistics(lp[rows], labels[rows], 15)
+    total = stats if total is None else {k: total[k] + stats[k] for k in total}
+  pooled = evaluate.scores_from_statistics(total)
+  np.testing.assert_allclose(pooled['ece'], float(metrics.ece(lp, labels)),
+                             rtol=1e-12)
+  np.testing.assert_allclose(pooled['nll'], float(metrics.nll(lp, labels)),
+                             rtol=1e-12)
+  assert pooled['top1'] == np.mean(lp.argmax(-1) == labels)
+  top5 = np.mean((-lp).argsort(-1)[:, :5] == labels[:, None]) * 5
+  np.testing.assert_allclose(pooled['top5'], top5, rtol=1e-12)
+
+
+def test_corruption_folder_errors(tmp_path, digits_workdir, monkeypatch):
+  err = corruptions.CorruptionDataError
+  with pytest.raises(err, match='does not exist'):
+    corruptions.find_corruptions(str(tmp_path / 'nope'))
+  with pytest.raises(err, match='none of the 19'):
+    corruptions.find_corruptions(str(tmp_path))
+  np.save(tmp_path / 'fog.npy', np.zeros((10, 32, 32, 3), np.uint8))
+  with pytest.raises(err, match='labels.npy is missing'):
+    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+  # Through evaluate: refused before any checkpoint is restored.
+  def no_restore(*args, **kwargs):
+    raise AssertionError('restored before checking the corruption folder')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing, 'restore_for_inference', no_restore)
+    with pytest.raises(err, match='labels.npy is missing'):
+      evaluate.evaluate_workdirs([digits_workdir],
+                                 corruptions_dir=str(tmp_path))
+  np.save(tmp_path / 'labels.npy', np.zeros(12, np.int64))
+  with pytest.raises(err, match='not a positive multiple of 5'):
+    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+  np.save(tmp_path / 'labels.npy', np.zeros(15, np.int64))
+  with pytest.raises(err, match=r'expected uint8 \[15, 32, 32, 3\].*\[10, 32'):
+    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+  for bad in (np.zeros((15, 32, 32), np.uint8),
+              np.zeros((15, 28, 28, 3), np.uint8),
+              np.zeros((15, 32, 32, 3), np.float32)):
+    np.save(tmp_path / 'fog.npy', bad)
+    with pytest.raises(err, match='fog.npy: expected uint8') as info:
+      corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+    assert '\n' not in str(info.value)
+  np.save(tmp_path / 'labels.npy', np.full(15, 10, np.int64))
+  with pytest.raises(err, match='10 classes'):
+    corruptions.read_labels(str(tmp_path), 10)
+  np.save(tmp_path / 'labels.npy', np.zeros(15, np.float32))
+  with pytest.raises(err, match='integer'):
+    corruptions.read_labels(str(tmp_path), 10)
+  assert corruptions.severity_slices(15) == [slice(0, 3), slice(3, 6),
+                                             slice(6, 9), slice(9, 12),
+                                             slice(12, 15)]
+
+
+def test_corruption_names():
+  assert len(corruptions.CORRUPTIONS) == len(set(corruptions.CORRUPTIONS)) == 19
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
+                                   corruption_result, cifar_c):
+  workdir = _copy_run(digits_workdir, tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={workdir}',
+       '--plots', f'--corruptions={cifar_c[0]}',
+       f'--eval_batch_size={EVAL_BATCH}'],
+      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'ensemble' in proc.stdout and 'member 1' in proc.stdout
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    result = json.load(f)
+  for name in ('reliability.png', 'member_vs_ensemble.png',
+               'training_curves.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
+  # Same numbers as in process (the workdir path differs).
+  expected = dict(evaluated[0], workdirs=[os.path.abspath(workdir)],
+                  corruptions=corruption_result)
+  assert result == json.loads(evaluate.to_json(expected))
+
+
+def test_cli_missing_workdir_exits_2(tmp_path):
+  missing = str(tmp_path / 'no_such_run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}'],
+      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1] == f'error: workdir {missing} does not exist'
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(missing)
