@@ -5,9 +5,11 @@ field exits with code 2 and a one-line message, leaving the workdir
 untouched), refuses to resume a workdir with a different config, writes the
 resolved config to WORKDIR/config.json and trains (mixmo_jax.trainer).
 """
+import importlib.util
 import json
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,17 +43,93 @@ def fail(message: str, code: int = EXIT_USAGE):
   sys.exit(code)
 
 
+def _config_path(argv):
+  """The value of the last --config=PATH[:variant] in argv, or None."""
+  for arg in reversed(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _load_config_file(spec: str):
+  """get_config([variant]) of the file in 'PATH[:variant]', as config_flags."""
+  path, sep, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('mixmo_cli_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*([variant] if sep else []))
+
+
+def _override_problem(config, arg: str):
+  """Why `--config.FIELD=VALUE` does not fit `config`, or None if it does."""
+  field, _, value = arg[len('--config.'):].partition('=')
+  node, parts = config, field.split('.')
+  for i, part in enumerate(parts):
+    parent = '.'.join(['config'] + parts[:i])
+    if not hasattr(node, 'keys') or part not in node:
+      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
+      return (f'--config.{field}={value}: {parent} has no field {part!r} '
+              f'(fields: {known or "none, it is a " + type(node).__name__})')
+    node = node[part]
+  return None
+
+
+def _describe_flag_error(argv, error: Exception) -> str:
+  """One line for a failed flag parse, naming the flag, value and what fits.
+
+  An unknown `--config.FIELD` surfaces from ml_collections as a bare
+  AttributeError/KeyError of the last name; the override is found again by
+  loading the config file and walking each `--config.` path.
+  """
+  message = str(error)
+  if 'Traceback (most recent call last)' in message:  # Config file raised.
+    head = message.split('Traceback')[0]
+    last = [l for l in message.splitlines() if l.strip()][-1]
+    message = f'{head.strip()} {last.strip()}'
+  path = _config_path(argv)
+  if isinstance(error, (AttributeError, KeyError)) and path:
+    try:
+      config = _load_config_file(path)
+      problems = [p for p in (_override_problem(config, a) for a in argv
+                              if a.startswith('--config.')) if p]
+    except Exception:  # pylint: disable=broad-except
+      problems = []
+    if problems:
+      return f'unknown config field: {"; ".join(problems)}'
+  flag = message.split('=', 1)[0].replace('flag --', '')
+  if (isinstance(error, flags.IllegalFlagValueError) and path
+      and flag.startswith('config.')):
+    try:  # Wrong type: say which type the field takes.
+      default = _load_config_file(path)
+      for part in flag.split('.')[1:]:
+        default = default[part]
+      message += (f' ({flag} takes a {type(default).__name__}, like its '
+                  f'default {default!r})')
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return f'{type(error).__name__}: {message}'
+
+
 def parse_flags(argv):
-  """absl flag parsing with bad overrides reported in one line, exit 2."""
+  """absl flag parsing with bad overrides reported in one line, exit 2.
+
+  Also loads the config file here (ml_collections defers a missing file's
+  error to the first access).
+  """
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # A config file that failed to load raises here.
+    return remaining
   except Exception as e:  # pylint: disable=broad-except
-    fail(f'{type(e).__name__}: {e}')
+    fail(_describe_flag_error(argv, e))
 
 
 def _initialize_distributed():
   if _MULTIHOST.value or _COORDINATOR.value:
     import jax
+    # Cross-process collectives on CPU hosts (no effect on GPU / TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
@@ -64,11 +142,15 @@ def _write_config(workdir: str, config, changes) -> None:
   os.makedirs(workdir, exist_ok=True)
   if changes:
     logging.warning('Config changed since the last run: %s', changes)
+    record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'changes': changes,
+              'allow_config_change': _ALLOW_CHANGE.value}
     with open(os.path.join(workdir, config_validation.CONFIG_CHANGES_FILE),
               'a') as f:
-      f.write(json.dumps({'changes': changes}) + '\n')
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(json.dumps(record) + '\n')
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:  # Atomic: a kill leaves old or new.
     json.dump(config_validation.config_to_dict(config), f, indent=2)
+  os.replace(path + '.tmp', path)
 
 
 def main(argv):
