@@ -6,9 +6,10 @@ array's path, dtype, shape and bytes. Orbax writes both atomically (a
 temporary folder renamed when complete, so a run killed mid-write leaves no
 half checkpoint behind), but it does not notice bytes overwritten inside an
 array file later; the digest does. On restore a checkpoint that fails to load
-or to verify is moved to `checkpoints_corrupt/` with a warning and the
-previous one is tried; when none is good the error is raised, never a silent
-restart from scratch over an existing workdir.
+or to verify is skipped with a warning and, once an older one restores,
+moved to `checkpoints_corrupt/`; when none is good the error is raised and
+nothing is moved, never a silent restart from scratch over an existing
+workdir.
 """
 import hashlib
 import json
@@ -59,14 +60,25 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
   """Periodic verified checkpoints of a pytree `state` in `workdir`."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3):
+  def __init__(self, workdir: str, max_to_keep: int = 3,
+               read_only: bool = False):
+    """Opens the workdir's checkpoints.
+
+    Args:
+      workdir: the run directory (checkpoints live in workdir/checkpoints).
+      max_to_keep: checkpoints kept (at least 2, a fallback for a bad one).
+      read_only: for evaluation and prediction, possibly while the run is
+        still training: create nothing and never clean up the temporary
+        folder of a checkpoint that the trainer is writing.
+    """
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(max_to_keep, 2),  # Keep a fallback for a bad latest.
+        max_to_keep=max(max_to_keep, 2),
         enable_async_checkpointing=False,
-        cleanup_tmp_directories=True,
-        create=True)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self):
@@ -96,8 +108,9 @@ class Checkpointer:
     return restored['state']
 
   def _quarantine(self, step: int, reason: Exception) -> None:
-    logging.warning('Checkpoint at step %d is unusable (%s); moving it to %s '
-                    'and trying the previous one.', step, reason, CORRUPT_DIR)
+    logging.warning('Checkpoint at step %d is unusable (%s); moving it to %s; '
+                    'resuming from the previous one.', step, reason,
+                    CORRUPT_DIR)
     if jax.process_index() == 0:
       target = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{int(time.time())}')
       os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -123,16 +136,27 @@ class Checkpointer:
     if step is not None:
       return self._restore_step(step, abstract_state), step
     steps = self.all_steps()
+    failures = []
     for candidate in reversed(steps):
       try:
-        return self._restore_step(candidate, abstract_state), candidate
+        state = self._restore_step(candidate, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(candidate, e)
+        logging.warning('Checkpoint at step %d does not restore or verify: '
+                        '%s', candidate, e)
+        failures.append((candidate, e))
+        continue
+      # Only once an older one is good: the newer ones are moved aside (a
+      # target that fits none, e.g. a changed model, moves nothing).
+      for bad, reason in failures:
+        self._quarantine(bad, reason)
+      return state, candidate
     if steps:
+      reasons = '; '.join(f'step {s}: {" ".join(str(e).split())[:200]}'
+                          for s, e in failures)
       raise CheckpointError(
-          f'none of the checkpoints {steps} in {self.directory} could be '
-          f'restored and verified (moved to {CORRUPT_DIR}/); refusing to '
-          'start from scratch over an existing run')
+          f'none of the checkpoints {steps} in {self.directory} restores and '
+          f'verifies ({reasons}); refusing to start from scratch over an '
+          'existing run (move the checkpoints away to do that deliberately)')
     return None, 0
 
   def close(self):
@@ -159,7 +183,7 @@ def restore_for_inference(workdir: str, step: Optional[int] = None):
   variables = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0),
                          np.zeros((1, size, size, 3), np.float32), train=False))
-  ckpt = Checkpointer(workdir)
+  ckpt = Checkpointer(workdir, read_only=True)
   mesh = sharding.make_mesh(jax.local_devices())
   abstract = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,

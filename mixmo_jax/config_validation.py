@@ -28,7 +28,6 @@ _DATASETS = {  # name: (num_classes, allowed image sizes or None for any >= 8)
 }
 _PIXEL_MIX = ('none', 'mixup', 'cutmix')
 _ENSEMBLE = ('logits', 'probs')
-_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 class ConfigError(ValueError):
@@ -83,6 +82,11 @@ def _check_batches(config, num_devices: int):
     _fail('batch_size', batch_size,
           f'batch_size / batch_repetitions = {batch_size // b} unique samples '
           f'per step must be divisible by the device count {num_devices}')
+  num_train = _get(config, 'num_train_examples')
+  if num_train and num_train < batch_size // b:
+    _fail('num_train_examples', num_train,
+          f'must be 0 (all) or >= batch_size / batch_repetitions = '
+          f'{batch_size // b} (one step)')
   eval_batch_size = _check_int(config, 'eval_batch_size', 1)
   if eval_batch_size % num_devices:
     _fail('eval_batch_size', eval_batch_size,
@@ -93,7 +97,7 @@ def _check_model(config):
   from mixmo_jax import models  # Flax only; no TensorFlow.
   _check_choice(config, 'model.name', models.model_names())
   _check_int(config, 'model.width', 1)
-  _check_choice(config, 'model.dtype', _DTYPES)
+  _check_choice(config, 'model.dtype', tuple(models.DTYPES))
   if config.model.name == 'wide_resnet':
     depth = _check_int(config, 'model.depth', 10)
     if (depth - 4) % 6:
@@ -223,8 +227,12 @@ def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); restore it or start '
+                      'a new workdir') from e
   changes = config_changes(old, config_to_dict(config))
   blocked = [c for c in changes
              if c.split(':')[0] not in RESUME_ALLOWED_CHANGES]

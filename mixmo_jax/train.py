@@ -77,8 +77,11 @@ def create_train_state(config, model, steps_per_epoch: int, mesh) -> TrainState:
 
   def init():
     variables = model.init(init_key, jnp.zeros((1, size, size, 3)), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'], tx=tx)
+    state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                              batch_stats=variables['batch_stats'], tx=tx)
+    # A strongly typed int32 step, like a restored one: a fresh and a resumed
+    # run then share one compiled train step.
+    return state.replace(step=jnp.asarray(0, jnp.int32))
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))()
 

@@ -52,8 +52,15 @@ class _Preemption:
     self.requested = True
 
   def reached(self, ckpt, step: int) -> bool:
-    if jax.process_count() > 1:  # Every host must agree to stop together.
-      return self.requested or ckpt.manager.reached_preemption(step)
+    """Whether to save and stop after `step`.
+
+    With several processes jax's preemption service (started by
+    jax.distributed.initialize) notices the SIGTERM and orbax makes every
+    process agree on the same step; a process-local flag could let one host
+    stop alone.
+    """
+    if jax.process_count() > 1:
+      return ckpt.manager.reached_preemption(step)
     return self.requested
 
 

@@ -6,6 +6,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Share compiled programs between the tests' many subprocesses (CLI, resume,
+# notebook, two-process runs): the same train step is compiled only once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "mixmo_jax_test_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
@@ -33,7 +38,8 @@ def tiny_digits_config(arg=None):
   config.model.width = 1
   config.num_train_examples = 320  # 10 steps per epoch at 32 unique / step.
   config.num_epochs = 2
-  config.optimizer.decay_epochs = (1,)
+  config.optimizer.warmup_epochs = 0.2
+  config.optimizer.decay_epochs = ()
   config.eval_every_epochs = 1
   config.checkpoint_every_epochs = 1
   config.eval_batch_size = 200

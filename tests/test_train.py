@@ -101,13 +101,14 @@ class TestDataParallel:
     for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
 
-  def test_loss_decreases_and_params_move(self, config, eight_device_run):
-    state, _, step_fn = eight_device_run
+  def test_loss_decreases(self, config, eight_device_run):
+    state, losses, step_fn = eight_device_run
     mesh = sharding.make_mesh()
-    for step in range(3, 30):
+    for step in range(3, 40):
       state, metrics = step_fn(state, *_batch(config, step, mesh))
-    assert int(state.step) == 30
-    assert float(metrics['train_top1']) > 0.2  # Chance is 0.1.
+      losses.append(float(metrics['cross_entropy']))
+    assert int(state.step) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
 
 
 class TestTrainStep:
@@ -140,7 +141,7 @@ class TestTrainStep:
     assert step_fn._cache_size() == 1  # p is traced: no recompilation.
 
 
-def test_main_on_mock_cifar100(tmp_path):
+def test_main_on_mock_cifar100(tmp_path, monkeypatch):
   """`main` end to end on tfds mock CIFAR-100, tiny WRN, 8 devices, 2 epochs."""
   import tensorflow_datasets as tfds
   from mixmo_jax import main
@@ -149,6 +150,7 @@ def test_main_on_mock_cifar100(tmp_path):
                                              'configs', 'cifar100.py:cut_mixmo+local'),
           f'--workdir={workdir}', '--config.num_train_examples=64',
           '--config.eval_batch_size=32', '--config.batch_size=32']
+  monkeypatch.setattr('sys.argv', argv)  # config_flags reads overrides there.
   main.parse_flags(argv)
   with tfds.testing.mock_data(num_examples=64):
     main.main(['main'])

@@ -1,0 +1,212 @@
+"""Config validation (issue: Reliability 2, 3): in-process, no training.
+
+Each bad value is checked against `validate(config)` on a valid tiny digits
+config: the ConfigError is one line naming `config.FIELD=VALUE` and what is
+allowed, and validation writes nothing. Resume checks run on a workdir holding
+only a config.json.
+"""
+import json
+import os
+import sys
+
+import ml_collections
+import pytest
+
+from conftest import load_config, tiny_digits_config
+from mixmo_jax import config_validation as cv
+
+NUM_DEVICES = 8  # conftest: 8 fake CPU devices.
+
+
+def _with(config, overrides):
+  """A copy of `config` with {dotted field: value}, of any type."""
+  tree = config.to_dict()
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = tree
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return ml_collections.ConfigDict(tree)
+
+
+def test_reference_configs_are_valid():
+  cv.validate(tiny_digits_config(), NUM_DEVICES)
+  for name in ('cifar10', 'cifar100', 'digits', 'tiny_imagenet', 'default'):
+    cv.validate(load_config(name), 2)  # Tiny ImageNet: 50 unique per step.
+
+
+def test_validate_uses_the_device_count_by_default():
+  import jax
+  assert jax.device_count() == NUM_DEVICES
+  config = tiny_digits_config()
+  config.batch_size = 8  # 4 unique samples per step over 8 devices.
+  with pytest.raises(cv.ConfigError, match=r'^config\.batch_size=8: '):
+    cv.validate(config)
+
+
+# (overrides {field: value}, field named, what is allowed: a substring).
+CASES = {
+    'num_members_zero': ({'num_members': 0}, 'num_members=0', '>= 1'),
+    'num_members_float': ({'num_members': 2.0}, 'num_members=2.0', 'integer'),
+    'batch_not_divisible_by_b': (
+        {'batch_size': 63}, 'batch_size=63', 'divisible by batch_repetitions=2'),
+    'unique_not_divisible_by_devices': (
+        {'batch_size': 36}, 'batch_size=36',
+        '18 unique samples per step must be divisible by the device count 8'),
+    'eval_batch_not_divisible_by_devices': (
+        {'eval_batch_size': 100}, 'eval_batch_size=100', 'device count 8'),
+    'p_above_one': ({'mixing.p': 1.5}, 'mixing.p=1.5', 'must be in [0.0, 1.0]'),
+    'p_negative': ({'mixing.p': -0.1}, 'mixing.p=-0.1', 'must be in [0.0, 1.0]'),
+    'p_wrong_type': ({'mixing.p': 'abc'}, "mixing.p='abc'", 'must be a number'),
+    'alpha_zero': ({'mixing.alpha': 0.0}, 'mixing.alpha=0.0', 'must be in (0.0'),
+    'alpha_negative': ({'mixing.alpha': -1.0}, 'mixing.alpha=-1.0', '(0.0, inf]'),
+    'r_zero': ({'mixing.r': 0.0}, 'mixing.r=0.0', 'must be in (0.0'),
+    'r_negative': ({'mixing.r': -3.0}, 'mixing.r=-3.0', 'must be in (0.0'),
+    'unknown_model': ({'model.name': 'resnet50'}, "model.name='resnet50'",
+                      'preact_resnet18, wide_resnet'),
+    'unknown_dataset': ({'dataset': 'imagenet'}, "dataset='imagenet'",
+                        'cifar10, cifar100, digits, tiny_imagenet'),
+    'unknown_mixing_method': ({'mixing.method': 'magic'},
+                              "mixing.method='magic'", 'cut'),
+    'wrn_depth_not_6n_plus_4': ({'model.depth': 12}, 'model.depth=12', '6n+4'),
+    'wrn_depth_too_small': ({'model.depth': 4}, 'model.depth=4', '>= 10'),
+    'width_zero': ({'model.width': 0}, 'model.width=0', '>= 1'),
+    'unknown_dtype': ({'model.dtype': 'float16'}, "model.dtype='float16'",
+                      'float32, bfloat16'),
+    'num_epochs_zero': ({'num_epochs': 0, 'optimizer.decay_epochs': ()},
+                        'num_epochs=0', '>= 1'),
+    'num_epochs_wrong_type': ({'num_epochs': '2'}, "num_epochs='2'", 'integer'),
+    'decay_epochs_unsorted': ({'num_epochs': 6, 'optimizer.decay_epochs': (4, 2)},
+                              'optimizer.decay_epochs=(4, 2)', 'increasing'),
+    'decay_epochs_repeated': ({'num_epochs': 6, 'optimizer.decay_epochs': (2, 2)},
+                              'optimizer.decay_epochs=(2, 2)', 'increasing'),
+    'decay_epochs_past_end': ({'optimizer.decay_epochs': (1, 5)},
+                              'optimizer.decay_epochs=(1, 5)', '< num_epochs=2'),
+    'decay_epoch_at_end': ({'optimizer.decay_epochs': (2,)},
+                           'optimizer.decay_epochs=(2,)', '< num_epochs=2'),
+    'image_size_model_cannot_take': (
+        {'model.name': 'preact_resnet18'}, 'image_size=32', '[49, 112]'),
+    'image_size_not_the_datasets': (
+        {'dataset': 'cifar10', 'image_size': 64}, 'image_size=64', '32x32'),
+    'num_classes_not_the_datasets': (
+        {'num_classes': 100}, 'num_classes=100', 'digits has 10 classes'),
+    'too_few_train_examples_for_a_step': (
+        {'num_train_examples': 16}, 'num_train_examples=16', '>= '),
+    'negative_learning_rate': ({'optimizer.base_learning_rate': -0.1},
+                               'optimizer.base_learning_rate=-0.1', '(0.0'),
+    'unknown_ensemble': ({'evaluation.ensemble': 'mean'},
+                         "evaluation.ensemble='mean'", 'logits, probs'),
+    'eval_every_zero': ({'eval_every_epochs': 0}, 'eval_every_epochs=0', '>= 1'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_bad_value_names_field_and_allowed(name, tmp_path, monkeypatch):
+  overrides, named, allowed = CASES[name]
+  config = _with(tiny_digits_config(), overrides)
+  monkeypatch.chdir(tmp_path)  # Anything written would land here.
+  with pytest.raises(cv.ConfigError) as err:
+    cv.validate(config, NUM_DEVICES)
+  message = str(err.value)
+  assert message.startswith(f'config.{named}: '), message
+  assert allowed in message, message
+  assert '\n' not in message
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_field_is_named():
+  config = tiny_digits_config()
+  with config.mixing.unlocked():
+    del config.mixing['r']
+  with pytest.raises(cv.ConfigError, match=r'^config\.mixing\.r=None: missing'):
+    cv.validate(config, NUM_DEVICES)
+
+
+def test_validation_imports_no_tensorflow():
+  """validate() needs jax and flax only: TF, TFDS, clu, orbax come later."""
+  heavy = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')
+  code = (
+      'import sys; sys.path.insert(0, "tests"); import conftest; '
+      'from mixmo_jax import config_validation as cv; '
+      'cv.validate(conftest.tiny_digits_config()); '
+      f'print(sorted(m for m in {heavy!r} if m in sys.modules))')
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=repo, check=True,
+                       capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout
+
+
+# ------------------------------------------------------------------ resume
+
+
+def _workdir_with(config, tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with open(workdir / 'config.json', 'w') as f:
+    json.dump(cv.config_to_dict(config), f)
+  return str(workdir)
+
+
+def test_new_workdir_has_no_changes(tmp_path):
+  assert cv.check_resume(str(tmp_path / 'new'), tiny_digits_config()) == []
+  assert not os.path.exists(tmp_path / 'new')
+
+
+def test_same_config_resumes(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  assert cv.check_resume(workdir, tiny_digits_config()) == []
+
+
+def test_changed_trajectory_field_is_refused(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  config = tiny_digits_config()
+  config.mixing.p = 0.6
+  config.model.width = 2
+  config.eval_every_epochs = 2  # Allowed, but the others block.
+  with pytest.raises(cv.ConfigError) as err:
+    cv.check_resume(workdir, config)
+  message = str(err.value)
+  assert '\n' not in message
+  assert 'mixing.p: 0.5 -> 0.6' in message
+  assert 'model.width: 1 -> 2' in message
+  assert 'eval_every_epochs' not in message  # Only the blocking fields.
+  assert '--allow_config_change' in message
+
+
+@pytest.mark.parametrize('field,value', [
+    ('eval_every_epochs', 2), ('checkpoint_every_epochs', 2),
+    ('keep_checkpoints', 5), ('log_every_steps', 7), ('eval_batch_size', 400),
+    ('evaluation.calibration_seed', 3)])
+def test_allow_listed_change_is_accepted(field, value, tmp_path):
+  assert field in cv.RESUME_ALLOWED_CHANGES
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  config = _with(tiny_digits_config(), {field: value})
+  changes = cv.check_resume(workdir, config)
+  assert len(changes) == 1 and changes[0].startswith(f'{field}: ')
+
+
+def test_allow_list_has_no_trajectory_field():
+  trajectory = ('seed', 'dataset', 'num_members', 'batch_size',
+                'batch_repetitions', 'num_epochs', 'num_train_examples',
+                'data_seed', 'mixing.p', 'mixing.alpha', 'mixing.r',
+                'mixing.method', 'model.width', 'model.depth', 'model.dtype',
+                'optimizer.base_learning_rate', 'augment.pixel_mix')
+  assert not set(trajectory) & set(cv.RESUME_ALLOWED_CHANGES)
+
+
+def test_flag_accepts_deliberate_change(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  config = tiny_digits_config()
+  config.mixing.p = 0.6
+  assert cv.check_resume(workdir, config, allow_changes=True) == [
+      'mixing.p: 0.5 -> 0.6']
+
+
+def test_unreadable_config_json_is_a_config_error(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write('{"seed": ')  # Cut short.
+  with pytest.raises(cv.ConfigError, match='not valid JSON'):
+    cv.check_resume(workdir, tiny_digits_config())

@@ -1,0 +1,108 @@
+"""`python -m mixmo_jax.main` failures: one line on stderr, the right exit code.
+
+Config errors exit with 2 before anything heavy is imported and leave the
+workdir untouched; a missing dataset exits with 1 in seconds. Subprocesses
+(a few seconds each): conftest's environment (8 fake CPU devices) is
+inherited.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, load_config
+from mixmo_jax import config_validation
+
+HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')
+
+
+def _main(workdir, *args, python_args=(), timeout=120):
+  """Runs main on configs/digits.py; returns (exit code, stderr lines)."""
+  cmd = [sys.executable, *python_args, '-m', 'mixmo_jax.main',
+         '--config=configs/digits.py', f'--workdir={workdir}', *args]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout)
+  return out.returncode, out.stderr.splitlines()
+
+
+def test_mistyped_field_is_one_line_exit_2(tmp_path):
+  workdir = tmp_path / 'run'
+  code, lines = _main(workdir, '--config.mixing.pp=0.6')
+  assert code == 2
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: unknown config field: '
+                             '--config.mixing.pp=0.6: config.mixing has no '
+                             "field 'pp' (fields: alpha,"), lines
+  assert not workdir.exists()
+
+
+def test_wrong_type_is_one_line_exit_2(tmp_path):
+  workdir = tmp_path / 'run'
+  code, lines = _main(workdir, '--config.mixing.p=abc')
+  assert code == 2
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: '), lines
+  assert '--config.mixing.p=abc' in lines[0]
+  assert 'config.mixing.p takes a float' in lines[0]
+  assert not workdir.exists()
+
+
+def test_bad_value_fails_before_heavy_imports(tmp_path):
+  """-X importtime lists every import on stderr: none of TF, TFDS, clu, orbax."""
+  workdir = tmp_path / 'run'
+  code, lines = _main(workdir, '--config.mixing.p=1.5',
+                      python_args=('-X', 'importtime'))
+  imports = [l.split('|')[-1].strip() for l in lines
+             if l.startswith('import time:')]
+  others = [l for l in lines if not l.startswith('import time:')]
+  assert code == 2
+  assert others == ['error: config.mixing.p=1.5: must be in [0.0, 1.0]']
+  assert 'mixmo_jax.config_validation' in imports  # The listing works.
+  loaded = {name.split('.')[0] for name in imports}
+  assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+  assert not workdir.exists()
+
+
+def test_changed_config_is_refused_exit_2(tmp_path):
+  """A workdir of configs/digits.py resumed with another mixing.p."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  old = config_validation.config_to_dict(load_config('digits'))
+  (workdir / 'config.json').write_text(json.dumps(old))
+  code, lines = _main(workdir, '--config.mixing.p=0.6',
+                      '--config.eval_every_epochs=2')
+  assert code == 2
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: config differs from ')
+  assert 'mixing.p: 0.5 -> 0.6' in lines[0]
+  assert 'eval_every_epochs' not in lines[0]  # Allowed: not a blocker.
+  assert sorted(os.listdir(workdir)) == ['config.json']
+  assert json.loads((workdir / 'config.json').read_text()) == old
+
+
+def test_missing_dataset_offline_exit_1(tmp_path):
+  """CIFAR-10 with empty data_dir / manual_dir and the probe forced off."""
+  data_dir, manual_dir = tmp_path / 'data', tmp_path / 'manual'
+  data_dir.mkdir()
+  manual_dir.mkdir()
+  workdir = tmp_path / 'run'
+  argv = ['main', '--config=configs/cifar10.py', f'--workdir={workdir}',
+          f'--config.data_dir={data_dir}', f'--config.manual_dir={manual_dir}']
+  code = ('import sys\n'
+          'from absl import app\n'
+          'from mixmo_jax.datasets import tfds_cifar\n'
+          'tfds_cifar.host_reachable = lambda *a, **k: False  # No network.\n'
+          'from mixmo_jax import main\n'
+          f'sys.argv = {argv!r}\n'
+          'app.run(main.main, flags_parser=main.parse_flags)\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                       capture_output=True, text=True, timeout=180)
+  lines = out.stderr.splitlines()
+  assert out.returncode == 1, out.stderr[-3000:]
+  errors = [l for l in lines if l.startswith('error:')]
+  assert errors == [lines[-1]], lines[-5:]
+  assert 'Traceback' not in out.stderr
+  assert 'cifar-10-python.tar.gz' in lines[-1]
+  assert f'manual_dir={manual_dir}' in lines[-1]
+  assert os.path.join(str(data_dir), 'cifar10') in lines[-1]
+  assert not (workdir / 'checkpoints').exists()
