@@ -95,6 +95,10 @@ def base_config():
   config.evaluation.ensemble = 'logits'  # 'logits' (MixMo) | 'probs' (MIMO).
   config.evaluation.calibration_seed = 0
 
+  # Split a CPU-only host into this many XLA devices (data parallel over the
+  # cores; 0 = XLA's default, one device). No effect on GPUs and TPUs.
+  config.cpu_devices = 0
+
   config.eval_every_epochs = 10
   config.checkpoint_every_epochs = 10
   config.keep_checkpoints = 3

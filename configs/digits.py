@@ -40,4 +40,5 @@ def get_config(arg=None):
   config.eval_every_epochs = 5
   config.checkpoint_every_epochs = 5
   config.log_every_steps = 50
+  config.cpu_devices = 2  # 1.4x faster on a 2-core laptop or CI machine.
   return default.apply_variant(config, arg)

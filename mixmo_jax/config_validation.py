@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 RESUME_ALLOWED_CHANGES = (
     'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
     'log_every_steps', 'eval_batch_size', 'data_dir', 'manual_dir',
-    'evaluation.ensemble', 'evaluation.calibration_seed',
+    'evaluation.ensemble', 'evaluation.calibration_seed', 'cpu_devices',
 )
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 
@@ -173,6 +173,7 @@ def _check_schedule(config):
   _check_int(config, 'keep_checkpoints', 1)
   _check_int(config, 'log_every_steps', 1)
   _check_int(config, 'seed', 0)
+  _check_int(config, 'cpu_devices', 0)
   _check_choice(config, 'evaluation.ensemble', _ENSEMBLE)
 
 

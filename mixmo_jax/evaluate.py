@@ -47,10 +47,8 @@ batch size is rounded up to a multiple of it).
 """
 import dataclasses
 import json
-import logging as pylogging
 import math
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags, logging
@@ -58,8 +56,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixmo_jax import (checkpointing, corruptions, inference, input_pipeline,
-                       metrics, models, sharding)
+from mixmo_jax import (checkpointing, cli, corruptions, inference,
+                       input_pipeline, metrics, models, sharding)
 
 EVAL_FILE = 'eval.json'
 HISTORY_FILE = 'eval_history.jsonl'  # Written by trainer.py.
@@ -549,34 +547,20 @@ def define_flags() -> None:
                        'config.eval_batch_size.')
 
 
-def fail(message, code: int = EXIT_USAGE):
-  """Prints one line `error: ...` to stderr and exits with `code`."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
-
-
 def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    fail(f'{type(e).__name__}: {e}')
-
-
-class _QuietOrbax(pylogging.Filter):
-  """Keeps orbax's INFO lines (restores) out of the evaluation log."""
-
-  def filter(self, record):
-    return (record.levelno >= pylogging.WARNING
-            or '/orbax/' not in record.pathname)
+    cli.fail(f'{type(e).__name__}: {e}')
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  cli.quiet_orbax_logs()
   if len(argv) > 1:
-    fail(f'unexpected arguments {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}')
   args = flags.FLAGS
   if not args.workdir:
-    fail('--workdir is required')
+    cli.fail('--workdir is required')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
   try:
     result, logits, labels = run_evaluation(
@@ -584,9 +568,9 @@ def main(argv):
         eval_batch_size=args.eval_batch_size)
   except (EvaluationError, corruptions.CorruptionDataError,
           checkpointing.CheckpointError) as e:
-    fail(e)
+    cli.fail(e)
   except input_pipeline.DatasetUnavailableError as e:
-    fail(e, EXIT_DATA)
+    cli.fail(e, EXIT_DATA)
   path = output_path(args.output, workdirs[0])
   if jax.process_index() == 0:
     write_eval_json(result, path)

@@ -8,13 +8,13 @@ resolved config to WORKDIR/config.json and trains (mixmo_jax.trainer).
 import importlib.util
 import json
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mixmo_jax import config_validation
+from mixmo_jax import cli, config_validation
+from mixmo_jax.cli import fail
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config.json, '
@@ -34,13 +34,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process index (multi-process).')
-EXIT_USAGE, EXIT_NONFINITE = 2, 3
-
-
-def fail(message: str, code: int = EXIT_USAGE):
-  """Prints one line to stderr and exits."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
+EXIT_USAGE, EXIT_NONFINITE = cli.EXIT_USAGE, 3
 
 
 def _config_path(argv):
@@ -125,6 +119,21 @@ def parse_flags(argv):
     fail(_describe_flag_error(argv, e))
 
 
+def _split_cpu(config):
+  """Makes `config.cpu_devices` XLA CPU devices (before jax starts).
+
+  Only where XLA_FLAGS does not already set the host device count; GPUs and
+  TPUs are unaffected (the flag applies to the host platform).
+  """
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  count = config.get('cpu_devices', 0)
+  if (type(count) is int and count > 0  # Bad values: reported by validate.
+      and 'xla_force_host_platform_device_count' not in xla_flags):
+    os.environ['XLA_FLAGS'] = (
+        f'{xla_flags} --xla_force_host_platform_device_count='
+        f'{count}').strip()
+
+
 def _initialize_distributed():
   if _MULTIHOST.value or _COORDINATOR.value:
     import jax
@@ -158,8 +167,9 @@ def main(argv):
     fail(f'unexpected arguments {argv[1:]}')
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
-  _initialize_distributed()
   config = FLAGS.config
+  _split_cpu(config)
+  _initialize_distributed()
   try:
     config_validation.validate(config)
     changes = config_validation.check_resume(_WORKDIR.value, config,

@@ -9,7 +9,6 @@ kappa and masks, the mixing itself, the reweighted loss and the update.
 import functools
 from typing import Any, Callable, Dict, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax

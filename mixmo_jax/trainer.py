@@ -7,7 +7,6 @@ unique samples (a pure function of (seed, step)), evaluates every
 current step), and refuses to continue past a non-finite loss.
 """
 import json
-import logging as pylogging
 import os
 import signal
 from typing import Any, Dict, List
@@ -17,22 +16,12 @@ from clu import metric_writers, periodic_actions
 import jax
 import numpy as np
 
-from mixmo_jax import (augmix, checkpointing, inference, input_pipeline,
+from mixmo_jax import (augmix, checkpointing, cli, inference, input_pipeline,
                        metrics, models, sharding, train)
 
 HISTORY_FILE = 'eval_history.jsonl'
 # Test hook: SIGKILL this process right after the given step (deterministic).
 FAULT_KILL_ENV = 'MIXMO_FAULT_KILL_AFTER_STEP'
-
-
-class _QuietOrbax(pylogging.Filter):
-  """Keeps orbax's per-save INFO lines out of the training log."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
-
-
-logging.get_absl_handler().addFilter(_QuietOrbax())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,6 +139,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     'diversity', ...}), or {'step': s, 'preempted': True} after SIGTERM.
   """
   preemption = _Preemption()  # Before the slow start: a SIGTERM then stops too.
+  cli.quiet_orbax_logs()
   mesh = sharding.make_mesh()
   train_x, train_y = input_pipeline.load_split(config, 'train')
   if config.num_train_examples:
