@@ -6,8 +6,8 @@ For every row of the selected tables (experiments/tables.py) and repetition
 k, reads the eval JSON that `experiments.run` writes (eval.json, or
 eval_ensemble<N>.json for ensembles; schema in DESIGN.md 2b, accuracies as
 fractions) and reports mean +- std over the repetitions found, beside the
-paper's numbers from `shared/paper/results.csv` (`--results_csv` overrides;
-default `../shared/paper/results.csv` from the repository root).
+paper's numbers from `experiments/paper_results.csv` (the paper's Tables 1,
+2, 5, 6, 8 and 9 transcribed; `--results_csv` overrides).
 
 Units: top-1 / top-5 in percent (ours are converted from fractions); NLL,
 NLL_c and ECE in natural units as results.csv stores them (the paper prints
@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from experiments import run as run_lib
 from experiments import tables
 
-DEFAULT_RESULTS_CSV = os.path.join(tables.REPO, os.pardir, 'shared', 'paper',
-                                   'results.csv')
+DEFAULT_RESULTS_CSV = os.path.join(tables.REPO, 'experiments',
+                                   'paper_results.csv')
 METRIC_ORDER = ('top1', 'top5', 'nll_c', 'nll', 'ece', 'member_top1')
 PERCENT = ('top1', 'top5', 'member_top1')
 DECIMALS = {'top1': 2, 'top5': 2, 'member_top1': 2, 'nll_c': 3, 'nll': 3,

@@ -1,6 +1,6 @@
 """The paper's experiments: one `Entry` per row that the paper ran itself.
 
-Rows of Tables 1, 2, 5, 6, 8 and 9 (the rows of `shared/paper/results.csv`;
+Rows of Tables 1, 2, 5, 6, 8 and 9 (the rows of `paper_results.csv`;
 rows the paper quotes from other work, marked with a dagger, are not there)
 and the M >= 2 study of Figure 9. Each entry names the row as results.csv
 does (table, dataset, network, width, method, cutmix, b, n_networks) and says
