@@ -138,7 +138,10 @@ def _check_mixing(config):
 
 def _check_augment(config):
   _check_int(config, 'augment.crop_padding', 0)
-  _check_choice(config, 'augment.pixel_mix', _PIXEL_MIX)
+  mix = _check_choice(config, 'augment.pixel_mix', _PIXEL_MIX)
+  if mix == 'mixup' and config.num_members > 1:
+    _fail('augment.pixel_mix', mix, 'mixup is the single-network baseline '
+          '(num_members=1); with MixMo use none or cutmix')
   _check_range(config, 'augment.pixel_mix_prob', 0.0, 1.0)
   _check_range(config, 'augment.cutmix_alpha', 0.0, lo_open=True)
   _check_range(config, 'augment.mixup_alpha', 0.0, lo_open=True)

@@ -98,6 +98,8 @@ CASES = {
     'unknown_ensemble': ({'evaluation.ensemble': 'mean'},
                          "evaluation.ensemble='mean'", 'logits, probs'),
     'eval_every_zero': ({'eval_every_epochs': 0}, 'eval_every_epochs=0', '>= 1'),
+    'mixup_with_mixmo': ({'augment.pixel_mix': 'mixup'},
+                         "augment.pixel_mix='mixup'", 'num_members=1'),
 }
 
 
