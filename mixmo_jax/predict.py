@@ -71,11 +71,9 @@ def _forward(model, variables, images, mean, std):
     log_probs_probs [B, C]; entropy_logits, entropy_probs, expected_entropy
     [B].
   """
-  if images.dtype == jnp.uint8:
-    x = augment.normalize(images, mean, std)
-  else:
-    x = ((images - jnp.asarray(mean, jnp.float32))
-         / jnp.asarray(std, jnp.float32))
+  if images.dtype != jnp.uint8:  # Floats in [0, 1]: to the uint8 scale.
+    images = images * 255.0
+  x = augment.normalize(images, mean, std)
   logits = model.apply(variables, x, train=False).astype(jnp.float32)
   member_lp = jax.nn.log_softmax(logits, axis=-1)  # Shape: [B, M, C].
   lp_logits = metrics.ensemble_log_probs(logits, 'logits')  # Shape: [B, C].
