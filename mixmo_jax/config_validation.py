@@ -20,12 +20,6 @@ RESUME_ALLOWED_CHANGES = (
 )
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 
-_DATASETS = {  # name: (num_classes, allowed image sizes or None for any >= 8)
-    'cifar10': (10, (32,)),
-    'cifar100': (100, (32,)),
-    'digits': (10, None),
-    'tiny_imagenet': (200, (64,)),
-}
 _PIXEL_MIX = ('none', 'mixup', 'cutmix')
 _ENSEMBLE = ('logits', 'probs')
 
@@ -109,8 +103,11 @@ def _check_model(config):
 
 
 def _check_data(config):
-  dataset = _check_choice(config, 'dataset', tuple(_DATASETS))
-  num_classes, sizes = _DATASETS[dataset]
+  from mixmo_jax.datasets.common import DATASETS  # Metadata only, no TF.
+  dataset = _check_choice(config, 'dataset', tuple(sorted(DATASETS)))
+  spec = DATASETS[dataset]
+  num_classes = spec.num_classes
+  sizes = None if spec.resizable else (spec.image_size,)
   if _get(config, 'num_classes') != num_classes:
     _fail('num_classes', config.num_classes,
           f'dataset {dataset} has {num_classes} classes')

@@ -26,16 +26,18 @@ class DatasetSpec:
       are resized to `config.image_size`; the others must match it).
     num_train: N of the 'train' split.
     num_test: N of the 'test' split (Tiny ImageNet: its labelled 'val' split).
+    resizable: whether `load_split` resizes to any `config.image_size`.
   """
   num_classes: int
   image_size: int
   num_train: int
   num_test: int
+  resizable: bool = False
 
 
 DATASETS = {
     'digits': DatasetSpec(num_classes=10, image_size=32, num_train=1437,
-                          num_test=360),
+                          num_test=360, resizable=True),
     'cifar10': DatasetSpec(num_classes=10, image_size=32, num_train=50000,
                            num_test=10000),
     'cifar100': DatasetSpec(num_classes=100, image_size=32, num_train=50000,
