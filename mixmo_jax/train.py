@@ -99,7 +99,10 @@ def _partner_positions(key, idx, num_unique: int, batch: int):
   """Positions of another training image for each member input.
 
   The partner is another sample of this step (never a copy of the member's
-  own sample): q = idx + N * U{0..b-1} + U{1..N-1} (mod B).
+  own sample): q = idx + N * U{0..b-1} + U{1..N-1} (mod B). The reference
+  code draws x_k from the whole training set; the step's samples are
+  themselves a uniform random subset of it, and drawing among them keeps the
+  host shipping only the step's unique samples (DESIGN.md 1.4).
   """
   k1, k2 = jax.random.split(key)
   reps = jax.random.randint(k1, idx.shape, 0, batch // num_unique)
