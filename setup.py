@@ -16,7 +16,10 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.10",
         "ml-collections>=1.1",
         "clu>=0.0.12",
-        "tensorflow-cpu>=2.20",
+        # clu's TensorBoard writers import TensorFlow (the CPU build is enough;
+        # it has no macOS wheels, where the regular build is used).
+        "tensorflow-cpu>=2.20; sys_platform == 'linux'",
+        "tensorflow>=2.20; sys_platform != 'linux'",
         "tensorboard",
         "importlib_resources",
         "pillow",
