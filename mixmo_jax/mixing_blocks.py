@@ -490,8 +490,8 @@ def fmix_mixing(key, batch_size, num_members, height, width, *, alpha, p):
 
   Member k owns the top round(kappa_k h w) pixels of a low-pass field with
   spectrum decay 1 / f^3 (`fmix_masks`); the others share the rest (eq. 7).
-  With probability 1 - p
-  (per batch) Linear-MixMo instead (`linear_fallback`).
+  With probability 1 - p (per batch) Linear-MixMo instead
+  (`linear_fallback`).
   """
   del p
   return _binary_block(key, batch_size, num_members, height, width, alpha,
