@@ -17,7 +17,8 @@
 # must divide by the number of TPU devices (v4-32: 16; CIFAR 64 / b = 64, 32,
 # 16 works; Tiny ImageNet's 100 / b (50 or 25) does not divide by TPU device
 # counts: run it on 1, 2, 5 or 10 GPUs, or change its batch size there).
-# A run of the paper's recipe (batch 64) is small for a pod; for a sweep, one run per v4-8 is usually the better use of chips.
+# A run of the paper's recipe (batch 64) is small for a pod; for a sweep,
+# one run per v4-8 is usually the better use of chips.
 #
 # WORKDIR is a GCS folder: orbax checkpoints, config.json, TensorBoard events
 # and the eval history go there, so nothing is lost with the VMs. Watch it
