@@ -1,8 +1,9 @@
 """Small pieces shared by the command-line programs (main, evaluate)."""
+import importlib.util
 import logging as pylogging
 import sys
 
-from absl import logging
+from absl import flags, logging
 
 EXIT_USAGE = 2
 
@@ -33,3 +34,70 @@ def quiet_orbax_logs() -> None:
   logger = logging.get_absl_logger()
   if _FILTER not in logger.filters:
     logger.addFilter(_FILTER)
+
+
+def _config_path(argv):
+  """The value of the last --config=PATH[:variant] in argv, or None."""
+  for arg in reversed(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _load_config_file(spec: str):
+  """get_config([variant]) of the file in 'PATH[:variant]', as config_flags."""
+  path, sep, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('mixmo_cli_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*([variant] if sep else []))
+
+
+def _override_problem(config, arg: str):
+  """Why `--config.FIELD=VALUE` does not fit `config`, or None if it does."""
+  field, _, value = arg[len('--config.'):].partition('=')
+  node, parts = config, field.split('.')
+  for i, part in enumerate(parts):
+    parent = '.'.join(['config'] + parts[:i])
+    if not hasattr(node, 'keys') or part not in node:
+      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
+      return (f'--config.{field}={value}: {parent} has no field {part!r} '
+              f'(fields: {known or "none, it is a " + type(node).__name__})')
+    node = node[part]
+  return None
+
+
+def describe_flag_error(argv, error: Exception) -> str:
+  """One line for a failed flag parse, naming the flag, value and what fits.
+
+  An unknown `--config.FIELD` surfaces from ml_collections as a bare
+  AttributeError/KeyError of the last name; the override is found again by
+  loading the config file and walking each `--config.` path.
+  """
+  message = str(error)
+  if 'Traceback (most recent call last)' in message:  # Config file raised.
+    head = message.split('Traceback')[0]
+    last = [l for l in message.splitlines() if l.strip()][-1]
+    message = f'{head.strip()} {last.strip()}'
+  path = _config_path(argv)
+  if isinstance(error, (AttributeError, KeyError)) and path:
+    try:
+      config = _load_config_file(path)
+      problems = [p for p in (_override_problem(config, a) for a in argv
+                              if a.startswith('--config.')) if p]
+    except Exception:  # pylint: disable=broad-except
+      problems = []
+    if problems:
+      return f'unknown config field: {"; ".join(problems)}'
+  flag = message.split('=', 1)[0].replace('flag --', '')
+  if (isinstance(error, flags.IllegalFlagValueError) and path
+      and flag.startswith('config.')):
+    try:  # Wrong type: say which type the field takes.
+      default = _load_config_file(path)
+      for part in flag.split('.')[1:]:
+        default = default[part]
+      message += (f' ({flag} takes a {type(default).__name__}, like its '
+                  f'default {default!r})')
+    except Exception:  # pylint: disable=broad-except
+      pass
+  return f'{type(error).__name__}: {message}'

@@ -5,7 +5,6 @@ field exits with code 2 and a one-line message, leaving the workdir
 untouched), refuses to resume a workdir with a different config, writes the
 resolved config to WORKDIR/config.json and trains (mixmo_jax.trainer).
 """
-import importlib.util
 import json
 import os
 import time
@@ -37,73 +36,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 EXIT_USAGE, EXIT_NONFINITE = cli.EXIT_USAGE, 3
 
 
-def _config_path(argv):
-  """The value of the last --config=PATH[:variant] in argv, or None."""
-  for arg in reversed(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-  return None
-
-
-def _load_config_file(spec: str):
-  """get_config([variant]) of the file in 'PATH[:variant]', as config_flags."""
-  path, sep, variant = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('mixmo_cli_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*([variant] if sep else []))
-
-
-def _override_problem(config, arg: str):
-  """Why `--config.FIELD=VALUE` does not fit `config`, or None if it does."""
-  field, _, value = arg[len('--config.'):].partition('=')
-  node, parts = config, field.split('.')
-  for i, part in enumerate(parts):
-    parent = '.'.join(['config'] + parts[:i])
-    if not hasattr(node, 'keys') or part not in node:
-      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
-      return (f'--config.{field}={value}: {parent} has no field {part!r} '
-              f'(fields: {known or "none, it is a " + type(node).__name__})')
-    node = node[part]
-  return None
-
-
-def _describe_flag_error(argv, error: Exception) -> str:
-  """One line for a failed flag parse, naming the flag, value and what fits.
-
-  An unknown `--config.FIELD` surfaces from ml_collections as a bare
-  AttributeError/KeyError of the last name; the override is found again by
-  loading the config file and walking each `--config.` path.
-  """
-  message = str(error)
-  if 'Traceback (most recent call last)' in message:  # Config file raised.
-    head = message.split('Traceback')[0]
-    last = [l for l in message.splitlines() if l.strip()][-1]
-    message = f'{head.strip()} {last.strip()}'
-  path = _config_path(argv)
-  if isinstance(error, (AttributeError, KeyError)) and path:
-    try:
-      config = _load_config_file(path)
-      problems = [p for p in (_override_problem(config, a) for a in argv
-                              if a.startswith('--config.')) if p]
-    except Exception:  # pylint: disable=broad-except
-      problems = []
-    if problems:
-      return f'unknown config field: {"; ".join(problems)}'
-  flag = message.split('=', 1)[0].replace('flag --', '')
-  if (isinstance(error, flags.IllegalFlagValueError) and path
-      and flag.startswith('config.')):
-    try:  # Wrong type: say which type the field takes.
-      default = _load_config_file(path)
-      for part in flag.split('.')[1:]:
-        default = default[part]
-      message += (f' ({flag} takes a {type(default).__name__}, like its '
-                  f'default {default!r})')
-    except Exception:  # pylint: disable=broad-except
-      pass
-  return f'{type(error).__name__}: {message}'
-
-
 def parse_flags(argv):
   """absl flag parsing with bad overrides reported in one line, exit 2.
 
@@ -116,7 +48,7 @@ def parse_flags(argv):
       FLAGS.config.keys()  # A config file that failed to load raises here.
     return remaining
   except Exception as e:  # pylint: disable=broad-except
-    fail(_describe_flag_error(argv, e))
+    fail(cli.describe_flag_error(argv, e))
 
 
 def _split_cpu(config):
