@@ -1,44 +1,9 @@
 """scikit-learn's handwritten digits: the embedded offline dataset.
 
-1,797 real 8x8 digits, a seeded stratified 80/20 split (1,437 / 360), resized
-to 32x32 with 3 channels so the CIFAR networks run unchanged (DESIGN.md 2b).
-A small WRN-10-2 trains in a few minutes on 2 CPU cores:
+  python -m mixmo_jax.main --config=configs/digits.py[:VARIANT] --workdir=/tmp/digits
 
-  python -m mixmo_jax.main --config=configs/digits.py --workdir=/tmp/digits
-  python -m mixmo_jax.evaluate --workdir=/tmp/digits
-
-Variants as in configs/default.py (cut_mixmo, linear_mixmo, mimo, vanilla, ...).
+The config itself is `mixmo_jax/configs/digits.py` (from Python:
+`mixmo_jax.configs.get('digits:VARIANT')`); variants `method[+modifier...]`
+are listed in `mixmo_jax/configs/base.py`.
 """
-import importlib.util
-import os
-
-
-def _default():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default.py')
-  spec = importlib.util.spec_from_file_location('mixmo_configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def get_config(arg=None):
-  default = _default()
-  config = default.base_config()
-  config.dataset = 'digits'
-  config.num_classes = 10
-  config.image_mean = (0.5, 0.5, 0.5)
-  config.image_std = (0.5, 0.5, 0.5)
-  config.batch_size = 64
-  config.model.depth = 10
-  config.model.width = 2
-  config.num_epochs = 20
-  config.augment.flip = False  # A mirrored digit is another symbol.
-  # 1,437 images make short epochs (44 steps at b = 2): a larger rate (0.1
-  # at b = 2 instead of 0.025) and x0.1 decays at epochs 10, 15 and 18.
-  config.optimizer.base_learning_rate = 0.4
-  config.optimizer.decay_epochs = (10, 15, 18)
-  config.eval_every_epochs = 5
-  config.checkpoint_every_epochs = 5
-  config.log_every_steps = 50
-  config.cpu_devices = 2  # 1.4x faster on a 2-core laptop or CI machine.
-  return default.apply_variant(config, arg)
+from mixmo_jax.configs.digits import get_config  # noqa: F401

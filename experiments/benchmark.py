@@ -20,8 +20,9 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from mixmo_jax import (config_validation, inference, input_pipeline, models,
-                       sharding, train)
+from mixmo_jax import config_validation, models, sharding, training
+from mixmo_jax.data import pipeline
+from mixmo_jax.evaluation import inference
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement.')
@@ -41,7 +42,7 @@ def _variants(config):
 
 
 def _random_batch(config, rng):
-  n = input_pipeline.unique_per_step(config)
+  n = pipeline.unique_per_step(config)
   size = config.image_size
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, config.num_classes, (n,), dtype=np.int32)
@@ -61,10 +62,10 @@ def _time(fn, steps):
 def bench_train(config, mesh, steps, warmup):
   """Returns (seconds per step, FLOPs per step, memory analysis)."""
   model = models.get_model(config)
-  state = train.create_train_state(config, model, 100, mesh)
+  state = training.create_train_state(config, model, 100, mesh)
   batch = sharding.global_batch(_random_batch(config, np.random.default_rng(0)),
                                 mesh)
-  compiled = train.make_train_step(config, model, 100, mesh).lower(
+  compiled = training.make_train_step(config, model, 100, mesh).lower(
       state, *batch).compile()
   holder = {'state': state}
 
@@ -81,7 +82,7 @@ def bench_train(config, mesh, steps, warmup):
 
 def bench_eval(config, mesh, steps):
   model = models.get_model(config)
-  state = train.create_train_state(config, model, 100, mesh)
+  state = training.create_train_state(config, model, 100, mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
@@ -97,11 +98,11 @@ def bench_host_pipeline(config, mesh, steps):
   size = config.image_size
   data = np.zeros((50_000, size, size, 3), np.uint8)
   labels = np.zeros(50_000, np.int32)
-  n = input_pipeline.unique_per_step(config)
+  n = pipeline.unique_per_step(config)
 
   def host_step(step=[0]):
     step[0] += 1
-    idx = input_pipeline.train_indices(config.seed, step[0], len(labels), n)
+    idx = pipeline.train_indices(config.seed, step[0], len(labels), n)
     return sharding.global_batch((data[idx], labels[idx]), mesh)
 
   host_step()

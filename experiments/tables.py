@@ -38,10 +38,11 @@ planner in run.py trains each once (`training_key`).
 """
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from mixmo_jax import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEEDS = (0, 1, 2)
@@ -307,15 +308,6 @@ def select(tables: Optional[Iterable[Any]] = None,
 # ----------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _config_module(path: str):
-  spec = importlib.util.spec_from_file_location(
-      'experiments_config_' + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def set_field(config, field: str, value: Any) -> None:
   """config.<field> = value for a dotted field (type-checked by ConfigDict)."""
   *parents, leaf = field.split('.')
@@ -329,9 +321,8 @@ def set_field(config, field: str, value: Any) -> None:
 
 def load_config(entry: Entry, seed: Optional[int] = None):
   """The ConfigDict that `entry.config_args()` (+ --config.seed) selects."""
-  path, _, variant = entry.config.partition(':')
-  module = _config_module(os.path.join(REPO, path))
-  config = module.get_config(variant or None)
+  path, sep, variant = entry.config.partition(':')
+  config = configs.load(os.path.join(REPO, path) + sep + variant)
   for field, value in entry.overrides:
     set_field(config, field, value)
   if seed is not None:

@@ -37,7 +37,7 @@ only:
 
 `stem_filter_norms` and `active_filter_share` are pure NumPy functions of a
 parameter tree (nested dicts, FrozenDicts or flax params); the CLI restores a
-checkpoint with `checkpointing.restore_for_inference`, prints the numbers,
+checkpoint with `evaluation.runs.restore_run`, prints the numbers,
 writes JSON and a PNG (Agg backend, no display needed).
 """
 import argparse
@@ -246,13 +246,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 2
   from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.evaluation import runs  # pylint: disable=import-outside-toplevel
   workdirs = [w for w in args.workdir.split(',') if w]
   reports: List[dict] = []
   labels: List[str] = []
   for workdir in workdirs:
     try:
-      config, variables, step = checkpointing.restore_for_inference(
-          workdir, args.step)
+      run = runs.restore_run(workdir, step=args.step)
+      config, variables, step = run.config, run.variables, run.step
     except (OSError, checkpointing.CheckpointError) as e:
       print(f'error: {workdir}: {e}', file=sys.stderr)
       return 1

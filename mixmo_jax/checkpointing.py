@@ -12,7 +12,6 @@ nothing is moved, never a silent restart from scratch over an existing
 workdir.
 """
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -23,8 +22,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = 'checkpoints'
-CORRUPT_DIR = 'checkpoints_corrupt'
+from mixmo_jax import workdir as wd
+
+CHECKPOINT_DIR = wd.CHECKPOINTS
+CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
 
 
 class CheckpointError(RuntimeError):
@@ -163,48 +164,43 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_for_inference(workdir: str, step: Optional[int] = None):
-  """Loads (config, variables, step) of a run for evaluation or prediction.
+def restore_variables(workdir: str, abstract_variables: Any,
+                      step: Optional[int] = None) -> Tuple[Any, int]:
+  """Reads only {'params', 'batch_stats'} of a checkpoint, verified.
+
+  Read-only (for evaluation and prediction, possibly while the run trains).
 
   Args:
-    workdir: a training workdir (with config.json and checkpoints/).
+    workdir: a training workdir.
+    abstract_variables: {'params', 'batch_stats'} trees of
+      `jax.ShapeDtypeStruct`s with the target shardings.
     step: the checkpoint step (default: the latest).
 
   Returns:
-    config (ConfigDict from config.json), variables {'params',
-    'batch_stats'} replicated on every local device, and the step.
+    (variables, step).
+
+  Raises:
+    CheckpointError: no checkpoint (at `step`), or a digest mismatch.
   """
-  import ml_collections
-  from mixmo_jax import models, sharding
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = models.get_model(config)
-  size = config.image_size
-  variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0),
-                         np.zeros((1, size, size, 3), np.float32), train=False))
   ckpt = Checkpointer(workdir, read_only=True)
-  mesh = sharding.make_mesh(jax.local_devices())
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                     sharding=sharding.replicated(mesh)),
-      dict(variables))
-  steps = ckpt.all_steps()
-  if not steps or (step is not None and step not in steps):
-    raise CheckpointError(f'no checkpoint at step {step} in {ckpt.directory}; '
-                          f'available: {steps}')
-  step = steps[-1] if step is None else step
-  item = {'params': abstract['params'], 'batch_stats': abstract['batch_stats']}
-  args = ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=item, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
-      digest=ocp.args.JsonRestore())
-  restored = ckpt.manager.restore(step, args=args)
-  ckpt.close()
+  try:
+    steps = ckpt.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise CheckpointError(f'no checkpoint at step {step} in '
+                            f'{ckpt.directory}; available: {steps}')
+    step = steps[-1] if step is None else step
+    item = dict(abstract_variables)
+    args = ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+        digest=ocp.args.JsonRestore())
+    restored = ckpt.manager.restore(step, args=args)
+  finally:
+    ckpt.close()
   parts = restored['digest']['parts']
   for name, tree in restored['state'].items():
     if tree_digest(tree) != parts[name]:
       raise CheckpointError(f'digest mismatch for {name} at step {step} in '
                             f'{ckpt.directory}: the checkpoint is corrupt')
-  return config, restored['state'], step
+  return restored['state'], step

@@ -1,5 +1,4 @@
 """Small pieces shared by the command-line programs (main, evaluate)."""
-import importlib.util
 import logging as pylogging
 import sys
 
@@ -46,11 +45,8 @@ def _config_path(argv):
 
 def _load_config_file(spec: str):
   """get_config([variant]) of the file in 'PATH[:variant]', as config_flags."""
-  path, sep, variant = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('mixmo_cli_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*([variant] if sep else []))
+  from mixmo_jax import configs  # pylint: disable=import-outside-toplevel
+  return configs.load(spec)
 
 
 def _override_problem(config, arg: str):

@@ -7,9 +7,9 @@ value and what is allowed, e.g.
 
 `main` prints it and exits with code 2 before the workdir is touched.
 """
-import json
-import os
 from typing import Any, Dict, List, Optional
+
+from mixmo_jax import workdir as wd
 
 # Fields that do not change the training trajectory: they may differ when a
 # workdir is resumed (the change is logged and recorded in the workdir).
@@ -18,7 +18,6 @@ RESUME_ALLOWED_CHANGES = (
     'log_every_steps', 'eval_batch_size', 'data_dir', 'manual_dir',
     'evaluation.ensemble', 'evaluation.calibration_seed', 'cpu_devices',
 )
-CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 
 _PIXEL_MIX = ('none', 'mixup', 'cutmix')
 _ENSEMBLE = ('logits', 'probs')
@@ -103,9 +102,9 @@ def _check_model(config):
 
 
 def _check_data(config):
-  from mixmo_jax.datasets.common import DATASETS  # Metadata only, no TF.
-  dataset = _check_choice(config, 'dataset', tuple(sorted(DATASETS)))
-  spec = DATASETS[dataset]
+  from mixmo_jax import data  # The registry; no TensorFlow until a load.
+  dataset = _check_choice(config, 'dataset', data.dataset_names())
+  spec = data.get_dataset(dataset)
   num_classes = spec.num_classes
   sizes = None if spec.resizable else (spec.image_size,)
   if _get(config, 'num_classes') != num_classes:
@@ -123,9 +122,9 @@ def _check_data(config):
 
 
 def _check_mixing(config):
-  from mixmo_jax import mixing  # jax only.
+  from mixmo_jax import mixmo  # jax only.
   _check_int(config, 'num_members', 1)
-  _check_choice(config, 'mixing.method', mixing.mixing_names())
+  _check_choice(config, 'mixing.method', mixmo.mixing_names())
   _check_range(config, 'mixing.alpha', 0.0, lo_open=True)
   _check_range(config, 'mixing.r', 0.0, lo_open=True)
   _check_range(config, 'mixing.p', 0.0, 1.0)
@@ -207,11 +206,6 @@ def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
   return flat
 
 
-def config_to_dict(config) -> Dict[str, Any]:
-  """The JSON form of a config (tuples become lists), as in config.json."""
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
   """Fields whose values differ, as 'field: old -> new' lines."""
   a, b = _flatten(old), _flatten(new)
@@ -225,16 +219,14 @@ def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]
   Returns the changed fields (empty for a new workdir). Changes outside
   `RESUME_ALLOWED_CHANGES` raise `ConfigError` unless `allow_changes`.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return []
+  path = wd.path(workdir, wd.CONFIG)
   try:
-    with open(path) as f:
-      old = json.load(f)
+    old = wd.read_config_dict(workdir)
   except ValueError as e:
-    raise ConfigError(f'{path} is not valid JSON ({e}); restore it or start '
-                      'a new workdir') from e
-  changes = config_changes(old, config_to_dict(config))
+    raise ConfigError(f'{e}; restore it or start a new workdir') from e
+  if old is None:
+    return []
+  changes = config_changes(old, wd.config_to_dict(config))
   blocked = [c for c in changes
              if c.split(':')[0] not in RESUME_ALLOWED_CHANGES]
   if blocked and not allow_changes:

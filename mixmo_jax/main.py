@@ -3,16 +3,13 @@
 Validates the config before anything heavy is imported or compiled (a bad
 field exits with code 2 and a one-line message, leaving the workdir
 untouched), refuses to resume a workdir with a different config, writes the
-resolved config to WORKDIR/config.json and trains (mixmo_jax.trainer).
+resolved config to WORKDIR/config.json and trains (`mixmo_jax.api.train`
+does the same from Python).
 """
-import json
-import os
-import time
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from mixmo_jax import cli, config_validation
+from mixmo_jax import api, cli, config_validation
 from mixmo_jax.cli import fail
 
 FLAGS = flags.FLAGS
@@ -51,21 +48,6 @@ def parse_flags(argv):
     fail(cli.describe_flag_error(argv, e))
 
 
-def _split_cpu(config):
-  """Makes `config.cpu_devices` XLA CPU devices (before jax starts).
-
-  Only where XLA_FLAGS does not already set the host device count; GPUs and
-  TPUs are unaffected (the flag applies to the host platform).
-  """
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  count = config.get('cpu_devices', 0)
-  if (type(count) is int and count > 0  # Bad values: reported by validate.
-      and 'xla_force_host_platform_device_count' not in xla_flags):
-    os.environ['XLA_FLAGS'] = (
-        f'{xla_flags} --xla_force_host_platform_device_count='
-        f'{count}').strip()
-
-
 def _initialize_distributed():
   if _MULTIHOST.value or _COORDINATOR.value:
     import jax
@@ -76,47 +58,25 @@ def _initialize_distributed():
                                process_id=_PROCESS_ID.value)
 
 
-def _write_config(workdir: str, config, changes) -> None:
-  import jax
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  if changes:
-    logging.warning('Config changed since the last run: %s', changes)
-    record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'changes': changes,
-              'allow_config_change': _ALLOW_CHANGE.value}
-    with open(os.path.join(workdir, config_validation.CONFIG_CHANGES_FILE),
-              'a') as f:
-      f.write(json.dumps(record) + '\n')
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:  # Atomic: a kill leaves old or new.
-    json.dump(config_validation.config_to_dict(config), f, indent=2)
-  os.replace(path + '.tmp', path)
-
-
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}')
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
   config = FLAGS.config
-  _split_cpu(config)
+  api.split_cpu(config)
   _initialize_distributed()
   try:
-    config_validation.validate(config)
-    changes = config_validation.check_resume(_WORKDIR.value, config,
-                                             _ALLOW_CHANGE.value)
+    api.prepare(config, _WORKDIR.value, _ALLOW_CHANGE.value)
   except config_validation.ConfigError as e:
     fail(e)
-  _write_config(_WORKDIR.value, config, changes)
 
-  from mixmo_jax import checkpointing, input_pipeline, trainer  # Heavy: TF.
+  from mixmo_jax import checkpointing, data, loop  # Heavy: TF.
   try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
-  except trainer.NonFiniteLossError as e:
+    loop.train_and_evaluate(config, _WORKDIR.value)
+  except loop.NonFiniteLossError as e:
     fail(e, EXIT_NONFINITE)
-  except (input_pipeline.DatasetUnavailableError,
-          checkpointing.CheckpointError) as e:
+  except (data.DatasetUnavailableError, checkpointing.CheckpointError) as e:
     fail(e, 1)
 
 

@@ -1,4 +1,4 @@
-"""Data parallelism with `jax.jit` over a one-axis device mesh (DESIGN.md 1.2).
+"""Data parallelism with `jax.jit` over a one-axis device mesh.
 
 The global batch is one array sharded along the mesh axis 'data'; parameters,
 optimizer state and BatchNorm statistics are replicated. XLA inserts the
@@ -18,6 +18,11 @@ def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A 1-D mesh over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def local_mesh() -> Mesh:
+  """The mesh of this process's devices (evaluation, prediction)."""
+  return make_mesh(jax.local_devices())
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -40,7 +45,7 @@ def global_batch(local_arrays, mesh: Mesh):
 
   Args:
     local_arrays: pytree of NumPy arrays [n_local, ...], this process's
-      contiguous slice of the global batch (see `input_pipeline.process_slice`).
+      contiguous slice of the global batch (see `data.pipeline.process_slice`).
     mesh: the training mesh.
 
   Returns:
@@ -49,11 +54,6 @@ def global_batch(local_arrays, mesh: Mesh):
   sharding = data_sharded(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), local_arrays)
-
-
-def local_devices_in_mesh(mesh: Mesh) -> int:
-  """Number of this process's devices in `mesh`."""
-  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
 def to_host(tree):

@@ -15,20 +15,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
+
+from mixmo_jax import configs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str = "digits", arg=None):
-  """Loads `configs/<name>.py` by path and returns get_config(arg)."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"test_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The config `name[:arg]` (mixmo_jax.configs.get)."""
+  return configs.get(f"{name}:{arg}" if arg else name)
 
 
 def tiny_digits_config(arg=None):
@@ -53,12 +49,9 @@ def digits_workdir(tmp_path_factory):
   Written as `python -m mixmo_jax.main` would: config.json, checkpoints at
   steps 10 and 20, eval_history.jsonl, TensorBoard events.
   """
-  import json
-  from mixmo_jax import config_validation, trainer
+  from mixmo_jax import api, loop
   workdir = str(tmp_path_factory.mktemp("digits_run"))
   config = tiny_digits_config()
-  config_validation.validate(config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_validation.config_to_dict(config), f)
-  trainer.train_and_evaluate(config, workdir)
+  api.prepare(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   return workdir

@@ -13,22 +13,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_digits_config  # noqa: E402  (sets XLA_FLAGS default)
 import jax  # noqa: E402
 
-from mixmo_jax import input_pipeline, models, sharding, train  # noqa: E402
+from mixmo_jax import data, models, sharding, training  # noqa: E402
+from mixmo_jax.data import pipeline  # noqa: E402
 
 
 def run(config, num_steps):
   """Trains `num_steps` steps on the global mesh; returns losses, L1 norm."""
   mesh = sharding.make_mesh()
   model = models.get_model(config)
-  state = train.create_train_state(config, model, 10, mesh)
-  step_fn = train.make_train_step(config, model, 10, mesh)
-  images, labels = input_pipeline.load_split(config, 'train')
-  n = input_pipeline.unique_per_step(config)
-  local = input_pipeline.process_slice(n, jax.process_index(),
-                                       jax.process_count())
+  state = training.create_train_state(config, model, 10, mesh)
+  step_fn = training.make_train_step(config, model, 10, mesh)
+  images, labels = data.load_split(config, 'train')
+  n = pipeline.unique_per_step(config)
+  local = pipeline.process_slice(n, jax.process_index(),
+                                 jax.process_count())
   losses = []
   for step in range(num_steps):
-    idx = input_pipeline.train_indices(config.seed, step, 320, n)[local]
+    idx = pipeline.train_indices(config.seed, step, 320, n)[local]
     batch = sharding.global_batch((images[idx], labels[idx]), mesh)
     state, metrics = step_fn(state, *batch)
     losses.append(float(sharding.to_host(metrics['loss'])))

@@ -176,18 +176,20 @@ def test_report_plot_and_cli(fabricated_params, tmp_path, monkeypatch, capsys):
   assert rep['num_core_filters'] == 14 and rep['num_core_layers'] == 3
   assert rep['active_share_percent']['filter']['0.4'] == pytest.approx(50.0)
 
-  from mixmo_jax import checkpointing
+  from mixmo_jax.evaluation import runs
   import ml_collections
   config = ml_collections.ConfigDict(
       {'variant': 'cut_mixmo', 'model': {'name': 'wide_resnet', 'depth': 28,
                                          'width': 10}})
   calls = []
 
-  def fake_restore(workdir, step=None):
+  def fake_restore(workdir, config=None, step=None):
     calls.append((workdir, step))
-    return config, {'params': fabricated_params, 'batch_stats': {}}, 42
+    return runs.Run(workdir, config_, {'params': fabricated_params,
+                                       'batch_stats': {}}, 42)
 
-  monkeypatch.setattr(checkpointing, 'restore_for_inference', fake_restore)
+  config_ = config
+  monkeypatch.setattr(runs, 'restore_run', fake_restore)
   png = tmp_path / 'fig' / 'util.png'
   code = analysis.main([f'--workdir={tmp_path}', '--thresholds=0.3,0.4',
                         f'--plot={png}'])

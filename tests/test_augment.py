@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixmo_jax import augment
+from mixmo_jax.data import augment
+from mixmo_jax.mixmo import batch as mixmo_batch
+from mixmo_jax.mixmo import masks
 
 MEAN = (0.4914, 0.4824, 0.4467)
 STD = (0.2023, 0.1994, 0.2010)
@@ -122,7 +124,7 @@ def test_box_mask_matches_numpy_rule():
   lam = rng.uniform(0, 1, 50).astype(np.float32)
   cy = rng.integers(0, 8, 50)
   cx = rng.integers(0, 12, 50)
-  out = np.asarray(augment.box_mask(lam, cy, cx, 8, 12))
+  out = np.asarray(masks.box_mask(1.0 - lam, cy, cx, 8, 12))
   assert out.shape == (50, 8, 12)
   for n in range(50):
     np.testing.assert_array_equal(out[n], _numpy_box(lam[n], cy[n], cx[n], 8, 12))
@@ -131,7 +133,7 @@ def test_box_mask_matches_numpy_rule():
 def test_box_mask_hand_worked():
   # lam = 0.75: side floor(8 * 0.5) = 4, half 2; centre (1, 6): rows [0, 3)
   # after clipping, columns [4, 8).
-  out = np.asarray(augment.box_mask(0.75, 1, 6, 8, 8))
+  out = np.asarray(masks.box_mask(0.25, 1, 6, 8, 8))
   expected = np.zeros((8, 8))
   expected[0:3, 4:8] = 1
   np.testing.assert_array_equal(out, expected)
@@ -139,9 +141,9 @@ def test_box_mask_hand_worked():
 
 def test_resize_nearest_repeats_cells():
   masks = np.random.default_rng(0).uniform(size=(2, 3, 4, 4)).astype(np.float32)
-  out = np.asarray(augment.resize_nearest(jnp.asarray(masks), 8, 8))
+  out = np.asarray(mixmo_batch.resize_nearest(jnp.asarray(masks), 8, 8))
   np.testing.assert_array_equal(out, masks.repeat(2, axis=-2).repeat(2, axis=-1))
-  same = np.asarray(augment.resize_nearest(jnp.asarray(masks), 4, 4))
+  same = np.asarray(mixmo_batch.resize_nearest(jnp.asarray(masks), 4, 4))
   np.testing.assert_array_equal(same, masks)
 
 
@@ -149,8 +151,8 @@ def test_resize_nearest_repeats_cells():
 
 # Jitted once per (dtype, per_sample), alpha and prob always passed as
 # traced scalars: few compilations (each Beta sampler costs seconds).
-_mixup = jax.jit(augment.mixup, static_argnames=('per_sample',))
-_cutmix = jax.jit(augment.cutmix, static_argnames=('per_sample',))
+_mixup = jax.jit(mixmo_batch.mixup, static_argnames=('per_sample',))
+_cutmix = jax.jit(mixmo_batch.cutmix, static_argnames=('per_sample',))
 
 
 def _pixel_mixing_setup(dtype=np.float32, n=16):
@@ -258,7 +260,7 @@ def test_apply_cutmix_for_mixmo_hand_worked():
   other_images = 2.0 * own_images
   own_targets = np.broadcast_to(np.eye(4)[0], (2, 2, 4))
   other_targets = np.broadcast_to(np.eye(4)[3], (2, 2, 4))
-  images, targets = augment.apply_cutmix_for_mixmo(
+  images, targets = mixmo_batch.apply_cutmix_for_mixmo(
       own_images, own_targets, other_images, other_targets, keep, visible,
       apply)
   np.testing.assert_array_equal(np.asarray(images)[..., 0], expected_images)
@@ -273,7 +275,7 @@ def test_apply_cutmix_for_mixmo_invisible_member_uses_mask_mean():
   keep = np.ones((1, 1, 8, 8), np.float32)
   keep[..., :2, :] = 0  # lam' = mean(1_m) = 0.75.
   visible = np.zeros((1, 1, 8, 8), np.float32)
-  _, targets = augment.apply_cutmix_for_mixmo(
+  _, targets = mixmo_batch.apply_cutmix_for_mixmo(
       np.zeros((1, 1, 8, 8, 3)), np.eye(2)[None, None, 0],
       np.ones((1, 1, 8, 8, 3)), np.eye(2)[None, None, 1], keep, visible,
       np.ones((1, 1), bool))
@@ -291,7 +293,7 @@ def _random_cut_weights(rng, batch_size, h):
 @functools.partial(jax.jit, static_argnames=('num_classes',))
 def _jitted_cutmix_for_mixmo(key, own, own_labels, other, other_labels,
                              weights, num_classes, prob):
-  return augment.cutmix_for_mixmo(key, own, own_labels, other, other_labels,
+  return mixmo_batch.cutmix_for_mixmo(key, own, own_labels, other, other_labels,
                                   weights, num_classes, prob=prob, alpha=1.0)
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import load_config, tiny_digits_config
 from mixmo_jax import config_validation as cv
+from mixmo_jax import workdir as workdir_lib
 
 NUM_DEVICES = 8  # conftest: 8 fake CPU devices.
 
@@ -32,7 +33,7 @@ def _with(config, overrides):
 
 def test_reference_configs_are_valid():
   cv.validate(tiny_digits_config(), NUM_DEVICES)
-  for name in ('cifar10', 'cifar100', 'digits', 'tiny_imagenet', 'default'):
+  for name in ('cifar10', 'cifar100', 'digits', 'tiny_imagenet'):
     cv.validate(load_config(name), 2)  # Tiny ImageNet: 50 unique per step.
 
 
@@ -147,7 +148,7 @@ def _workdir_with(config, tmp_path):
   workdir = tmp_path / 'run'
   workdir.mkdir()
   with open(workdir / 'config.json', 'w') as f:
-    json.dump(cv.config_to_dict(config), f)
+    json.dump(workdir_lib.config_to_dict(config), f)
   return str(workdir)
 
 

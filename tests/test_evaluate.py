@@ -13,11 +13,14 @@ import sys
 import numpy as np
 import pytest
 
-from mixmo_jax import checkpointing, corruptions, evaluate, input_pipeline
-from mixmo_jax import predict
+from mixmo_jax import checkpointing, data, evaluate, predict, sharding
+from mixmo_jax import workdir as workdir_lib
+from mixmo_jax.data import cifar_c as cifar_c_lib
+from mixmo_jax.evaluation import corruptions as eval_corruptions
+from mixmo_jax.evaluation import report, runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_TEST = 360  # Digits test split (DESIGN 2b).
+NUM_TEST = 360  # Digits test split .
 EVAL_BATCH = 48  # 360 = 7 * 48 + 24: the last batch is padded.
 PER_SEVERITY = 40
 FOG_CORRECT = (40, 30, 20, 10, 0)  # Correct images per severity (of 40).
@@ -68,7 +71,7 @@ def evaluated(digits_workdir):
 def reference(digits_workdir):
   """Independent predictions on the test set through `predict`."""
   predictor = predict.load(digits_workdir)
-  images, labels = input_pipeline.load_split(predictor.config, 'test')
+  images, labels = data.load_split(predictor.config, 'test')
   return predictor, images, labels, predictor(images)['logits']
 
 
@@ -96,7 +99,7 @@ def test_eval_json_schema(digits_workdir, evaluated):
   # The whole test set, although 48 does not divide 360.
   assert result['num_examples'] == NUM_TEST == len(labels)
   assert logits.shape == (NUM_TEST, 2, 10)
-  json.loads(evaluate.to_json(result))  # Strict JSON.
+  json.loads(workdir_lib.to_json(result))  # Strict JSON.
 
 
 def test_metrics_match_independent_recomputation(evaluated, reference):
@@ -130,10 +133,10 @@ def test_best_epoch_on_test_from_history(digits_workdir, evaluated):
 
 
 def test_rerun_is_byte_identical(tmp_path, digits_workdir, evaluated):
-  first = evaluate.write_eval_json(evaluated[0], str(tmp_path / 'a.json'))
+  first = workdir_lib.write_json(evaluated[0], str(tmp_path / 'a.json'))
   again = evaluate.evaluate_workdirs([digits_workdir],
                                      eval_batch_size=EVAL_BATCH)
-  second = evaluate.write_eval_json(again, str(tmp_path / 'b.json'))
+  second = workdir_lib.write_json(again, str(tmp_path / 'b.json'))
   with open(first, 'rb') as a, open(second, 'rb') as b:
     assert a.read() == b.read()
 
@@ -162,19 +165,19 @@ def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
 
 def test_incompatible_runs_are_refused(tmp_path, digits_workdir):
   other = _copy_run(digits_workdir, tmp_path / 'other', data_seed=7)
-  with pytest.raises(evaluate.EvaluationError, match='data_seed.*0.*7'):
+  with pytest.raises(runs.EvaluationError, match='data_seed.*0.*7'):
     evaluate.evaluate_workdirs([digits_workdir, other])
 
 
 def test_missing_inputs(tmp_path, digits_workdir):
-  with pytest.raises(evaluate.EvaluationError, match='does not exist'):
+  with pytest.raises(runs.EvaluationError, match='does not exist'):
     evaluate.evaluate_workdirs([str(tmp_path / 'nope')])
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(evaluate.EvaluationError, match='config.json'):
+  with pytest.raises(runs.EvaluationError, match='config.json'):
     evaluate.evaluate_workdirs([str(empty)])
   shutil.copy(os.path.join(digits_workdir, 'config.json'), empty)
-  with pytest.raises(evaluate.EvaluationError, match='no checkpoint'):
+  with pytest.raises(runs.EvaluationError, match='no checkpoint'):
     evaluate.evaluate_workdirs([str(empty)])
   assert sorted(os.listdir(empty)) == ['config.json']  # Nothing created.
   with pytest.raises(checkpointing.CheckpointError, match='999'):
@@ -228,9 +231,9 @@ def cifar_c(tmp_path_factory, reference):
 
 @pytest.fixture(scope='module')
 def corruption_result(digits_workdir, cifar_c):
-  runs = evaluate.load_runs([digits_workdir])
-  return evaluate.evaluate_corruptions(runs, cifar_c[0], evaluate.local_mesh(),
-                                       eval_batch_size=EVAL_BATCH)
+  restored = runs.load_runs([digits_workdir])
+  return eval_corruptions.evaluate_corruptions(
+      restored, cifar_c[0], sharding.local_mesh(), eval_batch_size=EVAL_BATCH)
 
 
 def test_corruption_severities_are_indexed_right(corruption_result, cifar_c):
@@ -256,12 +259,12 @@ def test_corruption_severities_are_indexed_right(corruption_result, cifar_c):
 
 
 def test_corruption_summaries(corruption_result, cifar_c):
-  from mixmo_jax import metrics
+  from mixmo_jax.evaluation import metrics
   res = corruption_result
   _, labels, logits = cifar_c
   cells = [res['per_corruption'][c][str(s)]
            for c in ('fog', 'contrast') for s in range(1, 6)]
-  for key in evaluate.CORRUPTION_METRICS:
+  for key in eval_corruptions.CORRUPTION_METRICS:
     np.testing.assert_allclose(res['mean'][key],
                                np.mean([c[key] for c in cells]), rtol=1e-12)
     np.testing.assert_allclose(
@@ -276,7 +279,7 @@ def test_corruption_summaries(corruption_result, cifar_c):
                              float(metrics.ece(all_lp, all_y)), atol=1e-6)
   assert res['pooled']['top1'] == np.mean(all_lp.argmax(-1) == all_y)
   assert res['missing_corruptions'] == [
-      c for c in corruptions.CORRUPTIONS if c not in ('fog', 'contrast')]
+      c for c in cifar_c_lib.CORRUPTIONS if c not in ('fog', 'contrast')]
   assert len(res['missing_corruptions']) == 17
   assert res['ignored_files'] == ['not_a_corruption.npy']
 
@@ -284,7 +287,7 @@ def test_corruption_summaries(corruption_result, cifar_c):
 def test_pooled_statistics_on_synthetic_cells():
   """Pooled ECE from additive per-cell statistics equals the ECE of all
   samples at once, with bins both over- and under-confident."""
-  from mixmo_jax import metrics
+  from mixmo_jax.evaluation import metrics
   rng = np.random.default_rng(1)
   lp = _log_softmax(3.0 * rng.normal(size=(300, 5)))
   labels = np.where(rng.random(300) < 0.6, lp.argmax(-1),
@@ -295,9 +298,9 @@ def test_pooled_statistics_on_synthetic_cells():
   assert np.any(gaps > 0.02) and np.any(gaps < -0.02)  # Guard: mixed signs.
   total = None
   for rows in (slice(0, 100), slice(100, 300)):
-    stats = evaluate.cell_statistics(lp[rows], labels[rows], 15)
+    stats = eval_corruptions.cell_statistics(lp[rows], labels[rows], 15)
     total = stats if total is None else {k: total[k] + stats[k] for k in total}
-  pooled = evaluate.scores_from_statistics(total)
+  pooled = eval_corruptions.scores_from_statistics(total)
   np.testing.assert_allclose(pooled['ece'], float(metrics.ece(lp, labels)),
                              rtol=1e-12)
   np.testing.assert_allclose(pooled['nll'], float(metrics.nll(lp, labels)),
@@ -308,49 +311,49 @@ def test_pooled_statistics_on_synthetic_cells():
 
 
 def test_corruption_folder_errors(tmp_path, digits_workdir, monkeypatch):
-  err = corruptions.CorruptionDataError
+  err = cifar_c_lib.CorruptionDataError
   with pytest.raises(err, match='does not exist'):
-    corruptions.find_corruptions(str(tmp_path / 'nope'))
+    cifar_c_lib.find_corruptions(str(tmp_path / 'nope'))
   with pytest.raises(err, match='none of the 19'):
-    corruptions.find_corruptions(str(tmp_path))
+    cifar_c_lib.find_corruptions(str(tmp_path))
   np.save(tmp_path / 'fog.npy', np.zeros((10, 32, 32, 3), np.uint8))
   with pytest.raises(err, match='labels.npy is missing'):
-    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+    cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
   # Through evaluate: refused before any checkpoint is restored.
   def no_restore(*args, **kwargs):
     raise AssertionError('restored before checking the corruption folder')
 
   with monkeypatch.context() as patch:
-    patch.setattr(checkpointing, 'restore_for_inference', no_restore)
+    patch.setattr(checkpointing, 'restore_variables', no_restore)
     with pytest.raises(err, match='labels.npy is missing'):
       evaluate.evaluate_workdirs([digits_workdir],
                                  corruptions_dir=str(tmp_path))
   np.save(tmp_path / 'labels.npy', np.zeros(12, np.int64))
   with pytest.raises(err, match='not a positive multiple of 5'):
-    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+    cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
   np.save(tmp_path / 'labels.npy', np.zeros(15, np.int64))
   with pytest.raises(err, match=r'expected uint8 \[15, 32, 32, 3\].*\[10, 32'):
-    corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+    cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
   for bad in (np.zeros((15, 32, 32), np.uint8),
               np.zeros((15, 28, 28, 3), np.uint8),
               np.zeros((15, 32, 32, 3), np.float32)):
     np.save(tmp_path / 'fog.npy', bad)
     with pytest.raises(err, match='fog.npy: expected uint8') as info:
-      corruptions.check_folder(str(tmp_path), 10, 32, ['fog'])
+      cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
     assert '\n' not in str(info.value)
   np.save(tmp_path / 'labels.npy', np.full(15, 10, np.int64))
   with pytest.raises(err, match='10 classes'):
-    corruptions.read_labels(str(tmp_path), 10)
+    cifar_c_lib.read_labels(str(tmp_path), 10)
   np.save(tmp_path / 'labels.npy', np.zeros(15, np.float32))
   with pytest.raises(err, match='integer'):
-    corruptions.read_labels(str(tmp_path), 10)
-  assert corruptions.severity_slices(15) == [slice(0, 3), slice(3, 6),
+    cifar_c_lib.read_labels(str(tmp_path), 10)
+  assert cifar_c_lib.severity_slices(15) == [slice(0, 3), slice(3, 6),
                                              slice(6, 9), slice(9, 12),
                                              slice(12, 15)]
 
 
 def test_corruption_names():
-  assert len(corruptions.CORRUPTIONS) == len(set(corruptions.CORRUPTIONS)) == 19
+  assert len(cifar_c_lib.CORRUPTIONS) == len(set(cifar_c_lib.CORRUPTIONS)) == 19
 
 
 # ---------------------------------------------------------------- CLI
@@ -374,7 +377,7 @@ def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
   # Same numbers as in process (the workdir path differs).
   expected = dict(evaluated[0], workdirs=[os.path.abspath(workdir)],
                   corruptions=corruption_result)
-  assert result == json.loads(evaluate.to_json(expected))
+  assert result == json.loads(workdir_lib.to_json(expected))
 
 
 def test_cli_missing_workdir_exits_2(tmp_path):

@@ -43,13 +43,9 @@ def _find(table, dataset, method, cutmix=False, b=1, n=1, width=None, m=None):
 
 
 def test_every_entry_config_loads_validates_and_matches_its_row():
-  from mixmo_jax import config_validation, mixing
-  registered = set(mixing.mixing_names())
+  from mixmo_jax import config_validation
   for entry in tables.ENTRIES:
     config = tables.load_config(entry, seed=1)
-    if (entry.table == '2' and config.mixing.method not in registered
-        and config.mixing.method in tables.TABLE2_BLOCKS.values()):
-      config.mixing.method = 'cut'  # Block pending: see the test below.
     config_validation.validate(config, num_devices=1)
     assert config.seed == 1
     assert config.dataset == entry.dataset
@@ -81,30 +77,16 @@ def test_table2_blocks_use_the_registry_names():
       'cowmask', 'cut'}
 
 
-def test_table2_block_names_exist_in_the_package():
-  """The names agree with the blocks' module (registered on its import)."""
-  import importlib
-  try:
-    importlib.import_module('mixmo_jax.mixing_blocks')
-  except ModuleNotFoundError:
-    pytest.xfail('mixmo_jax.mixing_blocks not written yet')
-  from mixmo_jax import mixing
-  assert set(tables.TABLE2_BLOCKS.values()) <= set(mixing.mixing_names())
-
-
 def test_table2_blocks_registered_for_main():
   """What `python -m mixmo_jax.main` sees: the registry after importing
-  mixmo_jax.mixing alone (as config_validation does), in a fresh process."""
-  code = ('from mixmo_jax import config_validation, mixing; '
-          'print(",".join(mixing.mixing_names()))')
+  config_validation and the method package alone, in a fresh process."""
+  code = ('from mixmo_jax import config_validation, mixmo; '
+          'print(",".join(mixmo.mixing_names()))')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
-  missing = sorted(set(tables.TABLE2_BLOCKS.values())
-                   - set(proc.stdout.strip().split(',')))
-  if missing:
-    pytest.xfail(f'Table 2 blocks {missing} not registered when '
-                 'mixmo_jax.mixing is imported (mixing_blocks not wired in yet)')
+  names = set(proc.stdout.strip().split(','))
+  assert set(tables.TABLE2_BLOCKS.values()) <= names
 
 
 def _csv_rows():

@@ -1,4 +1,4 @@
-"""Tests for mixmo_jax.input_pipeline and the digits / CIFAR readers.
+"""Tests for mixmo_jax.data (registry, pipeline) and the digits / CIFAR readers.
 
 No network: the reachability probe is replaced in every test that could reach
 it, and TFDS runs under `tfds.testing.mock_data` or on empty folders.
@@ -14,9 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mixmo_jax import input_pipeline as ip
-from mixmo_jax.datasets import digits as digits_lib
-from mixmo_jax.datasets import tfds_cifar
+from mixmo_jax import data as data_lib
+from mixmo_jax import keys
+from mixmo_jax.data import cifar, pipeline
+from mixmo_jax.data import digits as digits_lib
 
 
 def make_config(**overrides):
@@ -30,7 +31,7 @@ def make_config(**overrides):
 @pytest.fixture
 def offline(monkeypatch):
   """The download host is unreachable."""
-  monkeypatch.setattr(tfds_cifar, 'host_reachable', lambda *a, **k: False)
+  monkeypatch.setattr(cifar, 'host_reachable', lambda *a, **k: False)
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def no_probe(monkeypatch):
   """The reachability probe must not even be called."""
   def fail(*args, **kwargs):
     raise AssertionError('the network probe was called')
-  monkeypatch.setattr(tfds_cifar, 'host_reachable', fail)
+  monkeypatch.setattr(cifar, 'host_reachable', fail)
 
 
 # ------------------------------------------------------------------ digits
@@ -60,7 +61,7 @@ class TestDigits:
 
   def test_shapes_sizes_dtypes(self):
     config = make_config()
-    (xtr, ytr), (xte, yte) = [ip.load_split(config, s) for s in ('train',
+    (xtr, ytr), (xte, yte) = [data_lib.load_split(config, s) for s in ('train',
                                                                   'test')]
     assert xtr.shape == (1437, 32, 32, 3) and xte.shape == (360, 32, 32, 3)
     assert ytr.shape == (1437,) and yte.shape == (360,)
@@ -72,8 +73,8 @@ class TestDigits:
   def test_stratified(self):
     from sklearn import datasets
     target = datasets.load_digits().target
-    _, yte = ip.load_split(make_config(), 'test')
-    _, ytr = ip.load_split(make_config(), 'train')
+    _, yte = data_lib.load_split(make_config(), 'test')
+    _, ytr = data_lib.load_split(make_config(), 'train')
     for c in range(10):
       total = int(np.sum(target == c))
       assert np.sum(ytr == c) + np.sum(yte == c) == total
@@ -87,45 +88,45 @@ class TestDigits:
         np.arange(len(d.target)), test_size=0.2, stratify=d.target,
         random_state=3)
     for split, idx in (('train', idx_tr), ('test', idx_te)):
-      x, y = ip.load_split(make_config(data_seed=3), split)
+      x, y = data_lib.load_split(make_config(data_seed=3), split)
       np.testing.assert_array_equal(y, d.target[idx])
       expected = _bilinear_reference(d.images[idx] * 255.0 / 16.0, 32)
       diff = np.abs(x[..., 0].astype(np.float64) - expected)
       assert diff.max() <= 1.0
 
   def test_other_size(self):
-    x, _ = ip.load_split(make_config(image_size=16), 'test')
+    x, _ = data_lib.load_split(make_config(image_size=16), 'test')
     assert x.shape == (360, 16, 16, 3) and x.dtype == np.uint8
 
   def test_deterministic_and_seeded(self):
-    x1, y1 = ip.load_split(make_config(data_seed=5), 'train')
+    x1, y1 = data_lib.load_split(make_config(data_seed=5), 'train')
     digits_lib._splits.cache_clear()
-    x2, y2 = ip.load_split(make_config(data_seed=5), 'train')
+    x2, y2 = data_lib.load_split(make_config(data_seed=5), 'train')
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
-    x3, y3 = ip.load_split(make_config(data_seed=6), 'train')
+    x3, y3 = data_lib.load_split(make_config(data_seed=6), 'train')
     assert not np.array_equal(y1, y3) or not np.array_equal(x1, x3)
 
   def test_cache_returns_copies(self):
-    x1, _ = ip.load_split(make_config(), 'test')
+    x1, _ = data_lib.load_split(make_config(), 'test')
     x1[:] = 0
-    x2, _ = ip.load_split(make_config(), 'test')
+    x2, _ = data_lib.load_split(make_config(), 'test')
     assert x2.max() == 255
 
 
 def test_unknown_dataset_and_split():
   with pytest.raises(ValueError, match='cifar100.*digits|digits.*cifar100'):
-    ip.load_split(make_config(dataset='mnist'), 'train')
+    data_lib.load_split(make_config(dataset='mnist'), 'train')
   with pytest.raises(ValueError, match='split'):
-    ip.load_split(make_config(), 'validation')
+    data_lib.load_split(make_config(), 'validation')
 
 
 def test_datasets_metadata():
-  assert set(ip.DATASETS) == {'digits', 'cifar10', 'cifar100',
+  assert set(data_lib.dataset_names()) == {'digits', 'cifar10', 'cifar100',
                               'tiny_imagenet'}
-  assert ip.DATASETS['cifar100'].num_classes == 100
-  assert ip.DATASETS['tiny_imagenet'].image_size == 64
-  assert (ip.DATASETS['digits'].num_train, ip.DATASETS['digits'].num_test) == (
+  assert data_lib.get_dataset('cifar100').num_classes == 100
+  assert data_lib.get_dataset('tiny_imagenet').image_size == 64
+  assert (data_lib.get_dataset('digits').num_train, data_lib.get_dataset('digits').num_test) == (
       1437, 360)
 
 
@@ -138,7 +139,7 @@ def test_cifar_mock_data(name, split, n, classes, no_probe, tmp_path):
   import tensorflow_datasets as tfds
   config = make_config(dataset=name, data_dir=str(tmp_path))
   with tfds.testing.mock_data(num_examples=n):
-    x, y = ip.load_split(config, split)
+    x, y = data_lib.load_split(config, split)
   assert x.shape == (n, 32, 32, 3) and x.dtype == np.uint8
   assert y.shape == (n,) and y.dtype == np.int32
   assert 0 <= y.min() and y.max() < classes
@@ -146,7 +147,7 @@ def test_cifar_mock_data(name, split, n, classes, no_probe, tmp_path):
 
 def test_cifar_wrong_image_size():
   with pytest.raises(ValueError, match='32x32'):
-    ip.load_split(make_config(dataset='cifar10', image_size=16), 'train')
+    data_lib.load_split(make_config(dataset='cifar10', image_size=16), 'train')
 
 
 def test_cifar_offline_fails_fast(offline, tmp_path):
@@ -157,8 +158,8 @@ def test_cifar_offline_fails_fast(offline, tmp_path):
   config = make_config(dataset='cifar10', data_dir=str(data_dir),
                        manual_dir=str(manual_dir))
   start = time.time()
-  with pytest.raises(ip.DatasetUnavailableError) as err:
-    ip.load_split(config, 'train')
+  with pytest.raises(data_lib.DatasetUnavailableError) as err:
+    data_lib.load_split(config, 'train')
   assert time.time() - start < 3.0
   message = str(err.value)
   assert '\n' not in message
@@ -169,9 +170,9 @@ def test_cifar_offline_fails_fast(offline, tmp_path):
 
 def test_cifar100_offline_message_without_dirs(offline, tmp_path):
   config = make_config(dataset='cifar100', data_dir=str(tmp_path))
-  with pytest.raises(ip.DatasetUnavailableError,
+  with pytest.raises(data_lib.DatasetUnavailableError,
                      match='cifar-100-python.tar.gz.*manual_dir'):
-    ip.load_split(config, 'test')
+    data_lib.load_split(config, 'test')
 
 
 def test_cifar_downloads_when_reachable(monkeypatch, tmp_path):
@@ -184,11 +185,11 @@ def test_cifar_downloads_when_reachable(monkeypatch, tmp_path):
   def fake_prepare(self, *args, **kwargs):
     raise Called(self.name)
 
-  monkeypatch.setattr(tfds_cifar, 'host_reachable', lambda *a, **k: True)
+  monkeypatch.setattr(cifar, 'host_reachable', lambda *a, **k: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
                       fake_prepare)
   with pytest.raises(Called):
-    ip.load_split(make_config(dataset='cifar10', data_dir=str(tmp_path)),
+    data_lib.load_split(make_config(dataset='cifar10', data_dir=str(tmp_path)),
                   'train')
 
 
@@ -236,7 +237,7 @@ def test_cifar10_from_manual_archive(no_probe, tmp_path):
              'cifar-10-batches-py', members)
   config = make_config(dataset='cifar10', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path / 'manual'))
-  x, y = ip.load_split(config, 'train')
+  x, y = data_lib.load_split(config, 'train')
   data = np.concatenate([members[f'data_batch_{i}'][b'data']
                          for i in range(1, 6)])
   labels = sum((members[f'data_batch_{i}'][b'labels'] for i in range(1, 6)),
@@ -244,7 +245,7 @@ def test_cifar10_from_manual_archive(no_probe, tmp_path):
   assert x.dtype == np.uint8 and y.dtype == np.int32
   np.testing.assert_array_equal(x, _expected_images(data))
   np.testing.assert_array_equal(y, labels)
-  x, y = ip.load_split(config, 'test')
+  x, y = data_lib.load_split(config, 'test')
   np.testing.assert_array_equal(x, _expected_images(
       members['test_batch'][b'data']))
   np.testing.assert_array_equal(y, members['test_batch'][b'labels'])
@@ -259,7 +260,7 @@ def test_cifar100_fine_labels_from_manual_archive(no_probe, tmp_path):
              members)
   config = make_config(dataset='cifar100', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path))
-  x, y = ip.load_split(config, 'test')
+  x, y = data_lib.load_split(config, 'test')
   assert x.shape == (5, 32, 32, 3)
   np.testing.assert_array_equal(y, members['test'][b'fine_labels'])
 
@@ -273,7 +274,7 @@ def test_cifar_manual_pickle_rejects_code(no_probe, tmp_path):
   config = make_config(dataset='cifar100', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path))
   with pytest.raises(pickle.UnpicklingError):
-    ip.load_split(config, 'test')
+    data_lib.load_split(config, 'test')
 
 
 # ------------------------------------------------------------------ order
@@ -281,21 +282,21 @@ def test_cifar_manual_pickle_rejects_code(no_probe, tmp_path):
 
 def test_unique_and_steps_per_epoch():
   config = make_config(batch_size=64, batch_repetitions=4)
-  assert ip.unique_per_step(config) == 16
-  assert ip.steps_per_epoch(config, 50000) == 3125
-  assert ip.steps_per_epoch(config, 1437) == 89  # 1437 // 16, rest dropped.
+  assert pipeline.unique_per_step(config) == 16
+  assert pipeline.steps_per_epoch(config, 50000) == 3125
+  assert pipeline.steps_per_epoch(config, 1437) == 89  # 1437 // 16, rest dropped.
   for n in (16, 17, 1000, 1437):
-    assert ip.steps_per_epoch(config, n) == n // ip.unique_per_step(config)
+    assert pipeline.steps_per_epoch(config, n) == n // pipeline.unique_per_step(config)
   with pytest.raises(ValueError):
-    ip.unique_per_step(make_config(batch_size=64, batch_repetitions=3))
+    pipeline.unique_per_step(make_config(batch_size=64, batch_repetitions=3))
 
 
 class TestTrainIndices:
 
   def test_pure(self):
-    a = ip.train_indices(3, 17, 100, 8)
-    ip.epoch_permutation.cache_clear()
-    b = ip.train_indices(3, 17, 100, 8)
+    a = pipeline.train_indices(3, 17, 100, 8)
+    pipeline.epoch_permutation.cache_clear()
+    b = pipeline.train_indices(3, 17, 100, 8)
     np.testing.assert_array_equal(a, b)
     assert a.dtype == np.int64 and a.shape == (8,)
 
@@ -304,11 +305,11 @@ class TestTrainIndices:
     n, u, seed = 50, 8, 11
     per_epoch = n // u
     for step in (0, 5, 6, 13):
-      key = jax.random.fold_in(jax.random.key(seed), ip.DATA_KEY_SALT)
+      key = jax.random.fold_in(jax.random.key(seed), keys.DATA_KEY_SALT)
       key = jax.random.fold_in(key, step // per_epoch)
       perm = np.asarray(jax.random.permutation(key, n))
       chunk = step % per_epoch
-      np.testing.assert_array_equal(ip.train_indices(seed, step, n, u),
+      np.testing.assert_array_equal(pipeline.train_indices(seed, step, n, u),
                                     perm[chunk * u:(chunk + 1) * u])
 
   @pytest.mark.parametrize('n,u', [(96, 8), (103, 10)])
@@ -316,7 +317,7 @@ class TestTrainIndices:
     per_epoch = n // u
     epochs = []
     for e in range(3):
-      idx = np.concatenate([ip.train_indices(0, e * per_epoch + s, n, u)
+      idx = np.concatenate([pipeline.train_indices(0, e * per_epoch + s, n, u)
                             for s in range(per_epoch)])
       assert len(np.unique(idx)) == per_epoch * u
       assert idx.min() >= 0 and idx.max() < n
@@ -327,23 +328,23 @@ class TestTrainIndices:
     assert not np.array_equal(epochs[1], epochs[2])
 
   def test_seeds_differ(self):
-    assert not np.array_equal(ip.train_indices(0, 0, 100, 10),
-                              ip.train_indices(1, 0, 100, 10))
+    assert not np.array_equal(pipeline.train_indices(0, 0, 100, 10),
+                              pipeline.train_indices(1, 0, 100, 10))
 
   def test_too_few_samples(self):
     with pytest.raises(ValueError):
-      ip.train_indices(0, 0, 5, 8)
+      pipeline.train_indices(0, 0, 5, 8)
 
 
 def test_process_slice_partitions():
   for n, p in ((24, 4), (16, 1), (8, 8)):
-    covered = np.concatenate([np.arange(n)[ip.process_slice(n, i, p)]
+    covered = np.concatenate([np.arange(n)[pipeline.process_slice(n, i, p)]
                               for i in range(p)])
     np.testing.assert_array_equal(covered, np.arange(n))
-    assert all(len(range(n)[ip.process_slice(n, i, p)]) == n // p
+    assert all(len(range(n)[pipeline.process_slice(n, i, p)]) == n // p
                for i in range(p))
   with pytest.raises(ValueError):
-    ip.process_slice(10, 0, 4)
+    pipeline.process_slice(10, 0, 4)
 
 
 @pytest.mark.parametrize('n,bs', [(23, 8), (16, 8), (3, 8), (0, 4)])
@@ -351,7 +352,7 @@ def test_eval_batches(n, bs):
   rng = np.random.default_rng(0)
   images = rng.integers(1, 256, size=(n, 4, 4, 3)).astype(np.uint8)
   labels = rng.integers(1, 10, size=n)
-  batches = list(ip.eval_batches(images, labels, bs))
+  batches = list(pipeline.eval_batches(images, labels, bs))
   assert len(batches) == -(-n // bs)
   seen_x, seen_y = [], []
   for x, y, mask in batches:

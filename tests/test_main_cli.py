@@ -12,6 +12,7 @@ import sys
 
 from conftest import REPO, load_config
 from mixmo_jax import config_validation
+from mixmo_jax import workdir as workdir_lib
 
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')
 
@@ -67,7 +68,7 @@ def test_changed_config_is_refused_exit_2(tmp_path):
   """A workdir of configs/digits.py resumed with another mixing.p."""
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  old = config_validation.config_to_dict(load_config('digits'))
+  old = workdir_lib.config_to_dict(load_config('digits'))
   (workdir / 'config.json').write_text(json.dumps(old))
   code, lines = _main(workdir, '--config.mixing.p=0.6',
                       '--config.eval_every_epochs=2')
@@ -90,8 +91,8 @@ def test_missing_dataset_offline_exit_1(tmp_path):
           f'--config.data_dir={data_dir}', f'--config.manual_dir={manual_dir}']
   code = ('import sys\n'
           'from absl import app\n'
-          'from mixmo_jax.datasets import tfds_cifar\n'
-          'tfds_cifar.host_reachable = lambda *a, **k: False  # No network.\n'
+          'from mixmo_jax.data import cifar\n'
+          'cifar.host_reachable = lambda *a, **k: False  # No network.\n'
           'from mixmo_jax import main\n'
           f'sys.argv = {argv!r}\n'
           'app.run(main.main, flags_parser=main.parse_flags)\n')

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixmo_jax import metrics
+from mixmo_jax.evaluation import metrics
 
 NUM_BINS = 15
 

@@ -1,4 +1,4 @@
-"""Tests for mixmo_jax.mixing: mixing blocks, schedules and member batches.
+"""Tests for mixmo_jax.mixmo: registry, blocks, schedules and member batches.
 
 Statistics use fixed keys and tolerances of a few standard errors; the
 reference numbers for the Cut-MixMo box are derived here independently
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixmo_jax import mixing
+from mixmo_jax import mixmo
+from mixmo_jax.mixmo import batch, blocks
+from mixmo_jax.mixmo import masks as masks_lib
 
 METHODS = ('sum', 'linear', 'cut')
 # One batch shape for the whole file (each compiled Dirichlet sampler costs
@@ -19,7 +21,7 @@ B, H, W = 64, 32, 32
 # One jitted sampler for the whole file: B, M, h, w and the method are
 # static, alpha and p traced.
 _sample_jit = jax.jit(
-    mixing.sample_mixing_weights,
+    mixmo.sample_mixing_weights,
     static_argnums=(1, 2, 3, 4),
     static_argnames=('method',))
 
@@ -118,7 +120,7 @@ class TestReferenceNumbers:
 # ----------------------------------------------------------------------------
 
 
-@mixing.register_mixing('test_stripes', overwrite=True)
+@mixmo.register_mixing('test_stripes', overwrite=True)
 def stripes_block(key, batch_size, num_members, height, width, *, alpha, p):
   """A user block: column j belongs to member j % M."""
   del key, alpha, p
@@ -132,11 +134,11 @@ def stripes_block(key, batch_size, num_members, height, width, *, alpha, p):
 class TestRegistry:
 
   def test_builtin_names(self):
-    assert set(METHODS) <= set(mixing.mixing_names())
+    assert set(METHODS) <= set(mixmo.mixing_names())
 
   def test_user_block_by_name(self):
-    assert 'test_stripes' in mixing.mixing_names()
-    assert mixing.get_mixing('test_stripes') is stripes_block
+    assert 'test_stripes' in mixmo.mixing_names()
+    assert mixmo.get_mixing('test_stripes') is stripes_block
     weights, kappa = sample(0, 2, 'test_stripes')
     np.testing.assert_array_equal(weights[:, 0, :, 0::2], 1.0)
     np.testing.assert_array_equal(weights[:, 1, :, 0::2], 0.0)
@@ -144,25 +146,25 @@ class TestRegistry:
 
   def test_unknown_name_lists_known(self):
     with pytest.raises(KeyError) as excinfo:
-      mixing.get_mixing('no_such_block')
+      mixmo.get_mixing('no_such_block')
     for name in METHODS:
       assert name in str(excinfo.value)
     with pytest.raises(ValueError):
-      mixing.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
+      mixmo.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
                                    method='no_such_block', alpha=2.0, p=0.5)
 
   def test_duplicate_registration_refused(self):
     with pytest.raises(ValueError):
-      mixing.register_mixing('cut')(stripes_block)
-    assert mixing.get_mixing('cut') is mixing.cut_mixing
+      mixmo.register_mixing('cut')(stripes_block)
+    assert mixmo.get_mixing('cut') is blocks.cut_mixing
 
   def test_wrong_shapes_rejected(self):
-    @mixing.register_mixing('test_bad_shape', overwrite=True)
+    @mixmo.register_mixing('test_bad_shape', overwrite=True)
     def bad(key, batch_size, num_members, height, width, *, alpha, p):
       return jnp.ones((batch_size, num_members, 1, 1)), jnp.ones((batch_size,))
 
     with pytest.raises(ValueError, match='expected'):
-      mixing.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
+      mixmo.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
                                    method='test_bad_shape', alpha=2.0, p=0.5)
 
 
@@ -199,7 +201,7 @@ class TestAllBlocks:
   def test_jit_agrees_with_eager(self):
     # Cut with M = 3 exercises every part: kappa, the box, the shares.
     key = jax.random.key(11)
-    eager = mixing.sample_mixing_weights(key, B, 3, H, W, method='cut',
+    eager = mixmo.sample_mixing_weights(key, B, 3, H, W, method='cut',
                                          alpha=2.0, p=1.0)
     jitted = _sample_jit(key, B, 3, H, W, method='cut',
                          alpha=jnp.float32(2.0), p=jnp.float32(1.0))
@@ -344,7 +346,7 @@ class TestBoxMasks:
   def test_side_rule_and_clipping(self):
     height, width = 24, 32  # non-square: each side follows its own axis
     area = np.random.default_rng(0).beta(2.0, 2.0, 2000).astype(np.float32)
-    masks = np.asarray(jax.jit(mixing.box_masks, static_argnums=(2, 3))(
+    masks = np.asarray(jax.jit(masks_lib.random_box_masks, static_argnums=(2, 3))(
         jax.random.key(1), area, height, width)) == 1
     assert masks.shape == (2000, height, width)
     assert is_rectangle(masks).all()
@@ -387,7 +389,7 @@ def piecewise_reference(epoch, num_epochs, p, decay_fraction):
 class TestPatchProbability:
 
   def test_named_epochs(self):
-    fn = mixing.patch_probability
+    fn = batch.patch_probability
     np.testing.assert_allclose(fn(1, 300, 0.5), 0.5)
     np.testing.assert_allclose(fn(275, 300, 0.5), 0.5, rtol=1e-6)
     np.testing.assert_allclose(fn(276, 300, 0.5), 0.96 * 0.5, rtol=1e-6)
@@ -398,7 +400,7 @@ class TestPatchProbability:
   @pytest.mark.parametrize('num_epochs,decay_fraction',
                            [(300, 1 / 12), (12, 1 / 12), (50, 0.2)])
   def test_matches_algorithm_under_jit(self, num_epochs, decay_fraction):
-    fn = jax.jit(mixing.patch_probability, static_argnums=(1,))
+    fn = jax.jit(batch.patch_probability, static_argnums=(1,))
     call = lambda e: float(fn(jnp.int32(e), num_epochs, jnp.float32(0.6),
                               decay_fraction))
     call(1)
@@ -410,7 +412,7 @@ class TestPatchProbability:
     assert fn._cache_size() == cached  # a traced epoch does not recompile
 
   def test_no_decay(self):
-    np.testing.assert_allclose(mixing.patch_probability(300, 300, 0.5, 0.0),
+    np.testing.assert_allclose(batch.patch_probability(300, 300, 0.5, 0.0),
                                0.5)
 
 
@@ -418,43 +420,43 @@ class TestMemberIndices:
 
   @pytest.mark.parametrize('rho', [0.0, 0.5, 1.0])
   def test_columns_are_permutations(self, rho):
-    idx = np.asarray(mixing.member_indices(jax.random.key(0), 64, 3, rho))
+    idx = np.asarray(batch.member_indices(jax.random.key(0), 64, 3, rho))
     assert idx.shape == (64, 3) and idx.dtype == np.int32
     for i in range(3):
       np.testing.assert_array_equal(np.sort(idx[:, i]), np.arange(64))
 
   def test_identical_row_fraction(self):
-    batch = 1000
+    size = 1000
     for seed in range(3):
       key = jax.random.key(seed)
-      idx0 = np.asarray(mixing.member_indices(key, batch, 2, 0.0))
-      idx5 = np.asarray(mixing.member_indices(key, batch, 2, 0.5))
+      idx0 = np.asarray(batch.member_indices(key, size, 2, 0.0))
+      idx5 = np.asarray(batch.member_indices(key, size, 2, 0.5))
       same0 = np.mean(idx0[:, 0] == idx0[:, 1])
       same5 = np.mean(idx5[:, 0] == idx5[:, 1])
       assert same0 < 0.01  # about 1 fixed point expected
       assert 0.5 <= same5 < 0.51
       # The columns are not identical copies when rho < 1.
       assert not np.array_equal(idx5[:, 0], idx5[:, 1])
-    idx1 = np.asarray(mixing.member_indices(jax.random.key(0), 64, 3, 1.0))
+    idx1 = np.asarray(batch.member_indices(jax.random.key(0), 64, 3, 1.0))
     assert (idx1 == idx1[:, :1]).all()
 
   def test_members_differ_and_deterministic(self):
     key = jax.random.key(3)
-    a = np.asarray(mixing.member_indices(key, 64, 2))
-    b = np.asarray(mixing.member_indices(key, 64, 2))
+    a = np.asarray(batch.member_indices(key, 64, 2))
+    b = np.asarray(batch.member_indices(key, 64, 2))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[:, 0], a[:, 1])
 
   def test_invalid_rho(self):
     with pytest.raises(ValueError):
-      mixing.member_indices(jax.random.key(0), 8, 2, 1.5)
+      batch.member_indices(jax.random.key(0), 8, 2, 1.5)
 
 
 class TestRepeatBatch:
 
   def test_tiling_order(self):
     x = np.arange(12, dtype=np.int32).reshape(3, 2, 2)
-    y = np.asarray(mixing.repeat_batch(x, 4))
+    y = np.asarray(batch.repeat_batch(x, 4))
     assert y.shape == (12, 2, 2)
     for n in range(3):
       for rep in range(4):
@@ -462,4 +464,4 @@ class TestRepeatBatch:
 
   def test_b1_is_identity(self):
     x = np.arange(5)
-    np.testing.assert_array_equal(mixing.repeat_batch(x, 1), x)
+    np.testing.assert_array_equal(batch.repeat_batch(x, 1), x)

@@ -1,4 +1,4 @@
-"""Tests for mixmo_jax/mixing_blocks.py (Table 2 mixing blocks)."""
+"""Tests for mixmo_jax/mixmo/masks.py and the Table 2 blocks of blocks.py."""
 import functools
 import math
 import os
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mixmo_jax import mixing
-from mixmo_jax import mixing_blocks as mb
+from mixmo_jax import mixmo
+from mixmo_jax.mixmo import batch, blocks
+from mixmo_jax.mixmo import masks as masks_lib
 
 NAMES = ('horizontal_concat', 'vertical_concat', 'patchup', 'fmix', 'cowmask')
 # B, h, w: non-square to catch axis mix-ups, B large enough for statistics.
@@ -33,7 +34,7 @@ def _all_blocks_jitted():
   b, h, w = BINARY_SHAPES
 
   def run(key, alpha, p):
-    return {f'{name}/{m}': mixing.get_mixing(name)(key, b, m, h, w,
+    return {f'{name}/{m}': mixmo.get_mixing(name)(key, b, m, h, w,
                                                     alpha=alpha, p=p)
             for name in NAMES for m in (1, 2, 3)}
 
@@ -74,11 +75,11 @@ def _member_masks(weights):
 
 def test_registered_under_table2_names():
   for name in NAMES:
-    assert name in mixing.mixing_names()
-  assert mixing.get_mixing('fmix') is mb.fmix_mixing
-  assert mixing.get_mixing('cowmask') is mb.cowmask_mixing
+    assert name in mixmo.mixing_names()
+  assert mixmo.get_mixing('fmix') is blocks.fmix_mixing
+  assert mixmo.get_mixing('cowmask') is blocks.cowmask_mixing
   b, h, w = BINARY_SHAPES
-  weights, kappa = mixing.sample_mixing_weights(
+  weights, kappa = mixmo.sample_mixing_weights(
       KEY, b, 2, h, w, method='fmix', alpha=2.0, p=0.5)
   jit_weights, jit_kappa = _block_outputs('fmix', 2)
   np.testing.assert_array_equal(weights, jit_weights)
@@ -125,7 +126,7 @@ def test_partition_binary_and_kappa(name, num_members):
 def test_complement_shares_follow_kappa_ratio():
   kappa = jnp.array([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
   mask = jnp.zeros((2, 2, 2)).at[:, 0, 0].set(1.0)
-  weights = np.asarray(mb.mask_weights(mask, kappa, jnp.int32(1)))
+  weights = np.asarray(blocks.mask_weights(mask, kappa, jnp.int32(1)))
   # Member 1 owns the mask; members 0 and 2 split the rest 0.2:0.3, 0.6:0.3.
   np.testing.assert_allclose(weights[0, :, 1, 1], [0.4, 0.0, 0.6], atol=1e-6)
   np.testing.assert_allclose(weights[1, :, 1, 1], [2 / 3, 0.0, 1 / 3],
@@ -135,7 +136,7 @@ def test_complement_shares_follow_kappa_ratio():
 
 def test_invalid_num_members():
   with pytest.raises(ValueError):
-    mb.fmix_mixing(jax.random.PRNGKey(0), 2, 0, 4, 4, alpha=2.0, p=0.5)
+    blocks.fmix_mixing(jax.random.PRNGKey(0), 2, 0, 4, 4, alpha=2.0, p=0.5)
 
 
 # ----------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_invalid_num_members():
 @pytest.mark.parametrize('name', NAMES)
 def test_deterministic_jit_matches_eager_p_switches_to_linear(name):
   b, h, w = BINARY_SHAPES
-  eager_w, eager_k = mixing.get_mixing(name)(KEY, b, 2, h, w, alpha=2.0,
+  eager_w, eager_k = mixmo.get_mixing(name)(KEY, b, 2, h, w, alpha=2.0,
                                              p=1.0)
   jit_w, jit_k = _block_outputs(name, 2)
   np.testing.assert_array_equal(eager_w, jit_w)
@@ -170,7 +171,7 @@ def test_deterministic_jit_matches_eager_p_switches_to_linear(name):
 def test_concat_masks_area_and_split(axis):
   b, h, w = 64, 12, 16
   area = jax.random.uniform(jax.random.PRNGKey(1), (b,))
-  masks = np.asarray(mb.concat_masks(jax.random.PRNGKey(2), area, h, w,
+  masks = np.asarray(masks_lib.concat_masks(jax.random.PRNGKey(2), area, h, w,
                                      axis=axis))
   length = w if axis == 1 else h
   lines = masks[:, 0, :] if axis == 1 else masks[:, :, 0]  # [B, L]
@@ -224,11 +225,11 @@ PATCHUP_AREA = 0.5
 def _patchup_masks():
   """[256, 32, 32] PatchUp masks of target area 0.5 (a 32 x 32 CIFAR map)."""
   area = jnp.full((256,), PATCHUP_AREA)
-  return np.asarray(mb.patchup_masks(jax.random.PRNGKey(1), area, 32, 32))
+  return np.asarray(masks_lib.patchup_masks(jax.random.PRNGKey(1), area, 32, 32))
 
 
 def test_patchup_masks_are_unions_of_blocks():
-  s = mb.PATCHUP_BLOCK_SIZE
+  s = masks_lib.PATCHUP_BLOCK_SIZE
   masks = _patchup_masks()[:32].astype(bool)
   assert set(np.unique(_patchup_masks())) == {0.0, 1.0}
   for m in masks:
@@ -254,7 +255,7 @@ def test_patchup_area_matches_dropblock_gamma():
 
 
 def test_patchup_block_clipped_on_small_maps():
-  masks = mb.patchup_masks(jax.random.PRNGKey(2), jnp.full((4,), 0.5), 4, 5)
+  masks = masks_lib.patchup_masks(jax.random.PRNGKey(2), jnp.full((4,), 0.5), 4, 5)
   assert masks.shape == (4, 4, 5)
   assert set(np.unique(np.asarray(masks))) <= {0.0, 1.0}
 
@@ -268,7 +269,7 @@ def test_top_fraction_masks_match_numpy_sort():
   b, h, w = 16, 6, 7
   values = jax.random.normal(jax.random.PRNGKey(0), (b, h, w))
   fraction = jnp.linspace(0.0, 1.0, b)
-  masks = np.asarray(mb.top_fraction_masks(values, fraction))
+  masks = np.asarray(masks_lib.top_fraction_masks(values, fraction))
   for v, f, m in zip(np.asarray(values), np.asarray(fraction), masks):
     n = int(np.round(np.float32(f) * np.float32(h * w)))
     expected = np.zeros(h * w)
@@ -279,19 +280,19 @@ def test_top_fraction_masks_match_numpy_sort():
 def test_low_frequency_maps_spectrum_decays():
   """Power spectrum of G ~ |f|^(-2 delta): a log-log slope of -6."""
   b, h, w = BINARY_SHAPES
-  maps = mb.low_frequency_maps(jax.random.PRNGKey(0), b, h, w)
+  maps = masks_lib.low_frequency_maps(jax.random.PRNGKey(0), b, h, w)
   assert maps.shape == (b, h, w) and maps.dtype == jnp.float32
   power = np.mean(np.abs(np.fft.fft2(np.asarray(maps, np.float64))) ** 2, 0)
   freq = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
   nonzero = freq > 0
   slope = np.polyfit(np.log(freq[nonzero]), np.log(power[nonzero]), 1)[0]
-  assert abs(slope + 2 * mb.FMIX_DECAY_POWER) < 0.3, slope
+  assert abs(slope + 2 * masks_lib.FMIX_DECAY_POWER) < 0.3, slope
 
 
 def test_fmix_masks_exact_area_and_mean():
   b, h, w = BINARY_SHAPES
   area = jax.random.uniform(jax.random.PRNGKey(4), (b,))
-  masks = np.asarray(mb.fmix_masks(jax.random.PRNGKey(5), area, h, w))
+  masks = np.asarray(masks_lib.fmix_masks(jax.random.PRNGKey(5), area, h, w))
   np.testing.assert_array_equal(
       masks.sum(axis=(1, 2)), np.round(np.asarray(area) * (h * w)))
   _, kappa = _stats_outputs('fmix')
@@ -309,7 +310,7 @@ def test_gaussian_smooth_matches_zero_padded_convolution():
   b, h, w, max_sigma = 3, 10, 13, 4.0
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (b, h, w)))
   sigma = np.array([0.7, 2.0, 4.0], np.float32)
-  out = np.asarray(mb.gaussian_smooth(jnp.asarray(images), jnp.asarray(sigma),
+  out = np.asarray(masks_lib.gaussian_smooth(jnp.asarray(images), jnp.asarray(sigma),
                                       max_sigma))
   radius = math.ceil(3 * max_sigma)
   taps = np.arange(-radius, radius + 1)
@@ -351,32 +352,3 @@ def test_regions_are_contiguous(name):
   iid = _components_count(noise).mean()
   assert ours < 0.25 * iid, (ours, iid)
   assert ours < 8
-
-
-# ----------------------------------------------------------------------------
-# Import order: safe with `from mixmo_jax import mixing_blocks` at the end of
-# mixing.py (the lead's registration line), whichever module comes first.
-# ----------------------------------------------------------------------------
-
-
-def test_circular_import_is_safe(tmp_path):
-  src = os.path.dirname(mixing.__file__)
-  pkg = tmp_path / 'mixmo_jax'
-  pkg.mkdir()
-  (pkg / '__init__.py').write_text('')
-  shutil.copy(os.path.join(src, 'mixing_blocks.py'), pkg)
-  text = open(os.path.join(src, 'mixing.py')).read()
-  if 'mixing_blocks' not in text:
-    text += '\nfrom mixmo_jax import mixing_blocks  # noqa: E402,F401\n'
-  (pkg / 'mixing.py').write_text(text)
-  env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS='cpu')
-  check = ('import mixmo_jax; assert mixmo_jax.__file__.startswith({root!r}); '
-           'from mixmo_jax import mixing; '
-           'assert {{"fmix", "cowmask", "patchup", "horizontal_concat", '
-           '"vertical_concat", "cut"}} <= set(mixing.mixing_names())')
-  for first in ('mixing', 'mixing_blocks'):
-    code = f'import mixmo_jax.{first}; ' + check.format(root=str(tmp_path))
-    result = subprocess.run([sys.executable, '-c', code], env=env,
-                            cwd=str(tmp_path), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixmo_jax import metrics
-from mixmo_jax import plots
+from mixmo_jax.evaluation import metrics
+from mixmo_jax import workdir as workdir_lib
+from mixmo_jax.evaluation import plots
 
 
 def _check_png(path, figsize):
@@ -88,17 +89,18 @@ def test_training_curves_nested_flat_and_broken_lines(tmp_path, run):
   lines.append(json.dumps({'step': 40, 'epoch': 4, 'ensemble/top1': 0.7,
                            'members/0/top1': 0.6}))  # Flat, no NLL.
   lines.append(json.dumps({'step': 50}))  # No metrics at all.
-  history = tmp_path / 'eval_history.jsonl'
-  history.write_text('\n'.join(lines) + '\n')
-  records = plots.read_eval_history(history)
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  (run_dir / 'eval_history.jsonl').write_text('\n'.join(lines) + '\n')
+  records = plots.flat_history(workdir_lib.read_history(str(run_dir)))
   assert [e for e, _ in records] == [1.0, 2.0, 3.0, 4.0, 50.0]
   assert records[3][1]['ensemble/top1'] == 0.7
   assert records[0][1]['members/1/top1'] == result['members'][1]['top1']
-  path = plots.training_curves(history, tmp_path / 'curves.png')
+  path = plots.training_curves(str(run_dir), tmp_path / 'curves.png')
   _check_png(path, plots.FIGSIZES['training_curves'])
-  empty = tmp_path / 'empty.jsonl'
-  empty.write_text('')
-  _check_png(plots.training_curves(empty, tmp_path / 'empty.png'),
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  _check_png(plots.training_curves(str(empty), tmp_path / 'empty.png'),
              plots.FIGSIZES['training_curves'])
 
 

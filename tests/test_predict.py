@@ -6,7 +6,8 @@ from the returned member logits, and the logits against the evaluate path.
 import numpy as np
 import pytest
 
-from mixmo_jax import evaluate, input_pipeline, predict
+from mixmo_jax import data, evaluate, predict, sharding
+from mixmo_jax.evaluation import runs
 
 B = 13  # Not a multiple of the 8 devices: padded to 16 and stripped.
 
@@ -29,7 +30,7 @@ def predictor(digits_workdir):
 
 @pytest.fixture(scope='module')
 def images(predictor):
-  return input_pipeline.load_split(predictor.config, 'test')[0][:B]
+  return data.load_split(predictor.config, 'test')[0][:B]
 
 
 @pytest.fixture(scope='module')
@@ -105,8 +106,8 @@ def test_uncertainty_decomposition(out):
 
 
 def test_agrees_with_evaluate_path(digits_workdir, images, out):
-  runs = evaluate.load_runs([digits_workdir])
-  logits = evaluate.predict_members(runs, images, evaluate.local_mesh())
+  restored = runs.load_runs([digits_workdir])
+  logits = runs.predict_members(restored, images, sharding.local_mesh())
   np.testing.assert_allclose(out['logits'], logits, rtol=1e-5, atol=1e-5)
 
 

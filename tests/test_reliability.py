@@ -16,7 +16,7 @@ The `runs` fixture trains the tiny digits recipe (WRN-10-1, 320 examples:
   NaN  a copy of B after its checkpoint at step 10, resumed with
        --allow_config_change and an absurd learning rate.
 
-Kills are deterministic (trainer.FAULT_KILL_ENV), not timed; the SIGTERM
+Kills are deterministic (loop.FAULT_KILL_ENV), not timed; the SIGTERM
 is handled at the next step boundary, whenever it comes. The runs share a
 JAX compilation cache; A and NaN run beside the B chain once the first run
 has compiled the train step.
@@ -39,7 +39,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO, tiny_digits_config
-from mixmo_jax import checkpointing, sharding, trainer
+from mixmo_jax import checkpointing, loop, sharding
+from mixmo_jax import workdir as workdir_lib
+from mixmo_jax.evaluation import runs as runs_lib
 
 # Orbax leaves un-awaited coroutines behind after a failed restore (the
 # corrupt checkpoints here); they surface at garbage collection.
@@ -59,9 +61,9 @@ TIMEOUT_S = 900
 def _start(workdir, *extra, env, log_path, kill_after=None):
   """Starts main on `workdir`; stdout and stderr go to `log_path`."""
   env = dict(env)
-  env.pop(trainer.FAULT_KILL_ENV, None)
+  env.pop(loop.FAULT_KILL_ENV, None)
   if kill_after is not None:
-    env[trainer.FAULT_KILL_ENV] = str(kill_after)
+    env[loop.FAULT_KILL_ENV] = str(kill_after)
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(
         [sys.executable, '-m', 'mixmo_jax.main', f'--workdir={workdir}',
@@ -95,7 +97,7 @@ def _steps(workdir):
 
 
 def _history(workdir):
-  path = os.path.join(workdir, trainer.HISTORY_FILE)
+  path = os.path.join(workdir, workdir_lib.HISTORY)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -126,7 +128,7 @@ def _plant_partial_checkpoint(workdir, step):
                                        '*')), key=os.path.getsize)
   with open(data[-1], 'r+b') as f:  # Half written.
     f.truncate(os.path.getsize(data[-1]) // 2)
-  with open(os.path.join(workdir, trainer.HISTORY_FILE), 'a') as f:
+  with open(os.path.join(workdir, workdir_lib.HISTORY), 'a') as f:
     f.write(json.dumps({'step': step, 'epoch': 2, 'planted': True}) + '\n')
     f.write('{"step": 20, "epoch": 2, "ensem')  # Cut by the kill.
   return tmp
@@ -219,8 +221,8 @@ def test_partial_checkpoint_write_is_ignored_and_cleaned(runs):
 
 def test_resumed_run_is_bit_identical(runs):
   """B (preempted, killed twice, partial write) ends exactly as A."""
-  _, params_a, step_a = checkpointing.restore_for_inference(runs.a)
-  _, params_b, step_b = checkpointing.restore_for_inference(runs.b)
+  _, params_a, step_a = _restore(runs.a)
+  _, params_b, step_b = _restore(runs.b)
   assert step_a == step_b == 20
   leaves_a, tree_a = jax.tree_util.tree_flatten(params_a)
   leaves_b, tree_b = jax.tree_util.tree_flatten(params_b)
@@ -265,7 +267,7 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_checkpoint(runs):
                   if c.startswith('optimizer.base_learning_rate: ')]
   assert lr_change.endswith(' -> 100000000.0')
   # The kept checkpoint is B's step 10, still verified.
-  _, kept, _ = checkpointing.restore_for_inference(runs.nan, step=10)
+  _, kept, _ = _restore(runs.nan, step=10)
   assert all(np.isfinite(np.asarray(x)).all()
              for x in jax.tree_util.tree_leaves(kept))
 
@@ -412,17 +414,17 @@ def test_target_that_fits_no_checkpoint_moves_nothing(saved, checkpointer):
 
 def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog, checkpointer):
   """The trainer's own state tree (optax state, batch stats) on A's copy."""
-  from mixmo_jax import models, train
+  from mixmo_jax import models, training
   workdir = str(tmp_path / 'a')
   shutil.copytree(runs.a, workdir)
   for path in _data_files(workdir, 20):
     _flip_bytes(path, count=4)
   config = tiny_digits_config()
-  state = jax.eval_shape(lambda: train.create_train_state(
+  state = jax.eval_shape(lambda: training.create_train_state(
       config, models.get_model(config), 10, sharding.make_mesh()))
   ckpt = checkpointer(workdir)
   with caplog.at_level('WARNING'):
-    restored, step = ckpt.restore_latest(train.state_to_tree(state))
+    restored, step = ckpt.restore_latest(training.state_to_tree(state))
   assert step == 10
   assert 'step 20 is unusable' in _warnings(caplog)
   with open(os.path.join(runs.a, 'checkpoints', '10', 'digest',
@@ -431,10 +433,15 @@ def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog, checkpo
 
 
 def test_history_truncation_drops_newer_and_cut_lines(tmp_path):
-  path = tmp_path / trainer.HISTORY_FILE
+  path = tmp_path / workdir_lib.HISTORY
   path.write_text('{"step": 10}\n{"step": 20}\n{"step": 30, "ens')
-  trainer._truncate_history(str(tmp_path), 10)  # pylint: disable=protected-access
+  workdir_lib.truncate_history(str(tmp_path), 10)
   assert path.read_text() == '{"step": 10}\n'
+
+
+def _restore(workdir, step=None):
+  run = runs_lib.restore_run(workdir, step=step)
+  return run.config, run.variables, run.step
 
 
 # ---------------------------------------------------------------- offline data
@@ -442,9 +449,9 @@ def test_history_truncation_drops_newer_and_cut_lines(tmp_path):
 
 def test_missing_dataset_fails_fast_before_training(tmp_path, monkeypatch):
   import tensorflow_datasets  # noqa: F401  (import time is not the check)
-  from mixmo_jax import input_pipeline
-  from mixmo_jax.datasets import tfds_cifar
-  monkeypatch.setattr(tfds_cifar, 'host_reachable', lambda *a, **k: False)
+  from mixmo_jax import data
+  from mixmo_jax.data import cifar
+  monkeypatch.setattr(cifar, 'host_reachable', lambda *a, **k: False)
   data_dir, manual_dir = tmp_path / 'data', tmp_path / 'manual'
   data_dir.mkdir()
   manual_dir.mkdir()
@@ -453,8 +460,8 @@ def test_missing_dataset_fails_fast_before_training(tmp_path, monkeypatch):
   config.data_dir, config.manual_dir = str(data_dir), str(manual_dir)
   workdir = tmp_path / 'run'
   start = time.time()
-  with pytest.raises(input_pipeline.DatasetUnavailableError) as err:
-    trainer.train_and_evaluate(config, str(workdir))
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    loop.train_and_evaluate(config, str(workdir))
   assert time.time() - start < 10
   message = str(err.value)
   assert '\n' not in message

@@ -8,8 +8,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from mixmo_jax import input_pipeline as ip
-from mixmo_jax.datasets import tiny_imagenet
+from mixmo_jax import data
+from mixmo_jax.data import pipeline
+from mixmo_jax.data import tiny_imagenet
 
 WNIDS = ['n0300', 'n0100', 'n0200']  # Written unsorted on purpose.
 # Solid colours, far apart so that JPEG compression cannot confuse them.
@@ -78,14 +79,14 @@ def _class_of_colour(images):
 
 
 def check_arrays(config):
-  x, y = ip.load_split(config, 'train')
+  x, y = data.load_split(config, 'train')
   assert x.shape == (6, 64, 64, 3) and x.dtype == np.uint8
   assert y.dtype == np.int32
   np.testing.assert_array_equal(y, [0, 0, 1, 1, 2, 2])  # sorted wnids.
   colour = _class_of_colour(x)
   np.testing.assert_array_equal(colour[colour >= 0], y[colour >= 0])
   assert (colour == -1).sum() == 1  # the grey JPEG, expanded to RGB.
-  xv, yv = ip.load_split(config, 'test')
+  xv, yv = data.load_split(config, 'test')
   assert xv.shape == (4, 64, 64, 3)
   # Ordered by file name: val_0 (n0300), val_1 (n0200), val_2, val_3.
   np.testing.assert_array_equal(yv, [2, 1, 0, 1])
@@ -117,35 +118,35 @@ def test_zip_same_as_folder_and_cache(tmp_path, monkeypatch):
 
 
 def test_missing_dataset(tmp_path):
-  with pytest.raises(ip.DatasetUnavailableError) as err:
-    ip.load_split(make_config(tmp_path), 'train')
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    data.load_split(make_config(tmp_path), 'train')
   assert 'tiny-imagenet-200.zip' in str(err.value)
   assert str(tmp_path) in str(err.value)
-  with pytest.raises(ip.DatasetUnavailableError, match='manual_dir.*empty'):
-    ip.load_split(make_config(''), 'train')
+  with pytest.raises(data.DatasetUnavailableError, match='manual_dir.*empty'):
+    data.load_split(make_config(''), 'train')
 
 
 def test_missing_file(tmp_path):
   base = make_folder(str(tmp_path))
   os.remove(os.path.join(base, 'val', 'val_annotations.txt'))
-  with pytest.raises(ip.DatasetUnavailableError) as err:
-    ip.load_split(make_config(tmp_path), 'test')
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    data.load_split(make_config(tmp_path), 'test')
   assert 'val/val_annotations.txt' in str(err.value)
   assert base in str(err.value)
   shutil.rmtree(os.path.join(base, 'train'))
-  with pytest.raises(ip.DatasetUnavailableError, match='train'):
-    ip.load_split(make_config(tmp_path), 'train')
+  with pytest.raises(data.DatasetUnavailableError, match='train'):
+    data.load_split(make_config(tmp_path), 'train')
 
 
 def test_missing_val_image(tmp_path):
   base = make_folder(str(tmp_path))
   os.remove(os.path.join(base, 'val', 'images', 'val_2.JPEG'))
-  with pytest.raises(ip.DatasetUnavailableError, match='val_2.JPEG'):
-    ip.load_split(make_config(tmp_path), 'test')
+  with pytest.raises(data.DatasetUnavailableError, match='val_2.JPEG'):
+    data.load_split(make_config(tmp_path), 'test')
 
 
 def test_wrong_image_size(tmp_path):
   config = make_config(tmp_path)
   config.image_size = 32
   with pytest.raises(ValueError, match='64x64'):
-    ip.load_split(config, 'train')
+    data.load_split(config, 'train')

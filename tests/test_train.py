@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import load_config, tiny_digits_config
-from mixmo_jax import input_pipeline, models, sharding, train
+from mixmo_jax import data, models, sharding, training
+from mixmo_jax.data import pipeline
 
 
 class TestLearningRateSchedule:
@@ -16,9 +17,9 @@ class TestLearningRateSchedule:
 
   def test_cifar_reference_steps(self):
     config = load_config('cifar100', 'cut_mixmo+b4')
-    spe = input_pipeline.steps_per_epoch(config, 50_000)
+    spe = pipeline.steps_per_epoch(config, 50_000)
     assert spe == 50_000 * 4 // 64
-    lr = train.learning_rate_schedule(config, spe)
+    lr = training.learning_rate_schedule(config, spe)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(spe // 2)), 0.0125 * (spe // 2) / spe,
                                rtol=1e-6)
@@ -33,13 +34,13 @@ class TestLearningRateSchedule:
   def test_peak_follows_b(self):
     for b, expected in ((1, 0.05), (2, 0.025), (4, 0.0125)):
       config = load_config('cifar100', f'cut_mixmo+b{b}')
-      assert train.peak_learning_rate(config) == pytest.approx(expected)
+      assert training.peak_learning_rate(config) == pytest.approx(expected)
 
   def test_tiny_imagenet_recipe(self):
     config = load_config('tiny_imagenet', 'cut_mixmo+b2')
-    spe = input_pipeline.steps_per_epoch(config, 100_000)
-    assert train.warmup_steps(config, spe) == 2000
-    lr = train.learning_rate_schedule(config, spe)
+    spe = pipeline.steps_per_epoch(config, 100_000)
+    assert training.warmup_steps(config, spe) == 2000
+    lr = training.learning_rate_schedule(config, spe)
     np.testing.assert_allclose(float(lr(2000)), 0.2 / 2, rtol=1e-6)
     np.testing.assert_allclose(float(lr(600 * spe)), 0.01, rtol=1e-5)
 
@@ -47,15 +48,15 @@ class TestLearningRateSchedule:
 def _setup(config, mesh):
   model = models.get_model(config)
   spe = 10
-  state = train.create_train_state(config, model, spe, mesh)
-  step_fn = train.make_train_step(config, model, spe, mesh)
+  state = training.create_train_state(config, model, spe, mesh)
+  step_fn = training.make_train_step(config, model, spe, mesh)
   return state, step_fn
 
 
 def _batch(config, step, mesh):
-  images, labels = input_pipeline.load_split(config, 'train')
-  n = input_pipeline.unique_per_step(config)
-  idx = input_pipeline.train_indices(config.seed, step, 320, n)
+  images, labels = data.load_split(config, 'train')
+  n = pipeline.unique_per_step(config)
+  idx = pipeline.train_indices(config.seed, step, 320, n)
   return sharding.global_batch((images[idx], labels[idx]), mesh)
 
 
@@ -186,8 +187,8 @@ def test_variants_train(variant, overrides):
   config_validation.validate(config)
   mesh = sharding.make_mesh()
   state, step_fn = _setup(config, mesh)
-  images, labels = input_pipeline.load_split(config, 'train')
-  n = input_pipeline.unique_per_step(config)
+  images, labels = data.load_split(config, 'train')
+  n = pipeline.unique_per_step(config)
   if config.augment.augmix:
     from mixmo_jax import augmix
     images = augmix.augmix_batch(images[:n], config.seed, 0)

@@ -1,6 +1,6 @@
 """PreActResNet-18-w (He et al. 2016) as a MixMo network, for Tiny ImageNet.
 
-Architecture (DESIGN.md sec. 3), shown for 64x64 inputs, k = base_width = 64:
+Architecture, shown for 64x64 inputs, k = base_width = 64:
 
     M stems: 3x3 conv, k channels, stride 2 (not widened)   [B,32,32,k]  (mixed)
     stage 1: 2 blocks, k*w channels, stride 1                [B,32,32,kw]
@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixmo_jax.mixmo import layers
 from mixmo_jax.models import common
 
 PAD1 = ((1, 1), (1, 1))
@@ -108,7 +109,7 @@ class PreActResNet18(nn.Module):
                train: bool = False) -> jax.Array:
     self.check_image_size(x.shape[-3], x.shape[-2])
     k = self.base_width
-    h = common.Stems(self.num_members, k, strides=2, padding=PAD1,
+    h = layers.Stems(self.num_members, k, strides=2, padding=PAD1,
                      dtype=self.dtype, name="stems")(x, mix_weights)
     self.sow("intermediates", "stem", h)
     for stage, (blocks, stride) in enumerate(zip(STAGE_BLOCKS, STAGE_STRIDES), start=1):
@@ -120,6 +121,6 @@ class PreActResNet18(nn.Module):
     pooled = nn.avg_pool(h.astype(jnp.float32), (POOL, POOL), strides=(POOL, POOL))
     features = pooled.reshape(pooled.shape[0], -1)  # Shape: [B,8kw] (1x1 map).
     self.sow("intermediates", "features", features)
-    heads = common.Heads(self.num_members, self.num_classes,
+    heads = layers.Heads(self.num_members, self.num_classes,
                          kernel_init=nn.initializers.normal(0.01), name="heads")
     return heads(features)

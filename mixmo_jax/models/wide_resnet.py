@@ -1,6 +1,6 @@
 """WRN-d-w (Zagoruyko & Komodakis 2016) as a MixMo network, for CIFAR.
 
-Architecture (DESIGN.md sec. 3), with n = (d - 4) / 6 blocks per stage:
+Architecture, with n = (d - 4) / 6 blocks per stage:
 
     M stems: 3x3 conv, 16 channels, stride 1         [B,H,W,16]   (mixed)
     stage 1: n blocks, 16w channels, stride 1          [B,H,W,16w]
@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixmo_jax.mixmo import layers
 from mixmo_jax.models import common
 
 STEM_FEATURES = 16
@@ -108,7 +109,7 @@ class WideResNet(nn.Module):
   def __call__(self, x: jax.Array, mix_weights: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     n = self.blocks_per_stage()
-    h = common.Stems(self.num_members, STEM_FEATURES, strides=1, padding="SAME",
+    h = layers.Stems(self.num_members, STEM_FEATURES, strides=1, padding="SAME",
                      dtype=self.dtype, name="stems")(x, mix_weights)
     self.sow("intermediates", "stem", h)
     for stage, (mult, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
@@ -119,4 +120,4 @@ class WideResNet(nn.Module):
     h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(h))
     features = h.astype(jnp.float32).mean(axis=(1, 2))  # Shape: [B,64w].
     self.sow("intermediates", "features", features)
-    return common.Heads(self.num_members, self.num_classes, name="heads")(features)
+    return layers.Heads(self.num_members, self.num_classes, name="heads")(features)

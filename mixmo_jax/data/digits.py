@@ -1,4 +1,4 @@
-"""scikit-learn's digits as a tiny, embedded, offline image dataset (DESIGN 2b).
+"""scikit-learn's digits as a tiny, embedded, offline image dataset .
 
 1,797 grey 8x8 images with values 0..16 and 10 classes. We split them 80/20,
 stratified by class and seeded by `data_seed` (1,437 train / 360 test), scale
@@ -8,6 +8,8 @@ three times, so that the CIFAR networks run on them unchanged.
 import functools
 
 import numpy as np
+
+from mixmo_jax.data import registry
 
 _TEST_FRACTION = 0.2
 _MAX_VALUE = 16.0  # sklearn's digits take integer values 0..16.
@@ -67,3 +69,12 @@ def load(split, image_size, data_seed):
   """
   images, labels = _splits(int(image_size), int(data_seed))[split]
   return images.copy(), labels.copy()
+
+
+def _load(config, split):
+  return load(split, config.image_size, config.get('data_seed', 0))
+
+
+registry.register_dataset('digits', registry.DatasetSpec(
+    num_classes=10, image_size=32, num_train=1437, num_test=360, load=_load,
+    resizable=True, test_set_fields=('data_seed',)))

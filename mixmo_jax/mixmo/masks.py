@@ -1,63 +1,27 @@
-"""The binary mixing blocks of MixMo Table 2 (paper Sec. 4.3.2, Appendix 6.7).
+"""Binary masks [B, h, w] of the mixing blocks and of in-pixel CutMix.
 
-Each block is registered in `mixmo_jax.mixing` under the name given below and
-has the mixing-block signature
+Every sampler here returns float32 masks, 1 where the mask's owner is kept,
+drawn independently per sample from a PRNG key:
 
-    fn(key, batch_size, num_members, height, width, *, alpha, p)
-        -> (weights [B, M, h, w] float32, kappa [B, M] float32)
+  box_mask / random_box_masks  the CutMix box (Yun et al. 2019), the ONE box
+                               rule of Cut-MixMo (Algorithm 1 line 21) and of
+                               in-pixel CutMix (Appendix 6.4)
+  concat_masks                 a straight cut across the map (Summers &
+                               Dinneen 2019; Table 2 concatenations)
+  patchup_masks                PatchUp 2D / DropBlock canvases (Faramarzi et
+                               al. 2020; Ghiasi et al. 2018)
+  fmix_masks                   FMix (Harris et al. 2020)
+  cow_masks                    CowMask (French et al. 2020)
 
-(B batch, M members, h x w the mixing map, i.e. the stems' output).
-
-  'horizontal_concat'  left/right split by a vertical line (Summers & Dinneen
-                       2019, "Improved mixed-example data augmentation").
-  'vertical_concat'    top/bottom split by a horizontal line (same source).
-  'patchup'            PatchUp 2D (Faramarzi et al. 2020), a DropBlock
-                       (Ghiasi et al. 2018) canvas of square blocks.
-  'fmix'               FMix (Harris et al. 2020): top-kappa fraction of a
-                       low-pass filtered Gaussian field.
-  'cowmask'            CowMask (French et al. 2020, "Milking CowMask for
-                       semi-supervised image classification"): a thresholded
-                       Gaussian-blurred noise field.
-
-The CutMix block (Yun et al. 2019) is 'cut' in `mixmo_jax.mixing`.
-
-Common construction (all blocks, M >= 2), following paper eq. 2 (M = 2) and
-eq. 7 (M > 2):
-
-  kappa ~ Dir_M(alpha) per sample (Beta(alpha, alpha) for M = 2),
-  one member k drawn uniformly *per batch* (the reference code shuffles the
-  members' roles once per batch) receives a binary mask 1_m [B, h, w] of
-  nominal area kappa_k (CowMask: a proportion of its own, see below),
-
-    weights_k = 1_m,
-    weights_i = (1 - 1_m) * kappa_i / (1 - kappa_k)      for i != k,
-
-  and the kappa returned to the loss is re-read as the weights' spatial
-  means, kappa_i = mean_{h, w} weights_i (the boundary adjustment of the
-  reference code).  For M = 2 the weights are binary: member k owns the mask,
-  the other member its complement.  For M = 1 weights and kappa are 1.
-
-`p` is the probability, per batch, of applying the block's mask; otherwise
-Linear-MixMo is used (`linear_fallback`), exactly like 'cut' (Algorithm 1
-line 12) and like the reference configs of Table 2 (a block with probability
-p, linear mixing otherwise).  p = 1 applies the mask in every batch.
-`alpha` may be a traced scalar; B, M, h, w are static.
-
-Importing this module registers the blocks.  It imports `mixmo_jax.mixing`
-at the top, which is safe when `mixing.py` imports this module at its end:
-whichever of the two is imported first, `register_mixing` is defined before
-the decorators below run.
+Settings of the MixMo reference code are module constants.  Shapes: B batch,
+h x w the mask (the stem's output for MixMo, the image for in-pixel CutMix).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
-
-from mixmo_jax import mixing as _mixing
 
 Array = jax.Array
 
@@ -74,79 +38,64 @@ COWMASK_PROPORTION_RANGE = (0.2, 0.8)
 
 
 # ----------------------------------------------------------------------------
-# From a binary mask to member weights (eq. 2, eq. 7).
+# The box rule (CutMix, Yun et al. 2019), shared by Cut-MixMo and CutMix.
 # ----------------------------------------------------------------------------
 
 
-def _complement_shares(kappa: Array, member: Array) -> Array:
-  """Shares of the members other than k on the mask's complement (eq. 7).
+def box_mask(area, center_y, center_x, height: int, width: int) -> Array:
+  """The CutMix box of nominal area ratio `area` around a given centre.
 
-  share_i = kappa_i / sum_{j != k} kappa_j  (= kappa_i / (1 - kappa_k)) for
-  i != k and 0 for k.  Rows whose other kappas all vanish share equally.
-
-  Args:
-    kappa: [B, M] mixing ratios.
-    member: int scalar k.
-
-  Returns:
-    [B, M] float32, rows summing to 1 (M >= 2).
-  """
-  num_members = kappa.shape[1]
-  is_k = jnp.arange(num_members) == member  # Shape: [M].
-  others = jnp.where(is_k[None, :], 0.0, kappa)
-  total = jnp.sum(others, axis=-1, keepdims=True)  # Shape: [B, 1].
-  safe_total = jnp.where(total > 0, total, 1.0)
-  # A sole holder (always for M = 2) gets exactly 1 so that masks stay binary.
-  shares = jnp.where(others == total, 1.0, others / safe_total)
-  uniform = jnp.where(is_k, 0.0, 1.0 / max(num_members - 1, 1))
-  return jnp.where(total > 0, shares, uniform[None, :]).astype(jnp.float32)
-
-
-def mask_weights(mask: Array, kappa: Array, member: Array) -> Array:
-  """Member weights from a binary mask given to member k (eqs. 2 and 7).
-
-    weights_k = mask,   weights_i = (1 - mask) kappa_i / (1 - kappa_k).
+  The reference rule (CutMix code, MixMo code): half sides
+  floor(floor(H * sqrt(area)) / 2) and floor(floor(W * sqrt(area)) / 2),
+  i.e. sides rounded down to an even number of pixels, the box
+  [cy - s_h/2, cy + s_h/2) x [cx - s_w/2, cx + s_w/2) clipped at the borders.
+  Clipping makes the box smaller than drawn when the centre is near a border:
+  callers re-read the area from the mask (the boundary adjustment).
 
   Args:
-    mask: [B, h, w] binary float mask of member k.
-    kappa: [B, M] mixing ratios (only the ratios among i != k matter).
-    member: int scalar k.
+    area: float [...], nominal area ratios in [0, 1].
+    center_y: int [...], box centre rows in [0, H).
+    center_x: int [...], box centre columns in [0, W).
+    height, width: static map size H, W.
 
   Returns:
-    float32 [B, M, h, w], summing to 1 over M at every location.
+    float32 [..., H, W], 1 inside the box and 0 outside.
   """
-  num_members = kappa.shape[1]
-  mask = mask.astype(jnp.float32)[:, None]  # Shape: [B, 1, h, w].
-  is_k = (jnp.arange(num_members) == member).astype(jnp.float32)
-  shares = _complement_shares(kappa, member)[:, :, None, None]
-  return mask * is_k[None, :, None, None] + (1.0 - mask) * shares
+  side = jnp.sqrt(jnp.clip(jnp.asarray(area, jnp.float32), 0.0, 1.0))
+  half_h = (jnp.floor(height * side).astype(jnp.int32) // 2)[..., None]
+  half_w = (jnp.floor(width * side).astype(jnp.int32) // 2)[..., None]
+  cy = jnp.asarray(center_y, jnp.int32)[..., None]
+  cx = jnp.asarray(center_x, jnp.int32)[..., None]
+  rows = jnp.arange(height, dtype=jnp.int32)
+  cols = jnp.arange(width, dtype=jnp.int32)
+  in_rows = ((rows >= jnp.clip(cy - half_h, 0, height))
+             & (rows < jnp.clip(cy + half_h, 0, height)))  # [..., H]
+  in_cols = ((cols >= jnp.clip(cx - half_w, 0, width))
+             & (cols < jnp.clip(cx + half_w, 0, width)))  # [..., W]
+  box = in_rows[..., :, None] & in_cols[..., None, :]  # Shape: [..., H, W].
+  return box.astype(jnp.float32)
 
 
-MaskFn = Callable[[Array, Array, int, int], Array]
+def random_box_masks(key: Array, area, height: int, width: int) -> Array:
+  """`box_mask` with integer centres uniform over the whole map.
 
-
-def _binary_block(key: Array, batch_size: int, num_members: int, height: int,
-                  width: int, alpha, make_mask: MaskFn) -> Tuple[Array, Array]:
-  """Shared driver: kappa, member k per batch, mask of area kappa_k, weights.
+  cy ~ U{0..H-1}, cx ~ U{0..W-1} per mask, as in the reference codes.  With
+  area ~ Beta(2, 2) on 32 x 32 the clipped box's mean is about 0.306
+  (variance about 0.0234), not 0.5: that is the published method.
 
   Args:
-    make_mask: `(key, area [B], h, w) -> [B, h, w]` binary float mask.
+    key: PRNG key.
+    area: float [...] nominal area ratios (any shape, e.g. [B] or [B, M]).
+    height, width: static map size.
 
   Returns:
-    weights [B, M, h, w] and kappa [B, M] (the weights' spatial means).
+    float32 [..., H, W].
   """
-  if num_members < 1:
-    raise ValueError(f'num_members must be >= 1, got {num_members}.')
-  if num_members == 1:
-    ones = jnp.ones((batch_size, 1, height, width), jnp.float32)
-    return ones, jnp.ones((batch_size, 1), jnp.float32)
-  key_kappa, key_member, key_mask = jax.random.split(key, 3)
-  kappa = _mixing.sample_kappa(key_kappa, batch_size, num_members, alpha)
-  member = jax.random.randint(key_member, (), 0, num_members)
-  area = jnp.take(kappa, member, axis=1)  # Shape: [B].
-  mask = make_mask(key_mask, area, height, width)
-  weights = mask_weights(mask, kappa, member)
-  return weights, jnp.mean(weights, axis=(2, 3))
+  shape = jnp.shape(area)
+  key_y, key_x = jax.random.split(key)
+  cy = jax.random.randint(key_y, shape, 0, height)
+  cx = jax.random.randint(key_x, shape, 0, width)
+  return box_mask(area, cy, cx, height, width)
 
 
 # ----------------------------------------------------------------------------
@@ -392,129 +341,3 @@ def cow_masks(key: Array, batch_size: int, height: int, width: int,
   noise = jax.random.normal(key_noise, (batch_size, height, width))
   smooth = gaussian_smooth(noise, sigma, max_sigma=s_max)
   return top_fraction_masks(-smooth, proportion)
-
-
-def linear_fallback(block):
-  """Applies `block` with probability p per batch, else Linear-MixMo.
-
-  The same switch as 'cut' (Algorithm 1 line 12: 1_binary ~ Ber(p)), which
-  the reference code also applies to the Table 2 blocks (their configs
-  replace the block by linear mixing with probability 1 - p); p = 1 gives
-  the block alone. p is traced (no recompilation when it changes).
-  """
-
-  @functools.wraps(block)
-  def wrapped(key, batch_size, num_members, height, width, *, alpha, p):
-    k_block, k_linear, k_use = jax.random.split(key, 3)
-    weights, kappa = block(k_block, batch_size, num_members, height, width,
-                           alpha=alpha, p=p)
-    if num_members == 1:
-      return weights, kappa
-    lin_weights, lin_kappa = _mixing.linear_mixing(
-        k_linear, batch_size, num_members, height, width, alpha=alpha, p=p)
-    use = jax.random.uniform(k_use, ()) < jnp.asarray(p, jnp.float32)
-    return (jnp.where(use, weights, lin_weights),
-            jnp.where(use, kappa, lin_kappa))
-
-  return wrapped
-
-
-# ----------------------------------------------------------------------------
-# Registered blocks.
-# ----------------------------------------------------------------------------
-
-
-@_mixing.register_mixing('horizontal_concat')
-@linear_fallback
-def horizontal_concat_mixing(key, batch_size, num_members, height, width, *,
-                             alpha, p):
-  """Horizontal concatenation (Summers & Dinneen 2019; paper App. 6.7).
-
-  A vertical line splits the map: member k owns the round(kappa_k w)
-  leftmost columns, or (per sample, probability 1/2) the rightmost ones
-  (`concat_masks`, axis=1); the others share the rest (eq. 7).
-  kappa ~ Dir_M(alpha) (Beta(alpha, alpha) for M = 2); the returned kappa
-  is the weights' mean.  With probability 1 - p
-  (per batch) Linear-MixMo instead (`linear_fallback`).
-
-  Naming follows the paper's text ("draws a vertical line such that every
-  pixel to the left belongs to one sample").  The reference code's
-  'stackhorizontal' splits dim 1 of a (C, H, W) mask, i.e. rows: there
-  the names are the other way round.
-  """
-  del p
-  return _binary_block(
-      key, batch_size, num_members, height, width, alpha,
-      lambda k, a, h, w: concat_masks(k, a, h, w, axis=1))
-
-
-@_mixing.register_mixing('vertical_concat')
-@linear_fallback
-def vertical_concat_mixing(key, batch_size, num_members, height, width, *,
-                           alpha, p):
-  """Vertical concatenation (Summers & Dinneen 2019; paper App. 6.7).
-
-  A horizontal line splits the map: member k owns the round(kappa_k h)
-  top rows, or (per sample, probability 1/2) the bottom ones
-  (`concat_masks`, axis=0); the others share the rest (eq. 7).  With
-  probability 1 - p (per batch) Linear-MixMo instead.  See `horizontal_concat_mixing` on naming.
-  """
-  del p
-  return _binary_block(
-      key, batch_size, num_members, height, width, alpha,
-      lambda k, a, h, w: concat_masks(k, a, h, w, axis=0))
-
-
-@_mixing.register_mixing('patchup')
-@linear_fallback
-def patchup_mixing(key, batch_size, num_members, height, width, *, alpha,
-                   p):
-  """PatchUp 2D (Faramarzi et al. 2020) from DropBlock (Ghiasi et al. 2018).
-
-  Member k owns a union of s x s squares (s = PATCHUP_BLOCK_SIZE = 7,
-  clipped to the map) grown from seeds ~ Ber(gamma), gamma =
-  kappa_k h w / (s^2 (h - s + 1)(w - s + 1)) (`patchup_masks`); the others
-  share the rest (eq. 7).  The mask's mean (returned as kappa) is not
-  kappa_k: overlaps and borders shrink it.  With probability 1 - p
-  (per batch) Linear-MixMo instead (`linear_fallback`).
-  """
-  del p
-  return _binary_block(key, batch_size, num_members, height, width, alpha,
-                       patchup_masks)
-
-
-@_mixing.register_mixing('fmix')
-@linear_fallback
-def fmix_mixing(key, batch_size, num_members, height, width, *, alpha, p):
-  """FMix (Harris et al. 2020).
-
-  Member k owns the top round(kappa_k h w) pixels of a low-pass field with
-  spectrum decay 1 / f^3 (`fmix_masks`); the others share the rest (eq. 7).
-  With probability 1 - p (per batch) Linear-MixMo instead
-  (`linear_fallback`).
-  """
-  del p
-  return _binary_block(key, batch_size, num_members, height, width, alpha,
-                       fmix_masks)
-
-
-@_mixing.register_mixing('cowmask')
-@linear_fallback
-def cowmask_mixing(key, batch_size, num_members, height, width, *, alpha, p):
-  """CowMask (French et al. 2020), with the MixMo reference's settings.
-
-  Member k owns a cow-spotted region (`cow_masks`: sigma log-uniform in
-  [4, 16] pixels, proportion q ~ U[0.2, 0.8]); the others share the rest
-  with ratios kappa_i / (1 - kappa_k) (eq. 7).
-
-  As in the official MixMo code, the region's proportion is CowMask's own
-  q, *not* kappa_k (the paper's App. 6.7 describes binary masks of area
-  kappa): kappa ~ Dir_M(alpha) only sets the split of the complement for
-  M > 2.  The returned kappa is the weights' mean (q up to 1 / (h w) for
-  member k).  With probability 1 - p
-  (per batch) Linear-MixMo instead (`linear_fallback`).
-  """
-  del p
-  return _binary_block(
-      key, batch_size, num_members, height, width, alpha,
-      lambda k, a, h, w: cow_masks(k, a.shape[0], h, w))

@@ -14,7 +14,7 @@ Two kinds of functions live here:
 * Summaries (`fit_temperature`, `calibrated_metrics`, `diversity`,
   `evaluation_metrics`): host-side NumPy float64, returning plain Python
   floats / ints / None, so that their results go straight into `json.dumps`
-  (eval.json, DESIGN 2b).
+  (eval.json).
 
 Every primitive that takes `log_probs` first re-normalises them with
 `log_softmax` (the identity on log-probabilities, up to rounding), so raw
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Temperature search bracket on beta = 1 / T (DESIGN 3: "bounded search").
+# Temperature search bracket on beta = 1 / T.
 BETA_MIN = 1e-3
 BETA_MAX = 1e3
 
@@ -60,6 +60,13 @@ def _logsumexp(xp, z, axis, keepdims=False):
 
 def _log_softmax(xp, z, axis=-1):
   return z - _logsumexp(xp, z, axis, keepdims=True)
+
+
+def log_softmax(z, axis=-1):
+  """log softmax along `axis` (NumPy float64 or jnp float32, see the module
+  docstring)."""
+  xp = _namespace(z)
+  return _log_softmax(xp, _floats(xp, z), axis)
 
 
 def _one_hot(xp, index, depth, dtype):

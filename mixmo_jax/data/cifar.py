@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 through TFDS, with a fast offline path (DESIGN 1.5).
+"""CIFAR-10 / CIFAR-100 through TFDS, with a fast offline path.
 
 Sources, tried in this order:
 
@@ -30,7 +30,8 @@ import tarfile
 from absl import logging
 import numpy as np
 
-from mixmo_jax.datasets.common import DatasetUnavailableError
+from mixmo_jax.data import registry
+from mixmo_jax.data.registry import DatasetUnavailableError
 
 DOWNLOAD_HOST = 'www.cs.toronto.edu'
 DOWNLOAD_URL = 'https://www.cs.toronto.edu/~kriz/'
@@ -205,3 +206,14 @@ def load(name, split, data_dir='', manual_dir=''):
     return _read_tfds(builder, split)
   raise DatasetUnavailableError(
       _unavailable_message(name, builder, data_dir, manual_dir))
+
+
+def _load(config, split):
+  return load(config.dataset, split, data_dir=config.get('data_dir', ''),
+              manual_dir=config.get('manual_dir', ''))
+
+
+for _name, _classes in (('cifar10', 10), ('cifar100', 100)):
+  registry.register_dataset(_name, registry.DatasetSpec(
+      num_classes=_classes, image_size=32, num_train=50000, num_test=10000,
+      load=_load))

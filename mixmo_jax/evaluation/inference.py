@@ -1,18 +1,22 @@
-"""Jitted, sharded inference over a whole dataset (shared by training-time
-evaluation, `evaluate` and `predict`).
+"""The one inference path: normalise, pad, shard, run (training-time
+evaluation, `evaluate` and `predict` all use it).
 
 At test time every stem sees the same image and the core gets the sum of the
-stem outputs (paper section 3.1, Algorithm 1 lines 36-39); the model returns
+stem outputs (paper Sec. 3.1, Algorithm 1 lines 36-39); the model returns
 each member's logits [B, M, C] and the ensemble is formed in `metrics`.
+The whole set is cut into batches of a fixed size (a multiple of the device
+count), the last one padded and its padding dropped, so every sample counts
+once and all batches share one compiled program.
 """
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mixmo_jax import augment, input_pipeline, sharding
+from mixmo_jax import sharding
+from mixmo_jax.data import augment, pipeline
 
 
 def make_predict_fn(model, mesh, mean: Sequence[float],
@@ -47,10 +51,10 @@ def predict_member_logits(predict_fn: Callable, variables, images: np.ndarray,
     float32 [N, M, C] on the host (every process gets all of it).
   """
   labels = np.zeros(len(images), np.int32)
-  slicer = input_pipeline.process_slice(
+  slicer = pipeline.process_slice(
       batch_size, jax.process_index(), jax.process_count())
   outputs = []
-  for batch_images, _, mask in input_pipeline.eval_batches(
+  for batch_images, _, mask in pipeline.eval_batches(
       images, labels, batch_size):
     batch = sharding.global_batch(batch_images[slicer], mesh)
     logits = predict_fn(variables, batch)
@@ -60,14 +64,33 @@ def predict_member_logits(predict_fn: Callable, variables, images: np.ndarray,
   return np.concatenate(outputs, axis=0)
 
 
+def rounded_batch_size(batch_size: int, num_devices: int) -> int:
+  """The smallest multiple of `num_devices` >= batch_size."""
+  return -(-int(batch_size) // num_devices) * num_devices
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_predict_fn(model, mesh, mean, std):
   return make_predict_fn(model, mesh, mean, std)
 
 
-def predict_with_config(model, config, variables, images, mesh) -> np.ndarray:
-  """`predict_member_logits` with the config's normalisation and batch size."""
+def predict_with_config(model, config, variables, images, mesh,
+                        batch_size: Optional[int] = None) -> np.ndarray:
+  """`predict_member_logits` with the config's normalisation.
+
+  Args:
+    model, config: the run's network and config.
+    variables: replicated on `mesh`.
+    images: uint8 (or float on the [0, 255] scale) [N, H, W, 3].
+    mesh: the mesh `variables` live on.
+    batch_size: default config.eval_batch_size; rounded up to a multiple of
+      the mesh's device count (padding is dropped, results unchanged).
+
+  Returns:
+    float32 [N, M, C].
+  """
   fn = _cached_predict_fn(model, mesh, tuple(config.image_mean),
                           tuple(config.image_std))
-  return predict_member_logits(fn, variables, images, config.eval_batch_size,
-                               mesh)
+  size = rounded_batch_size(batch_size or config.eval_batch_size,
+                            mesh.devices.size)
+  return predict_member_logits(fn, variables, images, size, mesh)

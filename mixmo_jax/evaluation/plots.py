@@ -8,7 +8,6 @@ created) and returns `path` as a str.
 Shapes: N examples, M members, C classes, K gallery rows, H, W image size,
 h, w mask size.
 """
-import json
 import math
 import os
 
@@ -16,7 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixmo_jax import metrics
+from mixmo_jax import workdir as wd
+from mixmo_jax.evaluation import metrics
 
 DPI = 100
 FIGSIZES = {
@@ -178,34 +178,21 @@ def diversity_accuracy(results, path):
   return _save(fig, path)
 
 
-def read_eval_history(jsonl_path):
-  """Parse eval_history.jsonl into flattened records sorted by epoch.
+def flat_history(records):
+  """History records (`workdir.read_history`) flattened and sorted by epoch.
 
-  Each line is a JSON object with "step", "epoch" and metrics either nested
-  ({"ensemble": {...}, "members": [...]}) or flat ("ensemble/top1"). Blank or
-  malformed lines are skipped. Missing "epoch" falls back to "step", then to
-  the line number.
+  Metrics may be nested ({"ensemble": {...}, "members": [...]}) or flat
+  ("ensemble/top1"). A record without "epoch" falls back to "step".
 
   Returns:
     list of (epoch float, {flat key: float}).
   """
-  records = []
-  with open(jsonl_path) as f:
-    for line_number, line in enumerate(f):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(record, dict):
-        continue
-      flat = metrics.flatten_metrics(record)
-      epoch = flat.get('epoch', flat.get('step', line_number))
-      records.append((float(epoch), flat))
-  records.sort(key=lambda r: r[0])
-  return records
+  out = []
+  for record in records:
+    flat = metrics.flatten_metrics(record)
+    out.append((float(flat.get('epoch', flat.get('step', 0))), flat))
+  out.sort(key=lambda r: r[0])
+  return out
 
 
 def _series(records, key, scale=1.0):
@@ -214,7 +201,7 @@ def _series(records, key, scale=1.0):
   return xs, ys
 
 
-def training_curves(eval_history_jsonl_path, path):
+def training_curves(run_workdir, path):
   """Ensemble and member top-1 (%) and NLL against epoch.
 
   Left: ensemble top-1 (solid) and member top-1 (dashed); right: ensemble
@@ -222,13 +209,13 @@ def training_curves(eval_history_jsonl_path, path):
   from a line simply skip that line.
 
   Args:
-    eval_history_jsonl_path: workdir's eval_history.jsonl.
+    run_workdir: the run's workdir (its eval_history.jsonl is read).
     path: output PNG path.
 
   Returns:
     path.
   """
-  records = read_eval_history(eval_history_jsonl_path)
+  records = flat_history(wd.read_history(run_workdir))
   num_members = 0
   for _, flat in records:
     while f'members/{num_members}/top1' in flat or (

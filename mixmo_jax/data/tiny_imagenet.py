@@ -30,7 +30,8 @@ import zipfile
 from absl import logging
 import numpy as np
 
-from mixmo_jax.datasets.common import DatasetUnavailableError
+from mixmo_jax.data import registry
+from mixmo_jax.data.registry import DatasetUnavailableError
 
 ARCHIVE = 'tiny-imagenet-200.zip'
 FOLDER = 'tiny-imagenet-200'
@@ -204,3 +205,14 @@ def load(split, manual_dir, cache_dir=''):
   if cache:
     _save_cache(cache, images, labels)
   return images, labels
+
+
+def _load(config, split):
+  manual_dir = config.get('manual_dir', '')
+  return load(split, manual_dir,
+              cache_dir=config.get('data_dir', '') or manual_dir)
+
+
+registry.register_dataset('tiny_imagenet', registry.DatasetSpec(
+    num_classes=200, image_size=IMAGE_SIZE, num_train=100000, num_test=10000,
+    load=_load))

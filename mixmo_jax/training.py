@@ -1,10 +1,12 @@
 """MixMo training: state, schedules, the jitted train step (Algorithm 1).
 
 `train_step` is a pure function `(state, images, labels) -> (state, metrics)`
-jitted over the device mesh with the state donated. Everything random about a
-batch happens inside it, from `fold_in(train_key, step)` (DESIGN.md 1.3-1.4):
+jitted over the device mesh with the state donated: a short piece of glue
+that calls the method (`mixmo_jax.mixmo`).  Everything random about a batch
+happens inside it, from the step's keys (`keys.step_keys(seed, step)`):
 batch repetition, pad-crop-flip, member permutations, in-pixel CutMix/Mixup,
-kappa and masks, the mixing itself, the reweighted loss and the update.
+kappa and masks, the mixing itself, the reweighted loss and the update.  The
+host only ships the step's unique samples, so resuming is exact.
 """
 import functools
 from typing import Any, Callable, Dict, Tuple
@@ -14,7 +16,11 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from mixmo_jax import augment, losses, mixing, models, sharding
+from mixmo_jax import keys, models, sharding
+from mixmo_jax.data import augment
+from mixmo_jax.mixmo import batch as mixmo_batch
+from mixmo_jax.mixmo import loss as mixmo_loss
+from mixmo_jax.mixmo import registry
 
 
 class TrainState(train_state.TrainState):
@@ -70,7 +76,7 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
 def create_train_state(config, model, steps_per_epoch: int, mesh) -> TrainState:
   """Initialises parameters from the seed, replicated on `mesh`."""
-  init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_key = keys.init_key(config.seed)
   size = config.image_size
   tx = make_optimizer(config, steps_per_epoch)
 
@@ -95,63 +101,25 @@ def tree_to_state(state: TrainState, tree: Dict[str, Any]) -> TrainState:
   return state.replace(**tree)
 
 
-def _partner_positions(key, idx, num_unique: int, batch: int):
-  """Positions of another training image for each member input.
-
-  The partner is another sample of this step (never a copy of the member's
-  own sample): q = idx + N * U{0..b-1} + U{1..N-1} (mod B). The reference
-  code draws x_k from the whole training set; the step's samples are
-  themselves a uniform random subset of it, and drawing among them keeps the
-  host shipping only the step's unique samples (DESIGN.md 1.4).
-  """
-  k1, k2 = jax.random.split(key)
-  reps = jax.random.randint(k1, idx.shape, 0, batch // num_unique)
-  shift = jax.random.randint(k2, idx.shape, 1, max(num_unique, 2))
-  return (idx + reps * num_unique + shift) % batch
-
-
-def member_batch(key, images, labels, config, weights):
-  """Builds the member inputs and targets of Algorithm 1 step 1.
-
-  Args:
-    key: the step's key for data randomness.
-    images: uint8 [N, H, W, 3], the step's unique samples.
-    labels: int32 [N].
-    config: the run config.
-    weights: [B, M, h, w] mixing weights (for in-pixel CutMix's lambda').
+def member_batch(key, images, labels, weights, config):
+  """`mixmo.batch.member_batch` with the config's settings, normalised.
 
   Returns:
-    xs float32 [B, M, H, W, 3] (normalised), targets int32 [B, M] or soft
-    float32 [B, M, C], with B = N * b.
+    xs float32 [B, M, H, W, 3] (normalised) and targets int32 [B, M] or
+    float32 [B, M, C].
   """
-  b, num_members = config.batch_repetitions, config.num_members
   aug = config.augment
-  k_aug, k_perm, k_pix, k_partner = jax.random.split(key, 4)
   crop = functools.partial(augment.random_crop_flip, padding=aug.crop_padding,
                            flip=aug.flip)
-  if aug.per_copy:  # MixMo code: each of the b copies augmented on its own.
-    x = crop(k_aug, mixing.repeat_batch(images, b))
-  else:  # MIMO code: augment the unique samples, then repeat.
-    x = mixing.repeat_batch(crop(k_aug, images), b)
-  y = mixing.repeat_batch(labels, b)
-  batch = x.shape[0]
-  idx = mixing.member_indices(k_perm, batch, num_members,
-                              config.mixing.input_repetition)  # [B, M]
-  xs = x[idx].astype(jnp.float32)  # Shape: [B, M, H, W, 3].
-  targets = y[idx]  # Shape: [B, M].
-  if aug.pixel_mix == 'cutmix' and num_members > 1:
-    q = _partner_positions(k_partner, idx, images.shape[0], batch)
-    xs, targets = augment.cutmix_for_mixmo(
-        k_pix, xs, targets, x[q].astype(jnp.float32), y[q], weights,
-        config.num_classes, prob=aug.pixel_mix_prob, alpha=aug.cutmix_alpha)
-  elif aug.pixel_mix in ('cutmix', 'mixup'):  # Single-network baselines.
-    onehot = jax.nn.one_hot(targets[:, 0], config.num_classes)
-    fn, alpha = ((augment.cutmix, aug.cutmix_alpha) if aug.pixel_mix == 'cutmix'
-                 else (augment.mixup, aug.mixup_alpha))
-    x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
-    xs, targets = x0[:, None], soft[:, None]
-  xs = augment.normalize(xs, tuple(config.image_mean), tuple(config.image_std))
-  return xs, targets
+  xs, targets = mixmo_batch.member_batch(
+      key, images, labels, weights, num_members=config.num_members,
+      repetitions=config.batch_repetitions, num_classes=config.num_classes,
+      input_repetition=config.mixing.input_repetition, augment=crop,
+      augment_per_copy=aug.per_copy, pixel_mix=aug.pixel_mix,
+      pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
+      mixup_alpha=aug.mixup_alpha)
+  mean, std = tuple(config.image_mean), tuple(config.image_std)
+  return augment.normalize(xs, mean, std), targets
 
 
 def train_step(state: TrainState, images, labels, *, config, steps_per_epoch,
@@ -167,41 +135,39 @@ def train_step(state: TrainState, images, labels, *, config, steps_per_epoch,
   Returns:
     The new state and scalar metrics.
   """
-  _, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  key = jax.random.fold_in(train_key, state.step)
-  k_data, k_mix = jax.random.split(key)
+  k_data, k_mix = keys.step_keys(config.seed, state.step)
   epoch = state.step // steps_per_epoch + 1  # 1-indexed, Algorithm 1.
-  p = mixing.patch_probability(epoch, config.num_epochs, config.mixing.p,
-                               config.mixing.p_decay_fraction)
-  batch = config.batch_size
-  weights, kappa = mixing.sample_mixing_weights(
-      k_mix, batch, config.num_members, *stem_hw, method=config.mixing.method,
-      alpha=config.mixing.alpha, p=p)
-  xs, targets = member_batch(k_data, images, labels, config, weights)
+  mix = config.mixing
+  p = mixmo_batch.patch_probability(epoch, config.num_epochs, mix.p,
+                                    mix.p_decay_fraction)
+  weights, kappa = registry.sample_mixing_weights(
+      k_mix, config.batch_size, config.num_members, *stem_hw,
+      method=mix.method, alpha=mix.alpha, p=p)
+  xs, targets = member_batch(k_data, images, labels, weights, config)
   xs = jax.lax.with_sharding_constraint(xs, sharding.data_sharded(mesh))
-  member_w = losses.member_weights(kappa, config.mixing.r)  # Eq. 5.
+  loss_weights = mixmo_loss.member_weights(kappa, mix.r)  # Eq. 5.
+  l2 = config.optimizer.l2
 
   def loss_fn(params):
     logits, new_vars = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, xs,
         mix_weights=weights, train=True, mutable=['batch_stats'])
-    ce = losses.mixmo_loss(logits, targets, member_w)  # Eq. 4.
-    l2 = losses.l2_penalty(params)
-    return ce + config.optimizer.l2 * l2, (ce, l2, logits, new_vars)
+    ce = mixmo_loss.mixmo_loss(logits, targets, loss_weights)  # Eq. 4.
+    penalty = mixmo_loss.l2_penalty(params)
+    return ce + l2 * penalty, (ce, penalty, logits, new_vars)
 
-  grads, (ce, l2, logits, new_vars) = jax.grad(loss_fn, has_aux=True)(
+  grads, (ce, penalty, logits, new_vars) = jax.grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads,
                                 batch_stats=new_vars['batch_stats'])
   hard = targets if targets.ndim == 2 else jnp.argmax(targets, -1)
-  metrics = {
-      'loss': ce + config.optimizer.l2 * l2, 'cross_entropy': ce, 'l2': l2,
+  return state, {
+      'loss': ce + l2 * penalty, 'cross_entropy': ce, 'l2': penalty,
       'learning_rate': learning_rate_schedule(config, steps_per_epoch)(
           state.step - 1),
       'patch_probability': p,
       'train_top1': jnp.mean(jnp.argmax(logits, -1) == hard),
   }
-  return state, metrics
 
 
 def make_train_step(config, model, steps_per_epoch: int, mesh) -> Callable:

@@ -1,0 +1,80 @@
+"""The Python API of a complete training run: `mixmo_jax.train(config, workdir)`.
+
+    import mixmo_jax
+    config = mixmo_jax.configs.get('digits:mimo')
+    config.num_epochs = 5
+    mixmo_jax.train(config, '/tmp/digits_mimo')
+
+does what `python -m mixmo_jax.main` does, so the workdir opens with
+`python -m mixmo_jax.evaluate`, `mixmo_jax.predict.load` and
+`python -m mixmo_jax.analysis`: validate every field (before anything is
+compiled), refuse a resume with a changed config, write config.json, use
+`config.cpu_devices` XLA devices on a CPU-only machine, then train
+(`mixmo_jax.loop.train_and_evaluate`).
+"""
+import os
+from typing import Any, Dict
+
+from absl import logging
+
+from mixmo_jax import config_validation, workdir as wd
+
+
+def split_cpu(config) -> None:
+  """Makes `config.cpu_devices` XLA CPU devices, if jax has not started.
+
+  Only where XLA_FLAGS does not already set the host device count; GPUs and
+  TPUs are unaffected (the flag applies to the host platform).  Once jax's
+  backend is running (e.g. a notebook that already used jax) the device
+  count cannot change any more and the run uses the devices it has.
+  """
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  count = config.get('cpu_devices', 0)
+  if (type(count) is int and count > 0  # Bad values: reported by validate.
+      and 'xla_force_host_platform_device_count' not in xla_flags):
+    os.environ['XLA_FLAGS'] = (
+        f'{xla_flags} --xla_force_host_platform_device_count='
+        f'{count}').strip()
+
+
+def prepare(config, workdir: str, allow_config_change: bool = False) -> None:
+  """Validates `config`, compares it with the workdir's and writes it.
+
+  Raises:
+    config_validation.ConfigError: a field that is not allowed, or a resume
+      with a changed config (unless allow_config_change).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  config_validation.validate(config)
+  changes = config_validation.check_resume(workdir, config,
+                                           allow_config_change)
+  if jax.process_index() != 0:
+    return
+  if changes:
+    logging.warning('Config changed since the last run: %s', changes)
+    wd.record_config_changes(workdir, changes, allow_config_change)
+  wd.write_config(workdir, config)
+
+
+def train(config, workdir: str, *,
+          allow_config_change: bool = False) -> Dict[str, Any]:
+  """Validates, writes config.json and trains (resuming from the workdir).
+
+  Args:
+    config: a ConfigDict, e.g. from `mixmo_jax.configs.get('digits')`.
+    workdir: the run's folder (created if needed).
+    allow_config_change: resume even though fields that change training
+      differ from the workdir's config.json (the change is recorded).
+
+  Returns:
+    The last evaluation record, see `loop.train_and_evaluate`.
+
+  Raises:
+    config_validation.ConfigError: see `prepare`.
+    data.DatasetUnavailableError, checkpointing.CheckpointError,
+    loop.NonFiniteLossError: from training.
+  """
+  split_cpu(config)
+  prepare(config, workdir, allow_config_change)
+  from mixmo_jax import loop  # pylint: disable=import-outside-toplevel
+  return loop.train_and_evaluate(config, workdir)

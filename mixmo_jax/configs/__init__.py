@@ -1,0 +1,50 @@
+"""The configs of the paper's experiments, importable without path tricks.
+
+    from mixmo_jax import configs
+    config = configs.get('digits:mimo')          # dataset[:variant]
+    config = configs.get('cifar100:cut_mixmo+cutmix+b4')
+    config = configs.load('my_configs/exp.py:mimo')   # any config file
+
+Datasets: cifar100 (the default recipe), cifar10, digits, tiny_imagenet.
+Variants are `method[+modifier...]` (see `base.apply_variant`).  The files
+under the repository's configs/ folder, used on the command line as
+`--config=configs/cifar100.py:mimo`, are one-line wrappers of these.
+"""
+import importlib
+import importlib.util
+import os
+
+from mixmo_jax.configs.base import METHODS, MODIFIERS
+
+DATASET_CONFIGS = ('cifar10', 'cifar100', 'digits', 'tiny_imagenet')
+
+__all__ = ['DATASET_CONFIGS', 'METHODS', 'MODIFIERS', 'get', 'load']
+
+
+def get(name: str):
+  """The config `dataset[:variant]`, e.g. 'digits:mimo' or 'cifar100'.
+
+  Raises:
+    ValueError: unknown dataset config, method or modifier (one line).
+  """
+  dataset, _, variant = name.partition(':')
+  if dataset not in DATASET_CONFIGS:
+    raise ValueError(f'unknown config {dataset!r}; allowed: '
+                     f'{", ".join(DATASET_CONFIGS)} (then :variant)')
+  module = importlib.import_module(f'mixmo_jax.configs.{dataset}')
+  return module.get_config(variant or None)
+
+
+def load(spec: str):
+  """`get_config([variant])` of the config file in 'PATH[:variant]', as
+  `--config=PATH[:variant]` loads it, or `get(spec)` for a name."""
+  path, sep, variant = spec.partition(':')
+  if not path.endswith('.py'):
+    return get(spec)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist')
+  module_spec = importlib.util.spec_from_file_location(
+      f'mixmo_config_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*([variant] if sep else []))

@@ -1,0 +1,111 @@
+"""The eval.json result of a test-set evaluation, and its printed table.
+
+`evaluate_test_set` predicts the whole test set with one or more runs and
+returns the eval.json dict (`metrics.evaluation_metrics` plus the run's
+identity and, for a single run, the paper's best-epoch protocol read from
+eval_history.jsonl); `format_table` prints it.
+"""
+import math
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mixmo_jax import data, workdir as wd
+from mixmo_jax.data import cifar_c as corruptions
+from mixmo_jax.evaluation import metrics
+from mixmo_jax.evaluation.runs import Run, predict_members
+
+BEST_EPOCH_NOTE = ('paper protocol (Appendix 6.5): epoch of best test top-1; '
+                   'optimistic')
+
+
+def best_epoch_on_test(workdir: str) -> Optional[Dict[str, Any]]:
+  """The eval_history.jsonl record of best ensemble test top-1 (earliest on
+  ties): {epoch, step, top1, note}, or None without a usable history."""
+  best = None
+  for record in wd.read_history(workdir):
+    try:
+      top1 = float(record['ensemble']['top1'])
+    except (KeyError, TypeError, ValueError):
+      continue
+    if math.isfinite(top1) and (best is None or top1 > best['top1']):
+      best = {'epoch': record.get('epoch'), 'step': record['step'],
+              'top1': top1, 'note': BEST_EPOCH_NOTE}
+  return best
+
+
+def evaluate_test_set(runs: Sequence[Run], mesh,
+                      eval_batch_size: Optional[int] = None
+                      ) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
+  """Metrics of the runs' (ensembled) members on the whole test set.
+
+  Returns:
+    (result in the eval.json schema, member logits float32 [N, sum M, C],
+    labels int32 [N]).
+  """
+  config = runs[0].config
+  images, labels = data.load_split(config, 'test')
+  logits = predict_members(runs, images, mesh, eval_batch_size)
+  result = metrics.evaluation_metrics(
+      logits, labels, ensemble=config.evaluation.ensemble,
+      calibration_seed=config.evaluation.calibration_seed)
+  result['step'] = runs[0].step
+  result['workdirs'] = [os.path.abspath(r.workdir) for r in runs]
+  if len(runs) > 1:
+    result['steps'] = [r.step for r in runs]
+    result['members_per_run'] = [r.config.num_members for r in runs]
+  else:
+    best = best_epoch_on_test(runs[0].workdir)
+    if best is not None:
+      result['best_epoch_on_test'] = best
+  return result, logits, labels
+
+
+def _f(value, spec='7.4f'):
+  return f'{"-":>7s}' if value is None else format(value, spec)
+
+
+def format_table(result: Dict[str, Any]) -> str:
+  """A readable summary of an eval.json dict."""
+  ens, lines = result['ensemble'], []
+  runs = result.get('workdirs', [])
+  steps = result.get('steps', result['step'])
+  lines.append(f'{", ".join(runs)} (step {steps}): '
+               f'{result["num_members"]} members, {result["num_examples"]} '
+               f'test images, ensemble = mean of member '
+               f'{result["ensemble_mode"]}')
+  lines.append(f'{"":10s} {"top1":>7s} {"top5":>7s} {"nll":>7s} {"ece":>7s} '
+               f'{"brier":>7s}')
+  lines.append(f'{"ensemble":10s} {_f(ens["top1"])} {_f(ens["top5"])} '
+               f'{_f(ens["nll"])} {_f(ens["ece"])} {_f(ens["brier"])}')
+  lines.append(f'{"  (TS)":10s} {_f(ens["top1_c"])} {"":7s} '
+               f'{_f(ens["nll_c"])} {_f(ens["ece_c"])} '
+               f'{_f(ens.get("brier_c"))}   temperature '
+               f'{_f(ens["temperature"], ".4g")} (cross-fitted halves)')
+  for i, member in enumerate(result['members']):
+    lines.append(f'{f"member {i}":10s} {_f(member["top1"])} {"":7s} '
+                 f'{_f(member["nll"])}')
+  div = result['diversity']
+  lines.append(f'diversity: ratio-error {_f(div["ratio_error"], ".4f")}, '
+               f'disagreement {_f(div["disagreement"], ".4f")}')
+  best = result.get('best_epoch_on_test')
+  if best:
+    lines.append(f'best epoch on test (optimistic, paper protocol): epoch '
+                 f'{best["epoch"]} (step {best["step"]}) top1 '
+                 f'{_f(best["top1"], ".4f")}')
+  corr = result.get('corruptions')
+  if corr:
+    lines.append(f'corruptions ({len(corr["evaluated"])} of '
+                 f'{len(corruptions.CORRUPTIONS)}, '
+                 f'{corr["num_images_per_severity"]} images per severity, '
+                 'nll without temperature scaling):')
+    for name, row in [('mean', corr['mean']), ('pooled', corr['pooled'])] + [
+        (f'severity {s}', v) for s, v in corr['per_severity'].items()]:
+      lines.append(f'  {name:12s} top1 {_f(row["top1"])} top5 '
+                   f'{_f(row["top5"])} nll {_f(row["nll"])} ece '
+                   f'{_f(row["ece"])}')
+    if corr['missing_corruptions']:
+      missing = ', '.join(corr['missing_corruptions'])
+      lines.append(f'  warning: missing {missing}')
+  return '\n'.join(lines)

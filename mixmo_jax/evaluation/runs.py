@@ -1,0 +1,153 @@
+"""Restoring trained runs for evaluation, and their members' predictions.
+
+A `Run` is read from its workdir alone (config.json and the newest verified
+checkpoint).  Several runs form one ensemble: their members' logits are
+concatenated along the member axis, [N, sum_r M_r, C], so a deep ensemble
+of M = 1 networks and an ensemble of N MixMo networks (paper Sec. 4.6)
+average all N x M predictions.
+"""
+import dataclasses
+import os
+from typing import Any, List, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from mixmo_jax import checkpointing, data, models, sharding, workdir as wd
+from mixmo_jax.evaluation import inference
+
+# Fields every run of an ensemble must share (same test set, same classes);
+# a dataset's spec may add more (`DatasetSpec.test_set_fields`).
+SHARED_FIELDS = ('dataset', 'num_classes', 'image_size')
+
+
+class EvaluationError(ValueError):
+  """An input of the evaluation is missing or unusable (one-line message)."""
+
+
+@dataclasses.dataclass
+class Run:
+  """A restored run: its workdir, config (from config.json), variables, step."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  variables: Any
+  step: int
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """config.json of a workdir, after checking it has checkpoints too.
+
+  Raises:
+    EvaluationError: no such folder, no config.json, or no checkpoint.
+  """
+  if not os.path.isdir(workdir):
+    raise EvaluationError(f'workdir {workdir} does not exist')
+  ckpt_dir = wd.path(workdir, wd.CHECKPOINTS)
+  try:
+    config = wd.read_config(workdir)
+  except FileNotFoundError as e:
+    raise EvaluationError(str(e)) from e
+  except (OSError, ValueError) as e:
+    raise EvaluationError(f'{wd.path(workdir, wd.CONFIG)}: cannot be read '
+                          f'({e})') from e
+  if not os.path.isdir(ckpt_dir) or not any(
+      name.isdigit() for name in os.listdir(ckpt_dir)):
+    raise EvaluationError(f'no checkpoint in {ckpt_dir}')
+  return config
+
+
+def check_compatible(configs: Sequence[Any], workdirs: Sequence[str]) -> None:
+  """Runs of an ensemble must share dataset, num_classes, image_size and the
+  dataset's own test-set fields (e.g. the digits' data_seed).
+
+  Raises:
+    EvaluationError: naming the first field that differs and both values.
+  """
+  fields = SHARED_FIELDS + data.get_dataset(configs[0].dataset).test_set_fields
+  for field in fields:
+    first = configs[0].get(field)
+    for config, workdir in zip(configs[1:], workdirs[1:]):
+      if config.get(field) != first:
+        raise EvaluationError(
+            f'the runs differ in config.{field}: {workdirs[0]} has '
+            f'{first!r}, {workdir} has {config.get(field)!r}; an ensemble '
+            'needs the same test set and classes')
+
+
+def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
+  """Every workdir's config.json, checked (see `read_config`) and compatible
+  (see `check_compatible`); nothing is restored yet."""
+  if not workdirs:
+    raise EvaluationError('no workdir given')
+  configs = [read_config(w) for w in workdirs]
+  check_compatible(configs, workdirs)
+  return configs
+
+
+def load_runs(workdirs: Sequence[str], step: Optional[int] = None) -> List[Run]:
+  """Checks every workdir first (`read_configs`), then restores each run.
+
+  Args:
+    workdirs: one or more training workdirs.
+    step: the checkpoint step of every run (default: each run's latest).
+
+  Returns:
+    list of `Run`, variables replicated on the local devices.
+
+  Raises:
+    EvaluationError: see `read_config`, `check_compatible`.
+    checkpointing.CheckpointError: no checkpoint at `step`, or a corrupt one.
+  """
+  configs = read_configs(workdirs)
+  return [restore_run(w, c, step) for w, c in zip(workdirs, configs)]
+
+
+def restore_run(workdir: str, config=None, step: Optional[int] = None) -> Run:
+  """The run of `workdir` (config.json unless `config` is given) at the
+  newest verified checkpoint, or exactly `step`; variables replicated on the
+  local devices.
+
+  Raises:
+    FileNotFoundError: no config.json.
+    checkpointing.CheckpointError: no checkpoint (at `step`), or a corrupt one.
+  """
+  if config is None:
+    config = wd.read_config(workdir)
+  model = models.get_model(config)
+  size = config.image_size
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32),
+      train=False))
+  replicated = sharding.replicated(sharding.local_mesh())
+  abstract = {k: jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      shapes[k]) for k in ('params', 'batch_stats')}
+  variables, restored = checkpointing.restore_variables(workdir, abstract,
+                                                        step)
+  return Run(workdir, config, variables, int(restored))
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def predict_members(runs: Sequence[Run], images: np.ndarray, mesh,
+                    eval_batch_size: Optional[int] = None) -> np.ndarray:
+  """Member logits of every run on `images`, concatenated over members.
+
+  Args:
+    runs: restored runs (each with its own model and normalisation).
+    images: uint8 [N, H, W, 3] (a memory map is fine: read batch by batch).
+    mesh: the mesh the variables live on.
+    eval_batch_size: override of config.eval_batch_size.
+
+  Returns:
+    float32 [N, sum_r M_r, C], members in run order.
+  """
+  outputs = [inference.predict_with_config(
+      models.get_model(run.config), run.config, run.variables, images, mesh,
+      eval_batch_size) for run in runs]
+  return np.concatenate(outputs, axis=1)

@@ -1,0 +1,43 @@
+"""What the host ships to the devices at each step.
+
+The host only picks *which* samples a step uses, a pure function of
+(seed, step) (`data.pipeline.train_indices`), and ships this process's slice
+of them as uint8; everything random about the batch runs on device inside
+the jitted step.
+"""
+import jax
+
+from mixmo_jax import augmix, sharding
+from mixmo_jax.data import pipeline
+
+
+class Feeder:
+  """Builds the global arrays of each step from the training split.
+
+  Args:
+    config: the run's config.
+    train_x: uint8 [N, H, W, 3], train_y: int32 [N], the training split.
+    mesh: the training mesh.
+  """
+
+  def __init__(self, config, train_x, train_y, mesh):
+    self.config = config
+    self.train_x, self.train_y = train_x, train_y
+    self.mesh = mesh
+    self.num_unique = pipeline.unique_per_step(config)
+    self.local = pipeline.process_slice(self.num_unique, jax.process_index(),
+                                        jax.process_count())
+
+  def batch(self, step: int):
+    """(images uint8 [U, H, W, 3], labels int32 [U]) of `step`, sharded."""
+    config = self.config
+    idx = pipeline.train_indices(config.seed, step, len(self.train_y),
+                                 self.num_unique)[self.local]
+    images, labels = self.train_x[idx], self.train_y[idx]
+    if config.augment.augmix:  # Host-side, deterministic from (seed, step).
+      aug = config.augment
+      images = augmix.augmix_batch(
+          images, config.seed, step, severity=aug.augmix_severity,
+          width=aug.augmix_width, depth=aug.augmix_depth,
+          first_index=self.local.start)
+    return sharding.global_batch((images, labels), self.mesh)

@@ -1,0 +1,113 @@
+"""The training loop: data, periodic evaluation, checkpoints, logging.
+
+The step itself is `training.train_step`; this loop feeds it each step's
+unique samples (`feed.Feeder`, a pure function of (seed, step)), evaluates
+every `eval_every_epochs`, saves verified checkpoints every
+`checkpoint_every_epochs` and at the end, stops cleanly on SIGTERM (saving
+the current step, `preemption`), and refuses to continue past a non-finite
+loss (`progress.Reporter`).
+"""
+import os
+import signal
+from typing import Any, Dict
+
+from absl import logging
+import jax
+
+from mixmo_jax import (checkpointing, cli, data, feed, models, preemption,
+                       progress, sharding, training, workdir as wd)
+from mixmo_jax.data import pipeline
+from mixmo_jax.evaluation import inference, metrics
+
+# Test hook: SIGKILL this process right after the given step (deterministic).
+FAULT_KILL_ENV = 'MIXMO_FAULT_KILL_AFTER_STEP'
+NonFiniteLossError = progress.NonFiniteLossError
+
+
+def evaluate(config, state, predict, test, mesh, step: int,
+             epoch: int) -> Dict[str, Any]:
+  """Test-set evaluation with the `evaluate` metrics and names.
+
+  Returns:
+    {'step', 'epoch', **metrics.evaluation_metrics(...)}.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = inference.predict_member_logits(
+      predict, variables, test[0], config.eval_batch_size, mesh)
+  result = metrics.evaluation_metrics(
+      logits, test[1], ensemble=config.evaluation.ensemble,
+      calibration_seed=config.evaluation.calibration_seed)
+  return {'step': step, 'epoch': epoch, **result}
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains (resuming from the workdir's checkpoint) and evaluates.
+
+  Returns:
+    The last evaluation record ({'step', 'epoch', 'ensemble', 'members',
+    'diversity', ...}), or {'step': s, 'preempted': True} after SIGTERM.
+  """
+  stopper = preemption.Preemption()  # Before the slow start: SIGTERM stops.
+  cli.quiet_orbax_logs()
+  mesh = sharding.make_mesh()
+  train_x, train_y = data.load_split(config, 'train')
+  if config.num_train_examples:
+    train_x = train_x[:config.num_train_examples]
+    train_y = train_y[:config.num_train_examples]
+  test = data.load_split(config, 'test')
+  spe = pipeline.steps_per_epoch(config, len(train_y))
+  total = spe * config.num_epochs
+  model = models.get_model(config)
+  feeder = feed.Feeder(config, train_x, train_y, mesh)
+
+  state = training.create_train_state(config, model, spe, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  restored, start = ckpt.restore_latest(training.state_to_tree(state))
+  if restored is not None:
+    state = training.tree_to_state(state, restored)
+    logging.info('Resumed from the checkpoint at step %d.', start)
+  if jax.process_index() == 0:
+    wd.truncate_history(workdir, start)
+
+  reporter = progress.Reporter(workdir, total)
+  step_fn = training.make_train_step(config, model, spe, mesh)
+  predict = inference.make_predict_fn(model, mesh, config.image_mean,
+                                      config.image_std)
+  kill_after = int(os.environ.get(FAULT_KILL_ENV, '-1'))
+  record = {'step': start}
+  last_good = (f'step {start} in {ckpt.directory}' if restored is not None
+               else f'none (no checkpoint in {ckpt.directory} yet)')
+  if stopper.requested and jax.process_count() == 1:  # While starting.
+    logging.warning('Stopped by SIGTERM before step %d.', start + 1)
+    ckpt.close()
+    return {'step': start, 'preempted': True}
+  logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
+               jax.device_count())
+  for step in range(start, total):
+    state, step_metrics = step_fn(state, *feeder.batch(step))
+    done = step + 1
+    reporter.step(done, step_metrics)
+    if done == kill_after:
+      os.kill(os.getpid(), signal.SIGKILL)
+    epoch_end, last = done % spe == 0, done == total
+    epoch = done // spe
+    if done % config.log_every_steps == 0 or epoch_end:
+      reporter.flush(done, last_good)
+    if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
+      record = evaluate(config, state, predict, test, mesh, done, epoch)
+      reporter.evaluation(record)
+      if jax.process_index() == 0:
+        wd.append_history(workdir, record)
+    stop = stopper.reached(ckpt, done)
+    if (epoch_end and epoch % config.checkpoint_every_epochs == 0) or last or stop:
+      reporter.flush(done, last_good)
+      ckpt.save(done, training.state_to_tree(state))
+      last_good = f'step {done} in {ckpt.directory}'
+    if stop:
+      logging.warning('Stopped by SIGTERM after step %d (checkpoint saved).',
+                      done)
+      record = {'step': done, 'preempted': True}
+      break
+  reporter.close()
+  ckpt.close()
+  return record

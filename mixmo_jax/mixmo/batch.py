@@ -1,0 +1,405 @@
+"""Batches of member inputs (Algorithm 1 step 1) and in-pixel mixing.
+
+The pieces of a MixMo training batch, from the step's N unique samples to
+the M member inputs and their targets:
+
+  repeat_batch        batch repetition b (Algorithm 1 line 5): B = N * b
+  member_indices      each member's own permutation of the repeated batch,
+                      with MIMO's input repetition rho (line 6)
+  patch_probability   the p schedule (lines 8-11)
+  partner_positions   the partner x_k of in-pixel CutMix, never a copy of
+                      the member's own sample
+  cutmix_for_mixmo    in-pixel CutMix with MixMo and its lambda' rule
+                      (Appendix 6.4)
+  mixup, cutmix       the single-network baselines' pixel mixing
+  member_batch        all of the above in the order of Algorithm 1
+
+Pixel augmentation (crop, flip) is passed in as a function, so this package
+does not depend on the data pipeline.  Everything is vectorised over samples
+and jit-able; probabilities and Beta concentrations may be traced.
+
+Shapes: N unique samples, B = N * b batch, M members, C classes, H, W image
+size, h, w the mixing map (stem output).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from mixmo_jax.mixmo import masks
+
+Array = jax.Array
+PIXEL_MIXES = ('none', 'mixup', 'cutmix')
+
+
+# ----------------------------------------------------------------------------
+# Repetition, permutations, schedule.
+# ----------------------------------------------------------------------------
+
+
+def repeat_batch(x: Array, b: int) -> Array:
+  """Batch repetition: [N, ...] -> [N * b, ...], sample n at n, n + N, ...
+
+  (Algorithm 1 line 5; b = config.batch_repetitions.)
+  """
+  x = jnp.asarray(x)
+  return jnp.tile(x, (int(b),) + (1,) * (x.ndim - 1))
+
+
+def patch_probability(epoch, num_epochs, p, decay_fraction=1.0 / 12.0):
+  """Probability of patch mixing at a 1-indexed epoch (Algorithm 1, l. 8-11).
+
+    p_e = p                                   if epoch <= (1 - d) * E,
+    p_e = p * (E - epoch) / (d * E)           otherwise,
+
+  with E = num_epochs and d = decay_fraction (1/12: a linear descent to 0
+  over the last twelfth).  For E = 300: p up to epoch 275, 0.96 p at 276,
+  0 at 300.  Values past E are clipped at 0; d = 0 means no decay.
+  All arguments may be traced.  Returns a float32 scalar.
+  """
+  epoch = jnp.asarray(epoch, jnp.float32)
+  num_epochs = jnp.asarray(num_epochs, jnp.float32)
+  p = jnp.asarray(p, jnp.float32)
+  decay_len = jnp.asarray(decay_fraction, jnp.float32) * num_epochs
+  remaining = num_epochs - epoch
+  safe_len = jnp.where(decay_len > 0, decay_len, 1.0)
+  ramp = jnp.clip(p * remaining / safe_len, 0.0, p)
+  in_decay = (decay_len > 0) & (remaining < decay_len)
+  return jnp.where(in_decay, ramp, p)
+
+
+def member_indices(key: Array, batch_size: int, num_members: int,
+                   input_repetition: float = 0.0) -> Array:
+  """Indices of each member's inputs in a (repeated) batch of size B.
+
+  MIMO's input repetition (uncertainty-baselines): a main random
+  permutation pi of range(B); member i takes pi with its first
+  n = round(B * (1 - rho)) positions shuffled by its own permutation and the
+  last B - n kept, so a fraction of about rho of the rows is identical for
+  all members.  rho = 0: independent uniform permutations.
+
+  Args:
+    key: PRNG key.
+    batch_size: B (static).
+    num_members: M (static).
+    input_repetition: rho in [0, 1], a Python float (static).
+
+  Returns:
+    int32 [B, M]; column i is a permutation of range(B), member i's inputs.
+  """
+  rho = float(input_repetition)
+  if not 0.0 <= rho <= 1.0:
+    raise ValueError(f'input_repetition must lie in [0, 1], got {rho}.')
+  num_shuffled = int(round(batch_size * (1.0 - rho)))
+  key_main, key_members = jax.random.split(key)
+  main = jax.random.permutation(key_main, batch_size).astype(jnp.int32)
+  if num_shuffled <= 1:
+    return jnp.tile(main[:, None], (1, num_members))
+
+  def member_permutation(member_key):
+    head = main[:num_shuffled]
+    head = head[jax.random.permutation(member_key, num_shuffled)]
+    return jnp.concatenate([head, main[num_shuffled:]])
+
+  keys = jax.random.split(key_members, num_members)
+  perms = jax.vmap(member_permutation)(keys)  # Shape: [M, B].
+  return perms.T.astype(jnp.int32)  # Shape: [B, M].
+
+
+def partner_positions(key: Array, idx: Array, num_unique: int,
+                      batch: int) -> Array:
+  """Positions in the repeated batch of another sample for each member input.
+
+  q = idx + N * U{0..b-1} + U{1..N-1} (mod B): a copy of a *different* unique
+  sample of this step (never the member's own sample), any of its b copies.
+
+  Args:
+    key: PRNG key.
+    idx: int [B, M], the member inputs' positions (`member_indices`).
+    num_unique: N.
+    batch: B = N * b.
+
+  Returns:
+    int32 [B, M].
+  """
+  k1, k2 = jax.random.split(key)
+  reps = jax.random.randint(k1, idx.shape, 0, batch // num_unique)
+  shift = jax.random.randint(k2, idx.shape, 1, max(num_unique, 2))
+  return (idx + reps * num_unique + shift) % batch
+
+
+# ----------------------------------------------------------------------------
+# In-pixel mixing.
+# ----------------------------------------------------------------------------
+
+
+def _draw_lambda(key, alpha, prob, batch_size, per_sample):
+  """lambda ~ Beta(alpha, alpha), replaced by 1 (no mixing) with prob 1 - prob.
+
+  Returns float32 [B] (per_sample) or [] (one draw for the whole batch).
+  """
+  key_beta, key_apply = jax.random.split(key)
+  shape = (batch_size,) if per_sample else ()
+  lam = jax.random.beta(key_beta, alpha, alpha, shape)
+  apply = jax.random.bernoulli(key_apply, prob, shape)
+  return jnp.where(apply, lam, 1.0).astype(jnp.float32)
+
+
+def _mix_targets(lam, onehot, partner_onehot):
+  """lam * y_i + (1 - lam) * y_k; lam [] or [B], targets [B, C]."""
+  lam = jnp.reshape(lam, jnp.shape(lam) + (1,))
+  return lam * onehot + (1.0 - lam) * partner_onehot
+
+
+def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+  """Mixup in pixels (Zhang et al., ICLR 2018; MixMo paper Appendix 6.7).
+
+    x = lam * x_i + (1 - lam) * x_pi(i),  y = lam * y_i + (1 - lam) * y_pi(i),
+    lam ~ Beta(alpha, alpha),
+
+  with pi a random permutation of the batch. As in Zhang et al., one lam is
+  drawn for the whole batch (`per_sample=False`); `per_sample=True` draws one
+  per sample. With probability 1 - prob (per batch, or per sample) lam = 1,
+  i.e. no mixing.
+
+  Args:
+    key: PRNG key.
+    images: [B, H, W, 3] float (uint8 is cast to float32, same [0, 255] scale).
+    onehot: [B, C] float targets (one-hot or already soft).
+    alpha: Beta concentration (may be traced).
+    prob: probability of mixing (may be traced).
+    per_sample: Python bool.
+
+  Returns:
+    (images float [B, H, W, 3], soft targets float32 [B, C]).
+  """
+  batch_size = images.shape[0]
+  key_lam, key_perm = jax.random.split(key)
+  lam = _draw_lambda(key_lam, alpha, prob, batch_size, per_sample)
+  perm = jax.random.permutation(key_perm, batch_size)
+  x = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(
+      jnp.float32)
+  lam_x = jnp.reshape(lam, jnp.shape(lam) + (1, 1, 1)).astype(x.dtype)
+  mixed = lam_x * x + (1 - lam_x) * x[perm]
+  onehot = onehot.astype(jnp.float32)
+  return mixed, _mix_targets(lam, onehot, onehot[perm])
+
+
+def _paste(keep, own, other):
+  """keep * own + (1 - keep) * other for a binary keep [..., H, W].
+
+  Done with a select so that uint8 images stay uint8 and exact.
+  """
+  return jnp.where(keep[..., None] > 0.5, own, other)
+
+
+def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+  """CutMix in pixels (Yun et al., ICCV 2019; MixMo paper Appendix 6.7).
+
+    x = 1_m * x_i + (1 - 1_m) * x_pi(i),  y = lam' y_i + (1 - lam') y_pi(i),
+
+  lam ~ Beta(alpha, alpha), the pasted box from `masks.box_mask` (centre uniform,
+  clipped), lam' = mean(1_m) the adjusted share actually kept from x_i, pi a
+  random permutation of the batch. As in Yun et al., one lam and one box
+  per batch (`per_sample=False`); `per_sample=True` draws them per sample.
+  With probability 1 - prob (per batch, or per sample) nothing is pasted.
+
+  Args:
+    key: PRNG key.
+    images: [B, H, W, 3] uint8 or float (dtype kept).
+    onehot: [B, C] float targets.
+    alpha: Beta concentration (may be traced).
+    prob: probability of applying CutMix (may be traced).
+    per_sample: Python bool.
+
+  Returns:
+    (images [B, H, W, 3] same dtype, soft targets float32 [B, C]).
+  """
+  batch_size, height, width = images.shape[:3]
+  key_lam, key_box, key_perm = jax.random.split(key, 3)
+  lam = _draw_lambda(key_lam, alpha, prob, batch_size, per_sample)
+  # Shape: [H, W] (one box per batch) or [B, H, W].
+  pasted = masks.random_box_masks(key_box, 1.0 - lam, height, width)
+  keep = jnp.broadcast_to(1.0 - pasted, (batch_size, height, width))
+  perm = jax.random.permutation(key_perm, batch_size)
+  lam_adjusted = jnp.mean(1.0 - pasted, axis=(-2, -1))
+  onehot = onehot.astype(jnp.float32)
+  return (_paste(keep, images, images[perm]),
+          _mix_targets(lam_adjusted, onehot, onehot[perm]))
+
+
+def resize_nearest(weights, height, width):
+  """Nearest-neighbour resize of weights [..., h, w] to [..., H, W].
+
+  Output pixel (r, c) reads input (floor(r h / H), floor(c w / W)); for an
+  integer factor H = s h this repeats each cell s x s times.
+  """
+  h, w = weights.shape[-2:]
+  rows = (jnp.arange(height) * h) // height
+  cols = (jnp.arange(width) * w) // width
+  return weights[..., rows, :][..., cols]
+
+
+def apply_cutmix_for_mixmo(member_images, member_targets, other_images,
+                           other_targets, keep_masks, mixmo_masks, apply):
+  """The deterministic rule of in-pixel CutMix with MixMo (Appendix 6.4).
+
+  For each member input i, with 1_m the region kept from its own image x_i
+  (the rest comes from x_k) and 1_M its MixMo mask at pixel resolution:
+
+    lam' = sum(1_m * 1_M) / sum(1_M)       (mean(1_m) if sum(1_M) = 0),
+    x    = 1_m * x_i + (1 - 1_m) * x_k,    y = lam' y_i + (1 - lam') y_k;
+
+  if lam' < 0.5 the roles swap so that x_i stays predominant:
+  x = 1_m * x_k + (1 - 1_m) * x_i and lam' -> 1 - lam'. Where `apply` is
+  False the input keeps x_i and its own target.
+
+  Args:
+    member_images: [B, M, H, W, 3] uint8 or float (x_i per member).
+    member_targets: [B, M, C] float (y_i).
+    other_images: [B, M, H, W, 3] same dtype (x_k).
+    other_targets: [B, M, C] float (y_k).
+    keep_masks: [B, M, H, W] binary float, 1_m.
+    mixmo_masks: [B, M, H, W] float >= 0, 1_M (for linear mixing a constant
+      kappa_i, binary for Cut-MixMo).
+    apply: [B, M] bool.
+
+  Returns:
+    (images [B, M, H, W, 3] same dtype, soft targets float32 [B, M, C]).
+  """
+  keep = keep_masks.astype(jnp.float32)
+  visible = mixmo_masks.astype(jnp.float32)
+  total = jnp.sum(visible, axis=(-2, -1))
+  ratio = jnp.sum(keep * visible, axis=(-2, -1)) / jnp.where(
+      total > 0, total, 1.0)
+  lam = jnp.where(total > 0, ratio, jnp.mean(keep, axis=(-2, -1)))
+  swap = lam < 0.5
+  keep = jnp.where(swap[..., None, None], 1.0 - keep, keep)
+  lam = jnp.where(swap, 1.0 - lam, lam)
+  keep = jnp.where(apply[..., None, None], keep, 1.0)
+  lam = jnp.where(apply, lam, 1.0)
+  targets = _mix_targets(lam, member_targets.astype(jnp.float32),
+                         other_targets.astype(jnp.float32))
+  return _paste(keep, member_images, other_images), targets
+
+
+def cutmix_for_mixmo(key, member_images, member_labels, other_images,
+                     other_labels, mixmo_weights, num_classes, prob=0.5,
+                     alpha=1.0):
+  """In-pixel CutMix combined with MixMo (MixMo paper Sec. 4.1, App. 6.4).
+
+  Per member input, independently with probability `prob`: lam ~
+  Beta(alpha, alpha) (alpha = 1 in the paper), a standard CutMix box
+  (Yun et al., ICCV 2019; `masks.box_mask`, centre uniform, clipped) of x_k is
+  pasted on x_i, and the target becomes lam' y_i + (1 - lam') y_k with
+  lam' = sum(1_m 1_M) / sum(1_M): the share of x_i among the pixels that
+  the MixMo mask 1_M of that member lets through. If lam' < 0.5, x_i and x_k
+  swap roles so that x_i stays predominant (see `apply_cutmix_for_mixmo`).
+  x_k (`other_images`) is drawn by the caller from the whole training set,
+  not only the batch. The MixMo weights must be sampled before this call.
+
+  1_M is mixmo_weights[:, i] upsampled from h x w to H x W by nearest
+  neighbour (`resize_nearest`); for an integer factor this equals the
+  reference's average pooling of 1_m to h x w. For linear mixing the weights
+  are constant, so lam' = mean(1_m).
+
+  Args:
+    key: PRNG key.
+    member_images: [B, M, H, W, 3] uint8 or float, x_i of each member.
+    member_labels: int [B, M], y_i.
+    other_images: [B, M, H, W, 3] same dtype, x_k for each member input.
+    other_labels: int [B, M], y_k.
+    mixmo_weights: float [B, M, h, w], the MixMo mixing weights.
+    num_classes: Python int C.
+    prob: probability of CutMix per member input (may be traced).
+    alpha: Beta concentration of lam (may be traced).
+
+  Returns:
+    (member_images [B, M, H, W, 3] same dtype, soft targets f32 [B, M, C]).
+  """
+  batch_size, num_members, height, width = member_images.shape[:4]
+  shape = (batch_size, num_members)
+  key_apply, key_lam, key_box = jax.random.split(key, 3)
+  apply = jax.random.bernoulli(key_apply, prob, shape)
+  lam = jax.random.beta(key_lam, alpha, alpha, shape)
+  keep = 1.0 - masks.random_box_masks(key_box, 1.0 - lam, height, width)
+  visible = resize_nearest(mixmo_weights, height, width)
+  return apply_cutmix_for_mixmo(
+      member_images, jax.nn.one_hot(member_labels, num_classes), other_images,
+      jax.nn.one_hot(other_labels, num_classes), keep, visible, apply)
+
+
+# ----------------------------------------------------------------------------
+# The member batch of a training step.
+# ----------------------------------------------------------------------------
+
+
+def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
+                 num_members: int, repetitions: int, num_classes: int,
+                 input_repetition: float = 0.0,
+                 augment: Optional[Callable[[Array, Array], Array]] = None,
+                 augment_per_copy: bool = True, pixel_mix: str = 'none',
+                 pixel_mix_prob=0.5, cutmix_alpha=1.0,
+                 mixup_alpha=1.0) -> Tuple[Array, Array]:
+  """The M member inputs and targets of a step (Algorithm 1 step 1).
+
+  1. Batch repetition: the N unique samples become B = N * b rows
+     (`repeat_batch`); `augment(key, images)` (pad-crop-flip) runs on each of
+     the b copies (`augment_per_copy`, the MixMo code) or once before
+     repeating (the MIMO code).
+  2. Each member i takes its own permutation of the B rows
+     (`member_indices`, with input repetition rho): member i's input at
+     row r is copy idx[r, i] and its target that copy's label.
+  3. In-pixel mixing: for M > 1 only CutMix is allowed (`cutmix_for_mixmo`:
+     per member input with probability `pixel_mix_prob`, partner from
+     `partner_positions`, target lambda' y_i + (1 - lambda') y_k); for M = 1
+     the single-network Mixup / CutMix baselines (`mixup`, `cutmix`).
+
+  Args:
+    key: the step's key for data randomness.
+    images: uint8 [N, H, W, 3], the step's unique samples.
+    labels: int32 [N].
+    weights: float [B, M, h, w], the step's mixing weights (for lambda').
+    num_members: M.  repetitions: b.  num_classes: C.
+    input_repetition: rho in [0, 1] (static).
+    augment: `(key, images [..., H, W, 3]) -> same`, or None.
+    augment_per_copy: augment after (True) or before (False) repeating.
+    pixel_mix: 'none', 'mixup' (M = 1 only) or 'cutmix'.
+    pixel_mix_prob: probability of CutMix per member input (M > 1).
+    cutmix_alpha, mixup_alpha: Beta concentrations of lambda.
+
+  Returns:
+    xs float32 [B, M, H, W, 3] in [0, 255] (not normalised), and targets:
+    int32 [B, M] labels, or float32 [B, M, C] soft targets with pixel mixing.
+  """
+  if pixel_mix not in PIXEL_MIXES:
+    raise ValueError(f'pixel_mix must be one of {PIXEL_MIXES}, got '
+                     f'{pixel_mix!r}.')
+  k_aug, k_perm, k_pix, k_partner = jax.random.split(key, 4)
+  crop = augment or (lambda k, x: x)
+  if augment_per_copy:
+    x = crop(k_aug, repeat_batch(images, repetitions))
+  else:
+    x = repeat_batch(crop(k_aug, images), repetitions)
+  y = repeat_batch(labels, repetitions)
+  batch = x.shape[0]
+  idx = member_indices(k_perm, batch, num_members, input_repetition)  # [B, M]
+  xs = x[idx].astype(jnp.float32)  # Shape: [B, M, H, W, 3].
+  targets = y[idx]  # Shape: [B, M].
+  if pixel_mix == 'cutmix' and num_members > 1:
+    q = partner_positions(k_partner, idx, images.shape[0], batch)
+    xs, targets = cutmix_for_mixmo(
+        k_pix, xs, targets, x[q].astype(jnp.float32), y[q], weights,
+        num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+  elif pixel_mix in ('cutmix', 'mixup'):
+    if num_members > 1:
+      raise ValueError('in-pixel Mixup is the single-network baseline '
+                       '(num_members=1).')
+    onehot = jax.nn.one_hot(targets[:, 0], num_classes)
+    fn, alpha = ((cutmix, cutmix_alpha) if pixel_mix == 'cutmix'
+                 else (mixup, mixup_alpha))
+    x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
+    xs, targets = x0[:, None], soft[:, None]
+  return xs, targets

@@ -1,0 +1,35 @@
+"""Stopping cleanly: a signal is recorded and the loop saves at the next step.
+
+SIGTERM (a preemption) is recorded by `Preemption`; the training loop then
+saves a checkpoint after the current step and exits.  With several processes
+jax's preemption service (started by `jax.distributed.initialize`) notices
+the signal and orbax makes every process agree on the same step.
+"""
+import signal
+
+from absl import logging
+import jax
+
+
+class Preemption:
+  """Records SIGTERM; `reached(ckpt, step)` says whether to save and stop."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def reached(self, ckpt, step: int) -> bool:
+    """Whether to save and stop after `step`.
+
+    With several processes the decision is orbax's `reached_preemption`
+    (every process agrees); a process-local flag could let one host stop
+    alone.
+    """
+    if jax.process_count() > 1:
+      return ckpt.manager.reached_preemption(step)
+    return self.requested

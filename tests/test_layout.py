@@ -1,0 +1,107 @@
+"""The package's import graph: no cycle, and the method depends on nothing.
+
+Read from the source with `ast` (every `import` and `from ... import`,
+including those inside functions), so a lazy import cannot hide an arrow.
+"""
+import ast
+import os
+
+import pytest
+
+PACKAGE = 'mixmo_jax'
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), PACKAGE)
+
+
+def _module_name(path):
+  rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, '.')
+  return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+
+
+def _modules():
+  out = {}
+  for folder, _, files in os.walk(ROOT):
+    for f in files:
+      if f.endswith('.py'):
+        out[_module_name(os.path.join(folder, f))] = os.path.join(folder, f)
+  return out
+
+
+def _imports(path, modules):
+  """The package modules imported by the file at `path`."""
+  tree = ast.parse(open(path).read())
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+    else:
+      continue
+    for name in names:
+      if name in modules and name != PACKAGE:
+        found.add(name)
+  return found
+
+
+@pytest.fixture(scope='module')
+def graph():
+  modules = _modules()
+  return {m: _imports(p, modules) for m, p in modules.items()}
+
+
+def _under(module, package):
+  return module == package or module.startswith(package + '.')
+
+
+def test_the_method_imports_nothing_else_of_the_package(graph):
+  method = f'{PACKAGE}.mixmo'
+  for module, deps in graph.items():
+    if _under(module, method):
+      outside = sorted(d for d in deps if not _under(d, method))
+      assert not outside, f'{module} imports {outside}'
+
+
+@pytest.mark.parametrize('package, forbidden', [
+    ('data', ('mixmo', 'training', 'loop', 'evaluation', 'models', 'cli',
+              'main', 'api')),
+    ('evaluation', ('training', 'loop', 'main', 'api', 'feed', 'progress')),
+    ('models', ('training', 'loop', 'data', 'evaluation', 'main')),
+])
+def test_forbidden_arrows(graph, package, forbidden):
+  for module, deps in graph.items():
+    if _under(module, f'{PACKAGE}.{package}'):
+      bad = sorted(d for d in deps
+                   if any(_under(d, f'{PACKAGE}.{f}') for f in forbidden))
+      assert not bad, f'{module} imports {bad}'
+
+
+def test_no_import_cycle(graph):
+  # Depth-first search for a back edge; a package's __init__ importing its
+  # own submodules is the usual re-export, not a cycle.
+  state, stack = {}, []
+
+  def visit(module):
+    state[module] = 'open'
+    stack.append(module)
+    for dep in graph[module]:
+      if _under(dep, module):  # __init__ re-exporting a submodule.
+        continue
+      if state.get(dep) == 'open':
+        cycle = stack[stack.index(dep):] + [dep]
+        raise AssertionError(f'import cycle: {" -> ".join(cycle)}')
+      if dep not in state:
+        visit(dep)
+    stack.pop()
+    state[module] = 'done'
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module)
+
+
+def test_the_graph_is_read(graph):
+  """Guards the checks above against an empty or broken graph."""
+  assert f'{PACKAGE}.mixmo.blocks' in graph
+  assert f'{PACKAGE}.mixmo.masks' in graph[f'{PACKAGE}.mixmo.blocks']
+  assert f'{PACKAGE}.training' in graph[f'{PACKAGE}.loop']
