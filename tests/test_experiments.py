@@ -112,6 +112,35 @@ def test_every_paper_row_is_covered_and_nothing_invented():
       assert best[(e.table, e.dataset, e.method)] == e.best_epoch
 
 
+@needs_csv
+def test_table4_rows_cover_the_csv_and_train_with_augmix():
+  rows = [r for r in _csv_rows() if r['table'] == '4']
+  csv_keys = {(r['table'], r['dataset'], r['network'], int(r['width']),
+               r['method'], int(r['cutmix']), int(r['b']), int(r['n_networks']))
+              for r in rows}
+  entries = tables.TABLE4_ENTRIES
+  keys = {e.key for e in entries}
+  assert len(keys) == len(entries) == 10
+  assert keys == csv_keys  # Every reconstructed column has some number.
+  assert {r['metric'] for r in rows} == {'top1', 'top5', 'nll'}
+  # 27 cells: 10 columns x 3 metrics, less the 3 unassignable Top1 cells.
+  assert len(rows) == 27
+  top1 = {r['method'] for r in rows if r['metric'] == 'top1'}
+  assert top1.isdisjoint({'deep_ensemble', 'deep_ensemble_augmix', 'mimo'})
+  clean = {e.row_key[1:]: e for e in tables.ENTRIES if e.table == '1'
+           and e.dataset == 'cifar100'}
+  for e in entries:
+    config = tables.load_config(e, seed=0)
+    augmix = e.method.endswith(tables.AUGMIX_SUFFIX)
+    assert e.corruptions and config.augment.augmix == augmix
+    assert config.dataset == 'cifar100'
+    if not augmix:  # The same training as Table 1's row.
+      same = clean[e.row_key[1:]]
+      assert (tables.training_key(config)
+              == tables.training_key(tables.load_config(same, seed=0)))
+  assert not any(e.table == '4' for e in tables.ENTRIES)
+
+
 def test_figure9_rows():
   fig9 = [e for e in tables.ENTRIES if e.table == 'fig9']
   assert sorted((e.method, e.num_members) for e in fig9) == [
