@@ -452,3 +452,17 @@ def test_summary_of_runs_matching_no_paper_row(tmp_path):
   # One matching paper row: the paper tables as before.
   _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed0/eval.json', 0.8)
   assert '## Table 1' in summarize.summarize(str(root), ['1'], RESULTS_CSV)
+
+
+@pytest.mark.parametrize('path,table,dataset,width', [
+    ('configs/cifar100.py', '1', 'cifar100', 10),
+    ('configs/cifar10.py', '1', 'cifar10', 10),
+    ('configs/tiny_imagenet.py', '5', 'tiny_imagenet', 1)])
+def test_default_config_trains_the_cut_mixmo_b2_row(path, table, dataset,
+                                                    width):
+  """The README quotes, for each plain command, this row's paper number."""
+  from mixmo_jax import configs
+  default = configs.load(os.path.join(REPO, path))
+  row = _find(table, dataset, 'cut_mixmo', b=2, width=width)
+  assert tables.training_key(default) == tables.training_key(
+      tables.load_config(row))
