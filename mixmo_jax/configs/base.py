@@ -54,6 +54,12 @@ def base_config():
   config.model.depth = 28
   config.model.width = 10
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on accelerators.
+  # Stem kernel init: 'mixmo' (M He-normal stems, fan-in 27) | 'mimo' (one
+  # dense conv over the 3M stacked channels, fan-in 27M, uncertainty-baselines).
+  config.model.stem = 'mixmo'
+  # The conv of a wide block carrying its stride: 'second' (MixMo) | 'first'
+  # (uncertainty-baselines). wide_resnet only.
+  config.model.stride_on = 'second'
 
   config.mixing = ml_collections.ConfigDict()
   config.mixing.method = 'cut'  # 'sum' (MIMO), 'linear', 'cut', ... registry.

@@ -89,7 +89,9 @@ def _wide_resnet(config) -> nn.Module:
   """WRN-depth-width; needs config.model.depth (6n+4) and config.model.width."""
   return WideResNet(depth=config.model.depth, width=config.model.width,
                     num_classes=config.num_classes, num_members=config.num_members,
-                    dtype=compute_dtype(config))
+                    dtype=compute_dtype(config),
+                    stem=config.model.get("stem", "mixmo"),
+                    stride_on=config.model.get("stride_on", "second"))
 
 
 @register_model("preact_resnet18")

@@ -1,0 +1,76 @@
+"""The uncertainty-baselines MIMO options: the MIMO stem and the stride.
+
+The MIMO stem (edward2 / uncertainty-baselines) is ONE dense conv
+[3, 3, 3M, C0] over the M images stacked on channels, He-normal with fan-in
+27M; checked here against one lax.conv over the stacked channels.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixmo_jax.mixmo import layers
+from mixmo_jax.models import WideResNet
+
+M, C0 = 3, 16
+
+
+def _dense_conv(x, kernel):
+  """x [B,H,W,3M] (member-major channels), kernel [3,3,3M,C0] -> [B,H,W,C0]."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def test_mimo_stem_is_one_conv_over_stacked_channels():
+  stems = layers.Stems(M, C0, init_rule='mimo')
+  xs = jax.random.normal(jax.random.PRNGKey(0), (2, M, 8, 8, 3))
+  variables = stems.init(jax.random.PRNGKey(1), xs[:, 0])
+  kernel = variables['params']['kernel']  # [M,3,3,3,C0]
+  # Independent: K[h, w, 3m + i, c] = kernel[m, h, w, i, c].
+  dense = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(3, 3, 3 * M, C0)
+  stacked = jnp.transpose(xs, (0, 2, 3, 1, 4)).reshape(2, 8, 8, 3 * M)
+  expected = _dense_conv(stacked, dense)
+  # Training: sum mixing, w_i = kappa = 1/M (M * sum_i w_i c_i(x_i)).
+  weights = jnp.full((2, M, 8, 8), 1.0 / M)
+  got = stems.apply(variables, xs, weights)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  # Test time: the image tiled M times.
+  tiled = jnp.tile(xs[:, 0], (1, 1, 1, M))
+  np.testing.assert_allclose(stems.apply(variables, xs[:, 0]),
+                             _dense_conv(tiled, dense), rtol=1e-4, atol=1e-4)
+
+
+def test_mimo_stem_fan_in_is_27m():
+  key = jax.random.PRNGKey(3)
+  shape = (M, 3, 3, 3, 256)
+  mixmo = layers.stem_init('mixmo', M)(key, shape)
+  mimo = layers.stem_init('mimo', M)(key, shape)
+  # He-normal: std sqrt(2 / fan_in); mixmo fan_in 27, mimo 27M.
+  np.testing.assert_allclose(np.std(mixmo), np.sqrt(2 / 27), rtol=0.05)
+  np.testing.assert_allclose(np.std(mimo), np.sqrt(2 / (27 * M)), rtol=0.05)
+  with pytest.raises(ValueError, match='model.stem'):
+    layers.stem_init('dense', M)
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_stride_on_first_keeps_parameters_changes_function():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  second = WideResNet(10, 1, 4, 2)
+  first = WideResNet(10, 1, 4, 2, stride_on='first')
+  v = second.init(jax.random.PRNGKey(1), x)
+  v_first = first.init(jax.random.PRNGKey(1), x)
+  shapes = jax.tree_util.tree_map(lambda a: a.shape, v)
+  assert shapes == jax.tree_util.tree_map(lambda a: a.shape, v_first)
+  assert _count(v) == _count(v_first)
+  out_second, out_first = second.apply(v, x), first.apply(v, x)
+  assert out_first.shape == out_second.shape == (2, 2, 4)
+  assert not np.allclose(out_first, out_second)
+  # The strided stage halves at conv1: stage-2 conv1 output is 8x8 already.
+  _, inter = first.apply(v, x, mutable=['intermediates'])
+  assert inter['intermediates']['stage2'][0].shape == (2, 8, 8, 32)
+  with pytest.raises(ValueError, match='stride_on'):
+    WideResNet(10, 1, 4, 2, stride_on='third')
