@@ -51,7 +51,7 @@ from mixmo_jax import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEEDS = (0, 1, 2)
-TABLES = ('1', '2', '5', '6', '8', '9', 'fig9')
+TABLES = ('1', '2', '5', '6', '8', '9', 'fig9', 'ub')
 
 CIFAR_CONFIGS = {'cifar100': 'configs/cifar100.py',
                  'cifar10': 'configs/cifar10.py',
@@ -303,9 +303,20 @@ def _figure9() -> List[Entry]:
           for method in ('mimo', 'cut_mixmo') for m in (2, 3)]
 
 
+def _ub() -> List[Entry]:
+  """uncertainty-baselines' MIMO (baselines/cifar/mimo.py, default flags:
+  M = 3, b = 4, WRN-28-10), its published final-epoch numbers (table 'ub';
+  its CIFAR-100-C row waits, like Table 4, for the corruption eval path)."""
+  return [Entry(table='ub', dataset=dataset, network='wrn28', width=10,
+                method='ub_mimo', cutmix=False, b=4, n_networks=1,
+                config=f'{CIFAR_CONFIGS[dataset]}:ub_mimo', num_members=3,
+                best_epoch=0)
+          for dataset in ('cifar100', 'cifar10')]
+
+
 def _build() -> Tuple[Entry, ...]:
   entries = (_cifar_main_rows('1', 1) + _table2() + _table5() + _table6()
-             + _cifar_main_rows('8', 0) + _table9() + _figure9())
+             + _cifar_main_rows('8', 0) + _table9() + _figure9() + _ub())
   labels = [e.label for e in entries]
   assert len(set(labels)) == len(labels), 'duplicate entry labels'
   return tuple(entries)

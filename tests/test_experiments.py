@@ -466,3 +466,31 @@ def test_default_config_trains_the_cut_mixmo_b2_row(path, table, dataset,
   row = _find(table, dataset, 'cut_mixmo', b=2, width=width)
   assert tables.training_key(default) == tables.training_key(
       tables.load_config(row))
+
+
+@needs_csv
+def test_ub_mimo_rows_and_their_summary(tmp_path):
+  rows = [r for r in _csv_rows() if r['table'] == 'ub']
+  assert {(r['dataset'], r['metric']): r['value'] for r in rows} == {
+      ('cifar10', 'top1'): '96.4', ('cifar10', 'nll'): '0.123',
+      ('cifar10', 'ece'): '0.010', ('cifar100', 'top1'): '82.0',
+      ('cifar100', 'nll'): '0.690', ('cifar100', 'ece'): '0.022',
+      ('cifar100_c', 'top1'): '53.7', ('cifar100_c', 'nll'): '2.28',
+      ('cifar100_c', 'ece'): '0.129'}
+  entries = [e for e in tables.ENTRIES if e.table == 'ub']
+  assert {e.dataset for e in entries} == {'cifar100', 'cifar10'}
+  for e in entries:
+    config = tables.load_config(e)
+    assert (config.num_members, config.batch_repetitions) == (3, 4)
+    assert config.model.stem == 'mimo' and config.seed == 42
+  root = str(tmp_path / 'runs')
+  (entry,) = [e for e in entries if e.dataset == 'cifar100']
+  _write_eval(run_lib.eval_path(root, entry, 0), 0.815, nll=0.7,
+              best=(0.83, 0.6))
+  sections = _parse_markdown(summarize.summarize(root, ['ub'], RESULTS_CSV))
+  row = _row(sections, 'uncertainty-baselines', dataset='cifar100')
+  # Published numbers are final-epoch ones: ours final beside them.
+  assert row['Top-1 % paper (final)'] == '82.00'
+  assert row['Top-1 % ours (final)'] == '81.50'
+  assert row['NLL ours (final)'] == '0.700'
+  assert row['NLL paper (final)'] == '0.690'

@@ -74,3 +74,33 @@ def test_stride_on_first_keeps_parameters_changes_function():
   assert inter['intermediates']['stage2'][0].shape == (2, 8, 8, 32)
   with pytest.raises(ValueError, match='stride_on'):
     WideResNet(10, 1, 4, 2, stride_on='third')
+
+
+@pytest.mark.parametrize('dataset', ['cifar100', 'cifar10'])
+def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
+  from mixmo_jax import config_validation, configs, models
+  config = configs.get(f'{dataset}:ub_mimo')
+  config_validation.validate(config, num_devices=1)
+  assert config.dataset == dataset
+  assert (config.num_members, config.batch_repetitions) == (3, 4)
+  assert config.mixing.method == 'sum' and config.mixing.input_repetition == 0
+  assert config.batch_size // config.batch_repetitions == 128
+  assert (config.model.name, config.model.depth, config.model.width) == (
+      'wide_resnet', 28, 10)
+  assert (config.model.stem, config.model.stride_on) == ('mimo', 'first')
+  assert config.augment.per_copy is False and config.augment.crop_padding == 2
+  assert tuple(config.image_std) == (0.2470, 0.2435, 0.2616)
+  opt = config.optimizer
+  # lr = 0.1 * (512 / 4) / 128 = 0.1.
+  assert opt.base_learning_rate * (
+      config.batch_size / config.batch_repetitions) / (
+          opt.reference_batch_size) == pytest.approx(0.1)
+  assert opt.warmup_epochs == 1 and opt.warmup_steps_per_repetition == 0
+  assert tuple(opt.decay_epochs) == (100, 200, 225)
+  assert opt.decay_factor == 0.2 and config.num_epochs == 250
+  assert opt.l2 == 3e-4 and opt.weight_decay == 0
+  assert opt.momentum == 0.9 and opt.nesterov
+  assert config.seed == 42 and config.evaluation.ensemble == 'probs'
+  model = models.get_model(config)
+  assert (model.stem, model.stride_on, model.num_members) == ('mimo',
+                                                              'first', 3)
