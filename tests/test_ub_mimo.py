@@ -88,6 +88,7 @@ def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
   assert (config.model.name, config.model.depth, config.model.width) == (
       'wide_resnet', 28, 10)
   assert (config.model.stem, config.model.stride_on) == ('mimo', 'first')
+  assert config.model.bn_per_device is True
   assert config.augment.per_copy is False and config.augment.crop_padding == 2
   assert tuple(config.image_std) == (0.2470, 0.2435, 0.2616)
   opt = config.optimizer
@@ -104,3 +105,49 @@ def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
   model = models.get_model(config)
   assert (model.stem, model.stride_on, model.num_members) == ('mimo',
                                                               'first', 3)
+
+
+def test_per_device_batch_norm_equals_per_shard_statistics():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from flax import linen as nn
+  from mixmo_jax import sharding
+  from mixmo_jax.models import common
+  assert jax.device_count() == 8  # conftest: 8 fake CPU devices.
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 5)) * 3 + 1
+  grouped = common.batch_norm(True, jnp.float32, groups=8)
+  v = grouped.init(jax.random.PRNGKey(1), x)
+  v = {'params': {'scale': jnp.arange(1., 6.), 'bias': jnp.arange(5.) / 10},
+       'batch_stats': v['batch_stats']}
+  mesh = sharding.make_mesh()
+  xs = jax.device_put(x, NamedSharding(mesh, P(sharding.DATA_AXIS)))
+  fn = jax.jit(lambda v, x: grouped.apply(v, x, mutable=['batch_stats']))
+  y, updates = fn(v, xs)
+  # Independent: flax's BatchNorm on each device's shard of 2 images.
+  plain = nn.BatchNorm(use_running_average=False, momentum=0.9,
+                       epsilon=1e-5)
+  shards = [plain.apply(v, x[2 * g:2 * g + 2], mutable=['batch_stats'])
+            for g in range(8)]
+  np.testing.assert_allclose(y, jnp.concatenate([s[0] for s in shards]),
+                             rtol=1e-4, atol=1e-4)
+  for stat in ('mean', 'var'):
+    expected = np.mean([s[1]['batch_stats'][stat] for s in shards], 0)
+    np.testing.assert_allclose(updates['batch_stats'][stat], expected,
+                               rtol=1e-4, atol=1e-5)
+  # Not the global-batch statistics.
+  global_y, _ = plain.apply(v, x, mutable=['batch_stats'])
+  assert not np.allclose(y, global_y, atol=1e-3)
+  # Inference: the running statistics, as flax's BatchNorm.
+  test_bn = common.batch_norm(False, jnp.float32, groups=8)
+  np.testing.assert_allclose(
+      test_bn.apply(v, x),
+      nn.BatchNorm(use_running_average=True, epsilon=1e-5).apply(v, x),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_bn_per_device_keeps_the_parameter_tree():
+  x = jnp.zeros((8, 8, 8, 3))
+  plain = WideResNet(10, 1, 4, 2).init(jax.random.PRNGKey(0), x)
+  grouped = WideResNet(10, 1, 4, 2, bn_groups=8).init(jax.random.PRNGKey(0),
+                                                      x)
+  assert jax.tree_util.tree_map(lambda a: a.shape, plain) == (
+      jax.tree_util.tree_map(lambda a: a.shape, grouped))

@@ -64,6 +64,9 @@ def base_config():
   # The conv of a wide block carrying its stride: 'second' (MixMo) | 'first'
   # (uncertainty-baselines). wide_resnet only.
   config.model.stride_on = 'second'
+  # BatchNorm training statistics per device (uncertainty-baselines: per TPU
+  # core) instead of over the global batch. wide_resnet only.
+  config.model.bn_per_device = False
 
   config.mixing = ml_collections.ConfigDict()
   config.mixing.method = 'cut'  # 'sum' (MIMO), 'linear', 'cut', ... registry.
@@ -171,6 +174,7 @@ def _set_ub_mimo(config):
   config.model.width = 10
   config.model.stem = 'mimo'
   config.model.stride_on = 'first'
+  config.model.bn_per_device = True
   config.augment.per_copy = False
   config.augment.crop_padding = 2
   config.augment.flip = True

@@ -22,6 +22,7 @@ RAW block input x (not the pre-activated one) when stride or width changes,
 and the identity otherwise. All convs are bias-free with He-normal fan-in init;
 BN momentum 0.9 (flax convention), epsilon 1e-5.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -44,14 +45,17 @@ class WideBasicBlock(nn.Module):
   strides: int
   dtype: Any = jnp.float32
   stride_on: str = "second"
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = nn.relu(common.batch_norm(train, self.dtype, name="bn1")(x))
+    bn = functools.partial(common.batch_norm, train, self.dtype,
+                           groups=self.bn_groups)
+    out = nn.relu(bn(name="bn1")(x))
     first = self.strides if self.stride_on == "first" else 1
     second = self.strides if self.stride_on == "second" else 1
     out = common.conv(self.features, 3, first, "SAME", self.dtype, name="conv1")(out)
-    out = nn.relu(common.batch_norm(train, self.dtype, name="bn2")(out))
+    out = nn.relu(bn(name="bn2")(out))
     out = common.conv(self.features, 3, second, "SAME", self.dtype, name="conv2")(out)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -84,6 +88,8 @@ class WideResNet(nn.Module):
     stem: 'mixmo' | 'mimo', the stem kernel's init (`layers.stem_init`).
     stride_on: 'second' (MixMo) | 'first' (uncertainty-baselines), the conv
       of a block that carries its stride.
+    bn_groups: G > 1: BatchNorm training statistics per 1/G of the batch
+      (per device, `common.GroupedBatchNorm`).
   """
   depth: int
   width: int
@@ -92,6 +98,7 @@ class WideResNet(nn.Module):
   dtype: Any = jnp.float32
   stem: str = "mixmo"
   stride_on: str = "second"
+  bn_groups: int = 1
 
   STRIDE_ON = ("second", "first")
 
@@ -132,9 +139,11 @@ class WideResNet(nn.Module):
       for block in range(1, n + 1):
         h = WideBasicBlock(mult * self.width, stride if block == 1 else 1,
                            dtype=self.dtype, stride_on=self.stride_on,
+                           bn_groups=self.bn_groups,
                            name=f"stage{stage}_block{block}")(h, train)
       self.sow("intermediates", f"stage{stage}", h)
-    h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(h))
+    h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn",
+                                  groups=self.bn_groups)(h))
     features = h.astype(jnp.float32).mean(axis=(1, 2))  # Shape: [B,64w].
     self.sow("intermediates", "features", features)
     return layers.Heads(self.num_members, self.num_classes, name="heads")(features)
