@@ -49,6 +49,9 @@ TABLE_TITLES = {
     '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
     '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '
          '(paper: best epoch)',
+    '4': 'Table 4: WRN-28-10 trained on CIFAR-100, tested on CIFAR-100-C, '
+         'with and without AugMix (paper: best epoch; ours: final '
+         'checkpoint, mean over the corruption x severity cells)',
     '5': 'Table 5: PreActResNet-18-w on Tiny ImageNet (paper: best epoch)',
     '6': 'Table 6: ensembles of N Cut-MixMo + CutMix, b=4, WRN-28-10 '
          'CIFAR-100 (paper: best epoch)',
@@ -92,8 +95,8 @@ def _read_json(path: str) -> Optional[dict]:
     return json.load(f)
 
 
-def our_value(result: dict, metric: str,
-              best: bool = False) -> Tuple[Optional[float], bool]:
+def our_value(result: dict, metric: str, best: bool = False,
+              corruptions: bool = False) -> Tuple[Optional[float], bool]:
   """One metric of an eval.json in the paper's units, and whether it is the
   final checkpoint's (value None if absent).
 
@@ -101,10 +104,15 @@ def our_value(result: dict, metric: str,
   6.5: epoch of best test top-1, latest on ties) and falls back to the final
   checkpoint's value where it lacks the metric (ensembles of N networks,
   runs without eval_history.jsonl, top-5, members). member_top1 is the mean
-  of the members' top-1 (Figure 9's "individual").
+  of the members' top-1 (Figure 9's "individual"). corruptions=True (a
+  CIFAR-100-C row, eval_cifar_c.json) reads result['corruptions']['mean'],
+  the final checkpoint's mean over the corruption x severity cells.
   """
   chosen = result.get('best_on_test') if best else None
-  if chosen is not None and chosen.get(metric) is not None:
+  if corruptions:
+    mean = (result.get('corruptions') or {}).get('mean') or {}
+    value, final = mean.get(metric), True
+  elif chosen is not None and chosen.get(metric) is not None:
     value, final = chosen[metric], False
   elif metric == 'member_top1':
     members = [m.get('top1') for m in result.get('members') or []]
@@ -147,7 +155,7 @@ def collect(entry: tables.Entry, root: str, metrics: Sequence[str],
       continue
     found += 1
     for m in metrics:
-      v, final = our_value(result, m, best)
+      v, final = our_value(result, m, best, entry.corruptions)
       if v is not None:
         values[m].append(v)
         if best and final:
@@ -229,7 +237,7 @@ def render_table(table: str, entries: Sequence[tables.Entry], root: str,
     if any(FINAL_MARK in c for c in cells) and not footer:
       footer = ['', f'{FINAL_MARK.strip()} final checkpoint (no best_on_test '
                 'for this metric: ensembles of N networks, top-5, members, '
-                'or runs without eval_history.jsonl).']
+                'CIFAR-100-C, or runs without eval_history.jsonl).']
   return '\n'.join(lines + footer) + '\n'
 
 
@@ -242,7 +250,8 @@ def find_eval_files(root: str) -> List[str]:
   for folder, _, names in os.walk(root):
     for name in names:
       if name == wd.EVAL or (name.startswith('eval_ensemble')
-                             and name.endswith('.json')):
+                             and name.endswith('.json') and not name.endswith(
+                                 run_lib.CORRUPTIONS_SUFFIX + '.json')):
         found.append(os.path.join(folder, name))
   return sorted(found)
 

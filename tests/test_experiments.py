@@ -1,5 +1,6 @@
 """Tests for experiments/: the row registry, the command planner, the summary."""
 import csv
+import dataclasses
 import json
 import os
 import shlex
@@ -48,7 +49,9 @@ def test_every_entry_config_loads_validates_and_matches_its_row():
     config = tables.load_config(entry, seed=1)
     config_validation.validate(config, num_devices=1)
     assert config.seed == 1
-    assert config.dataset == entry.dataset
+    # CIFAR-100-C rows (Table 4, 'ub') train on CIFAR-100.
+    assert config.dataset == (entry.dataset[:-2] if entry.corruptions
+                              else entry.dataset)
     assert config.model.width == entry.width
     assert config.batch_repetitions == entry.b
     assert config.num_members == entry.num_members
@@ -140,7 +143,54 @@ def test_table4_rows_cover_the_csv_and_train_with_augmix():
       same = clean[e.row_key[1:]]
       assert (tables.training_key(config)
               == tables.training_key(tables.load_config(same, seed=0)))
-  assert not any(e.table == '4' for e in tables.ENTRIES)
+  assert set(entries) == {e for e in tables.ENTRIES if e.table == '4'}
+
+
+def test_table4_plan_evaluates_on_the_corruptions_into_its_own_file():
+  entries = [e for e in tables.TABLE4_ENTRIES
+             if e.method in ('cut_mixmo', 'cut_mixmo_augmix', 'deep_ensemble')]
+  entries = [dataclasses.replace(e, seeds=(0,)) for e in entries]
+  trains, singles, later = run_lib.plan(entries, '/r', 'PY',
+                                        corruptions_dir='/data/c100c')
+  # One clean eval.json per training, paired with it (the jobs mode zips).
+  assert len(singles) == len(trains)
+  for train, single in zip(trains, singles):
+    assert single.output == os.path.join(train.output, 'eval.json')
+    assert not any(a.startswith('--corruptions') for a in single.argv)
+  outputs = {job.output: job.argv for job in later}
+  cut = [e for e in entries if e.method == 'cut_mixmo'][0]
+  de = [e for e in entries if e.method == 'deep_ensemble'][0]
+  cut_out = run_lib.eval_path('/r', cut, 0)
+  de_out = run_lib.eval_path('/r', de, 0)
+  assert os.path.basename(cut_out) == 'eval_cifar_c.json'
+  assert os.path.basename(de_out) == 'eval_ensemble2_cifar_c.json'
+  # Table 4's Cut-MixMo without AugMix is Table 1's training.
+  assert cut_out.startswith('/r/1/cifar100_wrn28-10_cut_mixmo_b4/seed0/')
+  assert '--corruptions=/data/c100c' in outputs[cut_out]
+  assert '--corruptions=/data/c100c' in outputs[de_out]
+  assert any(a.startswith('--ensemble=') for a in outputs[de_out])
+  # Without --corruptions_dir, the printed command names a placeholder.
+  argv = run_lib.eval_argv(cut, 0, '/r')
+  assert f'--corruptions={run_lib.CORRUPTIONS_PLACEHOLDER}' in argv
+
+
+@needs_csv
+def test_table4_summary_reads_the_corruption_mean(tmp_path):
+  root = str(tmp_path / 'runs')
+  (cut,) = [e for e in tables.TABLE4_ENTRIES if e.method == 'cut_mixmo']
+  # The clean eval.json of the same training must not be read for Table 4.
+  _write_eval(run_lib.eval_path(root, dataclasses.replace(
+      cut, corruptions=False), 0), 0.9, best=(0.91, 0.5))
+  path = run_lib.eval_path(root, cut, 0)
+  with open(path, 'w') as f:
+    json.dump({'corruptions': {'mean': {'top1': 0.571, 'top5': 0.8,
+                                        'nll': 1.9, 'ece': 0.1},
+                               'pooled': {'top1': 0.2}}}, f)
+  sections = _parse_markdown(summarize.summarize(root, ['4'], RESULTS_CSV))
+  row = _row(sections, 'Table 4', dataset='cifar100_c', method='cut_mixmo')
+  assert row['Top-1 % ours (best epoch)'] == '57.10 (f)'
+  assert row['NLL ours (best epoch)'] == '1.900 (f)'
+  assert row['Top-1 % paper (best epoch)'] == '57.00'
 
 
 def test_figure9_rows():
@@ -478,7 +528,8 @@ def test_ub_mimo_rows_and_their_summary(tmp_path):
       ('cifar100_c', 'top1'): '53.7', ('cifar100_c', 'nll'): '2.28',
       ('cifar100_c', 'ece'): '0.129'}
   entries = [e for e in tables.ENTRIES if e.table == 'ub']
-  assert {e.dataset for e in entries} == {'cifar100', 'cifar10'}
+  assert {e.dataset for e in entries} == {'cifar100', 'cifar10', 'cifar100_c'}
+  assert [e.corruptions for e in entries] == [False, False, True]
   for e in entries:
     config = tables.load_config(e)
     assert (config.num_members, config.batch_repetitions) == (3, 4)
