@@ -20,6 +20,10 @@ For every selected row (experiments/tables.py) and repetition k, the plan has
     seeds k*N .. k*N+N-1, see tables.Entry.member_seeds)
       python -m mixmo_jax.evaluate --workdir=W0 --ensemble=W1,...
           --output=W0/eval_ensemble<N>.json
+    and, for Table 4's CIFAR-100-C rows, the same with
+    --corruptions=CORRUPTIONS_DIR (--corruptions_dir) into eval_cifar_c.json /
+    eval_ensemble<N>_cifar_c.json (ensembles and corruption evaluations are
+    the plan's third list: the jobs mode's second file).
 
 Modes:
   print  the commands, trainings first (a comment lists the rows using each).
@@ -43,6 +47,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from experiments import tables
 
 DEFAULT_ROOT = 'runs'
+# The CIFAR-100-C folder in printed commands when --corruptions_dir is unset.
+CORRUPTIONS_PLACEHOLDER = 'CIFAR100_C_DIR'
+CORRUPTIONS_SUFFIX = '_cifar_c'  # eval<...>_cifar_c.json: Table 4's rows.
 
 
 @dataclasses.dataclass
@@ -80,12 +87,14 @@ def eval_path(root: str, entry: tables.Entry, repetition: int) -> str:
   """The eval JSON of repetition k of a row.
 
   A single network: <workdir>/eval.json; an ensemble of N networks:
-  <first member's workdir>/eval_ensemble<N>.json.
+  <first member's workdir>/eval_ensemble<N>.json; a CIFAR-100-C row
+  (entry.corruptions): eval_cifar_c.json / eval_ensemble<N>_cifar_c.json.
   """
   first = workdir(root, entry, entry.member_seeds(repetition)[0])
-  name = ('eval.json' if entry.n_networks == 1
-          else f'eval_ensemble{entry.n_networks}.json')
-  return os.path.join(first, name)
+  stem = ('eval' if entry.n_networks == 1
+          else f'eval_ensemble{entry.n_networks}')
+  suffix = CORRUPTIONS_SUFFIX if entry.corruptions else ''
+  return os.path.join(first, f'{stem}{suffix}.json')
 
 
 def train_argv(entry: tables.Entry, seed: int, root: str,
@@ -97,21 +106,29 @@ def train_argv(entry: tables.Entry, seed: int, root: str,
 
 
 def eval_argv(entry: tables.Entry, repetition: int, root: str,
-              python: str = 'python') -> List[str]:
-  """python -m mixmo_jax.evaluate --workdir=W0 [--ensemble=W1,..] --output=..."""
+              python: str = 'python',
+              corruptions_dir: Optional[str] = None) -> List[str]:
+  """python -m mixmo_jax.evaluate --workdir=W0 [--ensemble=W1,..]
+  [--corruptions=DIR (CIFAR-100-C rows)] --output=..."""
   dirs = [workdir(root, entry, s) for s in entry.member_seeds(repetition)]
   argv = [python, '-m', 'mixmo_jax.evaluate', f'--workdir={dirs[0]}']
   if len(dirs) > 1:
     argv.append(f'--ensemble={",".join(dirs[1:])}')
+  if entry.corruptions:
+    argv.append(f'--corruptions={corruptions_dir or CORRUPTIONS_PLACEHOLDER}')
   return argv + [f'--output={eval_path(root, entry, repetition)}']
 
 
 def plan(entries: Sequence[tables.Entry], root: str,
-         python: str = 'python') -> Tuple[List[Job], List[Job], List[Job]]:
-  """(trainings, single evaluations, ensemble evaluations), deduplicated.
+         python: str = 'python', corruptions_dir: Optional[str] = None
+         ) -> Tuple[List[Job], List[Job], List[Job]]:
+  """(trainings, single evaluations, ensemble and CIFAR-100-C evaluations),
+  deduplicated.
 
   Each training run appears once (keyed by workdir) with the evaluation of
-  its final checkpoint (eval.json); ensemble evaluations follow.
+  its final checkpoint on the clean test set (eval.json), so that the
+  second list pairs one to one with the first; ensemble evaluations and
+  the corruption evaluations (entry.corruptions) follow.
   """
   trains: Dict[str, Job] = {}
   singles: Dict[str, Job] = {}
@@ -122,15 +139,17 @@ def plan(entries: Sequence[tables.Entry], root: str,
         wd = workdir(root, entry, seed)
         if wd not in trains:
           trains[wd] = Job('train', train_argv(entry, seed, root, python), wd)
-          single = dataclasses.replace(entry, n_networks=1)
+          single = dataclasses.replace(entry, n_networks=1, corruptions=False)
           out = eval_path(root, single, seed)
           singles[out] = Job('eval', eval_argv(single, seed, root, python), out)
         if entry.label not in trains[wd].rows:
           trains[wd].rows.append(entry.label)
       out = eval_path(root, entry, k)
-      target = singles if entry.n_networks == 1 else ensembles
+      target = (singles if entry.n_networks == 1 and not entry.corruptions
+                else ensembles)
       if out not in target:
-        target[out] = Job('eval', eval_argv(entry, k, root, python), out)
+        target[out] = Job('eval', eval_argv(entry, k, root, python,
+                                            corruptions_dir), out)
       if entry.label not in target[out].rows:
         target[out].rows.append(entry.label)
   return list(trains.values()), list(singles.values()), list(ensembles.values())
@@ -141,9 +160,10 @@ def _unique(items):
 
 
 def format_plan(entries: Sequence[tables.Entry], root: str,
-                python: str = 'python') -> str:
+                python: str = 'python',
+                corruptions_dir: Optional[str] = None) -> str:
   """The print mode's text: commented trainings, then evaluations."""
-  trains, singles, ensembles = plan(entries, root, python)
+  trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
   lines = [
       f'# mixmo_jax: {len(entries)} rows '
       f'(tables {", ".join(_unique(e.table for e in entries))}), '
@@ -157,7 +177,8 @@ def format_plan(entries: Sequence[tables.Entry], root: str,
   lines += ['', '# --- evaluation of the final checkpoints (after training) ---']
   lines += [job.command for job in singles]
   if ensembles:
-    lines += ['', '# --- ensembles of independently trained networks ---']
+    lines += ['', '# --- ensembles of independently trained networks and '
+              'CIFAR-100-C evaluations ---']
     for job in ensembles:
       lines.append(f'# rows: {" ".join(job.rows)}')
       lines.append(job.command)
@@ -165,9 +186,11 @@ def format_plan(entries: Sequence[tables.Entry], root: str,
 
 
 def jobs_lines(entries: Sequence[tables.Entry], root: str,
-               python: str = 'python') -> Tuple[List[str], List[str]]:
-  """(one `train && evaluate` line per training, ensemble evaluation lines)."""
-  trains, singles, ensembles = plan(entries, root, python)
+               python: str = 'python', corruptions_dir: Optional[str] = None
+               ) -> Tuple[List[str], List[str]]:
+  """(one `train && evaluate` line per training, ensemble and CIFAR-100-C
+  evaluation lines)."""
+  trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
   first = [f'{t.command} && {s.command}' for t, s in zip(trains, singles)]
   return first, [job.command for job in ensembles]
 
@@ -177,9 +200,10 @@ def ensembles_file(jobs_file: str) -> str:
   return f'{stem}_ensembles{ext or ".txt"}'
 
 
-def write_jobs(entries, root, jobs_file: str, python: str = 'python') -> List[str]:
+def write_jobs(entries, root, jobs_file: str, python: str = 'python',
+               corruptions_dir: Optional[str] = None) -> List[str]:
   """Writes the jobs file(s); returns the paths written."""
-  first, second = jobs_lines(entries, root, python)
+  first, second = jobs_lines(entries, root, python, corruptions_dir)
   written = []
   for path, lines in ((jobs_file, first), (ensembles_file(jobs_file), second)):
     if not lines:
@@ -194,9 +218,14 @@ def write_jobs(entries, root, jobs_file: str, python: str = 'python') -> List[st
 
 
 def run_plan(entries, root, skip_done: bool = True,
-             python: str = sys.executable) -> int:
+             python: str = sys.executable,
+             corruptions_dir: Optional[str] = None) -> int:
   """Runs trainings, then evaluations, sequentially; returns an exit code."""
-  trains, singles, ensembles = plan(entries, root, python)
+  if corruptions_dir is None and any(e.corruptions for e in entries):
+    print('note: no --corruptions_dir (the CIFAR-100-C folder): Table 4\'s '
+          'CIFAR-100-C evaluations are left out', file=sys.stderr)
+    entries = [e for e in entries if not e.corruptions]
+  trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
   for job in trains + singles + ensembles:
     marker = (os.path.join(job.output, 'eval.json') if job.kind == 'train'
               else job.output)
@@ -220,7 +249,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       prog='python -m experiments.run',
       description='Training and evaluation commands for the paper tables.')
   parser.add_argument('--table', default='all',
-                      help='1,2,5,6,8,9,fig9 (comma-separated) or all')
+                      help='1,2,4,5,6,8,9,fig9,ub (comma-separated) or all')
   parser.add_argument('--dataset', default=None,
                       help='cifar100,cifar10,tiny_imagenet (comma-separated)')
   parser.add_argument('--method', default=None,
@@ -233,6 +262,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--mode', default='print',
                       choices=('print', 'run', 'jobs'))
   parser.add_argument('--jobs_file', default='jobs.txt')
+  parser.add_argument('--corruptions_dir', default=None,
+                      help='CIFAR-100-C folder for Table 4\'s evaluations '
+                      f'(print/jobs default: {CORRUPTIONS_PLACEHOLDER})')
   parser.add_argument('--python', default=None,
                       help='interpreter in the commands (default: python; '
                       'run mode: this interpreter)')
@@ -264,16 +296,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   root = resolve_root(args.root)
   if args.mode == 'print':
-    sys.stdout.write(format_plan(entries, root, args.python or 'python'))
+    sys.stdout.write(format_plan(entries, root, args.python or 'python',
+                                 args.corruptions_dir))
     return 0
   if args.mode == 'jobs':
     for path in write_jobs(entries, root, args.jobs_file,
-                           args.python or 'python'):
+                           args.python or 'python', args.corruptions_dir):
       with open(path) as f:
         count = sum(1 for _ in f)
       print(f'wrote {path} ({count} lines)')
     return 0
-  return run_plan(entries, root, args.skip_done, args.python or sys.executable)
+  return run_plan(entries, root, args.skip_done, args.python or sys.executable,
+                  args.corruptions_dir)
 
 
 if __name__ == '__main__':

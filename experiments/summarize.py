@@ -2,6 +2,10 @@
 
     python -m experiments.summarize --root=runs [--table=1,8] [--output=summary.md]
 
+On a root where no paper row has results (any runs of yours), it prints one
+line per eval JSON found instead (`render_runs`): name, method, M, b, final
+and best-on-test metrics, ratio-error.
+
 For every row of the selected tables (experiments/tables.py) and repetition
 k, reads the eval JSON that `experiments.run` writes (eval.json, or
 eval_ensemble<N>.json for ensembles; schema in DESIGN.md 2b, accuracies as
@@ -11,11 +15,13 @@ paper's numbers from `experiments/paper_results.csv` (the paper's Tables 1,
 
 Units: top-1 / top-5 in percent (ours are converted from fractions); NLL,
 NLL_c and ECE in natural units as results.csv stores them (the paper prints
-several of them x100). Our numbers are always those of the final checkpoint,
-so they compare with Table 8 ("paper (final)"); the paper's other tables
-report the epoch with the best test accuracy ("paper (best epoch)"), and
-every row whose key also appears in Table 8 shows that final-epoch number
-too ("paper (final, T8)"). std is the sample standard deviation (ddof = 1);
+several of them x100). The paper's Tables 1, 2, 5, 6 and 9 report the epoch
+of best test accuracy (Appendix 6.5); ours beside them ("ours (best epoch)")
+is eval.json's `best_on_test` (the test set evaluated after every epoch, the
+best ensemble top-1, latest on ties), falling back to the final checkpoint,
+marked "(f)", where it is absent. Table 8 reports the final epoch, and so do
+ours beside it ("ours (final)"); every row whose key also appears in Table 8
+shows that final-epoch paper number too ("paper (final, T8)"). std is the sample standard deviation (ddof = 1);
 with one repetition only the value is shown. Rows without results show "-".
 """
 import argparse
@@ -28,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from experiments import run as run_lib
 from experiments import tables
+from mixmo_jax import workdir as wd
 
 DEFAULT_RESULTS_CSV = os.path.join(tables.REPO, 'experiments',
                                    'paper_results.csv')
@@ -42,15 +49,22 @@ TABLE_TITLES = {
     '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
     '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '
          '(paper: best epoch)',
+    '4': 'Table 4: WRN-28-10 trained on CIFAR-100, tested on CIFAR-100-C, '
+         'with and without AugMix (paper: best epoch; ours: final '
+         'checkpoint, mean over the corruption x severity cells)',
     '5': 'Table 5: PreActResNet-18-w on Tiny ImageNet (paper: best epoch)',
     '6': 'Table 6: ensembles of N Cut-MixMo + CutMix, b=4, WRN-28-10 '
          'CIFAR-100 (paper: best epoch)',
     '8': 'Table 8: WRN-28-10 on CIFAR without early stopping (paper: final '
          'epoch)',
     '9': 'Table 9: WRN-28-w on CIFAR-100, b=4 (paper: best epoch)',
+    'ub': 'uncertainty-baselines MIMO (baselines/cifar/mimo.py defaults: '
+          'M=3, b=4, WRN-28-10; published: final epoch)',
     'fig9': 'Figure 9: M >= 2 members, WRN-28-10 CIFAR-100, b=2 (paper: '
             'numbers quoted in Section 4.3.4)',
 }
+
+FINAL_MARK = ' (f)'  # Best-epoch column, value of the final checkpoint.
 
 PaperValue = Tuple[float, str, int]  # (value, text as in the csv, best_epoch)
 
@@ -81,20 +95,34 @@ def _read_json(path: str) -> Optional[dict]:
     return json.load(f)
 
 
-def our_value(result: dict, metric: str) -> Optional[float]:
-  """One metric of an eval.json in the paper's units (None if absent).
+def our_value(result: dict, metric: str, best: bool = False,
+              corruptions: bool = False) -> Tuple[Optional[float], bool]:
+  """One metric of an eval.json in the paper's units, and whether it is the
+  final checkpoint's (value None if absent).
 
-  member_top1 is the mean of the members' top-1 (Figure 9's "individual").
+  best=True reads `result['best_on_test']` (the paper's selection, Appendix
+  6.5: epoch of best test top-1, latest on ties) and falls back to the final
+  checkpoint's value where it lacks the metric (ensembles of N networks,
+  runs without eval_history.jsonl, top-5, members). member_top1 is the mean
+  of the members' top-1 (Figure 9's "individual"). corruptions=True (a
+  CIFAR-100-C row, eval_cifar_c.json) reads result['corruptions']['mean'],
+  the final checkpoint's mean over the corruption x severity cells.
   """
-  if metric == 'member_top1':
+  chosen = result.get('best_on_test') if best else None
+  if corruptions:
+    mean = (result.get('corruptions') or {}).get('mean') or {}
+    value, final = mean.get(metric), True
+  elif chosen is not None and chosen.get(metric) is not None:
+    value, final = chosen[metric], False
+  elif metric == 'member_top1':
     members = [m.get('top1') for m in result.get('members') or []]
     members = [m for m in members if m is not None]
-    value = sum(members) / len(members) if members else None
+    value, final = (sum(members) / len(members) if members else None), True
   else:
-    value = (result.get('ensemble') or {}).get(metric)
+    value, final = (result.get('ensemble') or {}).get(metric), True
   if value is None:
-    return None
-  return 100.0 * value if metric in PERCENT else float(value)
+    return None, final
+  return (100.0 * value if metric in PERCENT else float(value)), final
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
@@ -115,20 +143,24 @@ def table_metrics(table: str, paper) -> List[str]:
   return [m for m in METRIC_ORDER if m in found] or ['top1', 'nll_c']
 
 
-def collect(entry: tables.Entry, root: str, metrics: Sequence[str]):
-  """({metric: [value per repetition found]}, repetitions found)."""
+def collect(entry: tables.Entry, root: str, metrics: Sequence[str],
+            best: bool = False):
+  """({metric: [value per repetition found]}, repetitions found,
+  {metrics where some value is the final checkpoint's although best=True})."""
   values: Dict[str, List[float]] = {m: [] for m in metrics}
-  found = 0
+  found, fallback = 0, set()
   for k in entry.seeds:
     result = _read_json(run_lib.eval_path(root, entry, k))
     if result is None:
       continue
     found += 1
     for m in metrics:
-      v = our_value(result, m)
+      v, final = our_value(result, m, best, entry.corruptions)
       if v is not None:
         values[m].append(v)
-  return values, found
+        if best and final:
+          fallback.add(m)
+  return values, found, fallback
 
 
 def _fmt(value: float, metric: str, text: Optional[str] = None) -> str:
@@ -171,26 +203,30 @@ def render_table(table: str, entries: Sequence[tables.Entry], root: str,
                  paper) -> str:
   """The markdown section of one paper table."""
   metrics = table_metrics(table, paper)
-  with_t8 = table not in ('8', 'fig9') and any(
+  with_t8 = table not in ('8', 'fig9', 'ub') and any(
       ('8',) + e.row_key in paper for e in entries)
+  best = table not in ('8', 'fig9', 'ub')
   header = ['dataset', 'network', 'method', 'CutMix', 'b', 'N', 'runs']
   for m in metrics:
-    header.append(f'{TITLES[m]} ours (final)')
+    header.append(f'{TITLES[m]} ours (' + ('best epoch' if best else 'final')
+                  + ')')
     if table == 'fig9':
       header.append(f'{TITLES[m]} paper (text)')
       continue
     header.append(f'{TITLES[m]} paper ('
-                  + ('final' if table == '8' else 'best epoch') + ')')
+                  + ('best epoch' if best else 'final') + ')')
     if with_t8:
       header.append(f'{TITLES[m]} paper (final, T8)')
   lines = [f'## {TABLE_TITLES[table]}', '',
            '| ' + ' | '.join(header) + ' |',
            '|' + '|'.join(['---'] * len(header)) + '|']
+  footer = []
   for entry in entries:
-    values, found = collect(entry, root, metrics)
+    values, found, fallback = collect(entry, root, metrics, best)
     cells = _row_label(entry) + [f'{found}/{len(entry.seeds)}']
     for m in metrics:
-      cells.append(format_ours(values[m], m))
+      cells.append(format_ours(values[m], m)
+                   + (FINAL_MARK if m in fallback else ''))
       if table == 'fig9':
         cells.append(_fig9_paper(entry, m))
         continue
@@ -198,19 +234,117 @@ def render_table(table: str, entries: Sequence[tables.Entry], root: str,
       if with_t8:
         cells.append(_paper_cell(paper, ('8',) + entry.row_key, m))
     lines.append('| ' + ' | '.join(cells) + ' |')
+    if any(FINAL_MARK in c for c in cells) and not footer:
+      footer = ['', f'{FINAL_MARK.strip()} final checkpoint (no best_on_test '
+                'for this metric: ensembles of N networks, top-5, members, '
+                'CIFAR-100-C, or runs without eval_history.jsonl).']
+  return '\n'.join(lines + footer) + '\n'
+
+
+def find_eval_files(root: str) -> List[str]:
+  """Every eval.json / eval_ensemble<N>.json under a local root, sorted
+  (a URL root: none, the paper rows are still read)."""
+  if '://' in root or not os.path.isdir(root):
+    return []
+  found = []
+  for folder, _, names in os.walk(root):
+    for name in names:
+      if name == wd.EVAL or (name.startswith('eval_ensemble')
+                             and name.endswith('.json') and not name.endswith(
+                                 run_lib.CORRUPTIONS_SUFFIX + '.json')):
+        found.append(os.path.join(folder, name))
+  return sorted(found)
+
+
+RUN_COLUMNS = ('top1', 'nll', 'nll_c', 'ece')
+
+
+def _run_cells(result: Optional[dict], metric_source: Optional[dict]):
+  cells = []
+  for m in RUN_COLUMNS:
+    value = None if metric_source is None else metric_source.get(m)
+    cells.append('-' if value is None else _fmt(
+        100.0 * value if m in PERCENT else float(value), m))
+  return cells
+
+
+def render_runs(root: str, paths: Sequence[str]) -> str:
+  """A table of arbitrary runs (no paper row): one line per eval JSON.
+
+  name = the eval file's folder relative to root (with the file name for an
+  ensemble); method, M and b from the run's config.json; ensemble top-1 (%),
+  NLL, NLL_c, ECE and ratio-error of the final checkpoint, then the same
+  metrics of `best_on_test` (the paper's selection, Appendix 6.5) when the
+  eval JSON has it.
+  """
+  results = [(p, _read_json(p)) for p in paths]
+  with_best = any(r and r.get('best_on_test') for _, r in results)
+  header = ['run', 'method', 'M', 'b'] + [
+      f'{TITLES[m]} (final)' for m in RUN_COLUMNS] + ['ratio-error']
+  if with_best:
+    header += ['best epoch'] + [f'{TITLES[m]} (best epoch)'
+                                for m in RUN_COLUMNS]
+  lines = [f'## Runs under `{root}` (no paper row matched)', '',
+           '| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join(['---'] * len(header)) + '|']
+  for path, result in results:
+    if result is None:
+      continue
+    folder = os.path.dirname(path)
+    name = os.path.relpath(folder, root)
+    if os.path.basename(path) != wd.EVAL:
+      name = os.path.join(name, os.path.basename(path))
+    try:
+      config = wd.read_config_dict(folder) or {}
+    except ValueError:
+      config = {}
+    mixing = (config.get('mixing') or {}).get('method')
+    method = config.get('variant') or mixing or '-'
+    members = result.get('num_members', config.get('num_members', '-'))
+    ratio = (result.get('diversity') or {}).get('ratio_error')
+    cells = [name, str(method), str(members),
+             str(config.get('batch_repetitions', '-'))]
+    cells += _run_cells(result, result.get('ensemble'))
+    cells.append('-' if ratio is None else f'{ratio:.3f}')
+    if with_best:
+      best = result.get('best_on_test')
+      cells.append('-' if not best else str(best.get('epoch')))
+      cells += _run_cells(result, best)
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
 def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
               results_csv: str = DEFAULT_RESULTS_CSV) -> str:
-  """The whole markdown summary for the selected tables (default: all)."""
+  """The whole markdown summary for the selected tables (default: all).
+
+  When no eval JSON of a selected paper row exists under root, the paper
+  rows are replaced by a table of the runs found there (`render_runs`), or
+  by a line saying that nothing was found.
+  """
   paper = read_paper(results_csv) if os.path.exists(results_csv) else {}
   root = run_lib.resolve_root(root)
   ids = tables.TABLES if not table_ids else [
       tables.normalize_table(t) for t in table_ids]
+  selected = [e for t in ids for e in tables.ENTRIES if e.table == t]
+  matched = any(_read_json(run_lib.eval_path(root, e, k)) is not None
+                for e in selected for k in e.seeds)
+  if not matched:
+    found = find_eval_files(root)
+    parts = ['# MixMo runs', '',
+             f'No run under `{root}` matches a row of the paper tables '
+             f'{", ".join(ids)} (experiments/tables.py names).', '']
+    if found:
+      parts.append(render_runs(root, found))
+    else:
+      parts += [f'No eval.json or eval_ensemble<N>.json found under '
+                f'`{root}`.', '']
+    return '\n'.join(parts)
   parts = [
       '# MixMo reproduction: ours vs the paper', '',
-      f'Runs under `{root}`. Ours: final checkpoint, mean ± sample std '
+      f'Runs under `{root}`. Ours: best epoch on test (paper protocol, '
+      'Appendix 6.5) beside best-epoch tables, final checkpoint beside '
+      'Table 8; mean ± sample std '
       '(ddof=1) over the repetitions found ("runs"). Top-1/Top-5 in %, '
       'NLL, NLL_c and ECE in natural units (results.csv units; the paper '
       'prints several x100).', '']

@@ -32,11 +32,12 @@ Conventions:
     shows bars only, its text quotes the members' top-1 (`FIG9_PAPER_TEXT`).
   * Table 4 (CIFAR-100-C, WRN-28-10, with and without AugMix) is in
     results.csv (dataset 'cifar100_c', method '<method>_augmix' for the
-    AugMix columns, metrics top1 / top5 / nll) and in `TABLE4_ENTRIES`, kept
-    out of `ENTRIES` / `TABLES` until run.py evaluates them on CIFAR-100-C
-    (`Entry.corruptions`: `mixmo_jax.evaluate --corruptions=DIR`, read
-    eval.json['corruptions']) under an eval path of their own; their
-    trainings without AugMix are those of Table 1.
+    AugMix columns, metrics top1 / top5 / nll). Its entries
+    (`Entry.corruptions`, also `TABLE4_ENTRIES`) are evaluated by run.py
+    with `mixmo_jax.evaluate --corruptions=DIR` into eval_cifar_c.json (or
+    eval_ensemble<N>_cifar_c.json) and summarized from its
+    ['corruptions']['mean'] (mean over the corruption x severity cells);
+    their trainings without AugMix are those of Table 1.
 
 Rows with the same resolved config (and seed) are the same training: the
 planner in run.py trains each once (`training_key`).
@@ -51,7 +52,7 @@ from mixmo_jax import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEEDS = (0, 1, 2)
-TABLES = ('1', '2', '5', '6', '8', '9', 'fig9')
+TABLES = ('1', '2', '4', '5', '6', '8', '9', 'fig9', 'ub')
 
 CIFAR_CONFIGS = {'cifar100': 'configs/cifar100.py',
                  'cifar10': 'configs/cifar10.py',
@@ -303,16 +304,29 @@ def _figure9() -> List[Entry]:
           for method in ('mimo', 'cut_mixmo') for m in (2, 3)]
 
 
+def _ub() -> List[Entry]:
+  """uncertainty-baselines' MIMO (baselines/cifar/mimo.py, default flags:
+  M = 3, b = 4, WRN-28-10), its published final-epoch numbers (table 'ub';
+  its CIFAR-100-C row is the CIFAR-100 training on the corruptions)."""
+  return [Entry(table='ub', dataset=dataset, network='wrn28', width=10,
+                method='ub_mimo', cutmix=False, b=4, n_networks=1,
+                config=f'{CIFAR_CONFIGS[dataset]}:ub_mimo', num_members=3,
+                best_epoch=0, corruptions=dataset.endswith('_c'))
+          for dataset in ('cifar100', 'cifar10', 'cifar100_c')]
+
+
 def _build() -> Tuple[Entry, ...]:
   entries = (_cifar_main_rows('1', 1) + _table2() + _table5() + _table6()
-             + _cifar_main_rows('8', 0) + _table9() + _figure9())
+             + _cifar_main_rows('8', 0) + _table9() + _figure9() + _ub()
+             + _table4())
   labels = [e.label for e in entries]
   assert len(set(labels)) == len(labels), 'duplicate entry labels'
   return tuple(entries)
 
 
 ENTRIES: Tuple[Entry, ...] = _build()
-TABLE4_ENTRIES: Tuple[Entry, ...] = tuple(_table4())
+TABLE4_ENTRIES: Tuple[Entry, ...] = tuple(e for e in ENTRIES
+                                          if e.table == '4')
 
 
 def normalize_table(table: Any) -> str:

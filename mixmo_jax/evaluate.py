@@ -27,9 +27,10 @@ evaluations give byte-identical files:
                        brier_c, temperature}
   members             [{top1, nll}, ...]; diversity {ratio_error, disagreement}
   calibration, num_examples, num_members, num_classes, ensemble_mode
-  best_epoch_on_test  (single run with eval_history.jsonl) {epoch, step, top1,
-                       note}: the epoch of best test top-1 (the paper's
-                       protocol, Appendix 6.5, an optimistic number); the
+  best_on_test        (single run with eval_history.jsonl) {epoch, step, top1,
+                       nll, nll_c, ece, ece_c, note}: the epoch of best test
+                       top-1, latest on ties (the paper's protocol, Appendix
+                       6.5, an optimistic number); the
                        headline metrics above are the evaluated checkpoint's
   corruptions         (with --corruptions) CIFAR-10-C / CIFAR-100-C results,
                       in eval.json itself; see `evaluate_corruptions`

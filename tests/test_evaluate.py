@@ -119,17 +119,48 @@ def test_metrics_match_independent_recomputation(evaluated, reference):
     assert member['top1'] == member_correct / NUM_TEST
 
 
-def test_best_epoch_on_test_from_history(digits_workdir, evaluated):
+def _latest_best(history):
+  """Independent rule: max top-1, the last record among the maxima."""
+  top = max(r['ensemble']['top1'] for r in history)
+  return [r for r in history if r['ensemble']['top1'] == top][-1]
+
+
+def test_best_on_test_from_history(digits_workdir, evaluated):
   result = evaluated[0]
   with open(os.path.join(digits_workdir, 'eval_history.jsonl')) as f:
     history = [json.loads(line) for line in f if line.strip()]
-  best = max(history, key=lambda r: r['ensemble']['top1'])
-  got = result['best_epoch_on_test']
-  assert got['top1'] == best['ensemble']['top1']
+  assert len(history) >= 2  # Evaluated after every epoch.
+  best = _latest_best(history)
+  got = result['best_on_test']
   assert got['epoch'] == best['epoch'] and got['step'] == best['step']
+  for k in ('top1', 'nll', 'nll_c', 'ece', 'ece_c'):
+    assert got[k] == best['ensemble'][k], k
   assert 'optimistic' in got['note']
   # Headline numbers are the final checkpoint's, not the best epoch's.
-  assert result['ensemble']['top1'] == history[-1]['ensemble']['top1']
+  final = history[-1]['ensemble']
+  for k in ('top1', 'nll', 'nll_c', 'ece', 'ece_c'):
+    assert result['ensemble'][k] == final[k], k
+  assert result['step'] == history[-1]['step']
+
+
+def _record(step, top1, nll):
+  return {'step': step, 'epoch': step // 10,
+          'ensemble': {'top1': top1, 'nll': nll, 'nll_c': nll / 2,
+                       'ece': step / 1000, 'ece_c': step / 2000}}
+
+
+def test_best_on_test_takes_latest_of_ties():
+  history = [_record(10, 0.5, 1.0), _record(20, 0.7, 0.9),
+             _record(30, 0.6, 0.8), _record(40, 0.7, 0.7),
+             _record(50, float('nan'), 0.1), _record(60, 0.65, 0.6)]
+  got = report.best_on_test(history)
+  assert (got['step'], got['epoch']) == (40, 4)
+  assert got['nll'] == 0.7 and got['nll_c'] == 0.35
+  assert got['ece'] == 0.04 and got['ece_c'] == 0.02
+  # Order of the records does not matter (sorted by step).
+  assert report.best_on_test(history[::-1])['step'] == 40
+  assert report.best_on_test([]) is None
+  assert report.best_on_test([{'step': 1, 'epoch': 0}]) is None
 
 
 def test_rerun_is_byte_identical(tmp_path, digits_workdir, evaluated):
@@ -152,7 +183,7 @@ def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
   assert result['steps'] == [20, 20] and result['members_per_run'] == [2, 2]
   assert result['workdirs'] == [os.path.abspath(digits_workdir),
                                 os.path.abspath(copy)]
-  assert 'best_epoch_on_test' not in result
+  assert 'best_on_test' not in result
   # The first run's ensemble mode rules: a 'probs' run first.
   probs_run = _copy_run(digits_workdir, tmp_path / 'probs',
                         evaluation__ensemble='probs')

@@ -1,5 +1,6 @@
 """Tests for experiments/: the row registry, the command planner, the summary."""
 import csv
+import dataclasses
 import json
 import os
 import shlex
@@ -48,7 +49,9 @@ def test_every_entry_config_loads_validates_and_matches_its_row():
     config = tables.load_config(entry, seed=1)
     config_validation.validate(config, num_devices=1)
     assert config.seed == 1
-    assert config.dataset == entry.dataset
+    # CIFAR-100-C rows (Table 4, 'ub') train on CIFAR-100.
+    assert config.dataset == (entry.dataset[:-2] if entry.corruptions
+                              else entry.dataset)
     assert config.model.width == entry.width
     assert config.batch_repetitions == entry.b
     assert config.num_members == entry.num_members
@@ -65,6 +68,8 @@ def test_every_entry_config_loads_validates_and_matches_its_row():
       assert (config.num_members, config.batch_repetitions) == (1, 1)
     if entry.table == '5':
       assert config.dataset == 'tiny_imagenet' and config.num_epochs == 1200
+    # The paper's protocol (Appendix 6.5): the test set after every epoch.
+    assert config.eval_every_epochs == 1, entry.label
 
 
 def test_table2_blocks_use_the_registry_names():
@@ -138,7 +143,54 @@ def test_table4_rows_cover_the_csv_and_train_with_augmix():
       same = clean[e.row_key[1:]]
       assert (tables.training_key(config)
               == tables.training_key(tables.load_config(same, seed=0)))
-  assert not any(e.table == '4' for e in tables.ENTRIES)
+  assert set(entries) == {e for e in tables.ENTRIES if e.table == '4'}
+
+
+def test_table4_plan_evaluates_on_the_corruptions_into_its_own_file():
+  entries = [e for e in tables.TABLE4_ENTRIES
+             if e.method in ('cut_mixmo', 'cut_mixmo_augmix', 'deep_ensemble')]
+  entries = [dataclasses.replace(e, seeds=(0,)) for e in entries]
+  trains, singles, later = run_lib.plan(entries, '/r', 'PY',
+                                        corruptions_dir='/data/c100c')
+  # One clean eval.json per training, paired with it (the jobs mode zips).
+  assert len(singles) == len(trains)
+  for train, single in zip(trains, singles):
+    assert single.output == os.path.join(train.output, 'eval.json')
+    assert not any(a.startswith('--corruptions') for a in single.argv)
+  outputs = {job.output: job.argv for job in later}
+  cut = [e for e in entries if e.method == 'cut_mixmo'][0]
+  de = [e for e in entries if e.method == 'deep_ensemble'][0]
+  cut_out = run_lib.eval_path('/r', cut, 0)
+  de_out = run_lib.eval_path('/r', de, 0)
+  assert os.path.basename(cut_out) == 'eval_cifar_c.json'
+  assert os.path.basename(de_out) == 'eval_ensemble2_cifar_c.json'
+  # Table 4's Cut-MixMo without AugMix is Table 1's training.
+  assert cut_out.startswith('/r/1/cifar100_wrn28-10_cut_mixmo_b4/seed0/')
+  assert '--corruptions=/data/c100c' in outputs[cut_out]
+  assert '--corruptions=/data/c100c' in outputs[de_out]
+  assert any(a.startswith('--ensemble=') for a in outputs[de_out])
+  # Without --corruptions_dir, the printed command names a placeholder.
+  argv = run_lib.eval_argv(cut, 0, '/r')
+  assert f'--corruptions={run_lib.CORRUPTIONS_PLACEHOLDER}' in argv
+
+
+@needs_csv
+def test_table4_summary_reads_the_corruption_mean(tmp_path):
+  root = str(tmp_path / 'runs')
+  (cut,) = [e for e in tables.TABLE4_ENTRIES if e.method == 'cut_mixmo']
+  # The clean eval.json of the same training must not be read for Table 4.
+  _write_eval(run_lib.eval_path(root, dataclasses.replace(
+      cut, corruptions=False), 0), 0.9, best=(0.91, 0.5))
+  path = run_lib.eval_path(root, cut, 0)
+  with open(path, 'w') as f:
+    json.dump({'corruptions': {'mean': {'top1': 0.571, 'top5': 0.8,
+                                        'nll': 1.9, 'ece': 0.1},
+                               'pooled': {'top1': 0.2}}}, f)
+  sections = _parse_markdown(summarize.summarize(root, ['4'], RESULTS_CSV))
+  row = _row(sections, 'Table 4', dataset='cifar100_c', method='cut_mixmo')
+  assert row['Top-1 % ours (best epoch)'] == '57.10 (f)'
+  assert row['NLL ours (best epoch)'] == '1.900 (f)'
+  assert row['Top-1 % paper (best epoch)'] == '57.00'
 
 
 def test_figure9_rows():
@@ -281,14 +333,20 @@ def test_cli_subprocess_and_bad_table():
 
 
 def _write_eval(path, top1, top5=0.9, nll_c=0.5, nll=0.6, ece=0.02,
-                members=(0.8, 0.81)):
+                members=(0.8, 0.81), best=None, num_members=2):
+  """An eval.json; best = (top1, nll_c) adds a best_on_test record."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  result = {'step': 100, 'num_members': num_members, 'ensemble': {
+      'top1': top1, 'top5': top5, 'nll': nll, 'ece': ece, 'brier': 0.2,
+      'nll_c': nll_c, 'ece_c': 0.01, 'top1_c': top1, 'temperature': 1.1},
+            'members': [{'top1': m, 'nll': 1.0} for m in members],
+            'diversity': {'ratio_error': 0.8, 'disagreement': 0.1}}
+  if best is not None:
+    result['best_on_test'] = {'epoch': 7, 'step': 70, 'top1': best[0],
+                              'nll': 0.7, 'nll_c': best[1], 'ece': 0.03,
+                              'ece_c': 0.015, 'note': 'paper protocol'}
   with open(path, 'w') as f:
-    json.dump({'step': 100, 'ensemble': {
-        'top1': top1, 'top5': top5, 'nll': nll, 'ece': ece, 'brier': 0.2,
-        'nll_c': nll_c, 'ece_c': 0.01, 'top1_c': top1, 'temperature': 1.1},
-               'members': [{'top1': m, 'nll': 1.0} for m in members],
-               'diversity': {'ratio_error': 0.8, 'disagreement': 0.1}}, f)
+    json.dump(result, f)
 
 
 def _parse_markdown(text):
@@ -319,11 +377,14 @@ def _row(sections, table_prefix, **match):
 def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
   root = str(tmp_path / 'runs')
   # Table 1 / 8 share runs: Cut-MixMo b=4 CIFAR-100, three seeds.
+  # Final checkpoint: tops / nlls; best epoch on test: best_tops / best_nlls.
   tops = [0.851, 0.853, 0.858]
   nlls = [0.52, 0.55, 0.53]
+  best_tops = [0.855, 0.856, 0.861]
+  best_nlls = [0.51, 0.54, 0.50]
   for k, (t, n) in enumerate(zip(tops, nlls)):
     _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed{k}/eval.json',
-                t, nll_c=n)
+                t, nll_c=n, best=(best_tops[k], best_nlls[k]))
   # Table 5, w=3 Cut-MixMo b=4: a single seed.
   _write_eval(run_lib.eval_path(
       root, _find('5', 'tiny_imagenet', 'cut_mixmo', b=4, width=3), 0), 0.7)
@@ -349,17 +410,19 @@ def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
   assert t1['Top-1 % paper (best epoch)'] == '85.40'
   assert t1['Top-1 % paper (final, T8)'] == '85.32'
   assert t1['runs'] == '3/3'
-  mean = statistics.mean(100 * t for t in tops)
-  std = statistics.stdev(100 * t for t in tops)
-  assert t1['Top-1 % ours (final)'] == f'{mean:.2f} ± {std:.2f}'
-  assert t1['NLL_c ours (final)'] == (
-      f'{statistics.mean(nlls):.3f} ± {statistics.stdev(nlls):.3f}')
-  assert t1['Top-5 % ours (final)'] == '90.00 ± 0.00'
+  # Beside best-epoch tables: our best_on_test (top-5 has none: final, (f)).
+  mean = statistics.mean(100 * t for t in best_tops)
+  std = statistics.stdev(100 * t for t in best_tops)
+  assert t1['Top-1 % ours (best epoch)'] == f'{mean:.2f} ± {std:.2f}'
+  assert t1['NLL_c ours (best epoch)'] == (
+      f'{statistics.mean(best_nlls):.3f} ± {statistics.stdev(best_nlls):.3f}')
+  assert t1['Top-5 % ours (best epoch)'] == '90.00 ± 0.00 (f)'
 
   t5 = _row(sections, 'Table 5', network='PreActResNet-18-3',
             method='cut_mixmo', b='4')
   assert t5['Top-1 % paper (best epoch)'] == '70.24'  # Hand-checked.
-  assert t5['Top-1 % ours (final)'] == '70.00' and t5['runs'] == '1/3'
+  assert t5['Top-1 % ours (best epoch)'] == '70.00 (f)'  # No history.
+  assert t5['runs'] == '1/3'
 
   t8 = _row(sections, 'Table 8', dataset='cifar10', method='cut_mixmo',
             CutMix='yes', b='4')
@@ -367,12 +430,18 @@ def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
   assert t8['ECE ours (final)'] == '-' and t8['runs'] == '0/3'
   t8_ours = _row(sections, 'Table 8', dataset='cifar100', method='cut_mixmo',
                  CutMix='-', b='4')
-  assert t8_ours['Top-1 % ours (final)'] == t1['Top-1 % ours (final)']
+  # Beside Table 8 (final epoch): our final checkpoint.
+  mean = statistics.mean(100 * t for t in tops)
+  std = statistics.stdev(100 * t for t in tops)
+  assert t8_ours['Top-1 % ours (final)'] == f'{mean:.2f} ± {std:.2f}'
+  assert t8_ours['NLL_c ours (final)'] == (
+      f'{statistics.mean(nlls):.3f} ± {statistics.stdev(nlls):.3f}')
   assert t8_ours['ECE ours (final)'] == '0.0200 ± 0.0000'
 
   de_row = _row(sections, 'Table 1', dataset='cifar100',
                 method='deep_ensemble', CutMix='-')
-  assert de_row['runs'] == '1/3' and de_row['Top-1 % ours (final)'] == '83.10'
+  assert de_row['runs'] == '1/3'
+  assert de_row['Top-1 % ours (best epoch)'] == '83.10 (f)'
   assert de_row['Top-1 % paper (best epoch)'] == '83.17'
 
   fig9 = _row(sections, 'Figure 9', method='cut_mixmo (M=3)')
@@ -380,7 +449,7 @@ def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
   assert fig9['member Top-1 % paper (text)'] == '79.5'
 
   missing = _row(sections, 'Table 1', dataset='cifar10', method='mixup')
-  assert missing['Top-1 % ours (final)'] == '-'
+  assert missing['Top-1 % ours (best epoch)'] == '-'
   assert missing['Top-1 % paper (best epoch)'] == '97.07'
 
 
@@ -391,7 +460,88 @@ def test_mean_std_and_units():
   assert std == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
   result = {'ensemble': {'top1': 0.5, 'ece': 0.03}, 'members': [
       {'top1': 0.4}, {'top1': 0.6}, {'top1': 0.5}]}
-  assert summarize.our_value(result, 'top1') == pytest.approx(50.0)
-  assert summarize.our_value(result, 'ece') == pytest.approx(0.03)
-  assert summarize.our_value(result, 'member_top1') == pytest.approx(50.0)
-  assert summarize.our_value(result, 'nll') is None
+  assert summarize.our_value(result, 'top1') == (pytest.approx(50.0), True)
+  assert summarize.our_value(result, 'ece') == (pytest.approx(0.03), True)
+  assert summarize.our_value(result, 'member_top1')[0] == pytest.approx(50.0)
+  assert summarize.our_value(result, 'nll')[0] is None
+  result['best_on_test'] = {'top1': 0.6, 'ece': None}
+  assert summarize.our_value(result, 'top1', best=True) == (
+      pytest.approx(60.0), False)
+  assert summarize.our_value(result, 'top1') == (pytest.approx(50.0), True)
+  assert summarize.our_value(result, 'ece', best=True) == (
+      pytest.approx(0.03), True)
+
+
+def test_summary_of_runs_matching_no_paper_row(tmp_path):
+  root = tmp_path / 'mine'
+  _write_eval(str(root / 'a' / 'eval.json'), 0.5, nll=1.25, nll_c=1.125,
+              ece=0.0625, best=(0.625, 1.0))
+  _write_eval(str(root / 'b' / 'c' / 'eval_ensemble2.json'), 0.75,
+              num_members=4)
+  (root / 'a' / 'config.json').write_text(json.dumps(
+      {'variant': 'mimo+b4', 'num_members': 2, 'batch_repetitions': 4,
+       'mixing': {'method': 'sum'}}))
+  text = summarize.summarize(str(root), results_csv=RESULTS_CSV)
+  assert 'No run under' in text and 'Table 1' not in text
+  (title,) = _parse_markdown(text)
+  rows = {r['run']: r for r in _parse_markdown(text)[title]}
+  assert set(rows) == {'a', os.path.join('b', 'c', 'eval_ensemble2.json')}
+  a = rows['a']
+  assert (a['method'], a['M'], a['b']) == ('mimo+b4', '2', '4')
+  assert a['Top-1 % (final)'] == '50.00' and a['NLL (final)'] == '1.250'
+  assert a['NLL_c (final)'] == '1.125' and a['ECE (final)'] == '0.0625'
+  assert a['ratio-error'] == '0.800'
+  assert a['best epoch'] == '7' and a['Top-1 % (best epoch)'] == '62.50'
+  assert a['NLL_c (best epoch)'] == '1.000'
+  ens = rows[os.path.join('b', 'c', 'eval_ensemble2.json')]
+  assert ens['M'] == '4' and ens['method'] == '-' and ens['b'] == '-'
+  assert ens['Top-1 % (final)'] == '75.00' and ens['best epoch'] == '-'
+  # Nothing at all: says so.
+  empty = summarize.summarize(str(tmp_path / 'none'), results_csv=RESULTS_CSV)
+  assert 'No eval.json or eval_ensemble<N>.json found' in empty
+  # One matching paper row: the paper tables as before.
+  _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed0/eval.json', 0.8)
+  assert '## Table 1' in summarize.summarize(str(root), ['1'], RESULTS_CSV)
+
+
+@pytest.mark.parametrize('path,table,dataset,width', [
+    ('configs/cifar100.py', '1', 'cifar100', 10),
+    ('configs/cifar10.py', '1', 'cifar10', 10),
+    ('configs/tiny_imagenet.py', '5', 'tiny_imagenet', 1)])
+def test_default_config_trains_the_cut_mixmo_b2_row(path, table, dataset,
+                                                    width):
+  """The README quotes, for each plain command, this row's paper number."""
+  from mixmo_jax import configs
+  default = configs.load(os.path.join(REPO, path))
+  row = _find(table, dataset, 'cut_mixmo', b=2, width=width)
+  assert tables.training_key(default) == tables.training_key(
+      tables.load_config(row))
+
+
+@needs_csv
+def test_ub_mimo_rows_and_their_summary(tmp_path):
+  rows = [r for r in _csv_rows() if r['table'] == 'ub']
+  assert {(r['dataset'], r['metric']): r['value'] for r in rows} == {
+      ('cifar10', 'top1'): '96.4', ('cifar10', 'nll'): '0.123',
+      ('cifar10', 'ece'): '0.010', ('cifar100', 'top1'): '82.0',
+      ('cifar100', 'nll'): '0.690', ('cifar100', 'ece'): '0.022',
+      ('cifar100_c', 'top1'): '53.7', ('cifar100_c', 'nll'): '2.28',
+      ('cifar100_c', 'ece'): '0.129'}
+  entries = [e for e in tables.ENTRIES if e.table == 'ub']
+  assert {e.dataset for e in entries} == {'cifar100', 'cifar10', 'cifar100_c'}
+  assert [e.corruptions for e in entries] == [False, False, True]
+  for e in entries:
+    config = tables.load_config(e)
+    assert (config.num_members, config.batch_repetitions) == (3, 4)
+    assert config.model.stem == 'mimo' and config.seed == 42
+  root = str(tmp_path / 'runs')
+  (entry,) = [e for e in entries if e.dataset == 'cifar100']
+  _write_eval(run_lib.eval_path(root, entry, 0), 0.815, nll=0.7,
+              best=(0.83, 0.6))
+  sections = _parse_markdown(summarize.summarize(root, ['ub'], RESULTS_CSV))
+  row = _row(sections, 'uncertainty-baselines', dataset='cifar100')
+  # Published numbers are final-epoch ones: ours final beside them.
+  assert row['Top-1 % paper (final)'] == '82.00'
+  assert row['Top-1 % ours (final)'] == '81.50'
+  assert row['NLL ours (final)'] == '0.700'
+  assert row['NLL paper (final)'] == '0.690'

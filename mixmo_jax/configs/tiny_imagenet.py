@@ -32,6 +32,6 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 1e-4
   config.optimizer.warmup_steps_per_repetition = 1000
   config.optimizer.decay_epochs = (600, 900)
-  config.eval_every_epochs = 20
+  config.eval_every_epochs = 1  # The paper's protocol (Appendix 6.5).
   config.checkpoint_every_epochs = 20
   return base.apply_variant(config, arg)

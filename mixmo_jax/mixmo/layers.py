@@ -28,6 +28,26 @@ Padding = str | Sequence[tuple[int, int]]
 stacked_he_normal = nn.initializers.variance_scaling(
     2.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
+STEM_INITS = ("mixmo", "mimo")
+
+
+def stem_init(kind: str, num_members: int):
+  """Initializer of the [M, 3, 3, 3, C0] stem kernel.
+
+  'mixmo': M separate He-normal stems, fan-in 3*3*3 = 27 each (MixMo).
+  'mimo': the MIMO stem (edward2 / uncertainty-baselines), ONE dense conv
+    [3, 3, 3M, C0] over the M images stacked on channels, He-normal with
+    fan-in 27M. Its output sum_i conv(x_i, K_i) is what `Stems` computes
+    with w_i = 1/M (sum mixing) and, at test time, with the image tiled M
+    times, so only the init differs: std divided by sqrt(M).
+  """
+  if kind not in STEM_INITS:
+    raise ValueError(f"model.stem must be one of {STEM_INITS}, got {kind!r}")
+  scale = 2.0 if kind == "mixmo" else 2.0 / num_members
+  return nn.initializers.variance_scaling(
+      scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+      batch_axis=(0,))
+
 
 class Stems(nn.Module):
   """The M input stems c_i (3x3 convs, no bias) followed by the mixing block.
@@ -51,12 +71,14 @@ class Stems(nn.Module):
     strides: stem stride s (h = H / s).
     padding: conv padding ('SAME' or explicit pairs).
     dtype: compute dtype.
+    init_rule: 'mixmo' | 'mimo', the kernel's init (`stem_init`).
   """
   num_members: int
   features: int
   strides: int = 1
   padding: Padding = "SAME"
   dtype: Dtype = jnp.float32
+  init_rule: str = "mixmo"
 
   def _conv(self, x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     return jax.lax.conv_general_dilated(
@@ -67,7 +89,8 @@ class Stems(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mix_weights: jax.Array | None = None) -> jax.Array:
     m, c0 = self.num_members, self.features
-    kernel = self.param("kernel", stacked_he_normal, (m, 3, 3, 3, c0), jnp.float32)
+    kernel = self.param("kernel", stem_init(self.init_rule, m), (m, 3, 3, 3, c0),
+                        jnp.float32)
     if mix_weights is None:
       if x.ndim != 4:
         raise ValueError(f"inference input must be [B,H,W,3], got {x.shape}")

@@ -21,6 +21,7 @@ The module must follow the calls above and have a method
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mixmo_jax.models.preact_resnet import PreActResNet18
@@ -89,7 +90,12 @@ def _wide_resnet(config) -> nn.Module:
   """WRN-depth-width; needs config.model.depth (6n+4) and config.model.width."""
   return WideResNet(depth=config.model.depth, width=config.model.width,
                     num_classes=config.num_classes, num_members=config.num_members,
-                    dtype=compute_dtype(config))
+                    dtype=compute_dtype(config),
+                    stem=config.model.get("stem", "mixmo"),
+                    stride_on=config.model.get("stride_on", "second"),
+                    bn_groups=(jax.device_count()
+                               if config.model.get("bn_per_device", False)
+                               else 1))
 
 
 @register_model("preact_resnet18")

@@ -6,6 +6,7 @@ The MixMo-specific layers (the M stems with the mixing, the M heads) are in
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -16,17 +17,69 @@ Padding = str | Sequence[tuple[int, int]]
 he_normal = nn.initializers.he_normal
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None,
+               groups: int = 1) -> nn.Module:
   """BatchNorm with the reference's settings.
 
   y = scale * (x - mean) / sqrt(var + 1e-5) + bias; in training mode mean/var
   are the (biased) batch statistics over B, H, W, and the running statistics
   become 0.9 * running + 0.1 * batch (flax momentum 0.9 = PyTorch 0.1).
   Parameters and statistics are float32; the output has the compute dtype.
+  groups > 1: the statistics of each of `groups` equal slices of the batch
+  (`GroupedBatchNorm`; per device, as uncertainty-baselines computes them
+  per TPU core).
   """
+  if groups > 1:
+    return GroupedBatchNorm(groups, use_running_average=not train,
+                            dtype=dtype, name=name)
   return nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5,
       dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm whose training statistics are per slice of the batch.
+
+  x [B, ..., F] is read as [G, B/G, ..., F]; slice g is normalised with its
+  own (biased) mean and variance over (B/G, H, W). With the batch sharded
+  over G devices along B, slice g is device g's shard: per-device BN with
+  no communication. The running statistics move towards the mean over
+  slices of the slice statistics (0.9 * running + 0.1 * batch). Same
+  parameter and statistic names as flax's BatchNorm (scale, bias; mean,
+  var), so checkpoints are interchangeable.
+  """
+  groups: int
+  use_running_average: bool
+  dtype: Dtype = jnp.float32
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (f,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (f,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (f,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (f,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+      return (y * scale + bias).astype(self.dtype)
+    b = x.shape[0]
+    if b % self.groups:
+      raise ValueError(f'GroupedBatchNorm: batch {b} is not divisible by '
+                       f'{self.groups} groups')
+    xg = x.astype(jnp.float32).reshape((self.groups, b // self.groups)
+                                       + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = xg.mean(axes, keepdims=True)  # [G, 1, ..., F]
+    var = jnp.maximum((xg * xg).mean(axes, keepdims=True) - mean * mean, 0.)
+    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, f).mean(0)
+      ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, f).mean(0)
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 def conv(features: int, kernel: int, strides: int, padding: Padding,

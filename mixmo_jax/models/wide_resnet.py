@@ -14,13 +14,15 @@ Block (pre-activation, no dropout):
     out = conv3x3_s( ReLU(BN( conv3x3_1( ReLU(BN(x)) ) )) ) + shortcut(x)
 
 The stride s sits on the SECOND conv of a block, as in the official MixMo code
-(edward2/uncertainty-baselines puts it on the first; parameter counts agree).
+(stride_on='second'); stride_on='first' puts it on the first conv, as
+edward2/uncertainty-baselines do (parameter counts agree).
 Its padding is 'SAME', which for even sizes is the reference's pad of one pixel
 on the bottom/right only. The shortcut is a 1x1 stride-s conv applied to the
 RAW block input x (not the pre-activated one) when stride or width changes,
 and the identity otherwise. All convs are bias-free with He-normal fan-in init;
 BN momentum 0.9 (flax convention), epsilon 1e-5.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,20 +36,27 @@ STEM_FEATURES = 16
 
 
 class WideBasicBlock(nn.Module):
-  """Pre-activation wide block; the stride is on conv2 (see module docstring).
+  """Pre-activation wide block; the stride is on conv2 (stride_on='second')
+  or conv1 ('first'), see the module docstring.
 
   Args (call): x [B,H,W,Cin]. Returns [B,H/s,W/s,features].
   """
   features: int
   strides: int
   dtype: Any = jnp.float32
+  stride_on: str = "second"
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = nn.relu(common.batch_norm(train, self.dtype, name="bn1")(x))
-    out = common.conv(self.features, 3, 1, "SAME", self.dtype, name="conv1")(out)
-    out = nn.relu(common.batch_norm(train, self.dtype, name="bn2")(out))
-    out = common.conv(self.features, 3, self.strides, "SAME", self.dtype, name="conv2")(out)
+    bn = functools.partial(common.batch_norm, train, self.dtype,
+                           groups=self.bn_groups)
+    out = nn.relu(bn(name="bn1")(x))
+    first = self.strides if self.stride_on == "first" else 1
+    second = self.strides if self.stride_on == "second" else 1
+    out = common.conv(self.features, 3, first, "SAME", self.dtype, name="conv1")(out)
+    out = nn.relu(bn(name="bn2")(out))
+    out = common.conv(self.features, 3, second, "SAME", self.dtype, name="conv2")(out)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
       shortcut = common.conv(self.features, 1, self.strides, "VALID", self.dtype,
@@ -76,15 +85,28 @@ class WideResNet(nn.Module):
     num_classes: C.
     num_members: M (1 = the plain network, same code path).
     dtype: compute dtype; params and BN statistics stay float32.
+    stem: 'mixmo' | 'mimo', the stem kernel's init (`layers.stem_init`).
+    stride_on: 'second' (MixMo) | 'first' (uncertainty-baselines), the conv
+      of a block that carries its stride.
+    bn_groups: G > 1: BatchNorm training statistics per 1/G of the batch
+      (per device, `common.GroupedBatchNorm`).
   """
   depth: int
   width: int
   num_classes: int
   num_members: int
   dtype: Any = jnp.float32
+  stem: str = "mixmo"
+  stride_on: str = "second"
+  bn_groups: int = 1
+
+  STRIDE_ON = ("second", "first")
 
   def __post_init__(self):
     self.blocks_per_stage()  # Raises ValueError early for a bad depth.
+    if self.stride_on not in self.STRIDE_ON:
+      raise ValueError(f"model.stride_on must be one of {self.STRIDE_ON}, "
+                       f"got {self.stride_on!r}")
     super().__post_init__()
 
   def blocks_per_stage(self) -> int:
@@ -110,14 +132,18 @@ class WideResNet(nn.Module):
                train: bool = False) -> jax.Array:
     n = self.blocks_per_stage()
     h = layers.Stems(self.num_members, STEM_FEATURES, strides=1, padding="SAME",
-                     dtype=self.dtype, name="stems")(x, mix_weights)
+                     dtype=self.dtype, init_rule=self.stem,
+                     name="stems")(x, mix_weights)
     self.sow("intermediates", "stem", h)
     for stage, (mult, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
       for block in range(1, n + 1):
         h = WideBasicBlock(mult * self.width, stride if block == 1 else 1,
-                           dtype=self.dtype, name=f"stage{stage}_block{block}")(h, train)
+                           dtype=self.dtype, stride_on=self.stride_on,
+                           bn_groups=self.bn_groups,
+                           name=f"stage{stage}_block{block}")(h, train)
       self.sow("intermediates", f"stage{stage}", h)
-    h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn")(h))
+    h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn",
+                                  groups=self.bn_groups)(h))
     features = h.astype(jnp.float32).mean(axis=(1, 2))  # Shape: [B,64w].
     self.sow("intermediates", "features", features)
     return layers.Heads(self.num_members, self.num_classes, name="heads")(features)
