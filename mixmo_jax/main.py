@@ -12,7 +12,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mixmo_jax import cli, config_validation
+from mixmo_jax import cli, config_validation, platform
 from mixmo_jax.cli import fail
 
 FLAGS = flags.FLAGS
@@ -100,6 +100,7 @@ def main(argv):
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
   config = FLAGS.config
+  platform.apply_defaults()  # XLA flag defaults (user's XLA_FLAGS win).
   _split_cpu(config)
   _initialize_distributed()
   try:

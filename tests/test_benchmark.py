@@ -1,0 +1,24 @@
+"""CPU smoke tests of the speed scripts (they must not rot; no timings)."""
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _env(**extra):
+  env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS='cpu', **extra)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  return env
+
+
+def test_device_check_tiny_prints_the_table():
+  out = subprocess.run(
+      ['bash', 'experiments/device_check.sh'], cwd=REPO, check=True,
+      capture_output=True, text=True, timeout=300,
+      env=_env(DEVICE_CHECK_TINY='1', DEVICE_CHECK_EPOCH_STEPS='2')).stdout
+  for row in ('train img/s float32', 'train img/s bfloat16', 'MFU float32',
+              'Cut-MixMo / MIMO step time', 'eval img/s',
+              'peak device memory MB', 'bit-identical reruns (3 steps)  yes',
+              'synthetic epoch (2 steps) s'):
+    assert row in out, (row, out)
