@@ -12,9 +12,14 @@ starts; calling this later has no effect (a warning says so). Flags of one
 platform are ignored by the others, so all of them are set together.
 
 CPU (measured with experiments/benchmark.py --peer=torch, see README):
-  --xla_cpu_experimental_ynn_fusion_type=   (empty list) turns off this
-      jaxlib's YNNPACK fusions, whose convolution-gradient kernels are slow
-      on x86 CPUs; the convolutions then run on XLA's Eigen kernels.
+  --xla_cpu_experimental_ynn_fusion_type=reduce   keeps jaxlib's YNNPACK
+      fusions for reductions only (BatchNorm's sums over B, H, W) and sends
+      convolutions and dots back to XLA's Eigen kernels: jaxlib 0.10's
+      default YNNPACK convolution-gradient kernels are ~3x slower than the
+      forward ones on x86 CPUs, while without YNNPACK the BN sums become
+      slow reduce-windows. WRN-16-4 MIMO step, torch_time / jax_time
+      (interleaved, 2 cores): jaxlib default 0.41-0.48, empty list (no
+      YNNPACK) 0.62-0.65, 'reduce' 1.14.
 GPU (reproducibility, DESIGN: same seed -> same run):
   --xla_gpu_deterministic_ops=true   deterministic kernels (no atomics in
       scatter/reductions), so two runs of one program are bit-identical.
@@ -28,7 +33,7 @@ import os
 from typing import Dict, List, MutableMapping, Optional
 
 CPU_DEFAULTS: Dict[str, str] = {
-    'xla_cpu_experimental_ynn_fusion_type': '',
+    'xla_cpu_experimental_ynn_fusion_type': 'reduce',
 }
 GPU_DEFAULTS: Dict[str, str] = {
     'xla_gpu_deterministic_ops': 'true',
