@@ -10,8 +10,25 @@ be free: < 1.03), eval images/s, the host pipeline's images/s, memory from
 XLA's `memory_analysis()` and the process's peak RSS, and the achieved FLOP/s
 from XLA's cost analysis. Data are random uint8 images, so no dataset is
 needed. Numbers quoted in the README come from this script.
+
+Also printed: model FLOPs per step (XLA cost analysis), achieved FLOP/s and
+the fraction of the chip's peak (MFU, experiments/peak_flops.py; GPUs and
+TPUs only), the device's peak memory and, on accelerators, the largest batch
+that fits (doubling search, `--max_batch`).
+
+Side by side with PyTorch (`pip install -e .[bench]`):
+
+  python -m experiments.benchmark --config=configs/cifar100.py --peer=torch \
+      --peer_nets=16-4,28-10 --rounds=5 --steps=2
+
+times the MIMO step of WRN-d-w (batch 64, b = 2) in mixmo_jax and in
+experiments/torch_peer.py INTERLEAVED in one process (rounds of `--steps`
+steps each, alternating), so machine drift hits both alike, and prints the
+medians and torch_time / jax_time (> 1: mixmo_jax is faster). The XLA flag
+defaults of mixmo_jax.platform apply (override with XLA_FLAGS).
 """
 import copy
+import os
 import resource
 import time
 
@@ -20,13 +37,28 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from mixmo_jax import platform  # pylint: disable=g-bad-import-order
+
+platform.apply_defaults()  # XLA flags: before the backend starts.
+
 from mixmo_jax import config_validation, data, models, sharding, training
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
+from experiments import peak_flops
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
+_PEER = flags.DEFINE_enum('peer', '', ['', 'torch'], 'Also time this peer '
+                          'implementation of the MIMO step, interleaved.')
+_PEER_NETS = flags.DEFINE_list('peer_nets', ['16-4'], 'WRN depth-width pairs '
+                               'for --peer (e.g. 16-4,28-10).')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds for --peer.')
+_PEER_ONLY = flags.DEFINE_bool('peer_only', False, 'With --peer: skip the '
+                               'other measurements.')
+_MAX_BATCH = flags.DEFINE_integer(
+    'max_batch', -1, 'Cap of the largest-batch search (doubling from '
+    'batch_size); 0 skips it; -1: 65536 on accelerators, skipped on CPU.')
 
 
 def _variants(config):
@@ -61,6 +93,16 @@ def _time(fn, steps):
 
 def bench_train(config, mesh, steps, warmup):
   """Returns (seconds per step, FLOPs per step, memory analysis)."""
+  step, compiled = _train_step_runner(config, mesh)
+  _time(step, warmup)
+  seconds = _time(step, steps)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return seconds, float(cost.get('flops', 0.0)), compiled.memory_analysis()
+
+
+def _train_step_runner(config, mesh):
+  """(step_fn, compiled) for the train step of `config` on random data."""
   model = models.get_model(config)
   state = training.create_train_state(config, model, 100, mesh)
   batch = sharding.global_batch(_random_batch(config, np.random.default_rng(0)),
@@ -73,11 +115,56 @@ def bench_train(config, mesh, steps, warmup):
     holder['state'], metrics = compiled(holder['state'], *batch)
     return metrics['loss']
 
-  _time(step, warmup)
-  seconds = _time(step, steps)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return seconds, float(cost.get('flops', 0.0)), compiled.memory_analysis()
+  return step, compiled
+
+
+def bench_peer(config, mesh, nets, rounds, steps):
+  """Interleaved MIMO steps of mixmo_jax and the torch peer; prints ratios."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  print(f'peer: torch {torch.__version__} ({threads} threads) vs mixmo_jax '
+        f'(XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); MIMO, batch '
+        f'{config.batch_size}, b {config.batch_repetitions}, M '
+        f'{config.num_members}, {rounds} rounds of {steps} steps')
+  print(f'{"net":10s} {"jax ms":>9s} {"torch ms":>9s} {"torch/jax":>10s}')
+  ratios = {}
+  for net in nets:
+    depth, width = (int(v) for v in net.split('-'))
+    c = copy.deepcopy(config)
+    c.model.depth, c.model.width, c.mixing.method = depth, width, 'sum'
+    jax_step, _ = _train_step_runner(c, mesh)
+    peer = torch_peer.TorchStep(depth, width, c.num_classes, c.num_members,
+                                c.batch_size, c.image_size)
+    _time(jax_step, 1)  # Warm-up of both.
+    peer.step()
+    jax_times, torch_times = [], []
+    for _ in range(rounds):
+      jax_times.append(_time(jax_step, steps))
+      torch_times.append(peer.time(steps))
+    j, t = float(np.median(jax_times)), float(np.median(torch_times))
+    ratios[net] = t / j
+    print(f'WRN-{net:6s} {j * 1e3:9.0f} {t * 1e3:9.0f} {t / j:10.2f}',
+          flush=True)
+  return ratios
+
+
+def largest_batch(config, mesh, cap):
+  """Largest batch_size (doubling from config's) whose train step runs."""
+  fits, batch = None, config.batch_size
+  while batch <= cap:
+    c = copy.deepcopy(config)
+    c.batch_size = batch
+    try:
+      step, _ = _train_step_runner(c, mesh)
+      jax.block_until_ready(step())
+    except Exception as e:  # pylint: disable=broad-except
+      if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
+        break
+      raise
+    fits, batch = batch, batch * 2
+  return fits
 
 
 def bench_eval(config, mesh, steps):
@@ -119,21 +206,33 @@ def main(argv):
   config_validation.validate(config)
   mesh = sharding.make_mesh()
   device = jax.devices()[0]
+  if _PEER.value:
+    bench_peer(config, mesh, _PEER_NETS.value, _ROUNDS.value, _STEPS.value)
+    if _PEER_ONLY.value:
+      return
   print(f'{config.model.name} depth {config.model.depth} width '
         f'{config.model.width}, {config.image_size}px, {config.num_classes} '
         f'classes, batch {config.batch_size}, b {config.batch_repetitions}, '
         f'{jax.device_count()} x {device.platform} ({device.device_kind})')
+  dtype = config.model.get('dtype', 'float32')
+  peak = peak_flops.peak_flops(device.device_kind, dtype)
+  print(f'peak {dtype} FLOP/s of one {device.device_kind}: '
+        f'{peak / 1e12 if peak else float("nan"):.1f} T (x '
+        f'{jax.device_count()} devices)')
   print(f'{"method":14s} {"step ms":>9s} {"img/s":>9s} {"GFLOP/step":>11s} '
-        f'{"GFLOP/s":>9s} {"temp MB":>9s} {"args MB":>9s}')
+        f'{"GFLOP/s":>9s} {"MFU %":>6s} {"temp MB":>9s} {"args MB":>9s}')
   times = {}
   for name, c in _variants(config).items():
     seconds, flops, mem = bench_train(c, mesh, _STEPS.value, _WARMUP.value)
     times[name] = seconds
     temp = _mb(mem.temp_size_in_bytes) if mem else float('nan')
     args = _mb(mem.argument_size_in_bytes) if mem else float('nan')
+    # cost_analysis counts the whole (global) program's FLOPs.
+    mfu = (100 * flops / seconds / (peak * jax.device_count()) if peak
+           else float('nan'))
     print(f'{name:14s} {seconds * 1e3:9.1f} {config.batch_size / seconds:9.1f} '
-          f'{flops / 1e9:11.2f} {flops / seconds / 1e9:9.2f} {temp:9.1f} '
-          f'{args:9.1f}')
+          f'{flops / 1e9:11.2f} {flops / seconds / 1e9:9.2f} {mfu:6.1f} '
+          f'{temp:9.1f} {args:9.1f}')
   print(f'Cut-MixMo / MIMO step-time ratio: '
         f'{times["cut_mixmo"] / times["mimo"]:.3f}')
   eval_rate = bench_eval(config, mesh, _STEPS.value)
@@ -143,12 +242,18 @@ def main(argv):
         f'({num_test} images; every {config.eval_every_epochs} epoch(s), '
         'the paper protocol evaluates after every epoch)')
   print(f'host pipeline: {bench_host_pipeline(config, mesh, 50):.0f} img/s')
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(f'peak RSS: {peak:.0f} MB')
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f'peak RSS: {rss:.0f} MB')
   for d in jax.local_devices()[:1]:
     stats = d.memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
       print(f'device peak memory: {_mb(stats["peak_bytes_in_use"]):.0f} MB')
+  cap = _MAX_BATCH.value
+  if cap < 0:
+    cap = 0 if device.platform == 'cpu' else 65536
+  if cap > 0:
+    print(f'largest batch that fits (<= {cap}): '
+          f'{largest_batch(config, mesh, cap)}')
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ does the same from Python).
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixmo_jax import api, cli, config_validation
+from mixmo_jax import api, cli, config_validation, platform
 from mixmo_jax.cli import fail
 
 FLAGS = flags.FLAGS
@@ -64,6 +64,7 @@ def main(argv):
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
   config = FLAGS.config
+  platform.apply_defaults()  # XLA flag defaults (user's XLA_FLAGS win).
   api.split_cpu(config)
   _initialize_distributed()
   try:
