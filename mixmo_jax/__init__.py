@@ -6,7 +6,21 @@
 
 The method itself is `mixmo_jax.mixmo`; see the README's code map.
 """
-from mixmo_jax import configs  # noqa: F401
+import logging as _logging
+import os as _os
+
+# TensorFlow (clu's TensorBoard writers, TFDS) prints oneDNN / absl C++
+# INFO and WARNING lines at import: noise for a training run. Must be set
+# before TensorFlow is imported; a value the user set is kept. TensorFlow
+# computes nothing of the model here (JAX does), so its oneDNN kernels are
+# not needed either.
+_os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+_os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# jax's "Unable to initialize backend 'tpu'" probe (INFO) on every start.
+if _logging.getLogger('jax._src.xla_bridge').level == _logging.NOTSET:
+  _logging.getLogger('jax._src.xla_bridge').setLevel(_logging.WARNING)
+
+from mixmo_jax import configs  # noqa: F401,E402
 
 
 def train(config, workdir, **kwargs):

@@ -20,6 +20,7 @@ entropy, per-member cross-entropy, top-1, learning rate, p, throughput),
 eval/* scalars without bookkeeping entries (BOOKKEEPING), and the reliability
 and member-vs-ensemble figures as images at each evaluation.
 """
+import logging as pylogging
 import os
 import sys
 import tempfile
@@ -48,14 +49,18 @@ def setup_logging() -> None:
   """Quiet console for a training run (idempotent; `main` and `train`).
 
   TensorFlow / oneDNN / libtpu C++ INFO and WARNING lines are silenced
-  through TF_CPP_MIN_LOG_LEVEL=2 (unless the user set it; it must be set
+  through TF_CPP_MIN_LOG_LEVEL=2 and TF_ENABLE_ONEDNN_OPTS=0 (unless the
+  user set them; `import mixmo_jax` sets them too, since they only act
   before TensorFlow is imported), orbax's INFO chatter is filtered and absl
   logs at INFO.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   from mixmo_jax import cli  # pylint: disable=import-outside-toplevel
   cli.quiet_orbax_logs()
   logging.set_verbosity(logging.INFO)
+  # "Unable to initialize backend 'tpu'" and similar probes at INFO.
+  pylogging.getLogger('jax._src.xla_bridge').setLevel(pylogging.WARNING)
 
 
 def format_duration(seconds: float) -> str:
@@ -151,8 +156,11 @@ class Reporter:
     self.spe = steps_per_epoch
     self.config = config
     self.lead = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.lead)
+    # Event files only (clu's default writer would also log every scalar
+    # line through absl, doubling the console); nothing on processes > 0.
+    self.writer = (metric_writers.AsyncWriter(
+        metric_writers.SummaryWriter(workdir)) if self.lead
+                   else metric_writers.MultiWriter([]))
     self.stream = sys.stdout if stream is None else stream
     self.images = images
     self.pending: List[Dict[str, Any]] = []
