@@ -85,3 +85,13 @@ def test_train_warns_when_jax_has_fewer_cpu_devices(tmp_path):
     mixmo_jax.train(config, str(tmp_path))
   api_train.assert_called_once()
   assert 'cpu_devices' in warn.call_args[0][0]
+
+
+def test_main_help_lists_variants_and_fields():
+  done = _run('mixmo_jax.main', '--help')
+  assert done.returncode == 0
+  from mixmo_jax import configs
+  for name in configs.METHODS + configs.MODIFIERS + configs.DATASET_CONFIGS:
+    assert name in done.stdout
+  assert "'--config.optimizer.decay_epochs=(3,4)'" in done.stdout
+  assert 'mixmo_jax/configs/base.py' in done.stdout
