@@ -88,8 +88,7 @@ def test_train_warns_when_jax_has_fewer_cpu_devices(tmp_path):
 
 
 def test_main_help_lists_variants_and_fields():
-  done = _run('mixmo_jax.main', '--help')
-  assert done.returncode == 0
+  done = _run('mixmo_jax.main', '--help')  # absl exits 1 after --help.
   from mixmo_jax import configs
   for name in configs.METHODS + configs.MODIFIERS + configs.DATASET_CONFIGS:
     assert name in done.stdout
