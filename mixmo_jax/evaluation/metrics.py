@@ -452,6 +452,35 @@ def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   return result
 
 
+def cross_fitted_log_probs(log_probs, labels, seed=0, temperatures=None):
+  """The temperature-scaled predictions behind `calibrated_metrics`.
+
+  Half A scaled by T_B and half B by T_A (the same halves, the same
+  separable rule), so e.g. a reliability diagram of them shows what NLL_c
+  and ECE_c measure. (ECE of the pooled halves can differ slightly from
+  ece_c, the mean of the halves' ECEs.)
+
+  Args:
+    log_probs: [N, C]; labels: [N] int; seed: the split's seed.
+    temperatures: [T_A, T_B] of `calibrated_metrics` (fitted when None).
+
+  Returns:
+    [N, C] float64 log-probabilities (log_probs unchanged when N < 2).
+  """
+  log_probs = np.asarray(log_probs, np.float64)
+  n = log_probs.shape[0]
+  if n < 2:
+    return _log_softmax(np, log_probs)
+  temps = temperatures
+  if temps is None or None in temps:
+    temps = calibrated_metrics(log_probs, labels, seed)['temperatures']
+  perm = np.random.default_rng(seed).permutation(n)
+  out = np.empty_like(log_probs)
+  for t, half in zip(temps[::-1], (perm[:n // 2], perm[n // 2:])):
+    out[half] = temperature_scale(log_probs[half], t)
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Diversity and the eval.json summary.
 # ----------------------------------------------------------------------------

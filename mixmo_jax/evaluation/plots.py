@@ -51,12 +51,23 @@ def _num(value):
   return math.nan if value is None else float(value)
 
 
+def run_title(eval_result):
+  """'RUN (step S)' of an eval.json-like dict, '' when it names no run."""
+  runs = eval_result.get('workdirs') or []
+  names = ', '.join(os.path.basename(os.path.normpath(r)) or r for r in runs)
+  step = eval_result.get('steps', eval_result.get('step'))
+  if step is not None:
+    names = f'{names} (step {step})' if names else f'step {step}'
+  return names
+
+
 def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   """Reliability diagram: per-bin accuracy vs confidence, with ECE.
 
   Bars of acc_b over the B equal-width confidence bins (e_b, e_{b+1}], the
-  gap |acc_b - conf_b| drawn from acc_b to conf_b, the diagonal, and the
-  share of samples per bin. Bins and ECE come from
+  gap drawn from acc_b to conf_b (red above the bar where the bin is
+  over-confident, conf_b > acc_b; green below its top where under-confident),
+  the diagonal, and the share of samples per bin. Bins and ECE come from
   `metrics.calibration_bins` and `metrics.ece`, so the figure and eval.json
   agree.
 
@@ -79,18 +90,26 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   fig = _new_figure(FIGSIZES['reliability_diagram'])
   ax = fig.add_subplot(1, 1, 1)
   ax.bar(centers[filled], acc[filled], width=width, edgecolor='black',
-         color='tab:blue', label='accuracy')
-  ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled],
-         width=width, edgecolor='tab:red', color='tab:red', alpha=0.3,
-         hatch='//', label='gap to confidence')
-  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1)
+         color='tab:blue', label='accuracy of the bin')
+  gap = conf - acc  # > 0: over-confident; < 0: under-confident.
+  for sign, color, label in ((1, 'tab:red', 'over-confident (conf > acc)'),
+                             (-1, 'tab:green',
+                              'under-confident (conf < acc)')):
+    sel = filled & (sign * gap > 0)
+    if sel.any():
+      ax.bar(centers[sel], gap[sel], bottom=acc[sel], width=width,
+             edgecolor=color, color=color, alpha=0.35, hatch='//',
+             label=label)
+  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1,
+          label='perfect calibration')
   share = count / max(count.sum(), 1)
-  ax.plot(centers[filled], share[filled], 'k.', ms=4, label='share of samples')
+  ax.plot(centers[filled], share[filled], 'k.', ms=4,
+          label='share of samples')
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
   ax.set_xlabel('confidence')
   ax.set_ylabel('accuracy')
-  ax.legend(loc='upper left', fontsize=8)
+  ax.legend(loc='best', fontsize=7)
   prefix = f'{title}: ' if title else ''
   ax.set_title(f'{prefix}ECE = {ece:.4f} ({num_bins} bins)', fontsize=10)
   fig.tight_layout()
@@ -127,12 +146,14 @@ def member_vs_ensemble(eval_result, path):
                   color=(colors + ['tab:green'])[:len(values)])
     ax.bar_label(bars, fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(xs, fontsize=8)
+    many = len(values) > 4
+    ax.set_xticklabels(xs, fontsize=8, rotation=45 if many else 0,
+                       ha='right' if many else 'center')
     ax.set_ylabel(label)
     ax.set_title(title, fontsize=10)
-    finite = [v for v in values if np.isfinite(v)]
-    if finite and col == 0:
-      ax.set_ylim(max(0.0, min(finite) - 5.0), min(100.0, max(finite) + 3.0))
+    if col == 0:
+      ax.set_ylim(0.0, 105.0)  # Bars start at 0: heights compare honestly.
+  fig.suptitle(run_title(eval_result), fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -329,7 +350,9 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
   """The figures of `evaluate --plots`.
 
   Writes out_dir/reliability.png (ensemble, before temperature scaling; its
-  ECE is eval.json's ensemble.ece) and out_dir/member_vs_ensemble.png.
+  ECE is eval.json's ensemble.ece), out_dir/reliability_ts.png (after the
+  cross-fitted temperature scaling of NLL_c / ECE_c,
+  `metrics.cross_fitted_log_probs`) and out_dir/member_vs_ensemble.png.
 
   Args:
     eval_result: `metrics.evaluation_metrics` dict.
@@ -340,10 +363,19 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
     list of the written paths.
   """
   os.makedirs(out_dir, exist_ok=True)
+  run = run_title(eval_result)
+  cal = eval_result.get('calibration', {})
+  scaled = metrics.cross_fitted_log_probs(log_probs, labels,
+                                          cal.get('seed', 0),
+                                          cal.get('temperatures'))
   return [
       reliability_diagram(log_probs, labels,
                           os.path.join(out_dir, 'reliability.png'), num_bins,
-                          title='ensemble'),
+                          title=f'{run} ensemble' if run else 'ensemble'),
+      reliability_diagram(scaled, labels,
+                          os.path.join(out_dir, 'reliability_ts.png'),
+                          num_bins, title=(f'{run} ensemble, TS' if run
+                                           else 'ensemble, TS')),
       member_vs_ensemble(eval_result,
                          os.path.join(out_dir, 'member_vs_ensemble.png')),
   ]
