@@ -23,7 +23,7 @@ FIGSIZES = {
     'reliability_diagram': (4.5, 4.5),
     'member_vs_ensemble': (8.0, 3.5),
     'diversity_accuracy': (5.5, 4.5),
-    'training_curves': (10.0, 3.8),
+    'training_curves': (14.0, 3.8),
 }
 GALLERY_CELL_INCHES = 1.5
 
@@ -222,12 +222,37 @@ def _series(records, key, scale=1.0):
   return xs, ys
 
 
-def training_curves(run_workdir, path):
-  """Ensemble and member top-1 (%) and NLL against epoch.
+def train_scalars(run_workdir, tags):
+  """{tag: ([step], [value])} of the run's TensorBoard scalars (the train/*
+  lines `progress.Reporter` writes); {} without event files or TensorFlow."""
+  import glob  # pylint: disable=import-outside-toplevel
+  files = sorted(glob.glob(os.path.join(os.fspath(run_workdir),
+                                        'events.out.tfevents.*')))
+  if not files:
+    return {}
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}
+  out = {}
+  for name in files:
+    for event in tf.compat.v1.train.summary_iterator(name):
+      for value in event.summary.value:
+        if value.tag in tags and value.HasField('tensor'):
+          steps, values = out.setdefault(value.tag, ([], []))
+          steps.append(event.step)
+          values.append(float(tf.make_ndarray(value.tensor)))
+  return out
 
-  Left: ensemble top-1 (solid) and member top-1 (dashed); right: ensemble
-  NLL, ensemble NLL_c when present, member NLL. Curves whose key is missing
-  from a line simply skip that line.
+
+def training_curves(run_workdir, path):
+  """Ensemble and member top-1 (%) and NLL against epoch, and the training.
+
+  Left: ensemble top-1 (solid) and member top-1 (dashed); middle: ensemble
+  NLL, ensemble NLL_c when present, member NLL; right: the train loss
+  (cross-entropy of the train step) and the learning rate from the
+  TensorBoard event files. Curves whose key is missing from a line simply
+  skip that line.
 
   Args:
     run_workdir: the run's workdir (its eval_history.jsonl is read).
@@ -245,7 +270,7 @@ def training_curves(run_workdir, path):
   fig = _new_figure(FIGSIZES['training_curves'])
   panels = [('top1', 100.0, 'top-1 (%)'), ('nll', 1.0, 'NLL')]
   for col, (metric, scale, ylabel) in enumerate(panels):
-    ax = fig.add_subplot(1, 2, col + 1)
+    ax = fig.add_subplot(1, 3, col + 1)
     xs, ys = _series(records, f'ensemble/{metric}', scale)
     ax.plot(xs, ys, '-o', ms=3, color='black', label='ensemble')
     if metric == 'nll':
@@ -263,8 +288,42 @@ def training_curves(run_workdir, path):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='best')
+  _train_panel(fig.add_subplot(1, 3, 3), run_workdir)
+  fig.suptitle(os.path.basename(os.path.normpath(os.fspath(run_workdir))),
+               fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def _train_panel(ax, run_workdir):
+  """Train cross-entropy (left axis) and learning rate (right) vs epoch."""
+  history = wd.read_history(run_workdir)
+  spe = next((r['step'] / r['epoch'] for r in history if r.get('epoch')),
+             None)
+  tags = ('train/cross_entropy', 'train/learning_rate')
+  scalars = train_scalars(run_workdir, tags)
+  scale = (1.0 / spe) if spe else 1.0
+  ax.set_xlabel('epoch' if spe else 'step')
+  ax.set_title('training', fontsize=10)
+  if tags[0] not in scalars:
+    ax.text(0.5, 0.5, 'no train scalars (TensorBoard events)', ha='center',
+            va='center', transform=ax.transAxes)
+    return
+  steps, values = scalars[tags[0]]
+  ax.plot(np.asarray(steps) * scale, values, '-', color='tab:blue',
+          label='train loss (cross-entropy)')
+  ax.set_ylabel('train loss')
+  ax.grid(alpha=0.3)
+  lines = ax.get_legend_handles_labels()
+  if tags[1] in scalars:
+    twin = ax.twinx()
+    steps, values = scalars[tags[1]]
+    twin.plot(np.asarray(steps) * scale, values, '-', color='tab:orange',
+              label='learning rate')
+    twin.set_ylabel('learning rate')
+    more = twin.get_legend_handles_labels()
+    lines = (lines[0] + more[0], lines[1] + more[1])
+  ax.legend(*lines, fontsize=8, loc='best')
 
 
 def upsample_nearest(weights, height, width):
