@@ -26,6 +26,7 @@ setuptools.setup(
         "scikit-learn",
         "numpy",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "cuda12": ["jax[cuda12]>=0.10"],

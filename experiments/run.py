@@ -35,6 +35,19 @@ Modes:
          (independent lines, for a cluster's job array), and, if the rows
          include ensembles, <jobs_file stem>_ensembles.txt with the ensemble
          evaluations, to run once the first file is done.
+  slurm  writes the jobs files as `jobs` does, plus a SLURM job array per
+         file (<stem>.sbatch: task i runs line i; <stem>_ensembles.sbatch:
+         the ensemble evaluations) and <stem>_submit.sh, which submits the
+         first array and the second with --dependency=afterok on it (every
+         training task succeeded). A task whose output (the training's
+         eval.json, or the ensemble JSON) exists exits at once, and a
+         training resumes from its last checkpoint, so re-running the submit
+         script finishes an interrupted sweep. Logs: <stem>_logs/<array job
+         id>_<task>.out.
+
+             python -m experiments.run --table=1 --mode=slurm \
+                 --jobs_file=sweep/jobs.txt --sbatch_options='--gres=gpu:1'
+             bash sweep/jobs_submit.sh
 """
 import argparse
 import dataclasses
@@ -217,6 +230,104 @@ def write_jobs(entries, root, jobs_file: str, python: str = 'python',
   return written
 
 
+def _outputs(entries, root: str, python: str) -> Tuple[List[str], List[str]]:
+  """The files whose existence marks each jobs line done (same order)."""
+  trains, _, ensembles = plan(entries, root, python)
+  return ([os.path.join(t.output, 'eval.json') for t in trains],
+          [job.output for job in ensembles])
+
+
+SBATCH_TEMPLATE = """#!/bin/bash
+# SLURM job array over {jobs_name}: task i runs its line i (1-based) from
+# {repo}. Written by `python -m experiments.run --mode=slurm`.
+#SBATCH --job-name={job_name}
+#SBATCH --array=1-{count}
+#SBATCH --output={log_dir}/%A_%a.out
+#SBATCH --error={log_dir}/%A_%a.out
+{options}
+set -euo pipefail
+JOBS={jobs}
+OUTPUTS={outputs}
+TASK=${{SLURM_ARRAY_TASK_ID:?run this script with sbatch (a job array)}}
+LINE=$(sed -n "${{TASK}}p" "$JOBS")
+DONE=$(sed -n "${{TASK}}p" "$OUTPUTS")
+if [ -z "$LINE" ]; then
+  echo "task $TASK: no line $TASK in $JOBS" >&2
+  exit 1
+fi
+if [ -n "$DONE" ] && [ -e "$DONE" ]; then
+  echo "task $TASK: done already ($DONE exists)"
+  exit 0
+fi
+cd {repo}
+echo "task $TASK on $(hostname): $LINE"
+bash -c "$LINE"
+"""
+
+SUBMIT_TEMPLATE = """#!/bin/bash
+# Submits the sweep: the trainings' array, then the ensemble evaluations
+# once every training task succeeded. Re-run it to finish an interrupted
+# sweep (finished tasks exit at once; trainings resume).
+set -euo pipefail
+mkdir -p {log_dirs}
+JOB=$(sbatch --parsable {first})
+echo "submitted trainings: job array $JOB ({first})"
+{second}"""
+
+
+def sbatch_script(jobs_file: str, outputs_file: str, count: int,
+                  log_dir: str, options: str = '') -> str:
+  """The text of a job-array script over `count` lines of `jobs_file`."""
+  lines = [f'#SBATCH {opt}' for opt in shlex.split(options)]
+  name = os.path.splitext(os.path.basename(jobs_file))[0]
+  return SBATCH_TEMPLATE.format(
+      jobs_name=os.path.basename(jobs_file), repo=shlex.quote(tables.REPO),
+      job_name=f'mixmo_{name}', count=count, log_dir=log_dir,
+      options='\n'.join(lines), jobs=shlex.quote(jobs_file),
+      outputs=shlex.quote(outputs_file))
+
+
+def write_slurm(entries, root, jobs_file: str, python: str = 'python',
+                options: str = '',
+                corruptions_dir: Optional[str] = None) -> List[str]:
+  """Jobs files, their outputs files, array scripts and the submit script.
+
+  Returns:
+    The paths written, the submit script last.
+  """
+  jobs_file = os.path.abspath(jobs_file)
+  written = write_jobs(entries, root, jobs_file, python, corruptions_dir)
+  stem = os.path.splitext(jobs_file)[0]
+  log_dir = f'{stem}_logs'
+  scripts = []
+  for path, outputs in zip((jobs_file, ensembles_file(jobs_file)),
+                           _outputs(entries, root, python)):
+    if not outputs:
+      continue
+    outputs_file = f'{os.path.splitext(path)[0]}.outputs'
+    with open(outputs_file, 'w') as f:
+      f.write('\n'.join(outputs) + '\n')
+    script = f'{os.path.splitext(path)[0]}.sbatch'
+    with open(script, 'w') as f:
+      f.write(sbatch_script(path, outputs_file, len(outputs), log_dir,
+                            options))
+    written += [outputs_file, script]
+    scripts.append(script)
+  second = ''
+  if len(scripts) > 1:
+    second = (f'ENS=$(sbatch --parsable --dependency=afterok:$JOB '
+              f'{shlex.quote(scripts[1])})\n'
+              f'echo "submitted ensemble evaluations: job array $ENS, after '
+              f'$JOB"\n')
+  submit = f'{stem}_submit.sh'
+  with open(submit, 'w') as f:
+    f.write(SUBMIT_TEMPLATE.format(log_dirs=shlex.quote(log_dir),
+                                   first=shlex.quote(scripts[0]),
+                                   second=second))
+  os.chmod(submit, 0o755)
+  return written + [submit]
+
+
 def run_plan(entries, root, skip_done: bool = True,
              python: str = sys.executable,
              corruptions_dir: Optional[str] = None) -> int:
@@ -260,11 +371,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--root', default=DEFAULT_ROOT,
                       help='folder (or gs:// URL) of the workdirs')
   parser.add_argument('--mode', default='print',
-                      choices=('print', 'run', 'jobs'))
+                      choices=('print', 'run', 'jobs', 'slurm'))
   parser.add_argument('--jobs_file', default='jobs.txt')
   parser.add_argument('--corruptions_dir', default=None,
                       help='CIFAR-100-C folder for Table 4\'s evaluations '
                       f'(print/jobs default: {CORRUPTIONS_PLACEHOLDER})')
+  parser.add_argument('--sbatch_options', default='',
+                      help="slurm mode: #SBATCH options of every task, e.g. "
+                      "'--gres=gpu:1 --time=24:00:00 --partition=gpu'")
   parser.add_argument('--python', default=None,
                       help='interpreter in the commands (default: python; '
                       'run mode: this interpreter)')
@@ -305,6 +419,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       with open(path) as f:
         count = sum(1 for _ in f)
       print(f'wrote {path} ({count} lines)')
+    return 0
+  if args.mode == 'slurm':
+    paths = write_slurm(entries, root, args.jobs_file,
+                        args.python or 'python', args.sbatch_options,
+                        args.corruptions_dir)
+    for path in paths:
+      print(f'wrote {path}')
+    print(f'submit with: bash {paths[-1]}')
     return 0
   return run_plan(entries, root, args.skip_done, args.python or sys.executable,
                   args.corruptions_dir)

@@ -185,12 +185,16 @@ def plot(reports: Sequence[dict], labels: Sequence[str], path: str) -> str:
   ax_a, ax_b = fig.subplots(1, 2, gridspec_kw={'width_ratios': [1.6, 1.0]})
   stems = np.asarray(reports[0]['stem_filter_l1'])
   m, c0 = stems.shape
+  # As the paper's Figure 4a: filters grouped by the encoder where their
+  # norm is largest, each group by that norm, descending.
+  order = np.lexsort((-stems.max(axis=0), stems.argmax(axis=0)))
+  stems = stems[:, order]
   width = 0.8 / m
   x = np.arange(c0)
   for i in range(m):
     ax_a.bar(x + (i - (m - 1) / 2) * width, stems[i], width=width,
              label=f'encoder c{i}')
-  ax_a.set_xlabel('stem filter')
+  ax_a.set_xlabel('stem filter (grouped by dominant encoder, by norm)')
   ax_a.set_ylabel('l1 norm')
   ax_a.set_title(f'(a) encoder filter l1 norms: {labels[0]}')
   ax_a.set_xticks(x if c0 <= 32 else x[::max(1, c0 // 16)])
@@ -213,12 +217,15 @@ def plot(reports: Sequence[dict], labels: Sequence[str], path: str) -> str:
 
 
 def _label(config, workdir: str) -> str:
+  """'WORKDIR_NAME (variant net-depth-width)': runs differ by their name."""
+  name = os.path.basename(os.path.normpath(workdir)) or workdir
   try:
-    return (f'{config.get("variant", "")} {config.model.name}-'
-            f'{config.model.depth if config.model.name == "wide_resnet" else 18}'
-            f'-{config.model.width}').strip()
+    detail = (f'{config.get("variant", "")} {config.model.name}-'
+              f'{config.model.depth if config.model.name == "wide_resnet" else 18}'
+              f'-{config.model.width}').strip()
   except (AttributeError, KeyError):
-    return os.path.basename(os.path.normpath(workdir))
+    return name
+  return f'{name} ({detail})'
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

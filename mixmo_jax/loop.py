@@ -9,12 +9,13 @@ loss (`progress.Reporter`).
 """
 import os
 import signal
+import time
 from typing import Any, Dict
 
 from absl import logging
 import jax
 
-from mixmo_jax import (checkpointing, cli, data, feed, models, preemption,
+from mixmo_jax import (checkpointing, data, feed, models, preemption,
                        progress, sharding, training, workdir as wd)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference, metrics
@@ -25,11 +26,12 @@ NonFiniteLossError = progress.NonFiniteLossError
 
 
 def evaluate(config, state, predict, test, mesh, step: int,
-             epoch: int) -> Dict[str, Any]:
+             epoch: int, *, with_logits: bool = False) -> Dict[str, Any]:
   """Test-set evaluation with the `evaluate` metrics and names.
 
   Returns:
-    {'step', 'epoch', **metrics.evaluation_metrics(...)}.
+    {'step', 'epoch', **metrics.evaluation_metrics(...)}; with
+    `with_logits`, (that record, the [N, M, C] member logits).
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits = inference.predict_member_logits(
@@ -37,7 +39,8 @@ def evaluate(config, state, predict, test, mesh, step: int,
   result = metrics.evaluation_metrics(
       logits, test[1], ensemble=config.evaluation.ensemble,
       calibration_seed=config.evaluation.calibration_seed)
-  return {'step': step, 'epoch': epoch, **result}
+  record = {'step': step, 'epoch': epoch, **result}
+  return (record, logits) if with_logits else record
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -48,7 +51,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     'diversity', ...}), or {'step': s, 'preempted': True} after SIGTERM.
   """
   stopper = preemption.Preemption()  # Before the slow start: SIGTERM stops.
-  cli.quiet_orbax_logs()
+  progress.setup_logging()
   mesh = sharding.make_mesh()
   train_x, train_y = data.load_split(config, 'train')
   if config.num_train_examples:
@@ -69,7 +72,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     wd.truncate_history(workdir, start)
 
-  reporter = progress.Reporter(workdir, total)
+  reporter = progress.Reporter(workdir, total, config=config,
+                               steps_per_epoch=spe, start_step=start)
   step_fn = training.make_train_step(config, model, spe, mesh)
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
@@ -84,9 +88,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
                jax.device_count())
   for step in range(start, total):
-    state, step_metrics = step_fn(state, *feeder.batch(step))
+    waited = time.perf_counter()
+    batch = feeder.batch(step)
+    waited = time.perf_counter() - waited
+    state, step_metrics = step_fn(state, *batch)
     done = step + 1
-    reporter.step(done, step_metrics)
+    reporter.step(done, step_metrics, data_wait=waited)
     if done == kill_after:
       os.kill(os.getpid(), signal.SIGKILL)
     epoch_end, last = done % spe == 0, done == total
@@ -94,8 +101,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if done % config.log_every_steps == 0 or epoch_end:
       reporter.flush(done, last_good)
     if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
-      record = evaluate(config, state, predict, test, mesh, done, epoch)
-      reporter.evaluation(record)
+      record, logits = evaluate(config, state, predict, test, mesh, done,
+                                epoch, with_logits=True)
+      reporter.evaluation(record, logits, test[1])
       if jax.process_index() == 0:
         wd.append_history(workdir, record)
     stop = stopper.reached(ckpt, done)
@@ -108,6 +116,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                       done)
       record = {'step': done, 'preempted': True}
       break
-  reporter.close()
+  reporter.close(wd.read_history(workdir))
   ckpt.close()
   return record

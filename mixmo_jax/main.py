@@ -9,8 +9,19 @@ does the same from Python).
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixmo_jax import api, cli, config_validation, platform
+from mixmo_jax import api, cli, config_validation, configs, platform
 from mixmo_jax.cli import fail
+
+__doc__ += f"""
+Configs: --config=configs/DATASET.py[:METHOD[+MODIFIER...]], DATASET one of
+{', '.join(configs.DATASET_CONFIGS)}; METHOD one of {', '.join(configs.METHODS)};
+MODIFIER any of {', '.join(configs.MODIFIERS)} (e.g. configs/cifar100.py:cut_mixmo+b4).
+Every hyperparameter is a field, set with --config.FIELD=VALUE; the fields,
+their defaults and comments are in mixmo_jax/configs/base.py (print them with
+python -c "import mixmo_jax; print(mixmo_jax.configs.get('digits'))").
+Quote tuple values: '--config.optimizer.decay_epochs=(3,4)'; a shorter run
+(--config.num_epochs=5) needs decay epochs below it, or '...decay_epochs=()'.
+"""
 
 FLAGS = flags.FLAGS
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config.json, '

@@ -202,3 +202,13 @@ def test_report_plot_and_cli(fabricated_params, tmp_path, monkeypatch, capsys):
     saved = json.load(f)
   assert saved['step'] == 42 and saved['thresholds'] == [0.3, 0.4]
   assert analysis.main([f'--workdir={tmp_path}', '--thresholds=a']) == 2
+
+
+def test_labels_name_the_workdir():
+  from mixmo_jax import analysis, configs
+  config = configs.get('digits:cut_mixmo')
+  labels = {analysis._label(config, f'/runs/{name}/')  # pylint: disable=protected-access
+            for name in ('seed0', 'seed1', 'seed2')}
+  assert len(labels) == 3
+  assert all(label.startswith('seed') and 'cut_mixmo' in label
+             for label in labels)

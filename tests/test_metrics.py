@@ -1,5 +1,6 @@
 """Tests for mixmo_jax.metrics: formulas checked against direct NumPy loops."""
 import json
+from unittest import mock
 
 import jax
 import numpy as np
@@ -185,22 +186,23 @@ def test_ensemble_log_probs_modes():
 # --- temperature scaling -----------------------------------------------------
 
 
-def brute_force_temperature(z, labels):
-  """Coarse-to-fine grid search of argmin_T NLL(softmax(z / T))."""
-  coarse = np.geomspace(1e-3, 1e3, 241)
+def brute_force_temperature(z, labels, lo=metrics.T_MIN, hi=metrics.T_MAX):
+  """Coarse-to-fine grid search of argmin_{T in [lo, hi]} NLL(softmax(z / T))."""
+  coarse = np.geomspace(lo, hi, 241)
   best = coarse[np.argmin(nll_at_temperature(z, labels, coarse))]
   ratio = coarse[1] / coarse[0]
-  fine = np.geomspace(best / ratio**2, best * ratio**2, 801)
+  fine = np.geomspace(max(best / ratio**2, lo), min(best * ratio**2, hi), 801)
   values = nll_at_temperature(z, labels, fine)
   return fine[np.argmin(values)], values.min()
 
 
-@pytest.mark.parametrize('scale', [1.0, 20.0, 0.05])
+@pytest.mark.parametrize('scale', [1.0, 6.0, 0.3])
 def test_fit_temperature_matches_grid_search(scale):
   z, labels = _logits(4, n=200, c=10, signal=1.5, scale=scale)
   t_fit = metrics.fit_temperature(z, labels)
   t_grid, nll_grid = brute_force_temperature(z, labels)
   assert isinstance(t_fit, float)
+  assert metrics.T_MIN < t_fit < metrics.T_MAX
   assert abs(t_fit - t_grid) / t_grid < 1e-3
   assert nll_at_temperature(z, labels, [t_fit])[0] <= nll_grid + 1e-12
   # T scales with the logits: T(s z) = s T(z).
@@ -213,31 +215,93 @@ def test_fit_temperature_degenerate_cases_clamp_to_bracket():
   labels = np.arange(20) % c
   onehot = np.eye(c, dtype=np.float32)[labels]
   # All correct: sharpening always helps, optimum beta -> inf.
+  assert metrics.is_separable(4.0 * onehot, labels)
   assert metrics.fit_temperature(4.0 * onehot, labels) == pytest.approx(
-      1.0 / metrics.BETA_MAX)
+      metrics.T_MIN)
   # Every label is the least likely class: optimum beta -> 0.
+  assert not metrics.is_separable(-4.0 * onehot, labels)
   assert metrics.fit_temperature(-4.0 * onehot, labels) == pytest.approx(
-      1.0 / metrics.BETA_MIN)
+      metrics.T_MAX)
+
+
+def _one_error_logits(n=360, c=10, seed=0):
+  """The label's logit +6; sample 0 has a wrong class at +12 (the issue's
+  repro): [N, C] float64, labels [N]."""
+  labels = np.random.default_rng(seed).integers(0, c, n)
+  z = np.zeros((n, c))
+  z[np.arange(n), labels] = 6.0
+  z[0, (labels[0] + 1) % c] = 12.0
+  return z, labels
+
+
+def test_one_error_fit_is_finite_and_matches_grid():
+  z, labels = _one_error_logits(n=180)
+  assert not metrics.is_separable(z, labels)
+  t_fit = metrics.fit_temperature(z, labels)
+  t_grid, _ = brute_force_temperature(z, labels)
+  assert metrics.T_MIN < t_fit < 1.0  # Sharper, but a real optimum.
+  assert abs(t_fit - t_grid) / t_grid < 1e-3
+
+
+def test_separable_half_keeps_unit_temperature_and_warns():
+  z, labels = _one_error_logits()
+  lp = np.asarray(metrics.ensemble_log_probs(z[:, None, :]))
+  perm = np.random.default_rng(0).permutation(len(labels))
+  half_a, half_b = perm[:180], perm[180:]
+  in_a = 0 in half_a  # The half holding the one error is not separable.
+  with mock.patch.object(metrics.logging, 'warning') as warn:
+    result = metrics.calibrated_metrics(lp, labels, seed=0)
+  assert result['separable'] == [not in_a, in_a]
+  assert warn.call_count == 1
+  t_err = metrics.fit_temperature(lp[half_a if in_a else half_b],
+                                  labels[half_a if in_a else half_b])
+  assert result['temperatures'] == ([t_err, 1.0] if in_a else [1.0, t_err])
+  assert result['temperature'] == pytest.approx(t_err)
+  # NLL_c does not collapse: independent cross-fit with the applied T.
+  t_a, t_b = result['temperatures']
+  expected = 0.5 * (loop_nll(lp[half_b] / t_a, labels[half_b])
+                    + loop_nll(lp[half_a] / t_b, labels[half_a]))
+  assert result['nll_c'] == pytest.approx(expected, rel=1e-6)
+  assert result['nll_c'] < 2.0 * float(metrics.nll(lp, labels))
+  full = metrics.evaluation_metrics(z[:, None, :], labels, ensemble='logits',
+                                    calibration_seed=0)
+  assert full['calibration']['separable'] == result['separable']
+  assert full['ensemble']['nll_c'] == pytest.approx(result['nll_c'])
+
+
+def test_both_halves_separable():
+  c = 4
+  labels = np.arange(40) % c
+  lp = np.log(_softmax64(5.0 * np.eye(c)[labels]))
+  result = metrics.calibrated_metrics(lp, labels, seed=1)
+  assert result['separable'] == [True, True]
+  assert result['temperatures'] == [1.0, 1.0]
+  assert result['temperature'] is None
+  assert result['nll_c'] == pytest.approx(float(metrics.nll(lp, labels)))
 
 
 def test_calibrated_metrics_improve_overconfident_nll():
+  # The paper's case: an over-confident network, T > 1 on both halves.
   z, labels = _logits(5, n=2001, c=10, signal=1.0, scale=6.0)
   lp = np.asarray(metrics.ensemble_log_probs(z[:, None, :]))
   result = metrics.calibrated_metrics(lp, labels, seed=7)
   assert result['seed'] == 7
   assert result['split_sizes'] == [1000, 1001]
+  assert result['separable'] == [False, False]
   assert result['nll_c'] < float(metrics.nll(lp, labels))
   assert result['ece_c'] < float(metrics.ece(lp, labels))
   assert result['top1_c'] == pytest.approx(
       float(metrics.top_k_accuracy(lp, labels, 1)), abs=1e-3)
   t_a, t_b = result['temperatures']
   assert t_a > 1.5 and t_b > 1.5  # Over-confident: T > 1 softens.
-  assert result['temperature'] == pytest.approx(0.5 * (t_a + t_b))
-  # Cross-fitting: T fitted on half A is evaluated on half B, and swapped.
+  assert result['temperature'] == pytest.approx(np.sqrt(t_a * t_b))
+  # Cross-fitting: T fitted on half A is evaluated on half B, and swapped;
+  # each T is the brute-force grid optimum of its own half.
   perm = np.random.default_rng(7).permutation(len(labels))
   half_a, half_b = perm[:1000], perm[1000:]
-  assert t_a == pytest.approx(metrics.fit_temperature(lp[half_a],
-                                                      labels[half_a]))
+  for t, half in ((t_a, half_a), (t_b, half_b)):
+    t_grid, _ = brute_force_temperature(lp[half], labels[half])
+    assert abs(t - t_grid) / t_grid < 1e-3
   nll_b = loop_nll(lp[half_b] / t_a, labels[half_b])
   nll_a = loop_nll(lp[half_a] / t_b, labels[half_a])
   assert result['nll_c'] == pytest.approx(0.5 * (nll_a + nll_b), rel=1e-5)

@@ -64,9 +64,34 @@ def test_member_vs_ensemble_and_write_evaluation_plots(tmp_path, run):
   _check_png(path, plots.FIGSIZES['member_vs_ensemble'])
   paths = plots.write_evaluation_plots(result, metrics.ensemble_log_probs(z),
                                        labels, tmp_path / 'plots')
-  assert len(paths) == 2
+  assert [p.rsplit('/', 1)[1] for p in paths] == [
+      'reliability.png', 'reliability_ts.png', 'member_vs_ensemble.png']
   _check_png(paths[0], plots.FIGSIZES['reliability_diagram'])
-  _check_png(paths[1], plots.FIGSIZES['member_vs_ensemble'])
+  _check_png(paths[1], plots.FIGSIZES['reliability_diagram'])
+  _check_png(paths[2], plots.FIGSIZES['member_vs_ensemble'])
+
+
+@pytest.mark.parametrize('m', [1, 2, 5])
+def test_evaluation_figures_for_1_2_5_members(tmp_path, m):
+  z, labels = _fake_run(3, n=80, m=m)
+  result = metrics.evaluation_metrics(z, labels)
+  result.update(workdirs=['/runs/digits_cut_mixmo'], step=880)
+  assert plots.run_title(result) == 'digits_cut_mixmo (step 880)'
+  paths = plots.write_evaluation_plots(
+      result, metrics.ensemble_log_probs(z), labels, tmp_path / f'm{m}')
+  for path, name in zip(paths, ['reliability_diagram'] * 2
+                        + ['member_vs_ensemble']):
+    _check_png(path, plots.FIGSIZES[name])
+
+
+def test_cross_fitted_log_probs_give_nll_c():
+  z, labels = _fake_run(4, n=200, m=1, c=10)
+  lp = np.asarray(metrics.ensemble_log_probs(3.0 * z))
+  scaled = metrics.cross_fitted_log_probs(lp, labels, seed=5)
+  cal = metrics.calibrated_metrics(lp, labels, seed=5)
+  # Equal halves: the pooled NLL is the mean of the halves' NLLs.
+  assert float(metrics.nll(scaled, labels)) == pytest.approx(cal['nll_c'])
+  np.testing.assert_array_equal(np.argmax(scaled, -1), np.argmax(lp, -1))
 
 
 def test_diversity_accuracy(tmp_path, run):

@@ -23,13 +23,24 @@ logits are accepted too.
 import itertools
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Temperature search bracket on beta = 1 / T.
-BETA_MIN = 1e-3
-BETA_MAX = 1e3
+# Temperature bracket: T in [T_MIN, T_MAX], i.e. beta = 1 / T in
+# [1 / T_MAX, 1 / T_MIN]. Real networks are fitted well inside it (Guo et al.
+# 2017 report T in about [1, 4]; the paper's over-confident members and
+# ensembles give T in about [1, 2]; an under-confident MIMO ensemble
+# of mean probabilities gives T < 1 but well above 0.3). T = 0.05 multiplies
+# every logit by 20 and T = 20 divides them by 20: the fit only reaches these
+# bounds when the optimum does not exist (a half without any error, the
+# separable case handled by `calibrated_metrics`) or the logits are
+# degenerate, never for a usable network.
+T_MIN = 0.05
+T_MAX = 20.0
+BETA_MIN = 1.0 / T_MAX
+BETA_MAX = 1.0 / T_MIN
 
 
 # ----------------------------------------------------------------------------
@@ -297,18 +308,20 @@ def fit_temperature(log_probs, labels, *, beta_min=BETA_MIN, beta_max=BETA_MAX,
   converges (no stall), to ~1e-12 relative precision in beta.
 
   Degenerate cases: if f' <= 0 on the whole bracket (e.g. every sample
-  correct: sharpening always lowers the NLL, optimum beta -> inf) beta is
-  clamped to beta_max (T = 1/beta_max = 1e-3); if f' >= 0 everywhere (e.g.
-  every sample's label is its least likely class, optimum beta -> 0) beta is
-  clamped to beta_min (T = 1e3).
+  correct, "separable": sharpening always lowers the NLL, optimum beta ->
+  inf) beta is clamped to beta_max (T = T_MIN = 0.05); if f' >= 0
+  everywhere (e.g. every sample's label is its least likely class, optimum
+  beta -> 0) beta is clamped to beta_min (T = T_MAX = 20). See
+  `is_separable` and `calibrated_metrics` for how the separable case is
+  used.
 
   Args:
     log_probs: [N, C] finite log-probabilities (logits are fine too); N >= 1.
     labels: [N] int.
 
   Returns:
-    T as a Python float in [1/beta_max, 1/beta_min]; NaN if log_probs has a
-    NaN or infinite entry (e.g. a diverged run).
+    T as a Python float in [1/beta_max, 1/beta_min] (default [0.05, 20]);
+    NaN if log_probs has a NaN or infinite entry (e.g. a diverged run).
   """
   z = np.asarray(log_probs, np.float64)
   if not np.all(np.isfinite(z)):
@@ -360,6 +373,22 @@ def _scores(log_probs, labels, num_bins=15):
   }
 
 
+def is_separable(log_probs, labels):
+  """True when every sample's label has the largest log-probability.
+
+  Then the NLL of softmax(z / T) decreases all the way to T -> 0 (f' < 0
+  for every beta in `fit_temperature`): the maximum-likelihood temperature
+  does not exist and a fit only returns its lower bound.
+
+  Args:
+    log_probs: [N, C]; labels: [N] int.
+  """
+  z = np.asarray(log_probs, np.float64)
+  labels = np.asarray(labels, np.int64)
+  z_y = z[np.arange(z.shape[0]), labels]
+  return bool(np.all(z_y >= np.max(z, axis=-1)))
+
+
 def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   """Metrics after temperature scaling by cross-fitting (paper Section 4).
 
@@ -367,17 +396,27 @@ def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   `np.random.default_rng(seed)`) and B (the rest). T_A is fitted on A and the
   metrics of softmax(z / T_A) are computed on B; T_B is fitted on B and used
   on A. Each reported `*_c` metric is the plain mean of the two halves'
-  values; `temperature` is (T_A + T_B) / 2. Top-1 is unchanged by T (up to
-  exact ties) and is reported as the mean of the two halves' accuracies.
+  values. Top-1 is unchanged by T (up to exact ties) and is reported as the
+  mean of the two halves' accuracies.
+
+  A separable half (no error, `is_separable`; common on easy data such as
+  the digits) has no maximum-likelihood temperature: the fit would run to
+  T -> 0 and, applied to the other half, turn its few errors into huge
+  losses (NLL_c >> NLL). Such a half keeps T = 1 (the network's own
+  probabilities: a half without errors gives no evidence of over- or
+  under-confidence), is flagged in `separable` and logged as a warning.
 
   Args:
     log_probs: [N, C] ensemble log-probabilities; labels: [N] int.
     seed: int seed of the split permutation.
 
   Returns:
-    dict of Python floats: nll_c, ece_c, top1_c, brier_c, temperature,
-    temperatures [T_A, T_B], seed, split_sizes [|A|, |B|]. With N < 2 no split
-    is possible and the metric values are None.
+    dict: nll_c, ece_c, top1_c, brier_c (Python floats); temperatures
+    [T_A, T_B] (the ones applied); separable [bool, bool]; temperature, the
+    geometric mean of the temperatures of the non-separable halves (T scales
+    the logits multiplicatively; None when both halves are separable): the
+    one number to quote; seed; split_sizes [|A|, |B|]. With N < 2 no split is
+    possible and the metric values are None.
   """
   log_probs = np.asarray(log_probs, np.float64)
   labels = np.asarray(labels, np.int64)
@@ -385,20 +424,61 @@ def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   result = {'seed': int(seed), 'split_sizes': [n // 2, n - n // 2]}
   if n < 2:
     result.update(nll_c=None, ece_c=None, top1_c=None, brier_c=None,
-                  temperature=None, temperatures=[None, None])
+                  temperature=None, temperatures=[None, None],
+                  separable=[False, False])
     return result
   perm = np.random.default_rng(seed).permutation(n)
   halves = (perm[:n // 2], perm[n // 2:])
-  temps = [fit_temperature(log_probs[h], labels[h]) for h in halves]
+  separable = [is_separable(log_probs[h], labels[h]) for h in halves]
+  temps = [1.0 if sep else fit_temperature(log_probs[h], labels[h])
+           for h, sep in zip(halves, separable)]
+  for name, sep, h in zip('AB', separable, halves):
+    if sep:
+      logging.warning(
+          'Temperature scaling: calibration half %s (%d samples) has no '
+          'error, so no temperature can be fitted on it (the NLL falls as '
+          'T -> 0); it keeps T = 1 for the other half.', name, len(h))
   scores = [
       _scores(temperature_scale(log_probs[other], t), labels[other], num_bins)
       for t, other in zip(temps, halves[::-1])
   ]
   for key in ('nll', 'ece', 'top1', 'brier'):
     result[key + '_c'] = 0.5 * (scores[0][key] + scores[1][key])
-  result['temperature'] = 0.5 * (temps[0] + temps[1])
+  fitted = [t for t, sep in zip(temps, separable) if not sep]
+  result['temperature'] = (float(np.exp(np.mean(np.log(fitted))))
+                           if fitted else None)
   result['temperatures'] = temps
+  result['separable'] = separable
   return result
+
+
+def cross_fitted_log_probs(log_probs, labels, seed=0, temperatures=None):
+  """The temperature-scaled predictions behind `calibrated_metrics`.
+
+  Half A scaled by T_B and half B by T_A (the same halves, the same
+  separable rule), so e.g. a reliability diagram of them shows what NLL_c
+  and ECE_c measure. (ECE of the pooled halves can differ slightly from
+  ece_c, the mean of the halves' ECEs.)
+
+  Args:
+    log_probs: [N, C]; labels: [N] int; seed: the split's seed.
+    temperatures: [T_A, T_B] of `calibrated_metrics` (fitted when None).
+
+  Returns:
+    [N, C] float64 log-probabilities (log_probs unchanged when N < 2).
+  """
+  log_probs = np.asarray(log_probs, np.float64)
+  n = log_probs.shape[0]
+  if n < 2:
+    return _log_softmax(np, log_probs)
+  temps = temperatures
+  if temps is None or None in temps:
+    temps = calibrated_metrics(log_probs, labels, seed)['temperatures']
+  perm = np.random.default_rng(seed).permutation(n)
+  out = np.empty_like(log_probs)
+  for t, half in zip(temps[::-1], (perm[:n // 2], perm[n // 2:])):
+    out[half] = temperature_scale(log_probs[half], t)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -468,7 +548,7 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
                   temperature},
      'members': [{top1, nll}, ...] (M entries),
      'diversity': {ratio_error, disagreement},
-     'calibration': {seed, split_sizes, temperatures},
+     'calibration': {seed, split_sizes, temperatures, separable},
      'num_examples', 'num_members', 'num_classes', 'ensemble_mode'}
     Accuracies are fractions in [0, 1]; top5 is top-min(5, C). Values are
     plain Python floats / ints / str / None (NaN and inf become None), so
@@ -497,7 +577,8 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
       'members': members,
       'diversity': diversity(member_logits, labels),
       'calibration': {'seed': cal['seed'], 'split_sizes': cal['split_sizes'],
-                      'temperatures': cal['temperatures']},
+                      'temperatures': cal['temperatures'],
+                      'separable': cal['separable']},
   }
   return _clean(result)
 

@@ -23,7 +23,7 @@ FIGSIZES = {
     'reliability_diagram': (4.5, 4.5),
     'member_vs_ensemble': (8.0, 3.5),
     'diversity_accuracy': (5.5, 4.5),
-    'training_curves': (10.0, 3.8),
+    'training_curves': (14.0, 3.8),
 }
 GALLERY_CELL_INCHES = 1.5
 
@@ -51,12 +51,23 @@ def _num(value):
   return math.nan if value is None else float(value)
 
 
+def run_title(eval_result):
+  """'RUN (step S)' of an eval.json-like dict, '' when it names no run."""
+  runs = eval_result.get('workdirs') or []
+  names = ', '.join(os.path.basename(os.path.normpath(r)) or r for r in runs)
+  step = eval_result.get('steps', eval_result.get('step'))
+  if step is not None:
+    names = f'{names} (step {step})' if names else f'step {step}'
+  return names
+
+
 def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   """Reliability diagram: per-bin accuracy vs confidence, with ECE.
 
   Bars of acc_b over the B equal-width confidence bins (e_b, e_{b+1}], the
-  gap |acc_b - conf_b| drawn from acc_b to conf_b, the diagonal, and the
-  share of samples per bin. Bins and ECE come from
+  gap drawn from acc_b to conf_b (red above the bar where the bin is
+  over-confident, conf_b > acc_b; green below its top where under-confident),
+  the diagonal, and the share of samples per bin. Bins and ECE come from
   `metrics.calibration_bins` and `metrics.ece`, so the figure and eval.json
   agree.
 
@@ -79,18 +90,26 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   fig = _new_figure(FIGSIZES['reliability_diagram'])
   ax = fig.add_subplot(1, 1, 1)
   ax.bar(centers[filled], acc[filled], width=width, edgecolor='black',
-         color='tab:blue', label='accuracy')
-  ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled],
-         width=width, edgecolor='tab:red', color='tab:red', alpha=0.3,
-         hatch='//', label='gap to confidence')
-  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1)
+         color='tab:blue', label='accuracy of the bin')
+  gap = conf - acc  # > 0: over-confident; < 0: under-confident.
+  for sign, color, label in ((1, 'tab:red', 'over-confident (conf > acc)'),
+                             (-1, 'tab:green',
+                              'under-confident (conf < acc)')):
+    sel = filled & (sign * gap > 0)
+    if sel.any():
+      ax.bar(centers[sel], gap[sel], bottom=acc[sel], width=width,
+             edgecolor=color, color=color, alpha=0.35, hatch='//',
+             label=label)
+  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1,
+          label='perfect calibration')
   share = count / max(count.sum(), 1)
-  ax.plot(centers[filled], share[filled], 'k.', ms=4, label='share of samples')
+  ax.plot(centers[filled], share[filled], 'k.', ms=4,
+          label='share of samples')
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
   ax.set_xlabel('confidence')
   ax.set_ylabel('accuracy')
-  ax.legend(loc='upper left', fontsize=8)
+  ax.legend(loc='best', fontsize=7)
   prefix = f'{title}: ' if title else ''
   ax.set_title(f'{prefix}ECE = {ece:.4f} ({num_bins} bins)', fontsize=10)
   fig.tight_layout()
@@ -127,12 +146,14 @@ def member_vs_ensemble(eval_result, path):
                   color=(colors + ['tab:green'])[:len(values)])
     ax.bar_label(bars, fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(xs, fontsize=8)
+    many = len(values) > 4
+    ax.set_xticklabels(xs, fontsize=8, rotation=45 if many else 0,
+                       ha='right' if many else 'center')
     ax.set_ylabel(label)
     ax.set_title(title, fontsize=10)
-    finite = [v for v in values if np.isfinite(v)]
-    if finite and col == 0:
-      ax.set_ylim(max(0.0, min(finite) - 5.0), min(100.0, max(finite) + 3.0))
+    if col == 0:
+      ax.set_ylim(0.0, 105.0)  # Bars start at 0: heights compare honestly.
+  fig.suptitle(run_title(eval_result), fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -201,12 +222,37 @@ def _series(records, key, scale=1.0):
   return xs, ys
 
 
-def training_curves(run_workdir, path):
-  """Ensemble and member top-1 (%) and NLL against epoch.
+def train_scalars(run_workdir, tags):
+  """{tag: ([step], [value])} of the run's TensorBoard scalars (the train/*
+  lines `progress.Reporter` writes); {} without event files or TensorFlow."""
+  import glob  # pylint: disable=import-outside-toplevel
+  files = sorted(glob.glob(os.path.join(os.fspath(run_workdir),
+                                        'events.out.tfevents.*')))
+  if not files:
+    return {}
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}
+  out = {}
+  for name in files:
+    for event in tf.compat.v1.train.summary_iterator(name):
+      for value in event.summary.value:
+        if value.tag in tags and value.HasField('tensor'):
+          steps, values = out.setdefault(value.tag, ([], []))
+          steps.append(event.step)
+          values.append(float(tf.make_ndarray(value.tensor)))
+  return out
 
-  Left: ensemble top-1 (solid) and member top-1 (dashed); right: ensemble
-  NLL, ensemble NLL_c when present, member NLL. Curves whose key is missing
-  from a line simply skip that line.
+
+def training_curves(run_workdir, path):
+  """Ensemble and member top-1 (%) and NLL against epoch, and the training.
+
+  Left: ensemble top-1 (solid) and member top-1 (dashed); middle: ensemble
+  NLL, ensemble NLL_c when present, member NLL; right: the train loss
+  (cross-entropy of the train step) and the learning rate from the
+  TensorBoard event files. Curves whose key is missing from a line simply
+  skip that line.
 
   Args:
     run_workdir: the run's workdir (its eval_history.jsonl is read).
@@ -224,7 +270,7 @@ def training_curves(run_workdir, path):
   fig = _new_figure(FIGSIZES['training_curves'])
   panels = [('top1', 100.0, 'top-1 (%)'), ('nll', 1.0, 'NLL')]
   for col, (metric, scale, ylabel) in enumerate(panels):
-    ax = fig.add_subplot(1, 2, col + 1)
+    ax = fig.add_subplot(1, 3, col + 1)
     xs, ys = _series(records, f'ensemble/{metric}', scale)
     ax.plot(xs, ys, '-o', ms=3, color='black', label='ensemble')
     if metric == 'nll':
@@ -242,8 +288,42 @@ def training_curves(run_workdir, path):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='best')
+  _train_panel(fig.add_subplot(1, 3, 3), run_workdir)
+  fig.suptitle(os.path.basename(os.path.normpath(os.fspath(run_workdir))),
+               fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def _train_panel(ax, run_workdir):
+  """Train cross-entropy (left axis) and learning rate (right) vs epoch."""
+  history = wd.read_history(run_workdir)
+  spe = next((r['step'] / r['epoch'] for r in history if r.get('epoch')),
+             None)
+  tags = ('train/cross_entropy', 'train/learning_rate')
+  scalars = train_scalars(run_workdir, tags)
+  scale = (1.0 / spe) if spe else 1.0
+  ax.set_xlabel('epoch' if spe else 'step')
+  ax.set_title('training', fontsize=10)
+  if tags[0] not in scalars:
+    ax.text(0.5, 0.5, 'no train scalars (TensorBoard events)', ha='center',
+            va='center', transform=ax.transAxes)
+    return
+  steps, values = scalars[tags[0]]
+  ax.plot(np.asarray(steps) * scale, values, '-', color='tab:blue',
+          label='train loss (cross-entropy)')
+  ax.set_ylabel('train loss')
+  ax.grid(alpha=0.3)
+  lines = ax.get_legend_handles_labels()
+  if tags[1] in scalars:
+    twin = ax.twinx()
+    steps, values = scalars[tags[1]]
+    twin.plot(np.asarray(steps) * scale, values, '-', color='tab:orange',
+              label='learning rate')
+    twin.set_ylabel('learning rate')
+    more = twin.get_legend_handles_labels()
+    lines = (lines[0] + more[0], lines[1] + more[1])
+  ax.legend(*lines, fontsize=8, loc='best')
 
 
 def upsample_nearest(weights, height, width):
@@ -329,7 +409,9 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
   """The figures of `evaluate --plots`.
 
   Writes out_dir/reliability.png (ensemble, before temperature scaling; its
-  ECE is eval.json's ensemble.ece) and out_dir/member_vs_ensemble.png.
+  ECE is eval.json's ensemble.ece), out_dir/reliability_ts.png (after the
+  cross-fitted temperature scaling of NLL_c / ECE_c,
+  `metrics.cross_fitted_log_probs`) and out_dir/member_vs_ensemble.png.
 
   Args:
     eval_result: `metrics.evaluation_metrics` dict.
@@ -340,10 +422,19 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
     list of the written paths.
   """
   os.makedirs(out_dir, exist_ok=True)
+  run = run_title(eval_result)
+  cal = eval_result.get('calibration', {})
+  scaled = metrics.cross_fitted_log_probs(log_probs, labels,
+                                          cal.get('seed', 0),
+                                          cal.get('temperatures'))
   return [
       reliability_diagram(log_probs, labels,
                           os.path.join(out_dir, 'reliability.png'), num_bins,
-                          title='ensemble'),
+                          title=f'{run} ensemble' if run else 'ensemble'),
+      reliability_diagram(scaled, labels,
+                          os.path.join(out_dir, 'reliability_ts.png'),
+                          num_bins, title=(f'{run} ensemble, TS' if run
+                                           else 'ensemble, TS')),
       member_vs_ensemble(eval_result,
                          os.path.join(out_dir, 'member_vs_ensemble.png')),
   ]

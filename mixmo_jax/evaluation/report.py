@@ -107,6 +107,13 @@ def format_table(result: Dict[str, Any]) -> str:
                f'{_f(ens["nll_c"])} {_f(ens["ece_c"])} '
                f'{_f(ens.get("brier_c"))}   temperature '
                f'{_f(ens["temperature"], ".4g")} (cross-fitted halves)')
+  cal = result.get('calibration', {})
+  if cal.get('temperatures'):
+    halves = [f'{name} {_f(t, ".4g")}' + (' (no error: not fitted)' if sep
+                                          else '')
+              for name, t, sep in zip('AB', cal['temperatures'],
+                                      cal.get('separable', [False] * 2))]
+    lines.append(f'{"":10s} temperatures of the halves: {", ".join(halves)}')
   for i, member in enumerate(result['members']):
     lines.append(f'{f"member {i}":10s} {_f(member["top1"])} {"":7s} '
                  f'{_f(member["nll"])}')
