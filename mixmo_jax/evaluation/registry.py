@@ -22,9 +22,10 @@ and every consumer picks it up:
 * `experiments.summarize`, through `summary_metrics()`.
 
 The built-ins (top1, top5, nll, ece, brier, auc, tace) are registered by
-`mixmo_jax.evaluation.metrics`, which every accessor here imports first.
-Registration order is the order of the eval.json keys' columns in the table.
-This module imports nothing of mixmo_jax at import time.
+`mixmo_jax.evaluation.metrics`, which the package `mixmo_jax.evaluation`
+imports first (so importing this module through the package always finds
+them). Registration order is the order of the table's columns. This module
+imports nothing of mixmo_jax.
 """
 from __future__ import annotations
 
@@ -112,19 +113,13 @@ def register_metric(name: str, fn: MetricFn, *, title: Optional[str] = None,
   return spec
 
 
-def _load_builtins() -> None:
-  from mixmo_jax.evaluation import metrics  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
-
-
 def metric_specs() -> Tuple[MetricSpec, ...]:
   """Every registered metric, in registration order (built-ins first)."""
-  _load_builtins()
   return tuple(_REGISTRY.values())
 
 
 def get_metric(name: str) -> MetricSpec:
   """The spec registered as `name`; ValueError listing the known names."""
-  _load_builtins()
   try:
     return _REGISTRY[name]
   except KeyError:
