@@ -41,7 +41,8 @@ def load(split, data_dir='', manual_dir=''):
   """(uint8 [N, 32, 32, 3], int32 [N]) of SVHN `split`, see the module doc."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(NAME, data_dir=data_dir or None)
-  arrays = cifar._try_prepared(builder, split)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  arrays = cifar._try_prepared(builder, split)
   if arrays is not None:
     return arrays
   path = os.path.join(manual_dir, FILES[split]) if manual_dir else ''

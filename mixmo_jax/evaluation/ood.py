@@ -26,11 +26,11 @@ OOD_SPLIT = 'test'
 def check_names(names: Sequence[str], config) -> None:
   """EvaluationError (one line) for an OOD name that is not a registered
   dataset, is the run's own dataset, or cannot give the run's image size."""
+  allowed = [n for n in data.dataset_names() if n != config.dataset]
   for name in names:
     if name not in data.dataset_names():
-      raise EvaluationError(
-          f'--ood: unknown dataset {name!r}; allowed: '
-          f'{", ".join(n for n in data.dataset_names() if n != config.dataset)}')
+      raise EvaluationError(f'--ood: unknown dataset {name!r}; allowed: '
+                            f'{", ".join(allowed)}')
     if name == config.dataset:
       raise EvaluationError(f'--ood: {name!r} is the in-distribution dataset')
     spec = data.get_dataset(name)
