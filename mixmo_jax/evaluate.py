@@ -1,7 +1,7 @@
 """Evaluate trained runs: eval.json, ensembles of runs, CIFAR-C, plots.
 
   python -m mixmo_jax.evaluate --workdir=DIR [--step=N] [--ensemble=DIR2,DIR3]
-      [--corruptions=CIFAR_C_DIR] [--plots] [--output=PATH]
+      [--corruptions=CIFAR_C_DIR] [--ood=NAME[,NAME]] [--plots] [--output=PATH]
       [--eval_batch_size=B]
 
 Each run is read from its workdir alone (config.json and the verified
@@ -23,8 +23,9 @@ evaluations give byte-identical files:
   steps, members_per_run
                       (ensembles only) per run, in --workdir, --ensemble order
   workdirs            absolute paths of the runs
-  ensemble            {top1, top5, nll, ece, brier, nll_c, ece_c, top1_c,
-                       brier_c, temperature}
+  ensemble            {every registered metric (evaluation/registry.py: top1,
+                       top5, nll, ece, brier, auc, tace, ...), nll_c, ece_c,
+                       top1_c, brier_c, temperature}
   members             [{top1, nll}, ...]; diversity {ratio_error, disagreement}
   calibration, num_examples, num_members, num_classes, ensemble_mode
   best_on_test        (single run with eval_history.jsonl) {epoch, step, top1,
@@ -34,6 +35,8 @@ evaluations give byte-identical files:
                        headline metrics above are the evaluated checkpoint's
   corruptions         (with --corruptions) CIFAR-10-C / CIFAR-100-C results,
                       in eval.json itself; see `evaluate_corruptions`
+  ood                 (with --ood) {name: {auroc_msp, aupr_in_msp, ...}}: OOD
+                      detection, see `evaluation/ood.py`
 
 --plots writes reliability.png (ensemble, before temperature scaling),
 member_vs_ensemble.png and, for a single run with eval_history.jsonl,
@@ -56,6 +59,7 @@ import numpy as np
 from mixmo_jax import checkpointing, cli, data, sharding, workdir as wd
 from mixmo_jax.data import cifar_c
 from mixmo_jax.evaluation import corruptions, metrics, report
+from mixmo_jax.evaluation import ood as ood_lib
 from mixmo_jax.evaluation import runs as runs_lib
 from mixmo_jax.evaluation.runs import EvaluationError
 
@@ -64,7 +68,8 @@ EXIT_USAGE, EXIT_DATA = 2, 1
 
 def run_evaluation(workdirs: Sequence[str], step: Optional[int] = None, *,
                    corruptions_dir: Optional[str] = None,
-                   eval_batch_size: Optional[int] = None
+                   eval_batch_size: Optional[int] = None,
+                   ood: Sequence[str] = ()
                    ) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
   """`evaluate_workdirs`, also returning the test logits [N, sum M, C] and
   labels [N] (for plots)."""
@@ -74,6 +79,8 @@ def run_evaluation(workdirs: Sequence[str], step: Optional[int] = None, *,
     cifar_c.check_folder(
         corruptions_dir, config.num_classes, config.image_size,
         cifar_c.find_corruptions(corruptions_dir)[0])
+  if ood:  # Bad names fail before any restore.
+    ood_lib.check_names(ood, runs_lib.read_configs(workdirs)[0])
   runs = runs_lib.load_runs(workdirs, step)
   mesh = sharding.local_mesh()
   result, logits, labels = report.evaluate_test_set(runs, mesh,
@@ -81,12 +88,16 @@ def run_evaluation(workdirs: Sequence[str], step: Optional[int] = None, *,
   if corruptions_dir is not None:
     result['corruptions'] = corruptions.evaluate_corruptions(
         runs, corruptions_dir, mesh, eval_batch_size)
+  if ood:
+    result['ood'] = ood_lib.evaluate_ood(runs, ood, mesh, logits,
+                                         eval_batch_size)
   return result, logits, labels
 
 
 def evaluate_workdirs(workdirs: Sequence[str], step: Optional[int] = None, *,
                       corruptions_dir: Optional[str] = None,
-                      eval_batch_size: Optional[int] = None) -> Dict[str, Any]:
+                      eval_batch_size: Optional[int] = None,
+                      ood: Sequence[str] = ()) -> Dict[str, Any]:
   """Evaluates one run, or the ensemble of several, on the whole test set.
 
   Args:
@@ -95,12 +106,14 @@ def evaluate_workdirs(workdirs: Sequence[str], step: Optional[int] = None, *,
     corruptions_dir: optional CIFAR-10-C / CIFAR-100-C folder.
     eval_batch_size: override of config.eval_batch_size (rounded up to a
       multiple of the local device count).
+    ood: registered dataset names to detect as out-of-distribution
+      (`ood_lib.evaluate_ood`).
 
   Returns:
     the eval.json dict (see the module docstring); nothing is written.
   """
   return run_evaluation(workdirs, step, corruptions_dir=corruptions_dir,
-                        eval_batch_size=eval_batch_size)[0]
+                        eval_batch_size=eval_batch_size, ood=ood)[0]
 
 
 def output_path(output: Optional[str], workdir: str) -> str:
@@ -141,6 +154,9 @@ def define_flags() -> None:
                     'ensemble (comma separated).')
   flags.DEFINE_string('corruptions', None, 'CIFAR-10-C / CIFAR-100-C folder '
                       '(<corruption>.npy + labels.npy).')
+  flags.DEFINE_list('ood', [], 'Registered datasets to detect as out-of-'
+                    'distribution, e.g. svhn_cropped,cifar10 (their test '
+                    'split); writes eval.json["ood"][name].')
   flags.DEFINE_bool('plots', False, 'Write PNG figures next to eval.json.')
   flags.DEFINE_string('output', None, 'eval.json path (or folder); default '
                       'WORKDIR/eval.json.')
@@ -166,7 +182,8 @@ def main(argv):
   try:
     result, logits, labels = run_evaluation(
         workdirs, args.step, corruptions_dir=args.corruptions,
-        eval_batch_size=args.eval_batch_size)
+        eval_batch_size=args.eval_batch_size,
+        ood=[n for n in args.ood if n])
   except (EvaluationError, cifar_c.CorruptionDataError,
           checkpointing.CheckpointError) as e:
     cli.fail(e)

@@ -67,7 +67,8 @@ CASES = {
     'unknown_model': ({'model.name': 'resnet50'}, "model.name='resnet50'",
                       'preact_resnet18, wide_resnet'),
     'unknown_dataset': ({'dataset': 'imagenet'}, "dataset='imagenet'",
-                        'cifar10, cifar100, digits, tiny_imagenet'),
+                        'cifar10, cifar100, digits, digits_inverted, '
+                        'svhn_cropped, tiny_imagenet'),
     'unknown_mixing_method': ({'mixing.method': 'magic'},
                               "mixing.method='magic'", 'cut'),
     'wrn_depth_not_6n_plus_4': ({'model.depth': 12}, 'model.depth=12', '6n+4'),

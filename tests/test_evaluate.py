@@ -17,7 +17,7 @@ from mixmo_jax import checkpointing, data, evaluate, predict, sharding
 from mixmo_jax import workdir as workdir_lib
 from mixmo_jax.data import cifar_c as cifar_c_lib
 from mixmo_jax.evaluation import corruptions as eval_corruptions
-from mixmo_jax.evaluation import report, runs
+from mixmo_jax.evaluation import registry, report, runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 360  # Digits test split .
@@ -385,6 +385,74 @@ def test_corruption_folder_errors(tmp_path, digits_workdir, monkeypatch):
 
 def test_corruption_names():
   assert len(cifar_c_lib.CORRUPTIONS) == len(set(cifar_c_lib.CORRUPTIONS)) == 19
+
+
+# ---------------------------------------------------------------- registry
+
+
+def mean_confidence(log_probs, labels):
+  """A metric from outside the package: the mean max probability."""
+  del labels
+  return float(np.mean(np.exp(np.max(log_probs, axis=-1))))
+
+
+@pytest.fixture
+def outside_metric(monkeypatch):
+  """'mean_confidence' registered for one test (the table is restored)."""
+  monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))
+  registry.register_metric('mean_confidence', mean_confidence,
+                           title='meanconf', fmt='.5f',
+                           higher_is_better=True, per_cell=True)
+
+
+def test_registered_metric_reaches_eval_json_table_and_cifar_c(
+    outside_metric, digits_workdir, evaluated, cifar_c):
+  result = evaluate.evaluate_workdirs([digits_workdir],
+                                      eval_batch_size=EVAL_BATCH)
+  lp = _log_softmax(evaluated[1].astype(np.float64).mean(1))
+  expected = np.mean(np.exp(lp.max(-1)))
+  assert result['ensemble']['mean_confidence'] == pytest.approx(expected,
+                                                                rel=1e-12)
+  others = dict(result['ensemble'])
+  del others['mean_confidence']
+  assert others == evaluated[0]['ensemble']  # Nothing else moved.
+  # The printed table: its own column, last, in its own format.
+  header, row = report.format_table(result).splitlines()[1:3]
+  assert header.split()[-1] == 'meanconf'
+  assert row.split()[0] == 'ensemble'
+  assert row.split()[-1] == format(result['ensemble']['mean_confidence'],
+                                   '.5f')
+  # CIFAR-C: per cell (fog block s holds severity s), per severity, mean.
+  res = eval_corruptions.evaluate_corruptions(
+      runs.load_runs([digits_workdir]), cifar_c[0], sharding.local_mesh(),
+      eval_batch_size=EVAL_BATCH)
+  fog_lp = _log_softmax(cifar_c[2]['fog'].astype(np.float64).mean(1))
+  cells = []
+  for s in range(5):
+    rows = slice(s * PER_SEVERITY, (s + 1) * PER_SEVERITY)
+    want = np.mean(np.exp(fog_lp[rows].max(-1)))
+    got = res['per_corruption']['fog'][str(s + 1)]['mean_confidence']
+    assert got == pytest.approx(want, rel=1e-4), s
+    cells += [got, res['per_corruption']['contrast'][str(5 - s)][
+        'mean_confidence']]
+  assert res['per_corruption']['contrast']['1']['mean_confidence'] == (
+      res['per_corruption']['fog']['5']['mean_confidence'])
+  assert res['mean']['mean_confidence'] == pytest.approx(np.mean(cells))
+  assert 'mean_confidence' not in res['pooled']  # Additive built-ins only.
+  table = report.format_table(dict(result, corruptions=res))
+  mean_line = [l for l in table.splitlines() if l.startswith('  mean ')][0]
+  assert f'meanconf {res["mean"]["mean_confidence"]:7.4f}' in mean_line
+
+
+def test_table_prints_both_temperatures(evaluated):
+  result = evaluated[0]
+  t_a, t_b = result['calibration']['temperatures']
+  ts_line = [l for l in report.format_table(result).splitlines()
+             if l.startswith('  (TS)')][0]
+  assert f'{t_a:.4g}, {t_b:.4g}' in ts_line
+  assert f'temperature {result["ensemble"]["temperature"]:.4g}' in ts_line
+  header = report.format_table(result).splitlines()[1].split()
+  assert header == ['top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace']
 
 
 # ---------------------------------------------------------------- CLI

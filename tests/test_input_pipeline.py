@@ -123,7 +123,7 @@ def test_unknown_dataset_and_split():
 
 def test_datasets_metadata():
   assert set(data_lib.dataset_names()) == {'digits', 'cifar10', 'cifar100',
-                              'tiny_imagenet'}
+                              'tiny_imagenet', 'digits_inverted', 'svhn_cropped'}
   assert data_lib.get_dataset('cifar100').num_classes == 100
   assert data_lib.get_dataset('tiny_imagenet').image_size == 64
   assert (data_lib.get_dataset('digits').num_train, data_lib.get_dataset('digits').num_test) == (

@@ -417,3 +417,167 @@ def test_flatten_metrics():
                   'members/1/top1': 0.75, 'calibration/temperatures/0': 1.5,
                   'calibration/temperatures/1': 2.5}
   assert metrics.flatten_metrics(flat) == flat
+
+
+# --- ranking metrics, TACE, Dempster-Shafer, OOD, the registry --------------
+
+
+def _tied_scores(seed, n=300):
+  """Scores with many ties (rounded to 1 decimal) and random binary labels."""
+  rng = np.random.default_rng(seed)
+  positive = rng.random(n) < 0.4
+  scores = np.round(rng.normal(size=n) + 0.8 * positive, 1)
+  return scores, positive
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_auroc_and_average_precision_match_sklearn(seed):
+  from sklearn import metrics as sk
+  scores, positive = _tied_scores(seed)
+  assert metrics.auroc(scores, positive) == pytest.approx(
+      sk.roc_auc_score(positive, scores), abs=1e-12)
+  assert metrics.average_precision(scores, positive) == pytest.approx(
+      sk.average_precision_score(positive, scores), abs=1e-12)
+  # Perfect separation and its reverse.
+  assert metrics.auroc(positive * 1.0, positive) == 1.0
+  assert metrics.auroc(-1.0 * positive, positive) == 0.0
+  assert metrics.average_precision(positive * 1.0, positive) == 1.0
+  assert np.isnan(metrics.auroc(scores, np.ones_like(positive)))
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_confidence_auc_matches_sklearn(seed):
+  from sklearn import metrics as sk
+  z, labels = _logits(seed, signal=1.0)
+  p = _softmax64(z)
+  correct = p.argmax(-1) == labels
+  assert 0 < correct.sum() < len(labels)
+  assert metrics.confidence_auc(z, labels) == pytest.approx(
+      sk.roc_auc_score(correct, p.max(-1)), abs=1e-12)
+  # Undefined when every prediction is right.
+  assert np.isnan(metrics.confidence_auc(z, p.argmax(-1)))
+
+
+def loop_tace(z, labels, num_bins, threshold):
+  """TACE by explicit loops over classes, samples and bins."""
+  p = _softmax64(z)
+  n, c = p.shape
+  total = 0.0
+  for k in range(c):
+    kept = [(p[i, k], float(labels[i] == k)) for i in range(n)
+            if p[i, k] > threshold]
+    if not kept:
+      continue
+    values = sorted(v for v, _ in kept)
+    m = len(values)
+    edges = []
+    for b in range(1, num_bins):
+      pos = min(int(np.round(b * m / num_bins)), m - 1)
+      edges.append(values[pos])
+    gap = [0.0] * num_bins
+    for v, hit in kept:
+      b = sum(1 for e in edges if e <= v)
+      gap[b] += hit - v
+    total += sum(abs(g) for g in gap) / m
+  return total / c
+
+
+@pytest.mark.parametrize('seed,num_bins', [(0, 15), (1, 7), (2, 1)])
+def test_tace_matches_loop(seed, num_bins):
+  z, labels = _logits(seed, n=150, c=4, signal=1.5)
+  assert metrics.tace(z, labels, num_bins, 0.01) == pytest.approx(
+      loop_tace(z, labels, num_bins, 0.01), abs=1e-12)
+
+
+def test_tace_closed_forms():
+  z, labels = _logits(5, n=120, c=3, signal=1.0)
+  p = _softmax64(z)
+  # One bin, no threshold: (1/C) sum_c |mean 1[y = c] - mean p_c|.
+  one_bin = np.mean([abs(np.mean(labels == k) - p[:, k].mean())
+                     for k in range(3)])
+  assert metrics.tace(z, labels, 1, 0.0) == pytest.approx(one_bin, abs=1e-12)
+  # 120 distinct values in 4 bins: the bins are the sorted quarters.
+  quarters = 0.0
+  for k in range(3):
+    order = np.argsort(p[:, k])
+    for chunk in np.split(order, 4):
+      quarters += abs(np.sum(labels[chunk] == k) - p[chunk, k].sum()) / 120
+  assert metrics.tace(z, labels, 4, 0.0) == pytest.approx(quarters / 3,
+                                                          abs=1e-12)
+  # The threshold drops small probabilities: a class never above it adds 0.
+  # Class 0 keeps 0.99 (wrong) and 0.995 (right), in two bins:
+  # (|0 - 0.99| + |1 - 0.995|) / 2; classes 1 and 2 add 0.
+  z2 = np.log(np.array([[0.995, 0.004, 0.001], [0.99, 0.009, 0.001]]))
+  assert metrics.tace(z2, np.array([0, 1]), 15, 0.01) == pytest.approx(
+      ((0.99 + 0.005) / 2) / 3, abs=1e-12)
+
+
+def test_dempster_shafer_by_hand():
+  z = np.array([[0.0, 0.0], [np.log(3.0), 0.0], [1000.0, 0.0]])
+  # C / (C + sum_c exp z_c): 2 / (2 + 2), 2 / (2 + 4), ~0 without overflow.
+  np.testing.assert_allclose(metrics.dempster_shafer(z),
+                             [0.5, 2 / 6, 0.0], atol=1e-15)
+  z3 = np.array([[np.log(3.0), 0.0, 0.0]])
+  np.testing.assert_allclose(metrics.dempster_shafer(z3), [3 / 8], rtol=1e-12)
+
+
+@pytest.mark.parametrize('mode', ['logits', 'probs'])
+def test_ood_metrics_match_sklearn(mode):
+  from sklearn import metrics as sk
+  z_in, _ = _logits(0, n=80, c=5, m=3, signal=3.0)
+  z_ood, _ = _logits(1, n=50, c=5, m=3, signal=0.5)
+  res = metrics.ood_metrics(z_in, z_ood, mode)
+  assert (res['num_in'], res['num_ood']) == (80, 50)
+  z = np.concatenate([z_in, z_ood]).astype(np.float64)
+  is_ood = np.r_[np.zeros(80, bool), np.ones(50, bool)]
+  if mode == 'logits':
+    p = _softmax64(z.mean(1))
+  else:
+    p = _softmax64(z).mean(1)
+  mean_z = z.mean(1)
+  uncertainty = {
+      'msp': -p.max(-1),
+      'entropy': -np.sum(p * np.log(p), -1),
+      'dempster_shafer': 5 / (5 + np.exp(mean_z).sum(-1)),
+  }
+  for name, u in uncertainty.items():
+    assert res[f'auroc_{name}'] == pytest.approx(
+        sk.roc_auc_score(is_ood, u), abs=1e-9), name
+    assert res[f'aupr_out_{name}'] == pytest.approx(
+        sk.average_precision_score(is_ood, u), abs=1e-9), name
+    assert res[f'aupr_in_{name}'] == pytest.approx(
+        sk.average_precision_score(~is_ood, -u), abs=1e-9), name
+  assert res['auroc_msp'] > 0.8  # Confident in-distribution, vague OOD.
+  json.dumps(res)
+
+
+def test_evaluation_metrics_has_registered_auc_and_tace():
+  z, labels = _logits(4, m=2)
+  res = metrics.evaluation_metrics(z, labels)
+  lp = metrics.ensemble_log_probs(np.asarray(z, np.float64))
+  assert res['ensemble']['auc'] == metrics.confidence_auc(lp, labels)
+  assert res['ensemble']['tace'] == metrics.tace(lp, labels)
+
+
+def test_register_metric_rejects_bad_registrations(monkeypatch):
+  from mixmo_jax.evaluation import registry
+  monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))
+  fn = lambda lp, y: 0.0
+  with pytest.raises(ValueError, match="'top1' is already registered"):
+    registry.register_metric('top1', fn)
+  with pytest.raises(ValueError, match='reserved'):
+    registry.register_metric('nll_c', fn)
+  with pytest.raises(ValueError, match='must match'):
+    registry.register_metric('Bad Name', fn)
+  with pytest.raises(ValueError, match="fmt must look like '.4f'"):
+    registry.register_metric('ok', fn, fmt='4')
+  with pytest.raises(ValueError, match='title must be 1 to 10'):
+    registry.register_metric('ok', fn, title='a very long title')
+  with pytest.raises(ValueError, match="unknown metric 'nope'"):
+    registry.get_metric('nope')
+  spec = registry.register_metric('ok', fn, percent=True, fmt='.4f')
+  assert registry.summary_metrics()['ok'] is spec
+  assert spec.summary_decimals() == 2
+  assert registry.summary_metrics()['nll'].summary_decimals() == 3
+  assert [s.name for s in registry.metric_specs()][:7] == [
+      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace']

@@ -1,7 +1,10 @@
 """Evaluation: metrics, the inference path, eval.json, CIFAR-C, figures.
 
+    registry.py     the metric registry: name -> function + table facts
     metrics.py      array primitives (top-k, NLL, Brier, ECE, temperature
-                    scaling, diversity) and the eval.json metrics summary
+                    scaling, diversity, AUROC/AUPR, TACE, OOD scores), the
+                    built-in metrics' registrations, the eval.json summary
+    ood.py          out-of-distribution detection against registered sets
     inference.py    the ONE inference path: normalise, pad, shard, run
     runs.py         restoring runs from workdirs; members' predictions
     report.py       the test-set evaluation (eval.json) and its table
@@ -10,3 +13,4 @@
 
 This package imports neither training nor the method's training pieces.
 """
+from mixmo_jax.evaluation import metrics  # noqa: F401  Registers built-ins.

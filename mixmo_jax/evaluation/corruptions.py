@@ -1,9 +1,11 @@
 """CIFAR-10-C / CIFAR-100-C evaluation: 19 corruptions x 5 severities.
 
 Per (corruption, severity) cell the ensemble's top-1, top-5, NLL (without
-temperature scaling: out-of-domain, paper Appendix 6.4) and ECE, their means
-per corruption, per severity and over all cells, and the metrics of all
-corrupted images pooled (from additive per-cell statistics, exact).
+temperature scaling: out-of-domain, paper Appendix 6.4), ECE and every other
+metric registered with `per_cell=True` (`registry`: auc, tace, ...), their
+means per corruption, per severity and over all cells, and the additive
+ones (top-1, top-5, NLL, ECE) of all corrupted images pooled (from additive
+per-cell statistics, exact).
 """
 import math
 import os
@@ -13,9 +15,10 @@ from absl import logging
 import numpy as np
 
 from mixmo_jax.data import cifar_c as corruptions
-from mixmo_jax.evaluation import metrics
+from mixmo_jax.evaluation import metrics, registry
 from mixmo_jax.evaluation.runs import Run, predict_members
 
+# The additive metrics, exact from summed cell statistics ('pooled').
 CORRUPTION_METRICS = ('top1', 'top5', 'nll', 'ece')
 CORRUPTION_NOTES = {
     'nll': 'without temperature scaling (out-of-domain, paper Appendix 6.4)',
@@ -23,9 +26,9 @@ CORRUPTION_NOTES = {
     'per_severity': 'mean over the evaluated corruptions',
     'mean': 'unweighted mean over all (corruption, severity) cells: the '
             'usual CIFAR-C summary',
-    'pooled': 'metrics of all corrupted images taken together; top1, top5 '
-              'and nll equal "mean" when every cell has the same number of '
-              'images, ECE does not',
+    'pooled': 'metrics of all corrupted images taken together (top1, top5, '
+              'nll and ece only); top1, top5 and nll equal "mean" when every '
+              'cell has the same number of images, ECE does not',
 }
 
 
@@ -81,15 +84,34 @@ def _add(total, sums):
   return sums if total is None else {k: total[k] + sums[k] for k in total}
 
 
+def cell_scores(log_probs: np.ndarray, labels: np.ndarray,
+                num_bins: int = 15):
+  """(metrics of one cell, its additive statistics): the additive metrics
+  from `cell_statistics` and every other `registry.cell_metrics()` metric
+  from its function."""
+  sums = cell_statistics(log_probs, labels, num_bins)
+  scores = scores_from_statistics(sums)
+  others = tuple(m for m in registry.cell_metrics()
+                 if m.name not in CORRUPTION_METRICS)
+  scores.update(registry.compute(log_probs, labels, others))
+  return scores, sums
+
+
 def _mean(cells: Sequence[Dict[str, float]]) -> Dict[str, float]:
-  return {k: _json_float(np.mean([c[k] for c in cells]))
-          for k in CORRUPTION_METRICS}
+  """Unweighted mean over cells of each metric (None if any cell's is)."""
+  out = {}
+  for k in cells[0]:
+    values = [c[k] for c in cells]
+    out[k] = (None if any(v is None for v in values)
+              else _json_float(np.mean(values)))
+  return out
 
 
 def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
                          eval_batch_size: Optional[int] = None,
                          num_bins: int = 15) -> Dict[str, Any]:
-  """Top-1, top-5, NLL (no temperature scaling) and ECE on CIFAR-10/100-C.
+  """Top-1, top-5, NLL (no temperature scaling), ECE and the other per-cell
+  registered metrics on CIFAR-10/100-C.
 
   Reads the folder as distributed (see `corruptions`), checks every file
   before predicting, and ensembles the members as for the test set (first
@@ -100,10 +122,11 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
      'evaluated' [names], 'missing_corruptions' [names of the 19 absent; a
      warning when not empty], 'ignored_files', 'ensemble_mode',
      'temperature_scaling': False,
-     'per_corruption': {name: {'1'..'5', 'mean': {top1, top5, nll, ece}}},
+     'per_corruption': {name: {'1'..'5', 'mean': {top1, top5, nll, ece,
+                                                   auc, tace, ...}}},
      'per_severity': {'1'..'5': mean over corruptions},
      'mean': mean over the (corruption, severity) cells,
-     'pooled': over all corrupted images at once,
+     'pooled': {top1, top5, nll, ece} over all corrupted images at once,
      'notes': {...}}.
 
   Raises:
@@ -127,9 +150,9 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
         predict_members(runs, images, mesh, eval_batch_size), mode)
     table = {}
     for severity, rows in enumerate(slices, start=1):
-      sums = cell_statistics(log_probs[rows], labels[rows], num_bins)
+      scores, sums = cell_scores(log_probs[rows], labels[rows], num_bins)
       total = _add(total, sums)
-      table[str(severity)] = scores_from_statistics(sums)
+      table[str(severity)] = scores
       cells.append(table[str(severity)])
     table['mean'] = _mean([table[str(s)] for s in range(1, len(slices) + 1)])
     per_corruption[name] = table

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixmo_jax.evaluation import registry
+
 # Temperature bracket: T in [T_MIN, T_MAX], i.e. beta = 1 / T in
 # [1 / T_MAX, 1 / T_MIN]. Real networks are fitted well inside it (Guo et al.
 # 2017 report T in about [1, 4]; the paper's over-confident members and
@@ -542,9 +544,12 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
     ensemble: 'logits' (mean logits, MixMo) or 'probs' (mean probabilities,
       MIMO); see `ensemble_log_probs`.
     calibration_seed: seed of the two-halves split of `calibrated_metrics`.
+    num_bins: ECE bins of the temperature-scaled metrics (the registered
+      'ece' uses 15, the paper's).
 
   Returns:
-    {'ensemble': {top1, top5, nll, ece, brier, nll_c, ece_c, top1_c, brier_c,
+    {'ensemble': {every registered metric (`registry`: top1, top5, nll, ece,
+                  brier, auc, tace, ...), nll_c, ece_c, top1_c, brier_c,
                   temperature},
      'members': [{top1, nll}, ...] (M entries),
      'diversity': {ratio_error, disagreement},
@@ -559,8 +564,7 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
   num_examples, num_members, num_classes = member_logits.shape
   lp = ensemble_log_probs(member_logits, ensemble)
   cal = calibrated_metrics(lp, labels, calibration_seed, num_bins)
-  ens = _scores(lp, labels, num_bins)
-  ens['top5'] = _accuracy(lp, labels, 5)
+  ens = registry.compute(lp, labels)
   for key in ('nll_c', 'ece_c', 'top1_c', 'brier_c', 'temperature'):
     ens[key] = cal[key]
   members = []
@@ -614,3 +618,234 @@ def flatten_metrics(tree, prefix='', sep='/'):
   except (TypeError, ValueError):
     pass
   return flat
+
+
+# ----------------------------------------------------------------------------
+# Ranking metrics, TACE and OOD scores (host side, float64 NumPy).
+# ----------------------------------------------------------------------------
+
+TACE_BINS = 15  # Adaptive bins per class (Nixon et al. 2019; as for ECE).
+TACE_THRESHOLD = 0.01  # Only probabilities p_nc > 0.01 are binned.
+
+
+def _binary_inputs(scores, positive):
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  positive = np.asarray(positive, bool).reshape(-1)
+  if scores.shape != positive.shape:
+    raise ValueError(f'scores {scores.shape} and positive {positive.shape} '
+                     'must have the same length')
+  return scores, positive
+
+
+def auroc(scores, positive):
+  """Area under the ROC curve of `scores` separating positives from negatives.
+
+  AUROC = P(s+ > s-) + P(s+ = s-) / 2 over all (positive, negative) pairs
+  (Mann-Whitney U / (n+ n-), ties counted one half; equal to the trapezoidal
+  area under the ROC curve), computed from mid-ranks.
+
+  Args:
+    scores: [N] float, higher = more likely positive.
+    positive: [N] bool.
+
+  Returns:
+    float in [0, 1]; NaN without both classes.
+  """
+  scores, positive = _binary_inputs(scores, positive)
+  n_pos = int(positive.sum())
+  n_neg = positive.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return math.nan
+  order = np.argsort(scores, kind='stable')
+  sorted_scores = scores[order]
+  # Mid-rank (1-based) of every group of equal scores.
+  starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+  ends = np.r_[starts[1:], scores.size]
+  group_rank = 0.5 * (starts + 1 + ends)
+  ranks = np.empty(scores.size)
+  ranks[order] = np.repeat(group_rank, ends - starts)
+  u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+def average_precision(scores, positive):
+  """Average precision (area under the precision-recall curve, step rule).
+
+  Thresholds t run over the distinct scores, highest first; at each,
+  P(t) = TP / (TP + FP) and R(t) = TP / n+ over the samples with s >= t, and
+  AP = sum_t (R(t) - R(t_prev)) P(t) with R = 0 before the first threshold
+  (the definition of scikit-learn's `average_precision_score`).
+
+  Args:
+    scores: [N] float, higher = more likely positive.
+    positive: [N] bool.
+
+  Returns:
+    float in [0, 1]; NaN without positives.
+  """
+  scores, positive = _binary_inputs(scores, positive)
+  n_pos = int(positive.sum())
+  if n_pos == 0:
+    return math.nan
+  order = np.argsort(-scores, kind='stable')
+  s, pos = scores[order], positive[order]
+  last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # End of each group.
+  tp = np.cumsum(pos)[last]
+  precision = tp / (last + 1.0)
+  recall = tp / n_pos
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def max_probability(log_probs):
+  """Confidence max_c p_nc [N] of log-probabilities (or logits) [N, C]."""
+  _, lp = _normalise(np.asarray(log_probs, np.float64))
+  return np.exp(np.max(lp, axis=-1))
+
+
+def entropy(log_probs):
+  """Predictive entropy H_n = -sum_c p_nc log p_nc [N] (nats), from [N, C]."""
+  _, lp = _normalise(np.asarray(log_probs, np.float64))
+  return -np.sum(np.exp(lp) * lp, axis=-1)
+
+
+def dempster_shafer(logits):
+  """Dempster-Shafer uncertainty u_n = C / (C + sum_c exp(z_nc)) [N].
+
+  The evidential uncertainty of Sensoy et al. (2018), as uncertainty-
+  baselines scores OOD with it: z are logits (not log-probabilities: the
+  total evidence sum_c exp(z_c) is not shift-invariant); u in (0, 1), higher
+  = less evidence = more uncertain. Computed stably as
+  sigmoid(log C - logsumexp_c z_nc).
+
+  Args:
+    logits: [N, C].
+  """
+  z = np.asarray(logits, np.float64)
+  x = math.log(z.shape[-1]) - _logsumexp(np, z, axis=-1)
+  return np.exp(-np.logaddexp(0.0, -x))  # sigmoid(x), stable both ways.
+
+
+def confidence_auc(log_probs, labels):
+  """AUROC of the max probability separating correct from wrong top-1
+  predictions (`auroc` with the correct ones positive); NaN when every
+  prediction is correct or every one wrong.
+
+  Args:
+    log_probs: [N, C]; labels: [N] int.
+  """
+  correct = np.asarray(top_k_correct(np.asarray(log_probs, np.float64),
+                                     labels, 1))
+  return auroc(max_probability(log_probs), correct)
+
+
+def adaptive_bin_index(values, num_bins):
+  """Adaptive (equal-mass) bins of `values` [n]: the bin of each value [n].
+
+  With v sorted ascending, the bin edges are v[i_b] for the positions
+  i_b = min(round(b n / B), n - 1), b = 1..B-1 (round half to even, as
+  `np.round`), and a value x falls in bin #{b : v[i_b] <= x} (so equal values
+  share a bin and a value equal to an edge opens the next bin). This is the
+  binning of uncertainty-baselines' / robustness-metrics' adaptive
+  calibration errors.
+  """
+  values = np.asarray(values, np.float64)
+  n = values.size
+  if n == 0:
+    return np.zeros((0,), np.int64)
+  pos = np.round(np.linspace(0, n, num_bins, endpoint=False)).astype(np.int64)
+  edges = np.sort(values)[np.minimum(pos, n - 1)][1:]  # Shape: [B-1].
+  return np.searchsorted(edges, values, side='right')
+
+
+def tace(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_THRESHOLD):
+  """Thresholded adaptive calibration error (Nixon et al. 2019).
+
+  For every class c separately, over the samples with p_nc > threshold
+  (n_c of them), the adaptive bins of `adaptive_bin_index` (num_bins of
+  about n_c / B samples each) give
+    TACE_c = sum_b |sum_{n in b} (1[y_n = c] - p_nc)| / n_c
+  (= sum_b |B_b| / n_c |acc_b - conf_b|), and TACE = (1/C) sum_c TACE_c,
+  with TACE_c = 0 when no probability of class c passes the threshold. This
+  is `GeneralCalibrationError(binning_scheme='adaptive',
+  class_conditional=True, max_prob=False, norm='l1', threshold=0.01)` of
+  uncertainty-metrics (Nixon et al.'s code), with 15 bins as for ECE.
+
+  Args:
+    log_probs: [N, C]; labels: [N] int.
+
+  Returns:
+    float in [0, 1].
+  """
+  _, lp = _normalise(np.asarray(log_probs, np.float64))
+  probs = np.exp(lp)
+  labels = np.asarray(labels, np.int64)
+  num_classes = probs.shape[-1]
+  total = 0.0
+  for c in range(num_classes):
+    keep = probs[:, c] > threshold
+    p = probs[keep, c]
+    if p.size == 0:
+      continue
+    hit = (labels[keep] == c).astype(np.float64)
+    bins = adaptive_bin_index(p, num_bins)
+    gap = np.bincount(bins, weights=hit - p, minlength=num_bins)
+    total += np.sum(np.abs(gap)) / p.size
+  return total / num_classes
+
+
+OOD_SCORES = ('msp', 'entropy', 'dempster_shafer')
+
+
+def ood_metrics(in_member_logits, ood_member_logits, ensemble='logits'):
+  """Out-of-distribution detection: in-distribution test set vs an OOD set.
+
+  Three uncertainty scores u per sample, from the M members' logits:
+  'msp': -max_c p_nc (the max probability, negated), 'entropy': H(p_n), both
+  of the ensemble prediction p = `ensemble_log_probs(., ensemble)`, and
+  'dempster_shafer': `dempster_shafer` of the members' mean logits. For each
+  score s: auroc_s = AUROC of u with OOD samples positive; aupr_out_s = AP of
+  u with OOD positive; aupr_in_s = AP of -u with in-distribution positive.
+
+  Args:
+    in_member_logits: [N, M, C]; ood_member_logits: [N', M, C].
+    ensemble: 'logits' or 'probs' (`ensemble_log_probs`).
+
+  Returns:
+    {auroc_msp, aupr_in_msp, aupr_out_msp, auroc_entropy, ...,
+     aupr_out_dempster_shafer, num_in, num_ood}; JSON-safe (NaN -> None).
+  """
+  z = [np.asarray(x, np.float64) for x in (in_member_logits,
+                                            ood_member_logits)]
+  u = {name: [] for name in OOD_SCORES}
+  for part in z:
+    lp = ensemble_log_probs(part, ensemble)
+    u['msp'].append(-max_probability(lp))
+    u['entropy'].append(entropy(lp))
+    u['dempster_shafer'].append(dempster_shafer(part.mean(axis=1)))
+  is_ood = np.r_[np.zeros(len(z[0]), bool), np.ones(len(z[1]), bool)]
+  result = {'num_in': int(len(z[0])), 'num_ood': int(len(z[1]))}
+  for name in OOD_SCORES:
+    score = np.concatenate(u[name])
+    result[f'auroc_{name}'] = auroc(score, is_ood)
+    result[f'aupr_in_{name}'] = average_precision(-score, ~is_ood)
+    result[f'aupr_out_{name}'] = average_precision(score, is_ood)
+  return _clean(result)
+
+
+# ----------------------------------------------------------------------------
+# The built-in metrics of eval.json['ensemble'] (see `registry`).
+# ----------------------------------------------------------------------------
+
+registry.register_metric(
+    'top1', lambda lp, y: _accuracy(lp, y, 1), title='top1',
+    higher_is_better=True, per_cell=True, percent=True)
+registry.register_metric(
+    'top5', lambda lp, y: _accuracy(lp, y, 5), title='top5',
+    higher_is_better=True, per_cell=True, percent=True)
+registry.register_metric('nll', nll, title='nll', per_cell=True,
+                         decimals=3)
+registry.register_metric('ece', ece, title='ece', per_cell=True)
+registry.register_metric('brier', brier, title='brier')
+registry.register_metric('auc', confidence_auc, title='auc',
+                         higher_is_better=True, per_cell=True)
+registry.register_metric('tace', tace, title='tace', per_cell=True)

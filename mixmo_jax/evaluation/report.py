@@ -13,7 +13,7 @@ import numpy as np
 
 from mixmo_jax import data, workdir as wd
 from mixmo_jax.data import cifar_c as corruptions
-from mixmo_jax.evaluation import metrics
+from mixmo_jax.evaluation import metrics, registry
 from mixmo_jax.evaluation.runs import Run, predict_members
 
 BEST_EPOCH_NOTE = ('paper protocol (Appendix 6.5): epoch of best test top-1, '
@@ -90,8 +90,32 @@ def _f(value, spec='7.4f'):
   return f'{"-":>7s}' if value is None else format(value, spec)
 
 
+def _columns(ens: Dict[str, Any]):
+  """(title, key, fmt, width) of every registered metric present in `ens`,
+  and of a present key nobody registers (e.g. a metric registered when the
+  file was written), in registration order."""
+  specs = [s for s in registry.metric_specs() if s.name in ens]
+  cols = [(s.title, s.name, s.fmt, max(7, len(s.title))) for s in specs]
+  known = {s.name for s in specs} | set(registry.RESERVED)
+  cols += [(k[:10], k, '.4f', max(7, len(k[:10]))) for k in ens
+           if k not in known and isinstance(ens[k], (int, float, type(None)))]
+  return cols
+
+
+def _row(label: str, cols, values: Dict[str, Any]) -> str:
+  cells = []
+  for _, key, fmt, width in cols:
+    if key in values:
+      cells.append(_f(values[key], f'{width}{fmt}').rjust(width))
+    else:
+      cells.append(' ' * width)
+  return f'{label:10s} ' + ' '.join(cells).rstrip()
+
+
 def format_table(result: Dict[str, Any]) -> str:
-  """A readable summary of an eval.json dict."""
+  """A readable summary of an eval.json dict: one column per registered
+  metric (`registry`), the temperature-scaled row, the members, diversity,
+  best epoch, CIFAR-C and OOD detection."""
   ens, lines = result['ensemble'], []
   runs = result.get('workdirs', [])
   steps = result.get('steps', result['step'])
@@ -99,24 +123,22 @@ def format_table(result: Dict[str, Any]) -> str:
                f'{result["num_members"]} members, {result["num_examples"]} '
                f'test images, ensemble = mean of member '
                f'{result["ensemble_mode"]}')
-  lines.append(f'{"":10s} {"top1":>7s} {"top5":>7s} {"nll":>7s} {"ece":>7s} '
-               f'{"brier":>7s}')
-  lines.append(f'{"ensemble":10s} {_f(ens["top1"])} {_f(ens["top5"])} '
-               f'{_f(ens["nll"])} {_f(ens["ece"])} {_f(ens["brier"])}')
-  lines.append(f'{"  (TS)":10s} {_f(ens["top1_c"])} {"":7s} '
-               f'{_f(ens["nll_c"])} {_f(ens["ece_c"])} '
-               f'{_f(ens.get("brier_c"))}   temperature '
-               f'{_f(ens["temperature"], ".4g")} (cross-fitted halves)')
-  cal = result.get('calibration', {})
+  cols = _columns(ens)
+  lines.append(f'{"":10s} ' + ' '.join(f'{t:>{w}s}' for t, _, _, w in cols))
+  lines.append(_row('ensemble', cols, ens))
+  scaled = {k[:-2]: v for k, v in ens.items() if k.endswith('_c')}
+  lines.append(f'{_row("  (TS)", cols, scaled)}   temperature '
+               f'{_f(ens["temperature"], ".4g")}')
+  cal = result.get('calibration') or {}
   if cal.get('temperatures'):
-    halves = [f'{name} {_f(t, ".4g")}' + (' (no error: not fitted)' if sep
-                                          else '')
+    halves = [f'{name} {_f(t, ".4g").strip()}'
+              + (' (no error: not fitted)' if sep else '')
               for name, t, sep in zip('AB', cal['temperatures'],
                                       cal.get('separable', [False] * 2))]
-    lines.append(f'{"":10s} temperatures of the halves: {", ".join(halves)}')
+    lines.append(f'{"":10s} temperatures of the cross-fitted halves: '
+                 f'{", ".join(halves)}')
   for i, member in enumerate(result['members']):
-    lines.append(f'{f"member {i}":10s} {_f(member["top1"])} {"":7s} '
-                 f'{_f(member["nll"])}')
+    lines.append(_row(f'member {i}', cols, member))
   div = result['diversity']
   lines.append(f'diversity: ratio-error {_f(div["ratio_error"], ".4f")}, '
                f'disagreement {_f(div["disagreement"], ".4f")}')
@@ -134,10 +156,15 @@ def format_table(result: Dict[str, Any]) -> str:
                  'nll without temperature scaling):')
     for name, row in [('mean', corr['mean']), ('pooled', corr['pooled'])] + [
         (f'severity {s}', v) for s, v in corr['per_severity'].items()]:
-      lines.append(f'  {name:12s} top1 {_f(row["top1"])} top5 '
-                   f'{_f(row["top5"])} nll {_f(row["nll"])} ece '
-                   f'{_f(row["ece"])}')
+      cells = ' '.join(f'{t} {_f(row[k])}' for t, k, _, _ in _columns(row))
+      lines.append(f'  {name:12s} {cells}')
     if corr['missing_corruptions']:
       missing = ', '.join(corr['missing_corruptions'])
       lines.append(f'  warning: missing {missing}')
+  for name, row in (result.get('ood') or {}).items():
+    lines.append(f'ood {name} ({row["num_ood"]} images vs {row["num_in"]}):')
+    for score in metrics.OOD_SCORES:
+      lines.append(f'  {score:16s} auroc {_f(row[f"auroc_{score}"])} aupr-in '
+                   f'{_f(row[f"aupr_in_{score}"])} aupr-out '
+                   f'{_f(row[f"aupr_out_{score}"])}')
   return '\n'.join(lines)
