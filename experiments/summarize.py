@@ -35,16 +35,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from experiments import run as run_lib
 from experiments import tables
 from mixmo_jax import workdir as wd
+from mixmo_jax.evaluation import registry as metric_registry
 
 DEFAULT_RESULTS_CSV = os.path.join(tables.REPO, 'experiments',
                                    'paper_results.csv')
-METRIC_ORDER = ('top1', 'top5', 'nll_c', 'nll', 'ece', 'member_top1')
-PERCENT = ('top1', 'top5', 'member_top1')
-DECIMALS = {'top1': 2, 'top5': 2, 'member_top1': 2, 'nll_c': 3, 'nll': 3,
-            'ece': 4}
-TITLES = {
-    'top1': 'Top-1 %', 'top5': 'Top-5 %', 'nll_c': 'NLL_c', 'nll': 'NLL',
-    'ece': 'ECE', 'member_top1': 'member Top-1 %'}
+# Every metric registered in mixmo_jax.evaluation.registry has a column
+# (shown where paper_results.csv has its values), after the paper's own.
+_REGISTERED = metric_registry.summary_metrics()
+METRIC_ORDER = ('top1', 'top5', 'nll_c', 'nll', 'ece') + tuple(
+    n for n in _REGISTERED if n not in ('top1', 'top5', 'nll', 'ece')) + (
+        'member_top1',)
+PERCENT = ('member_top1',) + tuple(
+    n for n, m in _REGISTERED.items() if m.percent)
+DECIMALS = {'member_top1': 2, 'nll_c': 3,
+            **{n: m.summary_decimals() for n, m in _REGISTERED.items()}}
+TITLES = {**{n: m.title for n, m in _REGISTERED.items()},
+          'top1': 'Top-1 %', 'top5': 'Top-5 %', 'nll_c': 'NLL_c',
+          'nll': 'NLL', 'ece': 'ECE', 'member_top1': 'member Top-1 %'}
 TABLE_TITLES = {
     '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
     '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '
