@@ -8,8 +8,13 @@ EXIT_USAGE = 2
 
 
 def fail(message, code: int = EXIT_USAGE):
-  """Prints one line `error: ...` to stderr and exits with `code`."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  """Prints `error: ...` to stderr and exits with `code`.
+
+  One line, or one line per problem for a `ConfigError` (its `problems`).
+  """
+  lines = getattr(message, 'problems', None) or [str(message)]
+  for line in lines:
+    print(f'error: {" ".join(str(line).split())}', file=sys.stderr)
   sys.exit(code)
 
 
