@@ -378,16 +378,27 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 
 def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]:
-  """Compares `config` with the workdir's config.json before resuming.
+  """Compares `config` with the workdir's before resuming.
+
+  The reference is the config stored with the newest checkpoint (so that a
+  deleted config.json lets no changed config through), else config.json.
+  A workdir without any checkpoint is fresh: a start that failed before its
+  first checkpoint blocks no later run.
 
   Returns the changed fields (empty for a new workdir). Changes outside
   `RESUME_ALLOWED_CHANGES` raise `ConfigError` unless `allow_changes`.
   """
   path = wd.path(workdir, wd.CONFIG)
-  try:
-    old = wd.read_config_dict(workdir)
-  except ValueError as e:
-    raise ConfigError(f'{e}; restore it or start a new workdir') from e
+  if not wd.checkpoint_steps(workdir):
+    return []  # Never trained (e.g. a start that failed): a fresh workdir.
+  old = wd.stored_config(workdir)
+  if old is not None:
+    path = f'the config stored with the checkpoints in {workdir}'
+  else:
+    try:
+      old = wd.read_config_dict(workdir)
+    except ValueError as e:
+      raise ConfigError(f'{e}; restore it or start a new workdir') from e
   if old is None:
     return []
   changes = config_changes(old, wd.config_to_dict(config))

@@ -1,7 +1,8 @@
 """Stopping cleanly: a signal is recorded and the loop saves at the next step.
 
-SIGTERM (a preemption) is recorded by `Preemption`; the training loop then
-saves a checkpoint after the current step and exits.  With several processes
+SIGTERM (a preemption) and SIGINT (Ctrl-C) are recorded by `Preemption`; the
+training loop then saves a checkpoint after the current step and exits (a
+second Ctrl-C stops at once, as Python's default does).  With several processes
 jax's preemption service (started by `jax.distributed.initialize`) notices
 the signal and orbax makes every process agree on the same step.
 """
@@ -12,15 +13,22 @@ import jax
 
 
 class Preemption:
-  """Records SIGTERM; `reached(ckpt, step)` says whether to save and stop."""
+  """Records SIGTERM / SIGINT; `reached(ckpt, step)` says whether to save
+  and stop."""
 
   def __init__(self):
     self.requested = False
+    self.signal_name = None
     signal.signal(signal.SIGTERM, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    self.signal_name = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint and stopping.',
+                    self.signal_name)
     self.requested = True
 
   def reached(self, ckpt, step: int) -> bool:

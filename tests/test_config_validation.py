@@ -144,12 +144,40 @@ def test_validation_imports_no_tensorflow():
 # ------------------------------------------------------------------ resume
 
 
-def _workdir_with(config, tmp_path):
+def _workdir_with(config, tmp_path, stored=None):
+  """A workdir with config.json and a checkpoint folder (step 10) holding,
+  if given, `stored` as the config saved with the checkpoint."""
   workdir = tmp_path / 'run'
   workdir.mkdir()
   with open(workdir / 'config.json', 'w') as f:
     json.dump(workdir_lib.config_to_dict(config), f)
+  step = workdir / 'checkpoints' / '10'
+  step.mkdir(parents=True)
+  if stored is not None:
+    (step / 'config').mkdir()
+    with open(step / 'config' / 'metadata', 'w') as f:
+      json.dump(workdir_lib.config_to_dict(stored), f)
   return str(workdir)
+
+
+def test_workdir_without_checkpoint_is_fresh(tmp_path):
+  """A start that failed before its first checkpoint blocks nothing."""
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  os.rmdir(os.path.join(workdir, 'checkpoints', '10'))
+  config = tiny_digits_config()
+  config.model.width = 2
+  assert cv.check_resume(workdir, config) == []
+
+
+def test_stored_config_is_compared_without_config_json(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path,
+                          stored=tiny_digits_config())
+  os.remove(os.path.join(workdir, 'config.json'))
+  config = tiny_digits_config()
+  config.mixing.p = 0.6
+  with pytest.raises(cv.ConfigError, match=r'mixing\.p: 0\.5 -> 0\.6'):
+    cv.check_resume(workdir, config)
+  assert cv.check_resume(workdir, tiny_digits_config()) == []
 
 
 def test_new_workdir_has_no_changes(tmp_path):
