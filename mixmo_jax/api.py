@@ -58,6 +58,17 @@ def prepare(config, workdir: str, allow_config_change: bool = False) -> None:
   wd.write_config(workdir, config)
 
 
+def _check_checkpoint_folder(workdir: str) -> None:
+  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  folder = wd.path(workdir, wd.CHECKPOINTS)
+  try:
+    wd.check_writable(folder)
+  except OSError as e:
+    raise checkpointing.CheckpointError(
+        f'cannot write checkpoints in {folder} ({e.strerror or e}); make it '
+        'writable or use another --workdir') from e
+
+
 def train(config, workdir: str, *,
           allow_config_change: bool = False) -> Dict[str, Any]:
   """Validates, locks the workdir, writes config.json and trains (resuming).
@@ -94,6 +105,8 @@ def train(config, workdir: str, *,
   try:
     with lock:
       prepare(config, workdir, allow_config_change)
+      if jax.process_index() == 0:  # A read-only folder: now, not later.
+        _check_checkpoint_folder(workdir)
       from mixmo_jax import loop  # pylint: disable=import-outside-toplevel
       return loop.train_and_evaluate(config, workdir)
   finally:
