@@ -71,16 +71,26 @@ def main(argv):
   config = FLAGS.config
   api.split_cpu(config)
   _initialize_distributed()
-  from mixmo_jax import checkpointing, data, loop, workdir  # Heavy: TF.
+  try:  # Before the heavy imports: a bad field fails in a second.
+    config_validation.validate(config)
+  except config_validation.ConfigError as e:
+    fail(e)
+  from mixmo_jax import workdir  # pylint: disable=import-outside-toplevel
   try:
     api.train(config, _WORKDIR.value,
               allow_config_change=_ALLOW_CHANGE.value)
   except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:
     fail(e)
-  except (loop.NonFiniteLossError, checkpointing.NonFiniteStateError) as e:
-    fail(e, EXIT_NONFINITE)
-  except (data.DatasetUnavailableError, checkpointing.CheckpointError) as e:
-    fail(e, 1)
+  except Exception as e:  # pylint: disable=broad-except
+    # Imported only now: a refused start stays quiet (no TensorFlow logs).
+    from mixmo_jax import checkpointing, data, loop  # Heavy: TF.
+    if isinstance(e, (loop.NonFiniteLossError,
+                      checkpointing.NonFiniteStateError)):
+      fail(e, EXIT_NONFINITE)
+    if isinstance(e, (data.DatasetUnavailableError,
+                      checkpointing.CheckpointError)):
+      fail(e, 1)
+    raise
 
 
 if __name__ == '__main__':

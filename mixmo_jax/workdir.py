@@ -213,12 +213,17 @@ def trainer_lock(workdir: str) -> Iterator[None]:
 
 
 def check_writable(folder: str) -> None:
-  """Creates `folder` if needed and writes and removes a probe file in it.
+  """Writes and removes a probe file in `folder`, or, while it does not
+  exist yet, in its nearest existing parent (nothing is created).
 
   Raises:
-    OSError: the folder cannot be created or written (read-only, full).
+    OSError: the folder cannot be written (read-only, full).
   """
-  os.makedirs(folder, exist_ok=True)
+  folder = os.path.abspath(folder)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise NotADirectoryError(20, 'Not a directory', folder)
   probe = os.path.join(folder, f'.write_probe{os.getpid()}')
   with open(probe, 'w') as f:
     f.write('ok')

@@ -45,7 +45,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
 def test_check_writable(tmp_path):
   folder = tmp_path / 'a' / 'checkpoints'
   wd.check_writable(str(folder))
-  assert os.listdir(folder) == []  # The probe is removed.
+  assert os.listdir(tmp_path) == []  # Nothing created, the probe removed.
   (tmp_path / 'file').write_text('x')
   with pytest.raises(OSError):
     wd.check_writable(str(tmp_path / 'file' / 'checkpoints'))
