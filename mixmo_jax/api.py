@@ -102,6 +102,9 @@ def train(config, workdir: str, *,
   lock = (wd.trainer_lock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  from mixmo_jax import preemption  # pylint: disable=import-outside-toplevel
+  preemption.reset()
+  preemption.Preemption()  # A Ctrl-C during the slow start stops cleanly.
   try:
     with lock:
       prepare(config, workdir, allow_config_change)
@@ -110,6 +113,7 @@ def train(config, workdir: str, *,
       from mixmo_jax import loop  # pylint: disable=import-outside-toplevel
       return loop.train_and_evaluate(config, workdir)
   finally:
+    preemption.reset()
     for signum, handler in handlers.items():
       if handler is not None:
         signal.signal(signum, handler)

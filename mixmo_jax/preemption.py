@@ -12,24 +12,42 @@ from absl import logging
 import jax
 
 
+_SIGNAL = {'name': None}  # The signal received by this process, if any.
+
+
+def reset() -> None:
+  """Forgets a recorded signal (at the start and end of `api.train`)."""
+  _SIGNAL['name'] = None
+
+
 class Preemption:
   """Records SIGTERM / SIGINT; `reached(ckpt, step)` says whether to save
-  and stop."""
+  and stop.
+
+  The record is the process's, not the instance's: a signal caught by an
+  earlier instance (`api.train` installs one before its slow imports) is
+  seen by the loop's.
+  """
 
   def __init__(self):
-    self.requested = False
-    self.signal_name = None
     signal.signal(signal.SIGTERM, self._handle)
     signal.signal(signal.SIGINT, self._handle)
+
+  @property
+  def requested(self) -> bool:
+    return _SIGNAL['name'] is not None
+
+  @property
+  def signal_name(self):
+    return _SIGNAL['name']
 
   def _handle(self, signum, frame):
     del frame
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C: stop now.
-    self.signal_name = signal.Signals(signum).name
+    _SIGNAL['name'] = signal.Signals(signum).name
     logging.warning('%s received: saving a checkpoint and stopping.',
-                    self.signal_name)
-    self.requested = True
+                    _SIGNAL['name'])
 
   def reached(self, ckpt, step: int) -> bool:
     """Whether to save and stop after `step`.

@@ -335,3 +335,148 @@ def test_evaluate_and_predict_fall_back(run, how, caplog):
 def test_ensemble_refuses_the_same_run_twice(run):
   with pytest.raises(runs_lib.EvaluationError, match='given twice'):
     runs_lib.read_configs([run, os.path.join(run, '')])
+
+
+# ---------------------------------------------------------------- kill chain
+
+ARGS = ('--config=configs/digits.py', '--config.model.width=1',
+        '--config.num_train_examples=64', '--config.num_epochs=3',
+        '--config.optimizer.warmup_epochs=0.5',
+        '--config.optimizer.decay_epochs=()', '--config.eval_every_epochs=1',
+        '--config.checkpoint_every_epochs=1', '--config.eval_batch_size=200')
+# 64 examples / 32 unique per step: 2 steps per epoch, 6 steps, a
+# checkpoint and an evaluation at steps 2, 4 and 6.  Ten SIGKILLs, each at a
+# point the run reaches from where the previous one left it: between steps,
+# right after an evaluation (before its history line) and inside a
+# checkpoint write (its temporary folder exists), then a clean finish.
+KILLS = (('step', 1), ('eval', 2), ('save', 2), ('step', 3), ('eval', 4),
+         ('save', 4), ('step', 4), ('step', 5), ('eval', 6), ('save', 6))
+EXPECTED_STEPS = ([], [], [], [2], [2], [2], [2], [2, 4], [2, 4], [2, 4])
+
+
+def _start(workdir, log_path, *extra, kill=None):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO
+  from mixmo_jax import loop
+  env = {k: v for k, v in os.environ.items()
+         if k not in (loop.FAULT_KILL_ENV, checkpointing.FAULT_KILL_AT_ENV)}
+  if kill is not None:
+    point, step = kill
+    if point == 'step':
+      env[loop.FAULT_KILL_ENV] = str(step)
+    else:
+      env[checkpointing.FAULT_KILL_AT_ENV] = f'{point}:{step}'
+  log = open(log_path, 'w')
+  proc = subprocess.Popen([sys.executable, '-m', 'mixmo_jax.main',
+                           f'--workdir={workdir}', *ARGS, *extra], cwd=REPO,
+                          env=env, stdout=log, stderr=log)
+  proc.log_path = log_path
+  return proc
+
+
+def _finish(proc):
+  code = proc.wait(timeout=600)
+  with open(proc.log_path) as f:
+    return code, f.read()
+
+
+def _final_digest(workdir, step):
+  with open(os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
+                         'metadata')) as f:
+    return json.load(f)['sha256']
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+  root = tmp_path_factory.mktemp('faults')
+  base, killed = str(root / 'base'), str(root / 'killed')
+  out = {'base': base, 'killed': killed, 'codes': [], 'steps': [], 'logs': []}
+  baseline = _start(base, str(root / 'base.log'))
+  try:
+    for i, kill in enumerate(KILLS):
+      code, log = _finish(_start(killed, str(root / f'kill{i}.log'),
+                                 kill=kill))
+      out['codes'].append(code)
+      out['logs'].append(log)
+      out['steps'].append(wd.checkpoint_steps(killed))
+    out['final_code'], out['final_log'] = _finish(
+        _start(killed, str(root / 'final.log')))
+    out['base_code'], out['base_log'] = _finish(baseline)
+  finally:
+    if baseline.poll() is None:
+      baseline.kill()
+  return out
+
+
+def test_ten_kills_end_bit_identical_to_an_uninterrupted_run(chain):
+  assert chain['base_code'] == 0, chain['base_log'][-3000:]
+  for kill, code, steps, log in zip(KILLS, chain['codes'], chain['steps'],
+                                    chain['logs']):
+    assert code == -9, (kill, log[-3000:])
+  assert chain['steps'] == list(EXPECTED_STEPS)
+  assert chain['final_code'] == 0, chain['final_log'][-3000:]
+  base, killed = chain['base'], chain['killed']
+  assert wd.checkpoint_steps(killed) == wd.checkpoint_steps(base) == [2, 4, 6]
+  assert not glob.glob(os.path.join(killed, wd.CHECKPOINTS, '*tmp*'))
+  # The digest covers step, parameters, batch statistics, optimizer state.
+  for step in (2, 4, 6):
+    assert _final_digest(killed, step) == _final_digest(base, step)
+  with open(os.path.join(base, wd.HISTORY)) as a, open(
+      os.path.join(killed, wd.HISTORY)) as b:
+    assert a.read() == b.read()  # No duplicate or orphan evaluation line.
+
+
+def test_sigint_saves_and_exits_0(tmp_path):
+  """Ctrl-C is handled like SIGTERM: a checkpoint of the current step."""
+  import signal, time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  proc = _start(workdir, str(tmp_path / 'log'), '--config.num_epochs=40',
+                '--config.eval_every_epochs=40',
+                '--config.checkpoint_every_epochs=40')
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, wd.CONFIG)):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  time.sleep(2)  # In the start-up or the loop: both stop cleanly.
+  proc.send_signal(signal.SIGINT)
+  code, log = _finish(proc)
+  assert code == 0, log[-3000:]
+  assert 'SIGINT received: saving a checkpoint and stopping.' in log
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log
+  steps = wd.checkpoint_steps(workdir)
+  if 'Stopped by SIGINT before step' not in log:
+    assert len(steps) == 1 and 0 < steps[0] < 80
+    assert f'Stopped by SIGINT after step {steps[0]} (checkpoint saved).' in log
+
+
+def test_evaluate_cli_falls_back_or_refuses_the_step(chain, tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(chain['killed'], workdir)
+  _damage(workdir, 6, 'truncated_blob')
+  before = _digests(workdir)
+
+  def evaluate(*args):
+    out = subprocess.run([sys.executable, '-m', 'mixmo_jax.evaluate',
+                          f'--workdir={workdir}', *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    return out.returncode, out.stderr
+
+  code, err = evaluate('--step=6', f'--ensemble={workdir}')
+  assert code == 2, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith(
+      f'error: {workdir} is given twice')
+  code, err = evaluate('--step=6')
+  assert code == 2, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith(f'error: the checkpoint at step 6 in '
+                         f'{os.path.join(workdir, "checkpoints")} does not '
+                         'restore or verify'), err[-3000:]
+  assert 'Traceback' not in err
+  code, err = evaluate()
+  assert code == 0, err[-3000:]
+  warnings = [l for l in err.splitlines() if 'skipped' in l]
+  assert len(warnings) == 1 and 'using step 4' in warnings[0], err[-3000:]
+  assert json.load(open(os.path.join(workdir, wd.EVAL)))['step'] == 4
+  assert _digests(workdir) == before
