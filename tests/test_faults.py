@@ -301,11 +301,11 @@ def test_offline_message_shows_the_flag(tmp_path, monkeypatch):
 
 def _damage(workdir, step, how):
   folder = os.path.join(workdir, wd.CHECKPOINTS, str(step))
-  if how == 'truncated_blob':
-    blobs = sorted(glob.glob(os.path.join(folder, 'state', '**', 'd', '*'),
-                             recursive=True), key=os.path.getsize)
-    with open(blobs[-1], 'r+b') as f:
-      f.truncate(os.path.getsize(blobs[-1]) // 2)
+  if how == 'truncated_blob':  # Every array file, the parameters' too.
+    for blob in glob.glob(os.path.join(folder, 'state', '**', 'd', '*'),
+                          recursive=True):
+      with open(blob, 'r+b') as f:
+        f.truncate(os.path.getsize(blob) // 2)
   elif how == 'missing_digest':
     shutil.rmtree(os.path.join(folder, 'digest'))
   elif how == 'empty_step_folder':
@@ -449,12 +449,11 @@ def test_sigint_saves_and_exits_0(tmp_path):
     assert f'Stopped by SIGINT after step {steps[0]} (checkpoint saved).' in log
 
 
-def test_evaluate_cli_falls_back_or_refuses_the_step(chain, tmp_path):
+def test_evaluate_cli_falls_back_or_refuses_the_step(run):
   import subprocess, sys  # pylint: disable=g-import-not-at-top
   from conftest import REPO
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(chain['killed'], workdir)
-  _damage(workdir, 6, 'truncated_blob')
+  workdir = run
+  _damage(workdir, 20, 'truncated_blob')
   before = _digests(workdir)
 
   def evaluate(*args):
@@ -463,20 +462,20 @@ def test_evaluate_cli_falls_back_or_refuses_the_step(chain, tmp_path):
                          capture_output=True, text=True, timeout=600)
     return out.returncode, out.stderr
 
-  code, err = evaluate('--step=6', f'--ensemble={workdir}')
+  code, err = evaluate('--step=20', f'--ensemble={workdir}')
   assert code == 2, err[-3000:]
   assert err.strip().splitlines()[-1].startswith(
       f'error: {workdir} is given twice')
-  code, err = evaluate('--step=6')
+  code, err = evaluate('--step=20')
   assert code == 2, err[-3000:]
-  last = err.strip().splitlines()[-1]
-  assert last.startswith(f'error: the checkpoint at step 6 in '
+  (last,) = [l for l in err.splitlines() if l.startswith('error:')]
+  assert last.startswith(f'error: the checkpoint at step 20 in '
                          f'{os.path.join(workdir, "checkpoints")} does not '
                          'restore or verify'), err[-3000:]
   assert 'Traceback' not in err
   code, err = evaluate()
   assert code == 0, err[-3000:]
   warnings = [l for l in err.splitlines() if 'skipped' in l]
-  assert len(warnings) == 1 and 'using step 4' in warnings[0], err[-3000:]
-  assert json.load(open(os.path.join(workdir, wd.EVAL)))['step'] == 4
+  assert len(warnings) == 1 and 'using step 10' in warnings[0], err[-3000:]
+  assert json.load(open(os.path.join(workdir, wd.EVAL)))['step'] == 10
   assert _digests(workdir) == before
