@@ -472,7 +472,10 @@ def test_evaluate_cli_falls_back_or_refuses_the_step(run):
   assert last.startswith(f'error: the checkpoint at step 20 in '
                          f'{os.path.join(workdir, "checkpoints")} does not '
                          'restore or verify'), err[-3000:]
-  assert 'Traceback' not in err
+  # No traceback of ours (orbax's restore thread may print its own asyncio
+  # 'Event loop is closed' noise as the process exits).
+  assert not [l for l in err.splitlines()
+              if 'File "' in l and 'mixmo_jax' in l], err[-3000:]
   code, err = evaluate()
   assert code == 0, err[-3000:]
   warnings = [l for l in err.splitlines() if 'skipped' in l]
