@@ -12,7 +12,9 @@ compiled), refuse a resume with a changed config, write config.json, use
 `config.cpu_devices` XLA devices on a CPU-only machine, then train
 (`mixmo_jax.loop.train_and_evaluate`).
 """
+import contextlib
 import os
+import signal
 from typing import Any, Dict
 
 from absl import logging
@@ -56,25 +58,62 @@ def prepare(config, workdir: str, allow_config_change: bool = False) -> None:
   wd.write_config(workdir, config)
 
 
+def _check_checkpoint_folder(workdir: str) -> None:
+  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  folder = wd.path(workdir, wd.CHECKPOINTS)
+  try:
+    wd.check_writable(folder)
+  except OSError as e:
+    raise checkpointing.CheckpointError(
+        f'cannot write checkpoints in {folder} ({e.strerror or e}); make it '
+        'writable or use another --workdir') from e
+
+
 def train(config, workdir: str, *,
           allow_config_change: bool = False) -> Dict[str, Any]:
-  """Validates, writes config.json and trains (resuming from the workdir).
+  """Validates, locks the workdir, writes config.json and trains (resuming).
+
+  Every config field is validated before the workdir is touched; then the
+  workdir's lock is taken (one trainer per workdir, `workdir.trainer_lock`),
+  the config compared with the one stored with the checkpoints, config.json
+  written and the run trained.  SIGINT / SIGTERM save a checkpoint and stop;
+  the previous signal handlers are restored on return.
 
   Args:
     config: a ConfigDict, e.g. from `mixmo_jax.configs.get('digits')`.
     workdir: the run's folder (created if needed).
     allow_config_change: resume even though fields that change training
-      differ from the workdir's config.json (the change is recorded).
+      differ from the workdir's config (the change is recorded).
 
   Returns:
-    The last evaluation record, see `loop.train_and_evaluate`.
+    The last evaluation record, see `loop.train_and_evaluate` ({'step': s,
+    'finished': True} when the run had already finished).
 
   Raises:
     config_validation.ConfigError: see `prepare`.
-    data.DatasetUnavailableError, checkpointing.CheckpointError,
+    workdir.WorkdirBusyError: another trainer holds the workdir.
+    data.DatasetUnavailableError, checkpointing.CheckpointError (also a
+    failed or impossible checkpoint write), checkpointing.NonFiniteStateError,
     loop.NonFiniteLossError: from training.
   """
   split_cpu(config)
-  prepare(config, workdir, allow_config_change)
-  from mixmo_jax import loop  # pylint: disable=import-outside-toplevel
-  return loop.train_and_evaluate(config, workdir)
+  config_validation.validate(config)  # Before the workdir is touched.
+  import jax  # pylint: disable=import-outside-toplevel
+  lock = (wd.trainer_lock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  from mixmo_jax import preemption  # pylint: disable=import-outside-toplevel
+  preemption.reset()
+  preemption.Preemption()  # A Ctrl-C during the slow start stops cleanly.
+  try:
+    with lock:
+      prepare(config, workdir, allow_config_change)
+      if jax.process_index() == 0:  # A read-only folder: now, not later.
+        _check_checkpoint_folder(workdir)
+      from mixmo_jax import loop  # pylint: disable=import-outside-toplevel
+      return loop.train_and_evaluate(config, workdir)
+  finally:
+    preemption.reset()
+    for signum, handler in handlers.items():
+      if handler is not None:
+        signal.signal(signum, handler)

@@ -14,6 +14,8 @@ workdir.
 import hashlib
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Optional, Tuple
 
@@ -25,11 +27,56 @@ import orbax.checkpoint as ocp
 from mixmo_jax import workdir as wd
 
 CHECKPOINT_DIR = wd.CHECKPOINTS
+# Test hook: 'save:STEP' SIGKILLs this process while the checkpoint of STEP
+# is being written (its temporary folder exists); 'eval:STEP' right after the
+# evaluation at STEP, before its history line (see `fault_hook`).
+FAULT_KILL_AT_ENV = 'MIXMO_FAULT_KILL_AT'
 CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint of an existing run could be restored and verified."""
+  """No checkpoint of an existing run could be restored and verified, or a
+  checkpoint could not be written (one-line message)."""
+
+
+class NonFiniteStateError(RuntimeError):
+  """The state to save has NaN or inf values: it is never saved."""
+
+
+def fault_hook(point: str, step: int) -> bool:
+  """Whether MIXMO_FAULT_KILL_AT is `point:step`; for 'eval' it kills now."""
+  if os.environ.get(FAULT_KILL_AT_ENV, '') != f'{point}:{step}':
+    return False
+  if point != 'save':
+    os.kill(os.getpid(), signal.SIGKILL)
+  return True
+
+
+def _kill_once_writing(directory: str, step: int) -> None:
+  """SIGKILLs the process as soon as the temporary folder of `step` exists
+  (a kill in the middle of the write), or after 60 s."""
+  def watch():
+    deadline = time.time() + 60
+    while time.time() < deadline:
+      if os.path.isdir(directory) and any(
+          n.startswith(f'{step}.') for n in os.listdir(directory)):
+        break
+      time.sleep(0.0005)
+    os.kill(os.getpid(), signal.SIGKILL)
+  threading.Thread(target=watch, daemon=True).start()
+
+
+def first_nonfinite(tree: Any) -> Optional[str]:
+  """The path of the first floating leaf with a NaN or inf, or None."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = leaf.addressable_data(0)
+    array = np.asarray(leaf)
+    if (np.issubdtype(array.dtype, np.inexact)
+        and not np.isfinite(array).all()):
+      return jax.tree_util.keystr(path)
+  return None
 
 
 def tree_digest(tree: Any) -> str:
@@ -62,7 +109,7 @@ class Checkpointer:
   """Periodic verified checkpoints of a pytree `state` in `workdir`."""
 
   def __init__(self, workdir: str, max_to_keep: int = 3,
-               read_only: bool = False):
+               read_only: bool = False, config: Any = None):
     """Opens the workdir's checkpoints.
 
     Args:
@@ -71,9 +118,24 @@ class Checkpointer:
       read_only: for evaluation and prediction, possibly while the run is
         still training: create nothing and never clean up the temporary
         folder of a checkpoint that the trainer is writing.
+      config: the run's ConfigDict, stored with each checkpoint (a JSON item
+        `config`) so that a resume is compared with it even without
+        config.json (`workdir.stored_config`).
+
+    Raises:
+      CheckpointError: (not read_only) the checkpoint folder is not writable,
+        found at start rather than after an epoch of work.
     """
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.config = None if config is None else wd.config_to_dict(config)
+    if not read_only and jax.process_index() == 0:
+      try:
+        wd.check_writable(self.directory)
+      except OSError as e:
+        raise CheckpointError(
+            f'cannot write checkpoints in {self.directory} ({e.strerror or e})'
+            '; make it writable or use another --workdir') from e
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(max_to_keep, 2),
         enable_async_checkpointing=False,
@@ -85,15 +147,53 @@ class Checkpointer:
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
+  def _last_good(self) -> str:
+    steps = self.all_steps()
+    return (f'step {steps[-1]} in {self.directory}' if steps
+            else f'none (no checkpoint in {self.directory} yet)')
+
   def save(self, step: int, state: Any) -> None:
-    """Saves `state` at `step` with its digest (every process must call)."""
+    """Saves `state` at `step` with its digest (every process must call).
+
+    Raises:
+      NonFiniteStateError: a parameter (or any float of the state) is NaN or
+        inf; nothing is written, the older checkpoints stay.
+      CheckpointError: the write failed (e.g. disk full); its temporary
+        folder is removed and the older checkpoints stay.
+    """
     if step in self.manager.all_steps():
       return
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        digest=ocp.args.JsonSave(_digest_record(state, step)))
-    self.manager.save(step, args=args, force=True)
-    self.manager.wait_until_finished()
+    bad = first_nonfinite(state)
+    if bad is not None:
+      raise NonFiniteStateError(
+          f'non-finite values (nan or inf) in the state{bad} at step {step}: '
+          f'not saved; the last good checkpoint is {self._last_good()} '
+          '(lower optimizer.base_learning_rate, then resume from it)')
+    items = dict(state=ocp.args.StandardSave(state),
+                 digest=ocp.args.JsonSave(_digest_record(state, step)))
+    if self.config is not None:
+      items['config'] = ocp.args.JsonSave(self.config)
+    if fault_hook('save', step):
+      _kill_once_writing(self.directory, step)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self.manager.wait_until_finished()
+    except OSError as e:
+      self._remove_tmp(step)
+      raise CheckpointError(
+          f'cannot write the checkpoint at step {step} in {self.directory} '
+          f'({e.strerror or e}); the last good checkpoint is '
+          f'{self._last_good()}; free space (or fix the folder) and rerun '
+          'the same command to resume from it') from e
+
+  def _remove_tmp(self, step: int) -> None:
+    """Removes the temporary folder of a failed write of `step`."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.startswith(f'{step}.') and 'tmp' in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.manager.reload()
 
   def _restore_step(self, step: int, abstract_state: Any) -> Any:
     args = ocp.args.Composite(
@@ -164,23 +264,49 @@ class Checkpointer:
     self.manager.close()
 
 
+def _restore_variables_at(ckpt: Checkpointer, step: int,
+                          abstract_variables: Any) -> Any:
+  item = dict(abstract_variables)
+  args = ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
+      digest=ocp.args.JsonRestore())
+  restored = ckpt.manager.restore(step, args=args)
+  parts = restored['digest']['parts']
+  for name, tree in restored['state'].items():
+    if tree_digest(tree) != parts[name]:
+      raise CheckpointError(f'digest mismatch for {name} at step {step} in '
+                            f'{ckpt.directory}: the checkpoint is corrupt')
+  return restored['state']
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+  return ' '.join(str(error).split())[:limit]
+
+
 def restore_variables(workdir: str, abstract_variables: Any,
                       step: Optional[int] = None) -> Tuple[Any, int]:
   """Reads only {'params', 'batch_stats'} of a checkpoint, verified.
 
-  Read-only (for evaluation and prediction, possibly while the run trains).
+  Read-only (for evaluation and prediction, possibly while the run trains):
+  a damaged newest checkpoint (truncated array file, missing digest, empty
+  step folder) is skipped with a one-line warning for the newest one that
+  verifies, as training does; nothing is moved.
 
   Args:
     workdir: a training workdir.
     abstract_variables: {'params', 'batch_stats'} trees of
       `jax.ShapeDtypeStruct`s with the target shardings.
-    step: the checkpoint step (default: the latest).
+    step: exactly this checkpoint step (no fallback; default: the newest
+      that verifies).
 
   Returns:
     (variables, step).
 
   Raises:
-    CheckpointError: no checkpoint (at `step`), or a digest mismatch.
+    CheckpointError: no checkpoint (at `step`), `step` damaged, or none
+      verifies.
   """
   ckpt = Checkpointer(workdir, read_only=True)
   try:
@@ -188,19 +314,28 @@ def restore_variables(workdir: str, abstract_variables: Any,
     if not steps or (step is not None and step not in steps):
       raise CheckpointError(f'no checkpoint at step {step} in '
                             f'{ckpt.directory}; available: {steps}')
-    step = steps[-1] if step is None else step
-    item = dict(abstract_variables)
-    args = ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=item, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
-        digest=ocp.args.JsonRestore())
-    restored = ckpt.manager.restore(step, args=args)
+    if step is not None:
+      try:
+        return _restore_variables_at(ckpt, step, abstract_variables), step
+      except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(
+            f'the checkpoint at step {step} in {ckpt.directory} does not '
+            f'restore or verify ({_one_line(e)}); other steps: '
+            f'{[s for s in steps if s != step]}') from e
+    failures = []
+    for candidate in reversed(steps):
+      try:
+        variables = _restore_variables_at(ckpt, candidate, abstract_variables)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f'step {candidate}: {_one_line(e)}')
+        continue
+      if failures:
+        logging.warning('Checkpoint(s) in %s skipped (%s); using step %d, '
+                        'the newest that verifies.', ckpt.directory,
+                        '; '.join(failures), candidate)
+      return variables, candidate
+    raise CheckpointError(f'none of the checkpoints {steps} in '
+                          f'{ckpt.directory} restores and verifies '
+                          f'({"; ".join(failures)})')
   finally:
     ckpt.close()
-  parts = restored['digest']['parts']
-  for name, tree in restored['state'].items():
-    if tree_digest(tree) != parts[name]:
-      raise CheckpointError(f'digest mismatch for {name} at step {step} in '
-                            f'{ckpt.directory}: the checkpoint is corrupt')
-  return restored['state'], step

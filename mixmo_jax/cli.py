@@ -1,5 +1,6 @@
 """Small pieces shared by the command-line programs (main, evaluate)."""
 import logging as pylogging
+import os
 import sys
 
 from absl import flags, logging
@@ -8,9 +9,18 @@ EXIT_USAGE = 2
 
 
 def fail(message, code: int = EXIT_USAGE):
-  """Prints one line `error: ...` to stderr and exits with `code`."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(code)
+  """Prints `error: ...` to stderr and exits with `code`.
+
+  One line, or one line per problem for a `ConfigError` (its `problems`).
+  """
+  lines = getattr(message, 'problems', None) or [str(message)]
+  for line in lines:
+    print(f'error: {" ".join(str(line).split())}', file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # At once: interpreter shutdown would print orbax's leftover coroutines of a
+  # failed restore ('Event loop is closed') after the one line.
+  os._exit(code)  # pylint: disable=protected-access
 
 
 class _QuietOrbax(pylogging.Filter):

@@ -7,6 +7,8 @@ value and what is allowed, e.g.
 
 `main` prints it and exits with code 2 before the workdir is touched.
 """
+import difflib
+import math
 from typing import Any, Dict, List, Optional
 
 from mixmo_jax import workdir as wd
@@ -24,160 +26,326 @@ _ENSEMBLE = ('logits', 'probs')
 
 
 class ConfigError(ValueError):
-  """A config field with a value that is not allowed (one-line message)."""
+  """Config fields that are not allowed: one line per problem, e.g.
+
+    config.mixing.p=1.5: must be in [0.0, 1.0]
+    config.seed=-1: must be an integer in [0, 4294967295]
+  """
+
+  def __init__(self, problems):
+    if isinstance(problems, str):
+      problems = [problems]
+    self.problems = list(problems)
+    super().__init__('\n'.join(self.problems))
 
 
-def _fail(field: str, value: Any, allowed: str):
-  raise ConfigError(f'config.{field}={value!r}: {allowed}')
+MAX_SEED = 2**32 - 1
+SEED_FIELDS = ('seed', 'data_seed', 'evaluation.calibration_seed')
+_MISSING = object()
 
 
-def _get(config, field: str):
-  node = config
-  for part in field.split('.'):
-    if part not in node:
-      _fail(field, None, 'missing field (start from configs/default.py)')
-    node = node[part]
-  return node
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(config, field: str, minimum: int):
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    _fail(field, value, f'must be an integer >= {minimum}')
-  return value
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_range(config, field: str, lo: float, hi: float = float('inf'),
-                 lo_open: bool = False):
-  value = _get(config, field)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    _fail(field, value, 'must be a number')
-  if (value <= lo if lo_open else value < lo) or value > hi:
-    bracket = '(' if lo_open else '['
-    _fail(field, value, f'must be in {bracket}{lo}, {hi}]')
-  return value
+def _leaves(tree, prefix: str = '') -> Dict[str, Any]:
+  """{dotted field: value} of a ConfigDict or dict tree."""
+  out = {}
+  for key in tree.keys():
+    value = tree[key]
+    if hasattr(value, 'keys') and hasattr(value, 'items'):
+      out.update(_leaves(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
 
 
-def _check_choice(config, field: str, choices):
-  value = _get(config, field)
-  if value not in choices:
-    _fail(field, value, f'must be one of {", ".join(map(str, choices))}')
-  return value
+class _Checks:
+  """Collects every problem of one config (`validate`)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.values = _leaves(config)
+    self.problems: List[str] = []
+    self.bad = set()  # Fields already reported: dependent checks skip them.
+
+  def fail(self, field: str, value: Any, allowed: str) -> None:
+    if field not in self.bad:
+      self.problems.append(f'config.{field}={value!r}: {allowed}')
+    self.bad.add(field)
+
+  def get(self, field: str):
+    """The value, or _MISSING when missing or already reported as bad."""
+    if field in self.bad or field not in self.values:
+      return _MISSING
+    return self.values[field]
+
+  # ------------------------------------------------------------ the tree
+
+  def key_tree(self, defaults: Dict[str, Any]) -> None:
+    """Unknown fields (a typo in a config file), missing fields, and the type
+    of every field against mixmo_jax.configs.base.base_config()."""
+    for field in sorted(set(self.values) - set(defaults)):
+      parent, _, name = field.rpartition('.')
+      siblings = [f.rpartition('.')[2] for f in defaults
+                  if f.rpartition('.')[0] == parent]
+      close = difflib.get_close_matches(name, siblings, n=1)
+      hint = f'did you mean {close[0]!r}? ' if close else ''
+      self.fail(field, self.values[field],
+                f'unknown field ({hint}every field must exist in '
+                'mixmo_jax/configs/base.py base_config())')
+    for field in sorted(set(defaults) - set(self.values)):
+      self.fail(field, None, 'missing field (start from a config of '
+                'mixmo_jax/configs, which sets every field)')
+    for field, default in defaults.items():
+      if field in self.values:
+        self.type_of(field, default)
+
+  def type_of(self, field: str, default: Any) -> None:
+    value = self.values[field]
+    if isinstance(default, bool):
+      if not isinstance(value, bool):
+        self.fail(field, value, 'must be True or False')
+    elif _is_int(default):
+      if not _is_int(value):
+        self.fail(field, value, 'must be an integer')
+    elif isinstance(default, float):
+      if not _is_number(value):
+        self.fail(field, value, 'must be a number')
+      elif not math.isfinite(value):
+        self.fail(field, value, 'must be a finite number (no nan or inf)')
+    elif isinstance(default, str):
+      if not isinstance(value, str):
+        self.fail(field, value, 'must be a string')
+    elif isinstance(default, (tuple, list)):
+      if not isinstance(value, (tuple, list)):
+        self.fail(field, value, 'must be a tuple')
+      elif default and all(_is_int(d) for d in default):
+        if not all(_is_int(v) for v in value):
+          self.fail(field, tuple(value), 'must be a tuple of integers')
+      elif default and all(_is_number(d) for d in default):
+        if not all(_is_number(v) and math.isfinite(v) for v in value):
+          self.fail(field, tuple(value), 'must be a tuple of finite numbers')
+
+  # ------------------------------------------------------------ values
+
+  def int_(self, field: str, minimum: int, maximum: Optional[int] = None):
+    value = self.get(field)
+    if value is _MISSING:
+      return None
+    if (not _is_int(value) or value < minimum
+        or (maximum is not None and value > maximum)):
+      allowed = (f'must be an integer in [{minimum}, {maximum}]'
+                 if maximum is not None else
+                 f'must be an integer >= {minimum}')
+      self.fail(field, value, allowed)
+      return None
+    return value
+
+  def number(self, field: str, lo: float, hi: float = float('inf'),
+             lo_open: bool = False):
+    value = self.get(field)
+    if value is _MISSING:
+      return None
+    if not _is_number(value):
+      self.fail(field, value, 'must be a number')
+      return None
+    if not math.isfinite(value):
+      self.fail(field, value, 'must be a finite number (no nan or inf)')
+      return None
+    if (value <= lo if lo_open else value < lo) or value > hi:
+      bracket = '(' if lo_open else '['
+      self.fail(field, value, f'must be in {bracket}{float(lo)}, {float(hi)}]')
+      return None
+    return value
+
+  def choice(self, field: str, choices):
+    value = self.get(field)
+    if value is _MISSING:
+      return None
+    if value not in choices:
+      self.fail(field, value, f'must be one of {", ".join(map(str, choices))}')
+      return None
+    return value
 
 
-def _check_batches(config, num_devices: int):
-  batch_size = _check_int(config, 'batch_size', 1)
-  b = _check_int(config, 'batch_repetitions', 1)
-  if batch_size % b:
-    _fail('batch_size', batch_size,
-          f'must be divisible by batch_repetitions={b}')
-  if (batch_size // b) % num_devices:
-    _fail('batch_size', batch_size,
-          f'batch_size / batch_repetitions = {batch_size // b} unique samples '
-          f'per step must be divisible by the device count {num_devices}')
-  num_train = _get(config, 'num_train_examples')
-  if num_train and num_train < batch_size // b:
-    _fail('num_train_examples', num_train,
-          f'must be 0 (all) or >= batch_size / batch_repetitions = '
-          f'{batch_size // b} (one step)')
-  eval_batch_size = _check_int(config, 'eval_batch_size', 1)
-  if eval_batch_size % num_devices:
-    _fail('eval_batch_size', eval_batch_size,
-          f'must be divisible by the device count {num_devices}')
-
-
-def _check_model(config):
-  from mixmo_jax import models  # Flax only; no TensorFlow.
-  _check_choice(config, 'model.name', models.model_names())
-  _check_int(config, 'model.width', 1)
-  _check_choice(config, 'model.dtype', tuple(models.DTYPES))
-  if config.model.name == 'wide_resnet':
-    depth = _check_int(config, 'model.depth', 10)
-    if (depth - 4) % 6:
-      _fail('model.depth', depth, 'WRN depth must be 6n+4 (10, 16, 22, 28, ...)')
-  try:
-    models.check_image_size(config)
-  except ValueError as e:
-    _fail('image_size', config.image_size, str(e))
-
-
-def _check_data(config):
+def _check_data(c: _Checks):
   from mixmo_jax import data  # The registry; no TensorFlow until a load.
-  dataset = _check_choice(config, 'dataset', data.dataset_names())
+  dataset = c.choice('dataset', data.dataset_names())
+  c.int_('num_train_examples', 0)
+  if dataset is None:
+    return None
   spec = data.get_dataset(dataset)
-  num_classes = spec.num_classes
-  sizes = None if spec.resizable else (spec.image_size,)
-  if _get(config, 'num_classes') != num_classes:
-    _fail('num_classes', config.num_classes,
-          f'dataset {dataset} has {num_classes} classes')
-  size = _check_int(config, 'image_size', 8)
-  if sizes is not None and size not in sizes:
-    _fail('image_size', size, f'dataset {dataset} has {sizes[0]}x{sizes[0]} '
-          'images')
-  _check_int(config, 'num_train_examples', 0)
+  num_classes = c.get('num_classes')
+  if num_classes is not _MISSING and num_classes != spec.num_classes:
+    c.fail('num_classes', num_classes,
+           f'dataset {dataset} has {spec.num_classes} classes')
+  size = c.int_('image_size', 8)
+  if size is not None and not spec.resizable and size != spec.image_size:
+    c.fail('image_size', size, f'dataset {dataset} has {spec.image_size}x'
+           f'{spec.image_size} images')
   for field in ('image_mean', 'image_std'):
-    value = tuple(_get(config, field))
+    value = c.get(field)
+    if value is _MISSING:
+      continue
+    value = tuple(value)
     if len(value) != 3 or (field == 'image_std' and min(value) <= 0):
-      _fail(field, value, 'must be 3 numbers (std > 0)')
+      c.fail(field, value, 'must be 3 numbers (std > 0)')
+  return spec
 
 
-def _check_mixing(config):
+def _check_model(c: _Checks):
+  from mixmo_jax import models  # Flax only; no TensorFlow.
+  name = c.choice('model.name', models.model_names())
+  width = c.int_('model.width', 1)
+  dtype = c.choice('model.dtype', tuple(models.DTYPES))
+  if name == 'wide_resnet':
+    depth = c.int_('model.depth', 10)
+    if depth is not None and (depth - 4) % 6:
+      c.fail('model.depth', depth,
+             'WRN depth must be 6n+4 (10, 16, 22, 28, ...)')
+  model_ok = not any(f.startswith('model.') for f in c.bad)
+  if (model_ok and None not in (name, width, dtype)
+      and c.get('image_size') is not _MISSING):
+    try:
+      models.check_image_size(c.config)
+    except ValueError as e:
+      c.fail('image_size', c.config.image_size, str(e))
+
+
+def _check_mixing(c: _Checks):
   from mixmo_jax import mixmo  # jax only.
-  _check_int(config, 'num_members', 1)
-  _check_choice(config, 'mixing.method', mixmo.mixing_names())
-  _check_range(config, 'mixing.alpha', 0.0, lo_open=True)
-  _check_range(config, 'mixing.r', 0.0, lo_open=True)
-  _check_range(config, 'mixing.p', 0.0, 1.0)
-  _check_range(config, 'mixing.p_decay_fraction', 0.0, 1.0)
-  _check_range(config, 'mixing.input_repetition', 0.0, 1.0)
+  c.int_('num_members', 1)
+  c.choice('mixing.method', mixmo.mixing_names())
+  c.number('mixing.alpha', 0.0, lo_open=True)
+  c.number('mixing.r', 0.0, lo_open=True)
+  c.number('mixing.p', 0.0, 1.0)
+  c.number('mixing.p_decay_fraction', 0.0, 1.0)
+  c.number('mixing.input_repetition', 0.0, 1.0)
 
 
-def _check_augment(config):
-  _check_int(config, 'augment.crop_padding', 0)
-  mix = _check_choice(config, 'augment.pixel_mix', _PIXEL_MIX)
-  if mix == 'mixup' and config.num_members > 1:
-    _fail('augment.pixel_mix', mix, 'mixup is the single-network baseline '
-          '(num_members=1); with MixMo use none or cutmix')
-  _check_range(config, 'augment.pixel_mix_prob', 0.0, 1.0)
-  _check_range(config, 'augment.cutmix_alpha', 0.0, lo_open=True)
-  _check_range(config, 'augment.mixup_alpha', 0.0, lo_open=True)
-  _check_int(config, 'augment.augmix_severity', 1)
-  _check_int(config, 'augment.augmix_width', 1)
-  _check_int(config, 'augment.augmix_depth', 1)
+def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
+  """Returns the steps per epoch when batch and dataset size are valid."""
+  batch_size = c.int_('batch_size', 1)
+  b = c.int_('batch_repetitions', 1)
+  eval_batch_size = c.int_('eval_batch_size', 1)
+  if eval_batch_size is not None and eval_batch_size % num_devices:
+    c.fail('eval_batch_size', eval_batch_size,
+           f'must be divisible by the device count {num_devices}')
+  if batch_size is None or b is None:
+    return None
+  if batch_size % b:
+    c.fail('batch_size', batch_size,
+           f'must be divisible by batch_repetitions={b}')
+    return None
+  unique = batch_size // b
+  if unique % num_devices:
+    c.fail('batch_size', batch_size,
+           f'batch_size / batch_repetitions = {unique} unique samples '
+           f'per step must be divisible by the device count {num_devices}')
+  num_train = c.get('num_train_examples')
+  if num_train is _MISSING:
+    return None
+  if num_train and num_train < unique:
+    c.fail('num_train_examples', num_train,
+           f'must be 0 (all) or >= batch_size / batch_repetitions = '
+           f'{unique} (one step)')
+    return None
+  if spec is None:
+    return None
+  available = min(num_train, spec.num_train) if num_train else spec.num_train
+  if available < unique:
+    c.fail('batch_size', batch_size,
+           f'batch_size / batch_repetitions = {unique} is more than the '
+           f'{available} training examples (no step would run)')
+    return None
+  return available * b // batch_size
 
 
-def _check_optimizer(config):
-  epochs = _check_int(config, 'num_epochs', 1)
-  _check_range(config, 'optimizer.base_learning_rate', 0.0, lo_open=True)
-  _check_range(config, 'optimizer.reference_batch_size', 0.0, lo_open=True)
-  _check_range(config, 'optimizer.momentum', 0.0, 1.0)
-  _check_range(config, 'optimizer.l2', 0.0)
-  _check_range(config, 'optimizer.weight_decay', 0.0)
-  _check_range(config, 'optimizer.warmup_epochs', 0.0, epochs)
-  _check_int(config, 'optimizer.warmup_steps_per_repetition', 0)
-  _check_range(config, 'optimizer.decay_factor', 0.0, 1.0, lo_open=True)
-  decays = list(_get(config, 'optimizer.decay_epochs'))
-  if any(not isinstance(e, int) or e < 1 for e in decays):
-    _fail('optimizer.decay_epochs', tuple(decays), 'must be positive integers')
-  if decays != sorted(set(decays)):
-    _fail('optimizer.decay_epochs', tuple(decays), 'must be strictly increasing')
-  if decays and decays[-1] >= epochs:
-    _fail('optimizer.decay_epochs', tuple(decays),
-          f'must all be < num_epochs={epochs}')
+def _check_augment(c: _Checks):
+  c.int_('augment.crop_padding', 0)
+  mix = c.choice('augment.pixel_mix', _PIXEL_MIX)
+  members = c.get('num_members')
+  if mix == 'mixup' and members is not _MISSING and members > 1:
+    c.fail('augment.pixel_mix', mix, 'mixup is the single-network baseline '
+           '(num_members=1); with MixMo use none or cutmix')
+  c.number('augment.pixel_mix_prob', 0.0, 1.0)
+  c.number('augment.cutmix_alpha', 0.0, lo_open=True)
+  c.number('augment.mixup_alpha', 0.0, lo_open=True)
+  c.int_('augment.augmix_severity', 1)
+  c.int_('augment.augmix_width', 1)
+  c.int_('augment.augmix_depth', 1)
 
 
-def _check_schedule(config):
-  _check_int(config, 'eval_every_epochs', 1)
-  _check_int(config, 'checkpoint_every_epochs', 1)
-  _check_int(config, 'keep_checkpoints', 1)
-  _check_int(config, 'log_every_steps', 1)
-  _check_int(config, 'seed', 0)
-  _check_int(config, 'cpu_devices', 0)
-  _check_choice(config, 'evaluation.ensemble', _ENSEMBLE)
+def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):
+  epochs = c.int_('num_epochs', 1)
+  c.number('optimizer.base_learning_rate', 0.0, lo_open=True)
+  c.number('optimizer.reference_batch_size', 0.0, lo_open=True)
+  c.number('optimizer.momentum', 0.0, 1.0)
+  c.number('optimizer.l2', 0.0)
+  c.number('optimizer.weight_decay', 0.0)
+  if epochs is not None:
+    c.number('optimizer.warmup_epochs', 0.0, epochs)
+  warmup_steps = c.int_('optimizer.warmup_steps_per_repetition', 0)
+  b = c.get('batch_repetitions')
+  if (warmup_steps and epochs is not None and steps_per_epoch is not None
+      and warmup_steps * b > steps_per_epoch * epochs):
+    c.fail('optimizer.warmup_steps_per_repetition', warmup_steps,
+           f'the warm-up ({warmup_steps} x b={b} steps) must not be longer '
+           f'than the run ({steps_per_epoch * epochs} steps)')
+  c.number('optimizer.decay_factor', 0.0, 1.0, lo_open=True)
+  decays = c.get('optimizer.decay_epochs')
+  if decays is _MISSING:
+    return
+  decays = list(decays)
+  if any(not _is_int(e) or e < 1 for e in decays):
+    c.fail('optimizer.decay_epochs', tuple(decays), 'must be positive integers')
+  elif decays != sorted(set(decays)):
+    c.fail('optimizer.decay_epochs', tuple(decays),
+           'must be strictly increasing')
+  elif decays and epochs is not None and decays[-1] >= epochs:
+    c.fail('optimizer.decay_epochs', tuple(decays),
+           f'must all be < num_epochs={epochs}')
+
+
+def _check_schedule(c: _Checks):
+  c.int_('eval_every_epochs', 1)
+  c.int_('checkpoint_every_epochs', 1)
+  c.int_('keep_checkpoints', 1)
+  c.int_('log_every_steps', 1)
+  for field in SEED_FIELDS:
+    c.int_(field, 0, MAX_SEED)
+  c.int_('cpu_devices', 0)
+  c.choice('evaluation.ensemble', _ENSEMBLE)
+
+
+def problems(config, num_devices: int) -> List[str]:
+  """Every problem of `config`, one line each (empty when valid)."""
+  from mixmo_jax.configs import base  # pylint: disable=import-outside-toplevel
+  c = _Checks(config)
+  c.key_tree(_leaves(base.base_config()))
+  spec = _check_data(c)
+  _check_model(c)
+  _check_mixing(c)
+  steps_per_epoch = _check_batches(c, num_devices, spec)
+  _check_augment(c)
+  _check_optimizer(c, steps_per_epoch)
+  _check_schedule(c)
+  return c.problems
 
 
 def validate(config, num_devices: Optional[int] = None) -> None:
-  """Raises `ConfigError` for the first field that is not allowed.
+  """Raises one `ConfigError` listing every field that is not allowed.
+
+  All checks run in one pass (nothing is compiled, nothing written): the
+  key tree against `mixmo_jax.configs.base.base_config()` (unknown and
+  missing fields, the type of every field; nan and inf are refused in every
+  number), then the allowed values and the relations between fields (batch
+  sizes, dataset size, warm-up and decays within the run).
 
   Args:
     config: the run's ConfigDict.
@@ -187,13 +355,9 @@ def validate(config, num_devices: Optional[int] = None) -> None:
   if num_devices is None:
     import jax
     num_devices = jax.device_count()
-  _check_data(config)
-  _check_model(config)
-  _check_mixing(config)
-  _check_batches(config, num_devices)
-  _check_augment(config)
-  _check_optimizer(config)
-  _check_schedule(config)
+  found = problems(config, num_devices)
+  if found:
+    raise ConfigError(found)
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
@@ -214,16 +378,27 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
 
 
 def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]:
-  """Compares `config` with the workdir's config.json before resuming.
+  """Compares `config` with the workdir's before resuming.
+
+  The reference is the config stored with the newest checkpoint (so that a
+  deleted config.json lets no changed config through), else config.json.
+  A workdir without any checkpoint is fresh: a start that failed before its
+  first checkpoint blocks no later run.
 
   Returns the changed fields (empty for a new workdir). Changes outside
   `RESUME_ALLOWED_CHANGES` raise `ConfigError` unless `allow_changes`.
   """
   path = wd.path(workdir, wd.CONFIG)
-  try:
-    old = wd.read_config_dict(workdir)
-  except ValueError as e:
-    raise ConfigError(f'{e}; restore it or start a new workdir') from e
+  if not wd.checkpoint_steps(workdir):
+    return []  # Never trained (e.g. a start that failed): a fresh workdir.
+  old = wd.stored_config(workdir)
+  if old is not None:
+    path = f'the config stored with the checkpoints in {workdir}'
+  else:
+    try:
+      old = wd.read_config_dict(workdir)
+    except ValueError as e:
+      raise ConfigError(f'{e}; restore it or start a new workdir') from e
   if old is None:
     return []
   changes = config_changes(old, wd.config_to_dict(config))

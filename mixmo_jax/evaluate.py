@@ -191,7 +191,11 @@ def main(argv):
     cli.fail(e, EXIT_DATA)
   path = output_path(args.output, workdirs[0])
   if jax.process_index() == 0:
-    wd.write_json(result, path)
+    try:
+      wd.write_json(result, path)
+    except OSError as e:  # E.g. disk full: no partial file is left.
+      cli.fail(f'cannot write {path} ({e.strerror or e}); nothing was '
+               'written, free space and rerun', EXIT_DATA)
     print(report.format_table(result))
     print(f'wrote {path}')
     if args.plots:

@@ -3,7 +3,7 @@
 The step itself is `training.train_step`; this loop feeds it each step's
 unique samples (`feed.Feeder`, a pure function of (seed, step)), evaluates
 every `eval_every_epochs`, saves verified checkpoints every
-`checkpoint_every_epochs` and at the end, stops cleanly on SIGTERM (saving
+`checkpoint_every_epochs` and at the end, stops cleanly on SIGTERM or SIGINT (saving
 the current step, `preemption`), and refuses to continue past a non-finite
 loss (`progress.Reporter`).
 """
@@ -64,11 +64,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   feeder = feed.Feeder(config, train_x, train_y, mesh)
 
   state = training.create_train_state(config, model, spe, mesh)
-  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints,
+                                    config=config)
   restored, start = ckpt.restore_latest(training.state_to_tree(state))
   if restored is not None:
     state = training.tree_to_state(state, restored)
     logging.info('Resumed from the checkpoint at step %d.', start)
+  if start >= total:
+    logging.warning('The run in %s already finished (step %d of %d): '
+                    'nothing to do.', workdir, start, total)
+    ckpt.close()
+    return {'step': start, 'finished': True}
   if jax.process_index() == 0:
     wd.truncate_history(workdir, start)
 
@@ -82,7 +88,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   last_good = (f'step {start} in {ckpt.directory}' if restored is not None
                else f'none (no checkpoint in {ckpt.directory} yet)')
   if stopper.requested and jax.process_count() == 1:  # While starting.
-    logging.warning('Stopped by SIGTERM before step %d.', start + 1)
+    logging.warning('Stopped by %s before step %d.', stopper.signal_name,
+                    start + 1)
     ckpt.close()
     return {'step': start, 'preempted': True}
   logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
@@ -103,6 +110,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
       record, logits = evaluate(config, state, predict, test, mesh, done,
                                 epoch, with_logits=True)
+      checkpointing.fault_hook('eval', done)
       reporter.evaluation(record, logits, test[1])
       if jax.process_index() == 0:
         wd.append_history(workdir, record)
@@ -112,8 +120,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       ckpt.save(done, training.state_to_tree(state))
       last_good = f'step {done} in {ckpt.directory}'
     if stop:
-      logging.warning('Stopped by SIGTERM after step %d (checkpoint saved).',
-                      done)
+      logging.warning('Stopped by %s after step %d (checkpoint saved).',
+                      stopper.signal_name or 'preemption', done)
       record = {'step': done, 'preempted': True}
       break
   reporter.close(wd.read_history(workdir))

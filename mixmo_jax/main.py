@@ -1,10 +1,15 @@
 """Entry point: `python -m mixmo_jax.main --config=configs/cifar100.py --workdir=DIR`.
 
-Validates the config before anything heavy is imported or compiled (a bad
-field exits with code 2 and a one-line message, leaving the workdir
-untouched), refuses to resume a workdir with a different config, writes the
-resolved config to WORKDIR/config.json and trains (`mixmo_jax.api.train`
-does the same from Python).
+Validates the config before anything is compiled (bad fields exit with code
+2 and one line each, leaving the workdir untouched), takes the workdir's
+lock (a second trainer exits with code 2), refuses to resume a workdir with
+a different config, writes the resolved config to WORKDIR/config.json and
+trains (`mixmo_jax.api.train`, which does the same from Python).
+
+Exit codes: 0 done (or already finished, or stopped by SIGTERM / SIGINT
+after saving); 2 a usage error (flags, config, a busy workdir); 3 NaN or
+inf in the loss or the state (never saved); 1 data unavailable or a
+checkpoint that cannot be read or written.
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -78,18 +83,26 @@ def main(argv):
   platform.apply_defaults()  # XLA flag defaults (user's XLA_FLAGS win).
   api.split_cpu(config)
   _initialize_distributed()
-  try:
-    api.prepare(config, _WORKDIR.value, _ALLOW_CHANGE.value)
+  try:  # Before the heavy imports: a bad field fails in a second.
+    config_validation.validate(config)
   except config_validation.ConfigError as e:
     fail(e)
-
-  from mixmo_jax import checkpointing, data, loop  # Heavy: TF.
+  from mixmo_jax import workdir  # pylint: disable=import-outside-toplevel
   try:
-    loop.train_and_evaluate(config, _WORKDIR.value)
-  except loop.NonFiniteLossError as e:
-    fail(e, EXIT_NONFINITE)
-  except (data.DatasetUnavailableError, checkpointing.CheckpointError) as e:
-    fail(e, 1)
+    api.train(config, _WORKDIR.value,
+              allow_config_change=_ALLOW_CHANGE.value)
+  except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:
+    fail(e)
+  except Exception as e:  # pylint: disable=broad-except
+    # Imported only now: a refused start stays quiet (no TensorFlow logs).
+    from mixmo_jax import checkpointing, data, loop  # Heavy: TF.
+    if isinstance(e, (loop.NonFiniteLossError,
+                      checkpointing.NonFiniteStateError)):
+      fail(e, EXIT_NONFINITE)
+    if isinstance(e, (data.DatasetUnavailableError,
+                      checkpointing.CheckpointError)):
+      fail(e, 1)
+    raise
 
 
 if __name__ == '__main__':

@@ -73,6 +73,7 @@ class Predictor:
     self.mesh = sharding.local_mesh() if mesh is None else mesh
     self.variables = sharding.replicate(variables, self.mesh)
     self.model = models.get_model(config)
+    self.source = f'at step {self.step}'  # `load` adds the workdir.
 
   @property
   def num_devices(self) -> int:
@@ -110,6 +111,8 @@ class Predictor:
 
     Raises:
       ValueError: wrong shape or dtype, or floats outside [0, 1].
+      runs.NonFiniteOutputError (a ValueError): the checkpoint predicts NaN
+        or inf (diverged parameters), naming it.
     """
     mode = self.config.evaluation.ensemble
     if mode not in ENSEMBLE_MODES:
@@ -124,6 +127,7 @@ class Predictor:
       images = images * np.float32(255.0)
     logits = inference.predict_with_config(self.model, self.config,
                                            self.variables, images, self.mesh)
+    runs.check_finite(logits, self.source)
     z = logits.astype(np.float64)
     member_lp = metrics.log_softmax(z)  # Shape: [B, M, C].
     ensemble_lp = metrics.ensemble_log_probs(z, mode)
@@ -156,4 +160,6 @@ def load(workdir: str, step: Optional[int] = None) -> Predictor:
   if not os.path.isdir(wd.path(workdir, wd.CHECKPOINTS)):
     raise checkpointing.CheckpointError(f'no checkpoint in {workdir}')
   run = runs.restore_run(workdir, config, step)
-  return Predictor(run.config, run.variables, run.step)
+  predictor = Predictor(run.config, run.variables, run.step)
+  predictor.source = f'at step {run.step} in {workdir}'
+  return predictor

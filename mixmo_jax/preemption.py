@@ -1,7 +1,8 @@
 """Stopping cleanly: a signal is recorded and the loop saves at the next step.
 
-SIGTERM (a preemption) is recorded by `Preemption`; the training loop then
-saves a checkpoint after the current step and exits.  With several processes
+SIGTERM (a preemption) and SIGINT (Ctrl-C) are recorded by `Preemption`; the
+training loop then saves a checkpoint after the current step and exits (a
+second Ctrl-C stops at once, as Python's default does).  With several processes
 jax's preemption service (started by `jax.distributed.initialize`) notices
 the signal and orbax makes every process agree on the same step.
 """
@@ -11,17 +12,42 @@ from absl import logging
 import jax
 
 
+_SIGNAL = {'name': None}  # The signal received by this process, if any.
+
+
+def reset() -> None:
+  """Forgets a recorded signal (at the start and end of `api.train`)."""
+  _SIGNAL['name'] = None
+
+
 class Preemption:
-  """Records SIGTERM; `reached(ckpt, step)` says whether to save and stop."""
+  """Records SIGTERM / SIGINT; `reached(ckpt, step)` says whether to save
+  and stop.
+
+  The record is the process's, not the instance's: a signal caught by an
+  earlier instance (`api.train` installs one before its slow imports) is
+  seen by the loop's.
+  """
 
   def __init__(self):
-    self.requested = False
     signal.signal(signal.SIGTERM, self._handle)
+    signal.signal(signal.SIGINT, self._handle)
+
+  @property
+  def requested(self) -> bool:
+    return _SIGNAL['name'] is not None
+
+  @property
+  def signal_name(self):
+    return _SIGNAL['name']
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
-    self.requested = True
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    _SIGNAL['name'] = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint and stopping.',
+                    _SIGNAL['name'])
 
   def reached(self, ckpt, step: int) -> bool:
     """Whether to save and stop after `step`.

@@ -7,7 +7,11 @@
                             `read_history`, `truncate_history`)
       eval.json             `python -m mixmo_jax.evaluate`'s result
                             (`write_json`, `to_json`)
-      checkpoints/          orbax checkpoints (owned by `checkpointing`)
+      .lock                 held (flock) by the one trainer of the workdir;
+                            its pid and host (`trainer_lock`)
+      checkpoints/          orbax checkpoints (owned by `checkpointing`);
+                            STEP/config/metadata is the run's config as JSON
+                            (`stored_config`)
       checkpoints_corrupt/  checkpoints that failed to verify, moved aside
       events.out.tfevents.* TensorBoard (clu)
 
@@ -16,11 +20,14 @@ leaves the old or the new content, never a mix.  Only process 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 CONFIG = 'config.json'
 CONFIG_CHANGES = 'config_changes.jsonl'
@@ -28,6 +35,9 @@ HISTORY = 'eval_history.jsonl'
 EVAL = 'eval.json'
 CHECKPOINTS = 'checkpoints'
 CORRUPT_CHECKPOINTS = 'checkpoints_corrupt'
+LOCK = '.lock'
+# Orbax's JSON item file inside a checkpoint's step folder.
+_ITEM_FILE = 'metadata'
 
 
 def path(workdir: str, name: str) -> str:
@@ -158,3 +168,102 @@ def write_json(result: Dict[str, Any], target: str) -> str:
   """Writes `to_json(result)` atomically at `target`; returns the path."""
   _atomic_write(target, to_json(result))
   return target
+
+
+# ---------------------------------------------------------------- ownership
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another trainer holds the workdir's lock (one-line message)."""
+
+
+@contextlib.contextmanager
+def trainer_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on WORKDIR/.lock while training.
+
+  `fcntl.flock`: the kernel releases it when the process dies, however it
+  dies, so the file a killed trainer leaves behind is free again.  Readers
+  (evaluate, predict, analysis) take no lock and read while a run trains.
+
+  Raises:
+    WorkdirBusyError: another live trainer holds it (its pid and host named).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  target = path(workdir, LOCK)
+  fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    holder = os.read(fd, 1000).decode(errors='replace').strip()
+    os.close(fd)
+    raise WorkdirBusyError(
+        f'{workdir} is in use by another trainer ({holder or "unknown"}); '
+        'wait for it to finish or stop it, or train in another --workdir'
+    ) from None
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({'pid': os.getpid(),
+                             'host': socket.gethostname(),
+                             'since': time.strftime('%Y-%m-%dT%H:%M:%S')}
+                            ).encode())
+    yield
+  finally:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def check_writable(folder: str) -> None:
+  """Writes and removes a probe file in `folder`, or, while it does not
+  exist yet, in its nearest existing parent (nothing is created).
+
+  Raises:
+    OSError: the folder cannot be written (read-only, full).
+  """
+  folder = os.path.abspath(folder)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise NotADirectoryError(20, 'Not a directory', folder)
+  probe = os.path.join(folder, f'.write_probe{os.getpid()}')
+  with open(probe, 'w') as f:
+    f.write('ok')
+  os.remove(probe)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_steps(workdir: str) -> List[int]:
+  """Steps of the checkpoint folders (complete or not), ascending."""
+  folder = path(workdir, CHECKPOINTS)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def available_steps(workdir: str) -> List[int]:
+  """Steps whose checkpoint is complete on disk (state and digest written,
+  orbax's commit marker present), ascending; the bytes are not verified
+  here (`checkpointing.restore_variables` does)."""
+  folder = path(workdir, CHECKPOINTS)
+  steps = []
+  for step in checkpoint_steps(workdir):
+    step_dir = os.path.join(folder, str(step))
+    if (os.path.isfile(os.path.join(step_dir, 'digest', _ITEM_FILE))
+        and os.path.isdir(os.path.join(step_dir, 'state'))
+        and os.path.exists(os.path.join(step_dir, 'commit_success.txt'))):
+      steps.append(step)
+  return steps
+
+
+def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
+  """The config stored with the newest checkpoint that has one, or None."""
+  for step in reversed(checkpoint_steps(workdir)):
+    target = os.path.join(path(workdir, CHECKPOINTS), str(step), 'config',
+                          _ITEM_FILE)
+    try:
+      with open(target) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      continue
+  return None

@@ -145,12 +145,40 @@ def test_validation_imports_no_tensorflow():
 # ------------------------------------------------------------------ resume
 
 
-def _workdir_with(config, tmp_path):
+def _workdir_with(config, tmp_path, stored=None):
+  """A workdir with config.json and a checkpoint folder (step 10) holding,
+  if given, `stored` as the config saved with the checkpoint."""
   workdir = tmp_path / 'run'
   workdir.mkdir()
   with open(workdir / 'config.json', 'w') as f:
     json.dump(workdir_lib.config_to_dict(config), f)
+  step = workdir / 'checkpoints' / '10'
+  step.mkdir(parents=True)
+  if stored is not None:
+    (step / 'config').mkdir()
+    with open(step / 'config' / 'metadata', 'w') as f:
+      json.dump(workdir_lib.config_to_dict(stored), f)
   return str(workdir)
+
+
+def test_workdir_without_checkpoint_is_fresh(tmp_path):
+  """A start that failed before its first checkpoint blocks nothing."""
+  workdir = _workdir_with(tiny_digits_config(), tmp_path)
+  os.rmdir(os.path.join(workdir, 'checkpoints', '10'))
+  config = tiny_digits_config()
+  config.model.width = 2
+  assert cv.check_resume(workdir, config) == []
+
+
+def test_stored_config_is_compared_without_config_json(tmp_path):
+  workdir = _workdir_with(tiny_digits_config(), tmp_path,
+                          stored=tiny_digits_config())
+  os.remove(os.path.join(workdir, 'config.json'))
+  config = tiny_digits_config()
+  config.mixing.p = 0.6
+  with pytest.raises(cv.ConfigError, match=r'mixing\.p: 0\.5 -> 0\.6'):
+    cv.check_resume(workdir, config)
+  assert cv.check_resume(workdir, tiny_digits_config()) == []
 
 
 def test_new_workdir_has_no_changes(tmp_path):
@@ -214,3 +242,92 @@ def test_unreadable_config_json_is_a_config_error(tmp_path):
     f.write('{"seed": ')  # Cut short.
   with pytest.raises(cv.ConfigError, match='not valid JSON'):
     cv.check_resume(workdir, tiny_digits_config())
+
+
+# Issue 14.2: nan / inf, seeds, sizes, warm-up; every problem in one pass.
+ONE_PASS_CASES = {
+    'p_nan': ({'mixing.p': float('nan')}, 'mixing.p=nan', 'finite'),
+    'lr_nan': ({'optimizer.base_learning_rate': float('nan')},
+               'optimizer.base_learning_rate=nan', 'finite'),
+    'lr_inf': ({'optimizer.base_learning_rate': float('inf')},
+               'optimizer.base_learning_rate=inf', 'finite'),
+    'alpha_inf': ({'mixing.alpha': float('inf')}, 'mixing.alpha=inf',
+                  'finite'),
+    'warmup_nan': ({'optimizer.warmup_epochs': float('nan')},
+                   'optimizer.warmup_epochs=nan', 'finite'),
+    'mean_inf': ({'image_mean': (0.5, float('inf'), 0.5)},
+                 'image_mean=(0.5, inf, 0.5)', 'finite'),
+    'calibration_seed_negative': ({'evaluation.calibration_seed': -1},
+                                  'evaluation.calibration_seed=-1',
+                                  '[0, 4294967295]'),
+    'data_seed_negative': ({'data_seed': -1}, 'data_seed=-1',
+                           '[0, 4294967295]'),
+    'seed_too_large': ({'seed': 2**64}, f'seed={2**64}', '[0, 4294967295]'),
+    'eval_batch_negative': ({'eval_batch_size': -1}, 'eval_batch_size=-1',
+                            '>= 1'),
+    'batch_larger_than_dataset': (
+        {'batch_size': 4096, 'num_train_examples': 0}, 'batch_size=4096',
+        'more than the 1437 training examples'),
+    'warmup_steps_longer_than_run': (
+        {'optimizer.warmup_steps_per_repetition': 11},
+        'optimizer.warmup_steps_per_repetition=11', 'than the run (20 steps)'),
+    'flip_not_bool': ({'augment.flip': 1}, 'augment.flip=1', 'True or False'),
+    'dataset_not_str': ({'model.dtype': 32}, 'model.dtype=32', 'string'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ONE_PASS_CASES))
+def test_nan_inf_seeds_sizes_are_refused(name, tmp_path, monkeypatch):
+  overrides, named, allowed = ONE_PASS_CASES[name]
+  config = _with(tiny_digits_config(), overrides)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(cv.ConfigError) as err:
+    cv.validate(config, NUM_DEVICES)
+  message = str(err.value)
+  assert message.startswith(f'config.{named}: '), message
+  assert allowed in message, message
+  assert '\n' not in message
+  assert os.listdir(tmp_path) == []
+
+
+def test_warmup_as_long_as_the_run_is_accepted():
+  # 320 examples / 32 unique = 10 steps per epoch, 2 epochs, b = 2.
+  config = _with(tiny_digits_config(),
+                 {'optimizer.warmup_steps_per_repetition': 10})
+  cv.validate(config, NUM_DEVICES)
+
+
+def test_every_problem_is_reported_in_one_pass():
+  config = _with(tiny_digits_config(), {
+      'mixing.p': float('nan'), 'seed': -1, 'eval_batch_size': -1,
+      'optimizer.base_learning_rate': float('inf'), 'model.width': 0})
+  with pytest.raises(cv.ConfigError) as err:
+    cv.validate(config, NUM_DEVICES)
+  lines = str(err.value).splitlines()
+  assert sorted(l.split('=')[0] for l in lines) == sorted([
+      'config.mixing.p', 'config.seed', 'config.eval_batch_size',
+      'config.optimizer.base_learning_rate', 'config.model.width']), lines
+  assert err.value.problems == lines
+
+
+def test_unknown_and_missing_fields_of_a_config_file(tmp_path):
+  """A typo in a config file is refused like a mistyped flag."""
+  path = tmp_path / 'exp.py'
+  path.write_text(
+      'from mixmo_jax.configs import digits\n'
+      'def get_config(arg=None):\n'
+      '  config = digits.get_config(arg)\n'
+      '  config.optimizer.base_learing_rate = 0.2\n'
+      '  del config.mixing["r"]\n'
+      '  return config\n')
+  from mixmo_jax import configs
+  config = configs.load(f'{path}:mimo')
+  with pytest.raises(cv.ConfigError) as err:
+    cv.validate(config, NUM_DEVICES)
+  lines = str(err.value).splitlines()
+  assert len(lines) == 2, lines
+  assert lines[1].startswith(
+      "config.mixing.r=None: missing field"), lines
+  assert lines[0].startswith(
+      "config.optimizer.base_learing_rate=0.2: unknown field (did you mean "
+      "'base_learning_rate'?"), lines

@@ -70,6 +70,7 @@ def test_changed_config_is_refused_exit_2(tmp_path):
   workdir.mkdir()
   old = workdir_lib.config_to_dict(load_config('digits'))
   (workdir / 'config.json').write_text(json.dumps(old))
+  (workdir / 'checkpoints' / '10').mkdir(parents=True)  # It has trained.
   code, lines = _main(workdir, '--config.mixing.p=0.6',
                       '--config.eval_every_epochs=2')
   assert code == 2
@@ -77,7 +78,8 @@ def test_changed_config_is_refused_exit_2(tmp_path):
   assert lines[0].startswith('error: config differs from ')
   assert 'mixing.p: 0.5 -> 0.6' in lines[0]
   assert 'eval_every_epochs' not in lines[0]  # Allowed: not a blocker.
-  assert sorted(os.listdir(workdir)) == ['config.json']
+  # Only the trainer's lock file is new.
+  assert sorted(os.listdir(workdir)) == ['.lock', 'checkpoints', 'config.json']
   assert json.loads((workdir / 'config.json').read_text()) == old
 
 
@@ -107,3 +109,32 @@ def test_missing_dataset_offline_exit_1(tmp_path):
   assert f'manual_dir={manual_dir}' in lines[-1]
   assert os.path.join(str(data_dir), 'cifar10') in lines[-1]
   assert not (workdir / 'checkpoints').exists()
+
+
+def test_every_bad_field_one_line_each_exit_2(tmp_path):
+  """Issue 14.2: nan / inf and bad seeds, all reported in one pass."""
+  workdir = tmp_path / 'run'
+  code, lines = _main(workdir, '--config.optimizer.base_learning_rate=inf',
+                      '--config.mixing.p=nan', '--config.seed=-1',
+                      '--config.eval_batch_size=-1')
+  assert code == 2
+  errors = [l for l in lines if l.startswith('error: ')]
+  assert errors == [
+      'error: config.mixing.p=nan: must be a finite number (no nan or inf)',
+      'error: config.optimizer.base_learning_rate=inf: must be a finite '
+      'number (no nan or inf)',
+      'error: config.eval_batch_size=-1: must be an integer >= 1',
+      'error: config.seed=-1: must be an integer in [0, 4294967295]'], lines
+  assert not workdir.exists()
+
+
+def test_second_trainer_is_refused_exit_2(tmp_path):
+  """Issue 14.3: the lock's holder is named; nothing is written."""
+  workdir = tmp_path / 'run'
+  with workdir_lib.trainer_lock(str(workdir)):
+    code, lines = _main(workdir, '--config.model.width=1')
+  assert code == 2
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f'error: {workdir} is in use by another trainer '
+                             f'({{"pid": {os.getpid()}, ')
+  assert os.listdir(workdir) == ['.lock']

@@ -179,13 +179,12 @@ def read_manual(name, split, source):
 
 def _unavailable_message(name, builder, data_dir, manual_dir):
   archive = archive_name(name)
-  where = (os.path.abspath(manual_dir) if manual_dir
-           else '<a folder you name in config.manual_dir>')
+  where = os.path.abspath(manual_dir) if manual_dir else 'FOLDER'
   return (f'{name} is not available offline (no prepared TFDS data, no '
           f'archive, {DOWNLOAD_HOST} unreachable): put {archive} (from '
-          f'{DOWNLOAD_URL}{archive}) into manual_dir={where}, or a prepared '
-          f'TFDS dataset at {builder.data_dir} (config.data_dir='
-          f'{data_dir!r}).')
+          f'{DOWNLOAD_URL}{archive}) into a folder and pass '
+          f'--config.manual_dir={where}, or a prepared TFDS dataset at '
+          f'{builder.data_dir} (--config.data_dir={data_dir or "FOLDER"}).')
 
 
 def load(name, split, data_dir='', manual_dir=''):

@@ -17,9 +17,17 @@ the arrays it receives (TFDS split metadata are empty under
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import tarfile
+import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+# What a damaged archive raises while it is read (a truncated gzip stream
+# gives EOFError, a damaged pickle UnpicklingError).
+_CORRUPT_ERRORS = (tarfile.TarError, EOFError, pickle.UnpicklingError,
+                   zipfile.BadZipFile)
 
 SPLITS = ('train', 'test')
 Loader = Callable[[Any, str], Tuple[np.ndarray, np.ndarray]]
@@ -103,7 +111,8 @@ def load_split(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
   Raises:
     ValueError: unknown dataset or split, or an image_size the dataset does
       not have.
-    DatasetUnavailableError: the data is nowhere to be found (fast).
+    DatasetUnavailableError: the data is nowhere to be found (fast), or an
+      archive is damaged (truncated, not a tar / zip / pickle).
   """
   spec = get_dataset(config.dataset)
   if split not in SPLITS:
@@ -112,7 +121,15 @@ def load_split(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
   if not spec.resizable and size != spec.image_size:
     raise ValueError(f'{config.dataset} images are {spec.image_size}x'
                      f'{spec.image_size}; got config.image_size={size}')
-  images, labels = spec.load(config, split)
+  try:
+    images, labels = spec.load(config, split)
+  except _CORRUPT_ERRORS as e:
+    where = config.get('manual_dir', '') or config.get('data_dir', '')
+    raise DatasetUnavailableError(
+        f'{config.dataset} {split}: a file in {where or "the data folder"} '
+        f'is damaged ({type(e).__name__}: {" ".join(str(e).split())}); '
+        'download it again, check its size and checksum, or remove it'
+    ) from e
   images = np.asarray(images, np.uint8)
   labels = np.asarray(labels, np.int32)
   if images.shape[1:] != (size, size, 3) or labels.shape != images.shape[:1]:

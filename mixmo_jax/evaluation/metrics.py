@@ -134,7 +134,7 @@ def top_k_correct(log_probs, labels, k=1):
     k: static int; clipped to C (top-5 with C < 5 is top-C).
 
   Returns:
-    [N] bool.
+    [N] bool; False for a row with a NaN score.
   """
   xp = _namespace(log_probs, labels)
   s = _floats(xp, log_probs)
@@ -143,7 +143,10 @@ def top_k_correct(log_probs, labels, k=1):
   s_y = _label_values(xp, s, labels)[:, None]
   lower = xp.arange(num_classes)[None, :] < labels[:, None]
   rank = xp.sum(s > s_y, axis=-1) + xp.sum((s == s_y) & lower, axis=-1)
-  return rank < min(k, num_classes)
+  # A NaN score compares False with everything, which would give rank 0:
+  # a row with any NaN is counted wrong, never correct.
+  finite = ~xp.any(xp.isnan(s), axis=-1)
+  return (rank < min(k, num_classes)) & finite
 
 
 def top_k_accuracy(log_probs, labels, k=1):

@@ -26,6 +26,23 @@ class EvaluationError(ValueError):
   """An input of the evaluation is missing or unusable (one-line message)."""
 
 
+class NonFiniteOutputError(EvaluationError):
+  """A checkpoint predicts NaN or inf logits: it never gets a score."""
+
+
+def check_finite(logits: np.ndarray, where: str) -> None:
+  """Raises `NonFiniteOutputError` naming `where` (the checkpoint) when any
+  logit is NaN or inf."""
+  logits = np.asarray(logits)
+  if not np.isfinite(logits).all():
+    bad = int(np.sum(~np.isfinite(logits).all(axis=tuple(
+        range(1, logits.ndim))))) if logits.ndim > 1 else 1
+    raise NonFiniteOutputError(
+        f'the checkpoint {where} predicts NaN or inf logits for {bad} of '
+        f'{len(logits)} images: its parameters diverged; it cannot be '
+        'scored (evaluate an earlier --step or retrain)')
+
+
 @dataclasses.dataclass
 class Run:
   """A restored run: its workdir, config (from config.json), variables, step."""
@@ -83,6 +100,14 @@ def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
   (see `check_compatible`); nothing is restored yet."""
   if not workdirs:
     raise EvaluationError('no workdir given')
+  seen = {}
+  for workdir in workdirs:
+    real = os.path.realpath(workdir)
+    if real in seen:
+      raise EvaluationError(
+          f'{workdir} is given twice (also as {seen[real]}): an ensemble '
+          'needs distinct runs')
+    seen[real] = workdir
   configs = [read_config(w) for w in workdirs]
   check_compatible(configs, workdirs)
   return configs
@@ -113,7 +138,8 @@ def restore_run(workdir: str, config=None, step: Optional[int] = None) -> Run:
 
   Raises:
     FileNotFoundError: no config.json.
-    checkpointing.CheckpointError: no checkpoint (at `step`), or a corrupt one.
+    checkpointing.CheckpointError: no checkpoint (at `step`), `step` corrupt,
+      or none verifies (a corrupt newest one is skipped with a warning).
   """
   if config is None:
     config = wd.read_config(workdir)
@@ -146,8 +172,15 @@ def predict_members(runs: Sequence[Run], images: np.ndarray, mesh,
 
   Returns:
     float32 [N, sum_r M_r, C], members in run order.
+
+  Raises:
+    NonFiniteOutputError: a run predicts NaN or inf (named by its step).
   """
-  outputs = [inference.predict_with_config(
-      models.get_model(run.config), run.config, run.variables, images, mesh,
-      eval_batch_size) for run in runs]
+  outputs = []
+  for run in runs:
+    logits = inference.predict_with_config(
+        models.get_model(run.config), run.config, run.variables, images, mesh,
+        eval_batch_size)
+    check_finite(logits, f'at step {run.step} in {run.workdir}')
+    outputs.append(logits)
   return np.concatenate(outputs, axis=1)

@@ -1,0 +1,79 @@
+"""The workdir's lock and the cheap readers of its checkpoints (issue 14.3).
+
+In-process: a second `trainer_lock` on the same file from a new open file
+description conflicts exactly as another process's would (flock locks belong
+to the open file, not to the process).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mixmo_jax import workdir as wd
+
+
+def test_second_trainer_is_refused_naming_the_holder(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with wd.trainer_lock(workdir):
+    with pytest.raises(wd.WorkdirBusyError) as err:
+      with wd.trainer_lock(workdir):
+        pass
+    message = str(err.value)
+    assert '\n' not in message
+    assert f'"pid": {os.getpid()}' in message
+    assert 'in use by another trainer' in message
+  with wd.trainer_lock(workdir):  # Released on exit: free again.
+    holder = json.load(open(os.path.join(workdir, wd.LOCK)))
+    assert holder['pid'] == os.getpid() and holder['host']
+
+
+def test_lock_of_a_killed_process_is_free(tmp_path):
+  workdir = str(tmp_path / 'run')
+  code = ('import os, signal, sys; from mixmo_jax import workdir as wd\n'
+          f'with wd.trainer_lock({workdir!r}):\n'
+          '  print("locked", flush=True); os.kill(os.getpid(), signal.SIGKILL)')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == -9 and 'locked' in out.stdout
+  assert os.path.exists(os.path.join(workdir, wd.LOCK))  # Stale file left.
+  with wd.trainer_lock(workdir):  # But free.
+    pass
+
+
+def test_check_writable(tmp_path):
+  folder = tmp_path / 'a' / 'checkpoints'
+  wd.check_writable(str(folder))
+  assert os.listdir(tmp_path) == []  # Nothing created, the probe removed.
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(OSError):
+    wd.check_writable(str(tmp_path / 'file' / 'checkpoints'))
+
+
+def _step(workdir, step, *, digest=True, state=True, commit=True, config=None):
+  folder = os.path.join(workdir, wd.CHECKPOINTS, str(step))
+  os.makedirs(folder)
+  if digest:
+    os.makedirs(os.path.join(folder, 'digest'))
+    open(os.path.join(folder, 'digest', 'metadata'), 'w').write('{}')
+  if state:
+    os.makedirs(os.path.join(folder, 'state'))
+  if commit:
+    open(os.path.join(folder, 'commit_success.txt'), 'w').write('ok')
+  if config is not None:
+    os.makedirs(os.path.join(folder, 'config'))
+    json.dump(config, open(os.path.join(folder, 'config', 'metadata'), 'w'))
+
+
+def test_available_steps_and_stored_config(tmp_path):
+  workdir = str(tmp_path)
+  assert wd.available_steps(workdir) == [] and wd.stored_config(workdir) is None
+  _step(workdir, 10, config={'seed': 1})
+  _step(workdir, 20, config={'seed': 2})
+  _step(workdir, 30, digest=False)
+  _step(workdir, 40, state=False, commit=False)
+  os.makedirs(os.path.join(workdir, wd.CHECKPOINTS, '50.orbax-checkpoint-tmp'))
+  assert wd.checkpoint_steps(workdir) == [10, 20, 30, 40]
+  assert wd.available_steps(workdir) == [10, 20]
+  assert wd.stored_config(workdir) == {'seed': 2}  # The newest that has one.
