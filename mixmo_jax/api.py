@@ -19,17 +19,20 @@ from typing import Any, Dict
 
 from absl import logging
 
-from mixmo_jax import config_validation, workdir as wd
+from mixmo_jax import config_validation, platform, workdir as wd
 
 
 def split_cpu(config) -> None:
-  """Makes `config.cpu_devices` XLA CPU devices, if jax has not started.
+  """XLA's flags for this machine, set before jax starts its backend.
 
-  Only where XLA_FLAGS does not already set the host device count; GPUs and
-  TPUs are unaffected (the flag applies to the host platform).  Once jax's
-  backend is running (e.g. a notebook that already used jax) the device
-  count cannot change any more and the run uses the devices it has.
+  The library's XLA defaults (`platform.apply_defaults`: CPU kernels, GPU
+  determinism; the user's XLA_FLAGS win), and `config.cpu_devices` XLA CPU
+  devices where XLA_FLAGS does not already set the host device count (GPUs
+  and TPUs are unaffected: the flag applies to the host platform).  Once
+  jax's backend is running (e.g. a notebook that already used jax) nothing
+  can change any more and the run uses the devices it has.
   """
+  platform.apply_defaults()
   xla_flags = os.environ.get('XLA_FLAGS', '')
   count = config.get('cpu_devices', 0)
   if (type(count) is int and count > 0  # Bad values: reported by validate.

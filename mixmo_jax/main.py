@@ -14,7 +14,7 @@ checkpoint that cannot be read or written.
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixmo_jax import api, cli, config_validation, configs, platform
+from mixmo_jax import api, cli, config_validation, configs
 from mixmo_jax.cli import fail
 
 __doc__ += f"""
@@ -80,8 +80,7 @@ def main(argv):
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
   config = FLAGS.config
-  platform.apply_defaults()  # XLA flag defaults (user's XLA_FLAGS win).
-  api.split_cpu(config)
+  api.split_cpu(config)  # XLA flags, before jax starts.
   _initialize_distributed()
   try:  # Before the heavy imports: a bad field fails in a second.
     config_validation.validate(config)
