@@ -208,6 +208,14 @@ def _check_model(c: _Checks):
     if depth is not None and (depth - 4) % 6:
       c.fail('model.depth', depth,
              'WRN depth must be 6n+4 (10, 16, 22, 28, ...)')
+  c.choice('model.stem', ('mixmo', 'mimo'))
+  for field, default in (('model.stride_on', 'second'),
+                         ('model.bn_per_device', False)):
+    # Read by the WideResNet only.
+    if name is not None and name != 'wide_resnet' and c.get(field) != default:
+      c.fail(field, c.get(field), f'only with model.name=wide_resnet (it '
+             f'must stay {default!r} for {name})')
+  c.choice('model.stride_on', ('second', 'first'))
   model_ok = not any(f.startswith('model.') for f in c.bad)
   if (model_ok and None not in (name, width, dtype)
       and c.get('image_size') is not _MISSING):
@@ -308,8 +316,13 @@ def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):
     c.fail('optimizer.decay_epochs', tuple(decays),
            'must be strictly increasing')
   elif decays and epochs is not None and decays[-1] >= epochs:
+    scaled = sorted({max(1, e * epochs // max(decays[-1] + 1, epochs))
+                     for e in decays} - {epochs})
     c.fail('optimizer.decay_epochs', tuple(decays),
-           f'must all be < num_epochs={epochs}')
+           f'must all be < num_epochs={epochs}; shorten them with the run, '
+           f"e.g. '--config.optimizer.decay_epochs="
+           f"({','.join(map(str, scaled))},)', or "
+           "'--config.optimizer.decay_epochs=()' for none")
 
 
 def _check_schedule(c: _Checks):
