@@ -7,7 +7,7 @@ the jitted step.
 """
 import jax
 
-from mixmo_jax import augmix, sharding
+from mixmo_jax import sharding
 from mixmo_jax.data import pipeline
 
 
@@ -34,10 +34,4 @@ class Feeder:
     idx = pipeline.train_indices(config.seed, step, len(self.train_y),
                                  self.num_unique)[self.local]
     images, labels = self.train_x[idx], self.train_y[idx]
-    if config.augment.augmix:  # Host-side, deterministic from (seed, step).
-      aug = config.augment
-      images = augmix.augmix_batch(
-          images, config.seed, step, severity=aug.augmix_severity,
-          width=aug.augmix_width, depth=aug.augmix_depth,
-          first_index=self.local.start)
     return sharding.global_batch((images, labels), self.mesh)

@@ -4,7 +4,8 @@
 jitted over the device mesh with the state donated: a short piece of glue
 that calls the method (`mixmo_jax.mixmo`).  Everything random about a batch
 happens inside it, from the step's keys (`keys.step_keys(seed, step)`):
-batch repetition, pad-crop-flip, member permutations, in-pixel CutMix/Mixup,
+batch repetition, pad-crop-flip, AugMix, member permutations, in-pixel
+CutMix/Mixup,
 kappa and masks, the mixing itself, the reweighted loss and the update.  The
 host only ships the step's unique samples, so resuming is exact.
 """
@@ -18,6 +19,7 @@ from flax.training import train_state
 
 from mixmo_jax import keys, models, sharding
 from mixmo_jax.data import augment
+from mixmo_jax.data import augmix
 from mixmo_jax.mixmo import batch as mixmo_batch
 from mixmo_jax.mixmo import loss as mixmo_loss
 from mixmo_jax.mixmo import registry
@@ -111,11 +113,17 @@ def member_batch(key, images, labels, weights, config):
   aug = config.augment
   crop = functools.partial(augment.random_crop_flip, padding=aug.crop_padding,
                            flip=aug.flip)
+  pixel_augment = None
+  if aug.augmix:  # On the uint8 member inputs, after crop / flip.
+    pixel_augment = functools.partial(
+        augmix.augmix, rule=aug.augmix_rule, severity=aug.augmix_severity,
+        width=aug.augmix_width, depth=aug.augmix_depth, as_float=True)
   xs, targets = mixmo_batch.member_batch(
       key, images, labels, weights, num_members=config.num_members,
       repetitions=config.batch_repetitions, num_classes=config.num_classes,
       input_repetition=config.mixing.input_repetition, augment=crop,
-      augment_per_copy=aug.per_copy, pixel_mix=aug.pixel_mix,
+      augment_per_copy=aug.per_copy, pixel_augment=pixel_augment,
+      pixel_mix=aug.pixel_mix,
       pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
       mixup_alpha=aug.mixup_alpha)
   mean, std = tuple(config.image_mean), tuple(config.image_std)

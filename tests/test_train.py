@@ -189,9 +189,6 @@ def test_variants_train(variant, overrides):
   state, step_fn = _setup(config, mesh)
   images, labels = data.load_split(config, 'train')
   n = pipeline.unique_per_step(config)
-  if config.augment.augmix:
-    from mixmo_jax import augmix
-    images = augmix.augmix_batch(images[:n], config.seed, 0)
   batch = sharding.global_batch((images[:n], labels[:n]), mesh)
   state, _ = step_fn(state, *batch)  # Step 0 has lr = 0 (warm-up).
   before = jax.device_get(state.params)

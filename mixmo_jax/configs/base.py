@@ -71,10 +71,12 @@ def base_config():
   config.augment.pixel_mix_prob = 0.5  # CutMix with MixMo: per member input.
   config.augment.cutmix_alpha = 1.0
   config.augment.mixup_alpha = 1.0
-  config.augment.augmix = False  # Host-side AugMix (CIFAR-100-C runs).
+  # AugMix (CIFAR-100-C runs), on device on each member input after crop/flip.
+  config.augment.augmix = False
+  config.augment.augmix_rule = 'mixmo'  # 'mixmo' (authors') | 'augmix'.
   config.augment.augmix_severity = 3
   config.augment.augmix_width = 3
-  config.augment.augmix_depth = 4
+  config.augment.augmix_depth = -1  # <= 0: uniform in {1..4} per chain.
 
   config.optimizer = ml_collections.ConfigDict()
   # lr = base_learning_rate * (batch_size / b) / reference_batch_size,

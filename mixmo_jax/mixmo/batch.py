@@ -340,7 +340,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  num_members: int, repetitions: int, num_classes: int,
                  input_repetition: float = 0.0,
                  augment: Optional[Callable[[Array, Array], Array]] = None,
-                 augment_per_copy: bool = True, pixel_mix: str = 'none',
+                 augment_per_copy: bool = True,
+                 pixel_augment: Optional[Callable[[Array, Array], Array]] = None,
+                 pixel_mix: str = 'none',
                  pixel_mix_prob=0.5, cutmix_alpha=1.0,
                  mixup_alpha=1.0) -> Tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
@@ -352,6 +354,11 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   2. Each member i takes its own permutation of the B rows
      (`member_indices`, with input repetition rho): member i's input at
      row r is copy idx[r, i] and its target that copy's label.
+     `pixel_augment(key, uint8 [B, M, H, W, 3]) -> float [B, M, H, W, 3]`
+     (AugMix) then runs on the member inputs, one draw per (row, member),
+     with its own key `fold_in(key, 4)`; with in-pixel CutMix the partners
+     x_k are augmented too, with an independent draw, before pasting (as
+     the MixMo authors do).
   3. In-pixel mixing: for M > 1 only CutMix is allowed (`cutmix_for_mixmo`:
      per member input with probability `pixel_mix_prob`, partner from
      `partner_positions`, target lambda' y_i + (1 - lambda') y_k); for M = 1
@@ -366,6 +373,8 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     input_repetition: rho in [0, 1] (static).
     augment: `(key, images [..., H, W, 3]) -> same`, or None.
     augment_per_copy: augment after (True) or before (False) repeating.
+    pixel_augment: `(key, uint8 [..., H, W, 3]) -> float32 same shape` on
+      [0, 255] applied to the member inputs after `augment`, or None.
     pixel_mix: 'none', 'mixup' (M = 1 only) or 'cutmix'.
     pixel_mix_prob: probability of CutMix per member input (M > 1).
     cutmix_alpha, mixup_alpha: Beta concentrations of lambda.
@@ -386,12 +395,17 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   y = repeat_batch(labels, repetitions)
   batch = x.shape[0]
   idx = member_indices(k_perm, batch, num_members, input_repetition)  # [B, M]
-  xs = x[idx].astype(jnp.float32)  # Shape: [B, M, H, W, 3].
+  k_member_aug, k_partner_aug = jax.random.split(jax.random.fold_in(key, 4))
+  if pixel_augment is None:
+    pixel_augment = lambda k, v: v.astype(jnp.float32)
+  xs = pixel_augment(k_member_aug, x[idx])  # Shape: [B, M, H, W, 3].
+  xs = xs.astype(jnp.float32)
   targets = y[idx]  # Shape: [B, M].
   if pixel_mix == 'cutmix' and num_members > 1:
     q = partner_positions(k_partner, idx, images.shape[0], batch)
+    partners = pixel_augment(k_partner_aug, x[q]).astype(jnp.float32)
     xs, targets = cutmix_for_mixmo(
-        k_pix, xs, targets, x[q].astype(jnp.float32), y[q], weights,
+        k_pix, xs, targets, partners, y[q], weights,
         num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
   elif pixel_mix in ('cutmix', 'mixup'):
     if num_members > 1:
