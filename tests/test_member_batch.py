@@ -1,0 +1,182 @@
+"""Glue tests of the member batch and the train step, with planted inputs.
+
+Image n of a step is filled with the value 10 n + 5 (crop padding 0, no flip),
+so every pixel of a member input names the sample it came from; labels are a
+permutation of the ids, so a target that follows the index instead of the
+label is caught too.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_digits_config
+from mixmo_jax import keys, models, sharding, training
+from mixmo_jax.data import augment, pipeline
+from mixmo_jax.mixmo import batch as mixmo_batch
+from mixmo_jax.mixmo import loss as mixmo_loss
+from mixmo_jax.mixmo import registry
+
+N, B_REP, M, C, HW = 8, 2, 2, 8, 8
+LABELS = (3 * np.arange(N) + 1) % C  # A bijection id -> label, not identity.
+
+
+def _planted():
+  images = np.broadcast_to((10 * np.arange(N) + 5).astype(np.uint8)[
+      :, None, None, None], (N, HW, HW, 3)).copy()
+  return jnp.asarray(images), jnp.asarray(LABELS, jnp.int32)
+
+
+def _ids(pixels):
+  """Sample id of every pixel of float [..., H, W, 3] planted images."""
+  return np.rint((np.asarray(pixels)[..., 0] - 5) / 10).astype(int)
+
+
+def _weights(batch):
+  return jnp.full((batch, M, 4, 4), 1.0 / M)  # Linear mixing, kappa = 1/M.
+
+
+def _member_batch(key, **kwargs):
+  images, labels = _planted()
+  crop = functools.partial(augment.random_crop_flip, padding=0, flip=False)
+  kwargs.setdefault('augment', crop)
+  return mixmo_batch.member_batch(
+      key, images, labels, _weights(N * B_REP), num_members=M,
+      repetitions=B_REP, num_classes=C, **kwargs)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_targets_are_the_labels_of_the_planted_samples(seed):
+  xs, targets = _member_batch(jax.random.PRNGKey(seed))
+  ids = _ids(xs)  # Shape: [B, M, H, W].
+  assert xs.shape == (N * B_REP, M, HW, HW, 3)
+  assert (ids == ids[..., :1, :1]).all()  # One sample per member input.
+  np.testing.assert_array_equal(np.asarray(targets), LABELS[ids[..., 0, 0]])
+  # Every member sees each sample b times (a permutation of the B rows).
+  for m in range(M):
+    np.testing.assert_array_equal(np.bincount(ids[:, m, 0, 0], minlength=N),
+                                  np.full(N, B_REP))
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_in_pixel_cutmix_partner_and_soft_targets(seed):
+  key = jax.random.PRNGKey(seed)
+  own_xs, _ = _member_batch(key)
+  own = _ids(own_xs)[..., 0, 0]  # The members' own samples, same key.
+  xs, soft = _member_batch(key, pixel_mix='cutmix', pixel_mix_prob=1.0)
+  ids = _ids(xs)
+  soft = np.asarray(soft)
+  mixed = 0
+  for r in range(N * B_REP):
+    for m in range(M):
+      present = np.unique(ids[r, m])
+      assert own[r, m] in present
+      share_own = np.mean(ids[r, m] == own[r, m])
+      assert share_own >= 0.5  # The member's own sample stays predominant.
+      expected = np.zeros(C)
+      expected[LABELS[own[r, m]]] += share_own
+      others = [i for i in present if i != own[r, m]]
+      assert len(others) <= 1
+      if others:
+        mixed += 1
+        expected[LABELS[others[0]]] += 1.0 - share_own  # lambda' weighting.
+      np.testing.assert_allclose(soft[r, m], expected, atol=1e-6)
+  # With probability 1 almost every input gets a non-empty box of another
+  # sample; a partner equal to the sample would leave none.
+  assert mixed >= N * B_REP * M // 2
+
+
+def test_partner_positions_never_the_own_sample():
+  idx = mixmo_batch.member_indices(jax.random.PRNGKey(0), N * B_REP, M)
+  q = mixmo_batch.partner_positions(jax.random.PRNGKey(1), idx, N, N * B_REP)
+  assert (np.asarray(q) % N != np.asarray(idx) % N).all()
+
+
+@pytest.mark.parametrize('per_copy', [True, False])
+def test_augment_per_copy(per_copy):
+  """The b copies of a sample get their own crop (per_copy) or share one."""
+  rng = np.random.RandomState(0)
+  images = jnp.asarray(rng.randint(0, 256, (N, HW, HW, 3)), jnp.uint8)
+  labels = jnp.asarray(LABELS, jnp.int32)
+  key = jax.random.PRNGKey(3)
+  crop = functools.partial(augment.random_crop_flip, padding=2, flip=True)
+  xs, _ = mixmo_batch.member_batch(
+      key, images, labels, _weights(N * B_REP), num_members=M,
+      repetitions=B_REP, num_classes=C, augment=crop,
+      augment_per_copy=per_copy)
+  _, k_perm, _, _ = jax.random.split(key, 4)
+  idx = np.asarray(mixmo_batch.member_indices(k_perm, N * B_REP, M))
+  copies = np.zeros((N * B_REP, HW, HW, 3))
+  for m in range(M):
+    copies[idx[:, m]] = np.asarray(xs[:, m])
+  same = [np.array_equal(copies[n], copies[n + N]) for n in range(N)]
+  assert not any(same) if per_copy else all(same)
+
+
+def test_pixel_augment_runs_on_uint8_member_inputs_and_partners():
+  calls = []
+
+  def marker(key, images):
+    calls.append((images.shape, images.dtype))
+    return images.astype(jnp.float32) + 1000.0
+
+  xs, _ = _member_batch(jax.random.PRNGKey(0), pixel_mix='cutmix',
+                        pixel_mix_prob=1.0, pixel_augment=marker)
+  assert calls == [((N * B_REP, M, HW, HW, 3), jnp.uint8)] * 2
+  assert (np.asarray(xs) >= 1000.0).all()  # Own pixels and pasted partners.
+
+
+def test_train_step_gradient_is_eq4_plus_l2():
+  """The step's update, inverted (plain SGD), equals grad of eq. 4 + l2."""
+  config = tiny_digits_config('cut_mixmo+cutmix')
+  opt = config.optimizer
+  opt.momentum, opt.nesterov, opt.weight_decay = 0.0, False, 0.0
+  opt.warmup_epochs, opt.warmup_steps_per_repetition = 0.0, 0
+  opt.l2 = 1e-3
+  mesh = sharding.make_mesh()
+  model = models.get_model(config)
+  spe = 10
+  state = training.create_train_state(config, model, spe, mesh)
+  step_fn = training.make_train_step(config, model, spe, mesh)
+  n = pipeline.unique_per_step(config)
+  from mixmo_jax import data
+  images, labels = data.load_split(config, 'train')
+  images, labels = images[:n], labels[:n]
+  params0 = jax.device_get(state.params)
+  stats0 = jax.device_get(state.batch_stats)
+  new_state, _ = step_fn(state, *sharding.global_batch((images, labels),
+                                                      mesh))
+  lr = float(training.learning_rate_schedule(config, spe)(0))
+  applied = jax.tree.map(lambda a, b: (a - b) / lr, params0,
+                         jax.device_get(new_state.params))
+
+  # Independent assembly of the loss on the step's own inputs.
+  k_data, k_mix = keys.step_keys(config.seed, 0)
+  mix = config.mixing
+  p = mixmo_batch.patch_probability(1, config.num_epochs, mix.p,
+                                    mix.p_decay_fraction)
+  weights, kappa = registry.sample_mixing_weights(
+      k_mix, config.batch_size, config.num_members,
+      *models.stem_resolution(config), method=mix.method, alpha=mix.alpha,
+      p=p)
+  xs, targets = training.member_batch(k_data, jnp.asarray(images),
+                                      jnp.asarray(labels), weights, config)
+  root = np.asarray(kappa, np.float64) ** (1.0 / mix.r)
+  w = config.num_members * root / root.sum(-1, keepdims=True)  # Eq. 5.
+
+  def loss(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': stats0}, xs,
+                            mix_weights=weights, train=True,
+                            mutable=['batch_stats'])
+    ce = -jnp.sum(targets * jax.nn.log_softmax(logits), -1)  # [B, M]
+    total = jnp.sum(jnp.asarray(w, jnp.float32) * ce) / xs.shape[0]
+    sq = sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
+    return total + opt.l2 * sq
+
+  expected = jax.grad(loss)(params0)
+  for got, want in zip(jax.tree.leaves(applied), jax.tree.leaves(expected)):
+    scale = max(float(np.abs(want).max()), 1e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want),
+                               atol=2e-3 * scale, rtol=2e-3)
