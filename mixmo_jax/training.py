@@ -123,7 +123,7 @@ def member_batch(key, images, labels, weights, config):
       repetitions=config.batch_repetitions, num_classes=config.num_classes,
       input_repetition=config.mixing.input_repetition, augment=crop,
       augment_per_copy=aug.per_copy, pixel_augment=pixel_augment,
-      pixel_mix=aug.pixel_mix,
+      pixel_mix=aug.pixel_mix, pixel_mix_rule=aug.pixel_mix_rule,
       pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
       mixup_alpha=aug.mixup_alpha)
   mean, std = tuple(config.image_mean), tuple(config.image_std)

@@ -180,3 +180,51 @@ def test_train_step_gradient_is_eq4_plus_l2():
     scale = max(float(np.abs(want).max()), 1e-3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want),
                                atol=2e-3 * scale, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------
+# Single-network Mixup / CutMix as the authors ran them (pixel_mix_rule).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('fn', [mixmo_batch.mixup, mixmo_batch.cutmix])
+def test_per_sample_rule_distribution(fn):
+  """Mixed with probability 0.5 per sample, lambda ~ Beta(1, 1) per sample."""
+  from scipy import stats
+  size, hw = 4000, 16
+  images = jnp.zeros((size, hw, hw, 3))
+  partners = jnp.ones((size, hw, hw, 3))
+  onehot = jax.nn.one_hot(jnp.zeros(size, jnp.int32), 2)
+  other = jax.nn.one_hot(jnp.ones(size, jnp.int32), 2)
+  x, soft = fn(jax.random.PRNGKey(0), images, onehot, 1.0, prob=0.5,
+               per_sample=True, partner_images=partners, partner_onehot=other)
+  share = 1.0 - np.asarray(x).mean(axis=(1, 2, 3))  # Kept share of x_i.
+  np.testing.assert_allclose(share, np.asarray(soft)[:, 0], atol=1e-5)
+  mixed = share < 1.0
+  assert abs(mixed.mean() - 0.5) < 4 * np.sqrt(0.25 / size)
+  if fn is mixmo_batch.mixup:  # CutMix's lambda' is a clipped box share.
+    assert stats.kstest(share[mixed], 'uniform').pvalue > 1e-3
+
+
+@pytest.mark.parametrize('pixel_mix', ['mixup', 'cutmix'])
+def test_per_sample_rule_member_batch_partners(pixel_mix):
+  images, labels = _planted()
+  key = jax.random.PRNGKey(5)
+  own_xs, _ = mixmo_batch.member_batch(
+      key, images, labels, jnp.ones((N * B_REP, 1, 4, 4)), num_members=1,
+      repetitions=B_REP, num_classes=C)
+  own = _ids(own_xs)[:, 0, 0, 0]
+  xs, soft = mixmo_batch.member_batch(
+      key, images, labels, jnp.ones((N * B_REP, 1, 4, 4)), num_members=1,
+      repetitions=B_REP, num_classes=C, pixel_mix=pixel_mix,
+      pixel_mix_prob=1.0)
+  soft = np.asarray(soft)[:, 0]
+  label_to_id = np.argsort(LABELS)
+  values = 10 * label_to_id + 5  # Pixel value of the sample of each label.
+  pixels = np.asarray(xs)[:, 0, ..., 0]  # [B, H, W].
+  for r in range(N * B_REP):
+    assert soft[r, LABELS[own[r]]] > 0
+    assert np.count_nonzero(soft[r] > 1e-6) <= 2
+    np.testing.assert_allclose(pixels[r].mean(), soft[r] @ values, atol=1e-3)
+  partner_share = 1.0 - soft[np.arange(N * B_REP), LABELS[own]]
+  assert (partner_share > 1e-6).mean() > 0.5  # A different sample pasted.

@@ -32,6 +32,7 @@ from mixmo_jax.mixmo import masks
 
 Array = jax.Array
 PIXEL_MIXES = ('none', 'mixup', 'cutmix')
+PIXEL_MIX_RULES = ('per_sample', 'batch')
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +154,8 @@ def _mix_targets(lam, onehot, partner_onehot):
   return lam * onehot + (1.0 - lam) * partner_onehot
 
 
-def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False,
+          partner_images=None, partner_onehot=None):
   """Mixup in pixels (Zhang et al., ICLR 2018; MixMo paper Appendix 6.7).
 
     x = lam * x_i + (1 - lam) * x_pi(i),  y = lam * y_i + (1 - lam) * y_pi(i),
@@ -162,7 +164,9 @@ def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   with pi a random permutation of the batch. As in Zhang et al., one lam is
   drawn for the whole batch (`per_sample=False`); `per_sample=True` draws one
   per sample. With probability 1 - prob (per batch, or per sample) lam = 1,
-  i.e. no mixing.
+  i.e. no mixing. `partner_images` / `partner_onehot` ([B, ...], x_k and
+  y_k for each sample, e.g. another sample of the training set) replace
+  the permutation of the batch.
 
   Args:
     key: PRNG key.
@@ -178,13 +182,22 @@ def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   batch_size = images.shape[0]
   key_lam, key_perm = jax.random.split(key)
   lam = _draw_lambda(key_lam, alpha, prob, batch_size, per_sample)
-  perm = jax.random.permutation(key_perm, batch_size)
   x = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(
       jnp.float32)
-  lam_x = jnp.reshape(lam, jnp.shape(lam) + (1, 1, 1)).astype(x.dtype)
-  mixed = lam_x * x + (1 - lam_x) * x[perm]
   onehot = onehot.astype(jnp.float32)
-  return mixed, _mix_targets(lam, onehot, onehot[perm])
+  other_x, other_y = _partners(key_perm, x, onehot, partner_images,
+                               partner_onehot)
+  lam_x = jnp.reshape(lam, jnp.shape(lam) + (1, 1, 1)).astype(x.dtype)
+  mixed = lam_x * x + (1 - lam_x) * other_x.astype(x.dtype)
+  return mixed, _mix_targets(lam, onehot, other_y)
+
+
+def _partners(key, images, onehot, partner_images, partner_onehot):
+  """(x_k, y_k): the given partners, else a random permutation of the batch."""
+  if partner_images is not None:
+    return partner_images, partner_onehot.astype(jnp.float32)
+  perm = jax.random.permutation(key, images.shape[0])
+  return images[perm], onehot[perm]
 
 
 def _paste(keep, own, other):
@@ -195,7 +208,8 @@ def _paste(keep, own, other):
   return jnp.where(keep[..., None] > 0.5, own, other)
 
 
-def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False,
+           partner_images=None, partner_onehot=None):
   """CutMix in pixels (Yun et al., ICCV 2019; MixMo paper Appendix 6.7).
 
     x = 1_m * x_i + (1 - 1_m) * x_pi(i),  y = lam' y_i + (1 - lam') y_pi(i),
@@ -205,6 +219,8 @@ def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   random permutation of the batch. As in Yun et al., one lam and one box
   per batch (`per_sample=False`); `per_sample=True` draws them per sample.
   With probability 1 - prob (per batch, or per sample) nothing is pasted.
+  `partner_images` / `partner_onehot` replace the batch permutation (as
+  in `mixup`).
 
   Args:
     key: PRNG key.
@@ -223,11 +239,12 @@ def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   # Shape: [H, W] (one box per batch) or [B, H, W].
   pasted = masks.random_box_masks(key_box, 1.0 - lam, height, width)
   keep = jnp.broadcast_to(1.0 - pasted, (batch_size, height, width))
-  perm = jax.random.permutation(key_perm, batch_size)
   lam_adjusted = jnp.mean(1.0 - pasted, axis=(-2, -1))
   onehot = onehot.astype(jnp.float32)
-  return (_paste(keep, images, images[perm]),
-          _mix_targets(lam_adjusted, onehot, onehot[perm]))
+  other_x, other_y = _partners(key_perm, images, onehot, partner_images,
+                               partner_onehot)
+  return (_paste(keep, images, other_x.astype(images.dtype)),
+          _mix_targets(lam_adjusted, onehot, other_y))
 
 
 def resize_nearest(weights, height, width):
@@ -342,7 +359,7 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  augment: Optional[Callable[[Array, Array], Array]] = None,
                  augment_per_copy: bool = True,
                  pixel_augment: Optional[Callable[[Array, Array], Array]] = None,
-                 pixel_mix: str = 'none',
+                 pixel_mix: str = 'none', pixel_mix_rule: str = 'per_sample',
                  pixel_mix_prob=0.5, cutmix_alpha=1.0,
                  mixup_alpha=1.0) -> Tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
@@ -362,7 +379,13 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   3. In-pixel mixing: for M > 1 only CutMix is allowed (`cutmix_for_mixmo`:
      per member input with probability `pixel_mix_prob`, partner from
      `partner_positions`, target lambda' y_i + (1 - lambda') y_k); for M = 1
-     the single-network Mixup / CutMix baselines (`mixup`, `cutmix`).
+     the single-network Mixup / CutMix baselines (`mixup`, `cutmix`), by
+     `pixel_mix_rule`: 'per_sample' (the MixMo authors' runs, App. 6.7):
+     each sample mixed independently with probability `pixel_mix_prob`,
+     its own lambda ~ Beta(alpha, alpha) and box, the partner another
+     sample of the step (`partner_positions`, never the sample itself);
+     'batch' (Zhang et al. 2018 / Yun et al. 2019): every sample mixed, one
+     lambda (and box) and one permutation of the batch per step.
 
   Args:
     key: the step's key for data randomness.
@@ -376,7 +399,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     pixel_augment: `(key, uint8 [..., H, W, 3]) -> float32 same shape` on
       [0, 255] applied to the member inputs after `augment`, or None.
     pixel_mix: 'none', 'mixup' (M = 1 only) or 'cutmix'.
-    pixel_mix_prob: probability of CutMix per member input (M > 1).
+    pixel_mix_rule: 'per_sample' or 'batch', for M = 1 (see 3.).
+    pixel_mix_prob: probability of CutMix per member input (M > 1), of
+      mixing per sample (M = 1, 'per_sample').
     cutmix_alpha, mixup_alpha: Beta concentrations of lambda.
 
   Returns:
@@ -386,6 +411,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   if pixel_mix not in PIXEL_MIXES:
     raise ValueError(f'pixel_mix must be one of {PIXEL_MIXES}, got '
                      f'{pixel_mix!r}.')
+  if pixel_mix_rule not in PIXEL_MIX_RULES:
+    raise ValueError(f'pixel_mix_rule must be one of {PIXEL_MIX_RULES}, got '
+                     f'{pixel_mix_rule!r}.')
   k_aug, k_perm, k_pix, k_partner = jax.random.split(key, 4)
   crop = augment or (lambda k, x: x)
   if augment_per_copy:
@@ -414,6 +442,13 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     onehot = jax.nn.one_hot(targets[:, 0], num_classes)
     fn, alpha = ((cutmix, cutmix_alpha) if pixel_mix == 'cutmix'
                  else (mixup, mixup_alpha))
-    x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
+    if pixel_mix_rule == 'batch':
+      x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
+    else:
+      q = partner_positions(k_partner, idx, images.shape[0], batch)[:, 0]
+      partners = pixel_augment(k_partner_aug, x[q]).astype(jnp.float32)
+      x0, soft = fn(k_pix, xs[:, 0], onehot, alpha, prob=pixel_mix_prob,
+                    per_sample=True, partner_images=partners,
+                    partner_onehot=jax.nn.one_hot(y[q], num_classes))
     xs, targets = x0[:, None], soft[:, None]
   return xs, targets
