@@ -228,3 +228,39 @@ def test_per_sample_rule_member_batch_partners(pixel_mix):
     np.testing.assert_allclose(pixels[r].mean(), soft[r] @ values, atol=1e-3)
   partner_share = 1.0 - soft[np.arange(N * B_REP), LABELS[own]]
   assert (partner_share > 1e-6).mean() > 0.5  # A different sample pasted.
+
+
+# ----------------------------------------------------------------------------
+# MixMo with in-pixel Mixup (M > 1).
+# ----------------------------------------------------------------------------
+
+
+def test_mixup_for_mixmo_distribution():
+  """Mixed with probability 0.5 per input, lambda = max(u, 1 - u), u ~ U."""
+  from scipy import stats
+  shape = (2000, 2)
+  own = jnp.zeros(shape + (4, 4, 3))
+  other = jnp.ones(shape + (4, 4, 3))
+  x, soft = mixmo_batch.mixup_for_mixmo(
+      jax.random.PRNGKey(0), own, jnp.zeros(shape, jnp.int32), other,
+      jnp.ones(shape, jnp.int32), 2, prob=0.5, alpha=1.0)
+  lam = 1.0 - np.asarray(x).mean(axis=(2, 3, 4)).ravel()
+  np.testing.assert_allclose(lam, np.asarray(soft)[..., 0].ravel(), atol=1e-5)
+  mixed = lam < 1.0
+  assert abs(mixed.mean() - 0.5) < 4 * np.sqrt(0.25 / lam.size)
+  assert stats.kstest(lam[mixed], stats.uniform(0.5, 0.5).cdf).pvalue > 1e-3
+
+
+def test_mixup_with_mixmo_member_batch_partners():
+  key = jax.random.PRNGKey(7)
+  own_xs, _ = _member_batch(key)
+  own = _ids(own_xs)[..., 0, 0]  # [B, M]
+  xs, soft = _member_batch(key, pixel_mix='mixup', pixel_mix_prob=1.0)
+  soft = np.asarray(soft)
+  values = 10 * np.argsort(LABELS) + 5  # Pixel value of each label's sample.
+  pixels = np.asarray(xs)[..., 0].mean(axis=(-2, -1))  # [B, M]
+  np.testing.assert_allclose(pixels, soft @ values, atol=1e-3)
+  own_share = np.take_along_axis(soft, LABELS[own][..., None], -1)[..., 0]
+  assert (own_share >= 0.5 - 1e-6).all()  # Own sample predominant.
+  assert (np.count_nonzero(soft > 1e-6, axis=-1) <= 2).all()
+  assert (own_share < 1.0 - 1e-6).mean() > 0.9  # Another sample mixed in.

@@ -11,6 +11,7 @@ the M member inputs and their targets:
                       the member's own sample
   cutmix_for_mixmo    in-pixel CutMix with MixMo and its lambda' rule
                       (Appendix 6.4)
+  mixup_for_mixmo     in-pixel Mixup with MixMo (the authors' code)
   mixup, cutmix       the single-network baselines' pixel mixing
   member_batch        all of the above in the order of Algorithm 1
 
@@ -348,6 +349,40 @@ def cutmix_for_mixmo(key, member_images, member_labels, other_images,
       jax.nn.one_hot(other_labels, num_classes), keep, visible, apply)
 
 
+def mixup_for_mixmo(key, member_images, member_labels, other_images,
+                    other_labels, num_classes, prob=0.5, alpha=1.0):
+  """In-pixel Mixup combined with MixMo (the MixMo authors' code).
+
+  Per member input, independently with probability `prob`:
+  lam ~ Beta(alpha, alpha), lam <- max(lam, 1 - lam) (the official code
+  swaps the roles when the member's own share is below 1/2, so x_i stays
+  predominant; for Mixup lam' = lam whatever the MixMo mask), and
+
+    x = lam x_i + (1 - lam) x_k,    y = lam y_i + (1 - lam) y_k.
+
+  Args:
+    key: PRNG key.
+    member_images: float [B, M, H, W, 3], x_i.  member_labels: int [B, M].
+    other_images: float [B, M, H, W, 3], x_k.  other_labels: int [B, M].
+    num_classes: Python int C.
+    prob: probability of Mixup per member input (may be traced).
+    alpha: Beta concentration (may be traced).
+
+  Returns:
+    (images float32 [B, M, H, W, 3], soft targets float32 [B, M, C]).
+  """
+  shape = member_labels.shape
+  key_apply, key_lam = jax.random.split(key)
+  lam = jax.random.beta(key_lam, alpha, alpha, shape)
+  lam = jnp.maximum(lam, 1.0 - lam)
+  lam = jnp.where(jax.random.bernoulli(key_apply, prob, shape), lam, 1.0)
+  lam_x = lam[..., None, None, None]
+  x = lam_x * member_images + (1.0 - lam_x) * other_images
+  targets = _mix_targets(lam, jax.nn.one_hot(member_labels, num_classes),
+                         jax.nn.one_hot(other_labels, num_classes))
+  return x.astype(jnp.float32), targets
+
+
 # ----------------------------------------------------------------------------
 # The member batch of a training step.
 # ----------------------------------------------------------------------------
@@ -376,9 +411,10 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
      with its own key `fold_in(key, 4)`; with in-pixel CutMix the partners
      x_k are augmented too, with an independent draw, before pasting (as
      the MixMo authors do).
-  3. In-pixel mixing: for M > 1 only CutMix is allowed (`cutmix_for_mixmo`:
-     per member input with probability `pixel_mix_prob`, partner from
-     `partner_positions`, target lambda' y_i + (1 - lambda') y_k); for M = 1
+  3. In-pixel mixing: for M > 1 CutMix (`cutmix_for_mixmo`) or Mixup
+     (`mixup_for_mixmo`): per member input with probability
+     `pixel_mix_prob`, partner from `partner_positions`, target
+     lambda' y_i + (1 - lambda') y_k, own sample predominant; for M = 1
      the single-network Mixup / CutMix baselines (`mixup`, `cutmix`), by
      `pixel_mix_rule`: 'per_sample' (the MixMo authors' runs, App. 6.7):
      each sample mixed independently with probability `pixel_mix_prob`,
@@ -398,7 +434,7 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     augment_per_copy: augment after (True) or before (False) repeating.
     pixel_augment: `(key, uint8 [..., H, W, 3]) -> float32 same shape` on
       [0, 255] applied to the member inputs after `augment`, or None.
-    pixel_mix: 'none', 'mixup' (M = 1 only) or 'cutmix'.
+    pixel_mix: 'none', 'mixup' or 'cutmix'.
     pixel_mix_rule: 'per_sample' or 'batch', for M = 1 (see 3.).
     pixel_mix_prob: probability of CutMix per member input (M > 1), of
       mixing per sample (M = 1, 'per_sample').
@@ -429,16 +465,18 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   xs = pixel_augment(k_member_aug, x[idx])  # Shape: [B, M, H, W, 3].
   xs = xs.astype(jnp.float32)
   targets = y[idx]  # Shape: [B, M].
-  if pixel_mix == 'cutmix' and num_members > 1:
+  if pixel_mix != 'none' and num_members > 1:
     q = partner_positions(k_partner, idx, images.shape[0], batch)
     partners = pixel_augment(k_partner_aug, x[q]).astype(jnp.float32)
-    xs, targets = cutmix_for_mixmo(
-        k_pix, xs, targets, partners, y[q], weights,
-        num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+    if pixel_mix == 'cutmix':
+      xs, targets = cutmix_for_mixmo(
+          k_pix, xs, targets, partners, y[q], weights,
+          num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+    else:
+      xs, targets = mixup_for_mixmo(
+          k_pix, xs, targets, partners, y[q], num_classes,
+          prob=pixel_mix_prob, alpha=mixup_alpha)
   elif pixel_mix in ('cutmix', 'mixup'):
-    if num_members > 1:
-      raise ValueError('in-pixel Mixup is the single-network baseline '
-                       '(num_members=1).')
     onehot = jax.nn.one_hot(targets[:, 0], num_classes)
     fn, alpha = ((cutmix, cutmix_alpha) if pixel_mix == 'cutmix'
                  else (mixup, mixup_alpha))
