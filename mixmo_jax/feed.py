@@ -27,11 +27,28 @@ class Feeder:
     self.num_unique = pipeline.unique_per_step(config)
     self.local = pipeline.process_slice(self.num_unique, jax.process_index(),
                                         jax.process_count())
+    self.local_rows = pipeline.process_slice(
+        self.num_unique * config.batch_repetitions, jax.process_index(),
+        jax.process_count())
 
   def batch(self, step: int):
-    """(images uint8 [U, H, W, 3], labels int32 [U]) of `step`, sharded."""
+    """The step's arrays, sharded over 'data'.
+
+    (images uint8 [U, H, W, 3], labels int32 [U]), followed, when the pixel
+    mix takes partners (`pipeline.needs_partners`), by (partner_images
+    uint8 [U * b, M, H, W, 3], partner_labels int32 [U * b, M]).
+    """
     config = self.config
     idx = pipeline.train_indices(config.seed, step, len(self.train_y),
                                  self.num_unique)[self.local]
     images, labels = self.train_x[idx], self.train_y[idx]
-    return sharding.global_batch((images, labels), self.mesh)
+    if not pipeline.needs_partners(config):
+      return sharding.global_batch((images, labels), self.mesh)
+    # One partner per (copy position, member), this process's rows of them.
+    own = pipeline.train_indices(config.seed, step, len(self.train_y),
+                                 self.num_unique)
+    part = pipeline.partner_indices(
+        config.seed, step, len(self.train_y), own, config.batch_repetitions,
+        config.num_members)[self.local_rows]
+    return sharding.global_batch(
+        (images, labels, self.train_x[part], self.train_y[part]), self.mesh)

@@ -140,14 +140,14 @@ def test_train_step_gradient_is_eq4_plus_l2():
   spe = 10
   state = training.create_train_state(config, model, spe, mesh)
   step_fn = training.make_train_step(config, model, spe, mesh)
-  n = pipeline.unique_per_step(config)
-  from mixmo_jax import data
-  images, labels = data.load_split(config, 'train')
-  images, labels = images[:n], labels[:n]
+  from mixmo_jax import data, feed
+  train_x, train_y = data.load_split(config, 'train')
+  batch = feed.Feeder(config, train_x, train_y, mesh).batch(0)
+  assert len(batch) == 4  # In-pixel CutMix ships partners.
+  images, labels, p_images, p_labels = jax.device_get(batch)
   params0 = jax.device_get(state.params)
   stats0 = jax.device_get(state.batch_stats)
-  new_state, _ = step_fn(state, *sharding.global_batch((images, labels),
-                                                      mesh))
+  new_state, _ = step_fn(state, *batch)
   lr = float(training.learning_rate_schedule(config, spe)(0))
   applied = jax.tree.map(lambda a, b: (a - b) / lr, params0,
                          jax.device_get(new_state.params))
@@ -162,7 +162,9 @@ def test_train_step_gradient_is_eq4_plus_l2():
       *models.stem_resolution(config), method=mix.method, alpha=mix.alpha,
       p=p)
   xs, targets = training.member_batch(k_data, jnp.asarray(images),
-                                      jnp.asarray(labels), weights, config)
+                                      jnp.asarray(labels), weights, config,
+                                      jnp.asarray(p_images),
+                                      jnp.asarray(p_labels))
   root = np.asarray(kappa, np.float64) ** (1.0 / mix.r)
   w = config.num_members * root / root.sum(-1, keepdims=True)  # Eq. 5.
 
@@ -264,3 +266,59 @@ def test_mixup_with_mixmo_member_batch_partners():
   assert (own_share >= 0.5 - 1e-6).all()  # Own sample predominant.
   assert (np.count_nonzero(soft > 1e-6, axis=-1) <= 2).all()
   assert (own_share < 1.0 - 1e-6).mean() > 0.9  # Another sample mixed in.
+
+
+# ----------------------------------------------------------------------------
+# Partners from the whole training set (host side).
+# ----------------------------------------------------------------------------
+
+
+def test_partner_indices_uniform_never_own_and_pure():
+  from scipy import stats
+  num_train, own = 50, np.arange(0, 40, 4)
+  draws = np.concatenate([pipeline.partner_indices(0, s, num_train, own, 2, 3)
+                          for s in range(200)])
+  assert draws.shape == (200 * 20, 3)
+  own_rep = np.tile(own, 2)[:, None]
+  assert (np.tile(own_rep, (200, 1)) != draws).all()
+  assert draws.min() >= 0 and draws.max() < num_train
+  # Given own sample o, uniform over the other N - 1 samples.
+  counts = np.bincount(draws[np.tile(own_rep, (200, 1))[:, 0] == 0].ravel(),
+                       minlength=num_train)
+  assert counts[0] == 0
+  assert stats.chisquare(counts[1:]).pvalue > 1e-3
+  np.testing.assert_array_equal(
+      pipeline.partner_indices(0, 7, num_train, own, 2, 3),
+      pipeline.partner_indices(0, 7, num_train, own, 2, 3))
+
+
+@pytest.mark.parametrize('pixel_mix', ['cutmix', 'mixup'])
+def test_shipped_partners_land_in_their_member_inputs(pixel_mix):
+  """Partner [idx[r, m], m] is the one mixed into input (r, m)."""
+  key = jax.random.PRNGKey(11)
+  own_xs, _ = _member_batch(key)
+  own = _ids(own_xs)[..., 0, 0]
+  rows = N * B_REP
+  # Partners planted with ids >= N, none a sample of the step.
+  pid = np.arange(rows * M).reshape(rows, M) % 17 + N  # Values <= 245.
+  p_images = jnp.asarray(np.broadcast_to(
+      (10 * pid + 5).astype(np.uint8)[..., None, None, None],
+      (rows, M, HW, HW, 3)))
+  p_labels = jnp.asarray(pid % C, jnp.int32)
+  xs, soft = _member_batch(key, pixel_mix=pixel_mix, pixel_mix_prob=1.0,
+                           partner_images=p_images, partner_labels=p_labels)
+  _, k_perm, _, _ = jax.random.split(key, 4)
+  idx = np.asarray(mixmo_batch.member_indices(k_perm, rows, M))
+  expected_partner = pid[idx, np.arange(M)[None, :]]
+  soft = np.asarray(soft)
+  pixels = np.asarray(xs)[..., 0]
+  for r in range(rows):
+    for m in range(M):
+      vals = {10 * own[r, m] + 5, 10 * expected_partner[r, m] + 5}
+      if pixel_mix == 'cutmix':
+        assert set(np.unique(np.rint(pixels[r, m]))) <= vals
+      share_own = soft[r, m, LABELS[own[r, m]]]
+      want = (share_own * (10 * own[r, m] + 5) + (1 - share_own) *
+              (10 * expected_partner[r, m] + 5))
+      if LABELS[own[r, m]] != expected_partner[r, m] % C:
+        np.testing.assert_allclose(pixels[r, m].mean(), want, atol=1e-3)

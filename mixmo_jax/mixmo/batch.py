@@ -396,7 +396,8 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  pixel_augment: Optional[Callable[[Array, Array], Array]] = None,
                  pixel_mix: str = 'none', pixel_mix_rule: str = 'per_sample',
                  pixel_mix_prob=0.5, cutmix_alpha=1.0,
-                 mixup_alpha=1.0) -> Tuple[Array, Array]:
+                 mixup_alpha=1.0, partner_images: Optional[Array] = None,
+                 partner_labels: Optional[Array] = None) -> Tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
 
   1. Batch repetition: the N unique samples become B = N * b rows
@@ -439,6 +440,13 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     pixel_mix_prob: probability of CutMix per member input (M > 1), of
       mixing per sample (M = 1, 'per_sample').
     cutmix_alpha, mixup_alpha: Beta concentrations of lambda.
+    partner_images: uint8 [B, M, H, W, 3] or None, one partner x_k per
+      (copy position p, member m) drawn from the whole training set by the
+      host (`data.pipeline.partner_indices`); the input at (r, m) takes
+      partner [idx[r, m], m], after `augment` and `pixel_augment` with
+      their own keys.  None: partners are other samples of the step
+      (`partner_positions`).
+    partner_labels: int [B, M] with partner_images.
 
   Returns:
     xs float32 [B, M, H, W, 3] in [0, 255] (not normalised), and targets:
@@ -465,16 +473,27 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   xs = pixel_augment(k_member_aug, x[idx])  # Shape: [B, M, H, W, 3].
   xs = xs.astype(jnp.float32)
   targets = y[idx]  # Shape: [B, M].
+  def partners_of(member_idx):
+    """(augmented x_k float, y_k) for member inputs idx [B, M']."""
+    if partner_images is None:
+      q = partner_positions(k_partner, member_idx, images.shape[0], batch)
+      px, py = x[q], y[q]
+    else:
+      cols = jnp.arange(member_idx.shape[1])[None, :]
+      px = partner_images[member_idx, cols]
+      py = partner_labels[member_idx, cols]
+      px = crop(jax.random.fold_in(key, 5), px)
+    return pixel_augment(k_partner_aug, px).astype(jnp.float32), py
+
   if pixel_mix != 'none' and num_members > 1:
-    q = partner_positions(k_partner, idx, images.shape[0], batch)
-    partners = pixel_augment(k_partner_aug, x[q]).astype(jnp.float32)
+    partners, partner_y = partners_of(idx)
     if pixel_mix == 'cutmix':
       xs, targets = cutmix_for_mixmo(
-          k_pix, xs, targets, partners, y[q], weights,
+          k_pix, xs, targets, partners, partner_y, weights,
           num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
     else:
       xs, targets = mixup_for_mixmo(
-          k_pix, xs, targets, partners, y[q], num_classes,
+          k_pix, xs, targets, partners, partner_y, num_classes,
           prob=pixel_mix_prob, alpha=mixup_alpha)
   elif pixel_mix in ('cutmix', 'mixup'):
     onehot = jax.nn.one_hot(targets[:, 0], num_classes)
@@ -483,10 +502,10 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     if pixel_mix_rule == 'batch':
       x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
     else:
-      q = partner_positions(k_partner, idx, images.shape[0], batch)[:, 0]
-      partners = pixel_augment(k_partner_aug, x[q]).astype(jnp.float32)
+      partners, partner_y = partners_of(idx[:, :1])
       x0, soft = fn(k_pix, xs[:, 0], onehot, alpha, prob=pixel_mix_prob,
-                    per_sample=True, partner_images=partners,
-                    partner_onehot=jax.nn.one_hot(y[q], num_classes))
+                    per_sample=True, partner_images=partners[:, 0],
+                    partner_onehot=jax.nn.one_hot(partner_y[:, 0],
+                                                  num_classes))
     xs, targets = x0[:, None], soft[:, None]
   return xs, targets
