@@ -5,6 +5,10 @@ The host only picks *which* samples a step uses, a pure function of
 of them as uint8; everything random about the batch runs on device inside
 the jitted step.
 """
+import queue
+import threading
+import time
+
 import jax
 
 from mixmo_jax import sharding
@@ -52,3 +56,67 @@ class Feeder:
         config.num_members)[self.local_rows]
     return sharding.global_batch(
         (images, labels, self.train_x[part], self.train_y[part]), self.mesh)
+
+
+class Prefetcher:
+  """Prepares and ships the batches of steps [start, stop) ahead, in order.
+
+  A background thread calls `feeder.batch(step)` for consecutive steps and
+  keeps up to `depth` of them ready, so the next step's host work and
+  transfer overlap the current device step. `get(step)` returns
+  (batch, seconds blocked waiting for it); an exception in the thread is
+  raised by `get`; `close()` stops the thread (also on exit of a `with`).
+  """
+
+  def __init__(self, feeder, start: int, stop: int, depth: int = 2):
+    if depth < 1:
+      raise ValueError(f'prefetch depth must be >= 1, got {depth}.')
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._next = start
+    self._thread = threading.Thread(
+        target=self._run, args=(feeder, start, stop), daemon=True)
+    self._thread.start()
+
+  def _run(self, feeder, start, stop):
+    try:
+      for step in range(start, stop):
+        item = (step, feeder.batch(step), None)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set():
+          return
+    except BaseException as e:  # Re-raised by `get` in the main thread.
+      self._queue.put((None, None, e))
+
+  def get(self, step: int):
+    """(the batch of `step`, seconds waited); steps must be consecutive."""
+    if step != self._next:
+      raise ValueError(f'Prefetcher expected step {self._next}, got {step}.')
+    start = time.perf_counter()
+    got, batch, error = self._queue.get()
+    wait = time.perf_counter() - start
+    if error is not None:
+      raise error
+    assert got == step, (got, step)
+    self._next += 1
+    return batch, wait
+
+  def close(self):
+    self._stop.set()
+    while True:  # Unblock a pending put.
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

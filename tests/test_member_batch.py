@@ -322,3 +322,34 @@ def test_shipped_partners_land_in_their_member_inputs(pixel_mix):
               (10 * expected_partner[r, m] + 5))
       if LABELS[own[r, m]] != expected_partner[r, m] % C:
         np.testing.assert_allclose(pixels[r, m].mean(), want, atol=1e-3)
+
+
+def test_prefetcher_yields_the_synchronous_batches():
+  from mixmo_jax import data, feed
+  config = tiny_digits_config('cut_mixmo+cutmix')
+  mesh = sharding.make_mesh()
+  train_x, train_y = data.load_split(config, 'train')
+  feeder = feed.Feeder(config, train_x, train_y, mesh)
+  with feed.Prefetcher(feeder, 3, 8, depth=2) as pre:
+    for step in range(3, 8):
+      batch, wait = pre.get(step)
+      assert wait >= 0.0
+      for a, b in zip(jax.device_get(batch),
+                      jax.device_get(feeder.batch(step))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match='expected step 8'):
+      pre.get(9)
+
+
+def test_prefetcher_raises_the_thread_error_and_closes():
+  from mixmo_jax import feed
+
+  class Broken:
+    def batch(self, step):
+      raise RuntimeError(f'broken at {step}')
+
+  pre = feed.Prefetcher(Broken(), 0, 5)
+  with pytest.raises(RuntimeError, match='broken at 0'):
+    pre.get(0)
+  pre.close()
+  assert not pre._thread.is_alive()
