@@ -41,7 +41,8 @@ from mixmo_jax import platform  # pylint: disable=g-bad-import-order
 
 platform.apply_defaults()  # XLA flags: before the backend starts.
 
-from mixmo_jax import config_validation, data, models, sharding, training
+from mixmo_jax import (config_validation, data, feed, models, sharding,
+                       training)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
 from experiments import peak_flops
@@ -78,7 +79,12 @@ def _random_batch(config, rng):
   size = config.image_size
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, config.num_classes, (n,), dtype=np.int32)
-  return images, labels
+  if not pipeline.needs_partners(config):
+    return images, labels
+  rows = (n * config.batch_repetitions, config.num_members)
+  return (images, labels, rng.integers(0, 256, rows + images.shape[1:],
+                                       dtype=np.uint8),
+          rng.integers(0, config.num_classes, rows, dtype=np.int32))
 
 
 def _time(fn, steps):
@@ -187,10 +193,11 @@ def bench_host_pipeline(config, mesh, steps):
   labels = np.zeros(50_000, np.int32)
   n = pipeline.unique_per_step(config)
 
+  feeder = feed.Feeder(config, data, labels, mesh)
+
   def host_step(step=[0]):
     step[0] += 1
-    idx = pipeline.train_indices(config.seed, step[0], len(labels), n)
-    return sharding.global_batch((data[idx], labels[idx]), mesh)
+    return feeder.batch(step[0])
 
   host_step()
   return n / _time(host_step, steps)
@@ -241,7 +248,11 @@ def main(argv):
   print(f'eval of the test set: {num_test / eval_rate:.1f} s per epoch '
         f'({num_test} images; every {config.eval_every_epochs} epoch(s), '
         'the paper protocol evaluates after every epoch)')
-  print(f'host pipeline: {bench_host_pipeline(config, mesh, 50):.0f} img/s')
+  for pix in ('none', 'cutmix'):  # In-pixel CutMix ships B x M partners.
+    c = copy.deepcopy(config)
+    c.augment.pixel_mix = pix
+    print(f'host pipeline (pixel_mix={pix}): '
+          f'{bench_host_pipeline(c, mesh, 50):.0f} img/s')
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f'peak RSS: {rss:.0f} MB')
   for d in jax.local_devices()[:1]:

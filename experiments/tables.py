@@ -64,8 +64,8 @@ TINY_WIDTHS = (1, 2, 3)  # Table 5, PreActResNet-18-w.
 # Table 2: results.csv method -> registry name for --config.mixing.method.
 TABLE2_BLOCKS = {
     'mixmo_block_mixup': 'linear',
-    'mixmo_block_horizontal_concat': 'horizontal_concat',
-    'mixmo_block_vertical_concat': 'vertical_concat',
+    'mixmo_block_horizontal_concat': 'top_bottom_concat',
+    'mixmo_block_vertical_concat': 'left_right_concat',
     'mixmo_block_patchup_2d': 'patchup',
     'mixmo_block_fmix': 'fmix',
     'mixmo_block_cowmask': 'cowmask',

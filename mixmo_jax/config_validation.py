@@ -276,17 +276,23 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 
 def _check_augment(c: _Checks):
   c.int_('augment.crop_padding', 0)
-  mix = c.choice('augment.pixel_mix', _PIXEL_MIX)
-  members = c.get('num_members')
-  if mix == 'mixup' and members is not _MISSING and members > 1:
-    c.fail('augment.pixel_mix', mix, 'mixup is the single-network baseline '
-           '(num_members=1); with MixMo use none or cutmix')
+  c.choice('augment.pixel_mix', _PIXEL_MIX)
+  c.choice('augment.pixel_mix_rule', ('per_sample', 'batch'))
   c.number('augment.pixel_mix_prob', 0.0, 1.0)
   c.number('augment.cutmix_alpha', 0.0, lo_open=True)
   c.number('augment.mixup_alpha', 0.0, lo_open=True)
-  c.int_('augment.augmix_severity', 1)
+  rule = c.choice('augment.augmix_rule', ('mixmo', 'augmix'))
+  # The authors' rule scales each range by severity / 30; AugMix's draws a
+  # level in U(0.1, severity) on a 0..10 scale.
+  if rule is not None:
+    c.number('augment.augmix_severity', *{'mixmo': (0.0, 30.0),
+                                          'augmix': (0.1, 10.0)}[rule])
   c.int_('augment.augmix_width', 1)
-  c.int_('augment.augmix_depth', 1)
+  depth = c.get('augment.augmix_depth')
+  if depth is not _MISSING and (not _is_int(depth) or (depth < 1
+                                                       and depth != -1)):
+    c.fail('augment.augmix_depth', depth, 'must be -1 (uniform in 1..4, the '
+           'authors\' rule; 1..3 for the augmix rule) or an integer >= 1')
 
 
 def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):

@@ -4,7 +4,8 @@
 jitted over the device mesh with the state donated: a short piece of glue
 that calls the method (`mixmo_jax.mixmo`).  Everything random about a batch
 happens inside it, from the step's keys (`keys.step_keys(seed, step)`):
-batch repetition, pad-crop-flip, member permutations, in-pixel CutMix/Mixup,
+batch repetition, pad-crop-flip, AugMix, member permutations, in-pixel
+CutMix/Mixup,
 kappa and masks, the mixing itself, the reweighted loss and the update.  The
 host only ships the step's unique samples, so resuming is exact.
 """
@@ -18,6 +19,8 @@ from flax.training import train_state
 
 from mixmo_jax import keys, models, sharding
 from mixmo_jax.data import augment
+from mixmo_jax.data import augmix
+from mixmo_jax.data import pipeline
 from mixmo_jax.mixmo import batch as mixmo_batch
 from mixmo_jax.mixmo import loss as mixmo_loss
 from mixmo_jax.mixmo import registry
@@ -101,7 +104,8 @@ def tree_to_state(state: TrainState, tree: Dict[str, Any]) -> TrainState:
   return state.replace(**tree)
 
 
-def member_batch(key, images, labels, weights, config):
+def member_batch(key, images, labels, weights, config, partner_images=None,
+                 partner_labels=None):
   """`mixmo.batch.member_batch` with the config's settings, normalised.
 
   Returns:
@@ -111,19 +115,27 @@ def member_batch(key, images, labels, weights, config):
   aug = config.augment
   crop = functools.partial(augment.random_crop_flip, padding=aug.crop_padding,
                            flip=aug.flip)
+  pixel_augment = None
+  if aug.augmix:  # On the uint8 member inputs, after crop / flip.
+    pixel_augment = functools.partial(
+        augmix.augmix, rule=aug.augmix_rule, severity=aug.augmix_severity,
+        width=aug.augmix_width, depth=aug.augmix_depth, as_float=True)
   xs, targets = mixmo_batch.member_batch(
       key, images, labels, weights, num_members=config.num_members,
       repetitions=config.batch_repetitions, num_classes=config.num_classes,
       input_repetition=config.mixing.input_repetition, augment=crop,
-      augment_per_copy=aug.per_copy, pixel_mix=aug.pixel_mix,
+      augment_per_copy=aug.per_copy, pixel_augment=pixel_augment,
+      pixel_mix=aug.pixel_mix, pixel_mix_rule=aug.pixel_mix_rule,
       pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
-      mixup_alpha=aug.mixup_alpha)
+      mixup_alpha=aug.mixup_alpha, partner_images=partner_images,
+      partner_labels=partner_labels)
   mean, std = tuple(config.image_mean), tuple(config.image_std)
   return augment.normalize(xs, mean, std), targets
 
 
-def train_step(state: TrainState, images, labels, *, config, steps_per_epoch,
-               stem_hw, mesh) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(state: TrainState, images, labels, partner_images=None,
+               partner_labels=None, *, config, steps_per_epoch, stem_hw,
+               mesh) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One MixMo update (Algorithm 1 lines 3-34), everything on device.
 
   Args:
@@ -131,6 +143,9 @@ def train_step(state: TrainState, images, labels, *, config, steps_per_epoch,
     images: uint8 [N, H, W, 3], the step's N = batch_size / b unique samples,
       sharded over 'data'.
     labels: int32 [N].
+    partner_images: uint8 [B, M, H, W, 3], partner_labels: int32 [B, M],
+      the pixel mix's partners from the whole training set when
+      `pipeline.needs_partners(config)` (`feed.Feeder`), else None.
 
   Returns:
     The new state and scalar metrics.
@@ -143,7 +158,8 @@ def train_step(state: TrainState, images, labels, *, config, steps_per_epoch,
   weights, kappa = registry.sample_mixing_weights(
       k_mix, config.batch_size, config.num_members, *stem_hw,
       method=mix.method, alpha=mix.alpha, p=p)
-  xs, targets = member_batch(k_data, images, labels, weights, config)
+  xs, targets = member_batch(k_data, images, labels, weights, config,
+                             partner_images, partner_labels)
   xs = jax.lax.with_sharding_constraint(xs, sharding.data_sharded(mesh))
   loss_weights = mixmo_loss.member_weights(kappa, mix.r)  # Eq. 5.
   l2 = config.optimizer.l2
@@ -177,5 +193,6 @@ def make_train_step(config, model, steps_per_epoch: int, mesh) -> Callable:
                            stem_hw=tuple(models.stem_resolution(config)),
                            mesh=mesh)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, data, data),
+  inputs = (data,) * (4 if pipeline.needs_partners(config) else 2)
+  return jax.jit(step, in_shardings=(rep,) + inputs,
                  out_shardings=(rep, rep), donate_argnums=0)

@@ -78,7 +78,7 @@ def test_table2_blocks_use_the_registry_names():
     assert ('mixing.method', block) in entry.overrides
     assert tables.load_config(entry).mixing.method == block
   assert set(tables.TABLE2_BLOCKS.values()) == {
-      'linear', 'horizontal_concat', 'vertical_concat', 'patchup', 'fmix',
+      'linear', 'top_bottom_concat', 'left_right_concat', 'patchup', 'fmix',
       'cowmask', 'cut'}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, tiny_digits_config
-from mixmo_jax import data, models, sharding, training
+from mixmo_jax import data, feed, models, sharding, training
 from mixmo_jax.data import pipeline
 
 
@@ -188,11 +188,7 @@ def test_variants_train(variant, overrides):
   mesh = sharding.make_mesh()
   state, step_fn = _setup(config, mesh)
   images, labels = data.load_split(config, 'train')
-  n = pipeline.unique_per_step(config)
-  if config.augment.augmix:
-    from mixmo_jax import augmix
-    images = augmix.augmix_batch(images[:n], config.seed, 0)
-  batch = sharding.global_batch((images[:n], labels[:n]), mesh)
+  batch = feed.Feeder(config, images, labels, mesh).batch(0)
   state, _ = step_fn(state, *batch)  # Step 0 has lr = 0 (warm-up).
   before = jax.device_get(state.params)
   state, metrics = step_fn(state, *batch)

@@ -81,13 +81,19 @@ def base_config():
   config.augment.flip = True
   config.augment.per_copy = True  # MixMo code: each repeated copy augmented.
   config.augment.pixel_mix = 'none'  # 'none' | 'mixup' | 'cutmix'.
-  config.augment.pixel_mix_prob = 0.5  # CutMix with MixMo: per member input.
+  # Single-network Mixup / CutMix (M = 1): 'per_sample' (authors' runs: each
+  # sample mixed with probability pixel_mix_prob, own lambda, partner another
+  # sample) | 'batch' (Zhang et al. / Yun et al.: one lambda per batch).
+  config.augment.pixel_mix_rule = 'per_sample'
+  config.augment.pixel_mix_prob = 0.5  # Per member input / per sample.
   config.augment.cutmix_alpha = 1.0
   config.augment.mixup_alpha = 1.0
-  config.augment.augmix = False  # Host-side AugMix (CIFAR-100-C runs).
+  # AugMix (CIFAR-100-C runs), on device on each member input after crop/flip.
+  config.augment.augmix = False
+  config.augment.augmix_rule = 'mixmo'  # 'mixmo' (authors') | 'augmix'.
   config.augment.augmix_severity = 3
   config.augment.augmix_width = 3
-  config.augment.augmix_depth = 4
+  config.augment.augmix_depth = -1  # <= 0: uniform in {1..4} per chain.
 
   config.optimizer = ml_collections.ConfigDict()
   # lr = base_learning_rate * (batch_size / b) / reference_batch_size,

@@ -80,6 +80,52 @@ def train_indices(seed, step, num_train, num_unique):
   return perm[chunk * num_unique:(chunk + 1) * num_unique].copy()
 
 
+# Salt of the partner key: fold_in(fold_in(data_key, PARTNER_SALT), step).
+PARTNER_SALT = 0x9A27E5
+
+
+def needs_partners(config) -> bool:
+  """Whether the step's pixel mix takes partners x_k from the training set.
+
+  In-pixel CutMix / Mixup with MixMo (M > 1), and the single-network
+  baselines with `pixel_mix_rule='per_sample'` (the authors' rule); the
+  'batch' rule permutes the batch instead.
+  """
+  aug = config.augment
+  if aug.pixel_mix == 'none':
+    return False
+  return config.num_members > 1 or aug.pixel_mix_rule == 'per_sample'
+
+
+def partner_indices(seed, step, num_train, own, repetitions, num_members):
+  """Partners x_k from the whole training set, a pure function of (seed, step).
+
+  One partner per (copy position p, member m) of the repeated batch
+  (row p holds unique sample p mod U, `mixmo.batch.repeat_batch`): on
+  device, the member input at (row r, member m) is copy idx[r, m] and takes
+  partner [idx[r, m], m].  Uniform over the N - 1 training samples other
+  than the copy's own: j ~ U{0..N-2}, j -> j + 1 if j >= own (MixMo paper,
+  App. 6.4: x_k drawn from the whole dataset).
+
+  Args:
+    seed, step: ints.  num_train: N.
+    own: int [U], the step's unique sample indices (`train_indices`).
+    repetitions: b.  num_members: M.
+
+  Returns:
+    int64 [U * b, M], indices into the training arrays.
+  """
+  own = np.asarray(own, np.int64)
+  rows = own.shape[0] * int(repetitions)
+  with jax.default_device(_cpu_device()):
+    key = jax.random.fold_in(
+        jax.random.fold_in(keys.data_key(int(seed)), PARTNER_SALT), int(step))
+    j = np.asarray(jax.random.randint(key, (rows, int(num_members)), 0,
+                                      int(num_train) - 1), np.int64)
+  own_rep = np.tile(own, int(repetitions))[:, None]
+  return j + (j >= own_rep)
+
+
 def process_slice(n, process_index, process_count):
   """The contiguous slice [i * n / P, (i + 1) * n / P) of host i out of P."""
   if n % process_count:

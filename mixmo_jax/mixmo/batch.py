@@ -11,6 +11,7 @@ the M member inputs and their targets:
                       the member's own sample
   cutmix_for_mixmo    in-pixel CutMix with MixMo and its lambda' rule
                       (Appendix 6.4)
+  mixup_for_mixmo     in-pixel Mixup with MixMo (the authors' code)
   mixup, cutmix       the single-network baselines' pixel mixing
   member_batch        all of the above in the order of Algorithm 1
 
@@ -32,6 +33,7 @@ from mixmo_jax.mixmo import masks
 
 Array = jax.Array
 PIXEL_MIXES = ('none', 'mixup', 'cutmix')
+PIXEL_MIX_RULES = ('per_sample', 'batch')
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def _mix_targets(lam, onehot, partner_onehot):
   return lam * onehot + (1.0 - lam) * partner_onehot
 
 
-def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False,
+          partner_images=None, partner_onehot=None):
   """Mixup in pixels (Zhang et al., ICLR 2018; MixMo paper Appendix 6.7).
 
     x = lam * x_i + (1 - lam) * x_pi(i),  y = lam * y_i + (1 - lam) * y_pi(i),
@@ -162,7 +165,9 @@ def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   with pi a random permutation of the batch. As in Zhang et al., one lam is
   drawn for the whole batch (`per_sample=False`); `per_sample=True` draws one
   per sample. With probability 1 - prob (per batch, or per sample) lam = 1,
-  i.e. no mixing.
+  i.e. no mixing. `partner_images` / `partner_onehot` ([B, ...], x_k and
+  y_k for each sample, e.g. another sample of the training set) replace
+  the permutation of the batch.
 
   Args:
     key: PRNG key.
@@ -178,13 +183,22 @@ def mixup(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   batch_size = images.shape[0]
   key_lam, key_perm = jax.random.split(key)
   lam = _draw_lambda(key_lam, alpha, prob, batch_size, per_sample)
-  perm = jax.random.permutation(key_perm, batch_size)
   x = images if jnp.issubdtype(images.dtype, jnp.floating) else images.astype(
       jnp.float32)
-  lam_x = jnp.reshape(lam, jnp.shape(lam) + (1, 1, 1)).astype(x.dtype)
-  mixed = lam_x * x + (1 - lam_x) * x[perm]
   onehot = onehot.astype(jnp.float32)
-  return mixed, _mix_targets(lam, onehot, onehot[perm])
+  other_x, other_y = _partners(key_perm, x, onehot, partner_images,
+                               partner_onehot)
+  lam_x = jnp.reshape(lam, jnp.shape(lam) + (1, 1, 1)).astype(x.dtype)
+  mixed = lam_x * x + (1 - lam_x) * other_x.astype(x.dtype)
+  return mixed, _mix_targets(lam, onehot, other_y)
+
+
+def _partners(key, images, onehot, partner_images, partner_onehot):
+  """(x_k, y_k): the given partners, else a random permutation of the batch."""
+  if partner_images is not None:
+    return partner_images, partner_onehot.astype(jnp.float32)
+  perm = jax.random.permutation(key, images.shape[0])
+  return images[perm], onehot[perm]
 
 
 def _paste(keep, own, other):
@@ -195,7 +209,8 @@ def _paste(keep, own, other):
   return jnp.where(keep[..., None] > 0.5, own, other)
 
 
-def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
+def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False,
+           partner_images=None, partner_onehot=None):
   """CutMix in pixels (Yun et al., ICCV 2019; MixMo paper Appendix 6.7).
 
     x = 1_m * x_i + (1 - 1_m) * x_pi(i),  y = lam' y_i + (1 - lam') y_pi(i),
@@ -205,6 +220,8 @@ def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   random permutation of the batch. As in Yun et al., one lam and one box
   per batch (`per_sample=False`); `per_sample=True` draws them per sample.
   With probability 1 - prob (per batch, or per sample) nothing is pasted.
+  `partner_images` / `partner_onehot` replace the batch permutation (as
+  in `mixup`).
 
   Args:
     key: PRNG key.
@@ -223,11 +240,12 @@ def cutmix(key, images, onehot, alpha=1.0, prob=1.0, per_sample=False):
   # Shape: [H, W] (one box per batch) or [B, H, W].
   pasted = masks.random_box_masks(key_box, 1.0 - lam, height, width)
   keep = jnp.broadcast_to(1.0 - pasted, (batch_size, height, width))
-  perm = jax.random.permutation(key_perm, batch_size)
   lam_adjusted = jnp.mean(1.0 - pasted, axis=(-2, -1))
   onehot = onehot.astype(jnp.float32)
-  return (_paste(keep, images, images[perm]),
-          _mix_targets(lam_adjusted, onehot, onehot[perm]))
+  other_x, other_y = _partners(key_perm, images, onehot, partner_images,
+                               partner_onehot)
+  return (_paste(keep, images, other_x.astype(images.dtype)),
+          _mix_targets(lam_adjusted, onehot, other_y))
 
 
 def resize_nearest(weights, height, width):
@@ -331,6 +349,40 @@ def cutmix_for_mixmo(key, member_images, member_labels, other_images,
       jax.nn.one_hot(other_labels, num_classes), keep, visible, apply)
 
 
+def mixup_for_mixmo(key, member_images, member_labels, other_images,
+                    other_labels, num_classes, prob=0.5, alpha=1.0):
+  """In-pixel Mixup combined with MixMo (the MixMo authors' code).
+
+  Per member input, independently with probability `prob`:
+  lam ~ Beta(alpha, alpha), lam <- max(lam, 1 - lam) (the official code
+  swaps the roles when the member's own share is below 1/2, so x_i stays
+  predominant; for Mixup lam' = lam whatever the MixMo mask), and
+
+    x = lam x_i + (1 - lam) x_k,    y = lam y_i + (1 - lam) y_k.
+
+  Args:
+    key: PRNG key.
+    member_images: float [B, M, H, W, 3], x_i.  member_labels: int [B, M].
+    other_images: float [B, M, H, W, 3], x_k.  other_labels: int [B, M].
+    num_classes: Python int C.
+    prob: probability of Mixup per member input (may be traced).
+    alpha: Beta concentration (may be traced).
+
+  Returns:
+    (images float32 [B, M, H, W, 3], soft targets float32 [B, M, C]).
+  """
+  shape = member_labels.shape
+  key_apply, key_lam = jax.random.split(key)
+  lam = jax.random.beta(key_lam, alpha, alpha, shape)
+  lam = jnp.maximum(lam, 1.0 - lam)
+  lam = jnp.where(jax.random.bernoulli(key_apply, prob, shape), lam, 1.0)
+  lam_x = lam[..., None, None, None]
+  x = lam_x * member_images + (1.0 - lam_x) * other_images
+  targets = _mix_targets(lam, jax.nn.one_hot(member_labels, num_classes),
+                         jax.nn.one_hot(other_labels, num_classes))
+  return x.astype(jnp.float32), targets
+
+
 # ----------------------------------------------------------------------------
 # The member batch of a training step.
 # ----------------------------------------------------------------------------
@@ -340,9 +392,12 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  num_members: int, repetitions: int, num_classes: int,
                  input_repetition: float = 0.0,
                  augment: Optional[Callable[[Array, Array], Array]] = None,
-                 augment_per_copy: bool = True, pixel_mix: str = 'none',
+                 augment_per_copy: bool = True,
+                 pixel_augment: Optional[Callable[[Array, Array], Array]] = None,
+                 pixel_mix: str = 'none', pixel_mix_rule: str = 'per_sample',
                  pixel_mix_prob=0.5, cutmix_alpha=1.0,
-                 mixup_alpha=1.0) -> Tuple[Array, Array]:
+                 mixup_alpha=1.0, partner_images: Optional[Array] = None,
+                 partner_labels: Optional[Array] = None) -> Tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
 
   1. Batch repetition: the N unique samples become B = N * b rows
@@ -352,10 +407,22 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   2. Each member i takes its own permutation of the B rows
      (`member_indices`, with input repetition rho): member i's input at
      row r is copy idx[r, i] and its target that copy's label.
-  3. In-pixel mixing: for M > 1 only CutMix is allowed (`cutmix_for_mixmo`:
-     per member input with probability `pixel_mix_prob`, partner from
-     `partner_positions`, target lambda' y_i + (1 - lambda') y_k); for M = 1
-     the single-network Mixup / CutMix baselines (`mixup`, `cutmix`).
+     `pixel_augment(key, uint8 [B, M, H, W, 3]) -> float [B, M, H, W, 3]`
+     (AugMix) then runs on the member inputs, one draw per (row, member),
+     with its own key `fold_in(key, 4)`; with in-pixel CutMix the partners
+     x_k are augmented too, with an independent draw, before pasting (as
+     the MixMo authors do).
+  3. In-pixel mixing: for M > 1 CutMix (`cutmix_for_mixmo`) or Mixup
+     (`mixup_for_mixmo`): per member input with probability
+     `pixel_mix_prob`, partner from `partner_positions`, target
+     lambda' y_i + (1 - lambda') y_k, own sample predominant; for M = 1
+     the single-network Mixup / CutMix baselines (`mixup`, `cutmix`), by
+     `pixel_mix_rule`: 'per_sample' (the MixMo authors' runs, App. 6.7):
+     each sample mixed independently with probability `pixel_mix_prob`,
+     its own lambda ~ Beta(alpha, alpha) and box, the partner another
+     sample of the step (`partner_positions`, never the sample itself);
+     'batch' (Zhang et al. 2018 / Yun et al. 2019): every sample mixed, one
+     lambda (and box) and one permutation of the batch per step.
 
   Args:
     key: the step's key for data randomness.
@@ -366,9 +433,20 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     input_repetition: rho in [0, 1] (static).
     augment: `(key, images [..., H, W, 3]) -> same`, or None.
     augment_per_copy: augment after (True) or before (False) repeating.
-    pixel_mix: 'none', 'mixup' (M = 1 only) or 'cutmix'.
-    pixel_mix_prob: probability of CutMix per member input (M > 1).
+    pixel_augment: `(key, uint8 [..., H, W, 3]) -> float32 same shape` on
+      [0, 255] applied to the member inputs after `augment`, or None.
+    pixel_mix: 'none', 'mixup' or 'cutmix'.
+    pixel_mix_rule: 'per_sample' or 'batch', for M = 1 (see 3.).
+    pixel_mix_prob: probability of CutMix per member input (M > 1), of
+      mixing per sample (M = 1, 'per_sample').
     cutmix_alpha, mixup_alpha: Beta concentrations of lambda.
+    partner_images: uint8 [B, M, H, W, 3] or None, one partner x_k per
+      (copy position p, member m) drawn from the whole training set by the
+      host (`data.pipeline.partner_indices`); the input at (r, m) takes
+      partner [idx[r, m], m], after `augment` and `pixel_augment` with
+      their own keys.  None: partners are other samples of the step
+      (`partner_positions`).
+    partner_labels: int [B, M] with partner_images.
 
   Returns:
     xs float32 [B, M, H, W, 3] in [0, 255] (not normalised), and targets:
@@ -377,6 +455,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   if pixel_mix not in PIXEL_MIXES:
     raise ValueError(f'pixel_mix must be one of {PIXEL_MIXES}, got '
                      f'{pixel_mix!r}.')
+  if pixel_mix_rule not in PIXEL_MIX_RULES:
+    raise ValueError(f'pixel_mix_rule must be one of {PIXEL_MIX_RULES}, got '
+                     f'{pixel_mix_rule!r}.')
   k_aug, k_perm, k_pix, k_partner = jax.random.split(key, 4)
   crop = augment or (lambda k, x: x)
   if augment_per_copy:
@@ -386,20 +467,45 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   y = repeat_batch(labels, repetitions)
   batch = x.shape[0]
   idx = member_indices(k_perm, batch, num_members, input_repetition)  # [B, M]
-  xs = x[idx].astype(jnp.float32)  # Shape: [B, M, H, W, 3].
+  k_member_aug, k_partner_aug = jax.random.split(jax.random.fold_in(key, 4))
+  if pixel_augment is None:
+    pixel_augment = lambda k, v: v.astype(jnp.float32)
+  xs = pixel_augment(k_member_aug, x[idx])  # Shape: [B, M, H, W, 3].
+  xs = xs.astype(jnp.float32)
   targets = y[idx]  # Shape: [B, M].
-  if pixel_mix == 'cutmix' and num_members > 1:
-    q = partner_positions(k_partner, idx, images.shape[0], batch)
-    xs, targets = cutmix_for_mixmo(
-        k_pix, xs, targets, x[q].astype(jnp.float32), y[q], weights,
-        num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+  def partners_of(member_idx):
+    """(augmented x_k float, y_k) for member inputs idx [B, M']."""
+    if partner_images is None:
+      q = partner_positions(k_partner, member_idx, images.shape[0], batch)
+      px, py = x[q], y[q]
+    else:
+      cols = jnp.arange(member_idx.shape[1])[None, :]
+      px = partner_images[member_idx, cols]
+      py = partner_labels[member_idx, cols]
+      px = crop(jax.random.fold_in(key, 5), px)
+    return pixel_augment(k_partner_aug, px).astype(jnp.float32), py
+
+  if pixel_mix != 'none' and num_members > 1:
+    partners, partner_y = partners_of(idx)
+    if pixel_mix == 'cutmix':
+      xs, targets = cutmix_for_mixmo(
+          k_pix, xs, targets, partners, partner_y, weights,
+          num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+    else:
+      xs, targets = mixup_for_mixmo(
+          k_pix, xs, targets, partners, partner_y, num_classes,
+          prob=pixel_mix_prob, alpha=mixup_alpha)
   elif pixel_mix in ('cutmix', 'mixup'):
-    if num_members > 1:
-      raise ValueError('in-pixel Mixup is the single-network baseline '
-                       '(num_members=1).')
     onehot = jax.nn.one_hot(targets[:, 0], num_classes)
     fn, alpha = ((cutmix, cutmix_alpha) if pixel_mix == 'cutmix'
                  else (mixup, mixup_alpha))
-    x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
+    if pixel_mix_rule == 'batch':
+      x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
+    else:
+      partners, partner_y = partners_of(idx[:, :1])
+      x0, soft = fn(k_pix, xs[:, 0], onehot, alpha, prob=pixel_mix_prob,
+                    per_sample=True, partner_images=partners[:, 0],
+                    partner_onehot=jax.nn.one_hot(partner_y[:, 0],
+                                                  num_classes))
     xs, targets = x0[:, None], soft[:, None]
   return xs, targets
