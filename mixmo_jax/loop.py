@@ -9,7 +9,6 @@ loss (`progress.Reporter`).
 """
 import os
 import signal
-import time
 from typing import Any, Dict
 
 from absl import logging
@@ -94,36 +93,37 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     return {'step': start, 'preempted': True}
   logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
                jax.device_count())
-  for step in range(start, total):
-    waited = time.perf_counter()
-    batch = feeder.batch(step)
-    waited = time.perf_counter() - waited
-    state, step_metrics = step_fn(state, *batch)
-    done = step + 1
-    reporter.step(done, step_metrics, data_wait=waited)
-    if done == kill_after:
-      os.kill(os.getpid(), signal.SIGKILL)
-    epoch_end, last = done % spe == 0, done == total
-    epoch = done // spe
-    if done % config.log_every_steps == 0 or epoch_end:
-      reporter.flush(done, last_good)
-    if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
-      record, logits = evaluate(config, state, predict, test, mesh, done,
-                                epoch, with_logits=True)
-      checkpointing.fault_hook('eval', done)
-      reporter.evaluation(record, logits, test[1])
-      if jax.process_index() == 0:
-        wd.append_history(workdir, record)
-    stop = stopper.reached(ckpt, done)
-    if (epoch_end and epoch % config.checkpoint_every_epochs == 0) or last or stop:
-      reporter.flush(done, last_good)
-      ckpt.save(done, training.state_to_tree(state))
-      last_good = f'step {done} in {ckpt.directory}'
-    if stop:
-      logging.warning('Stopped by %s after step %d (checkpoint saved).',
-                      stopper.signal_name or 'preemption', done)
-      record = {'step': done, 'preempted': True}
-      break
+  # The next steps' batches are prepared and transferred while a step runs.
+  with feed.Prefetcher(feeder, start, total, depth=2) as batches:
+    for step in range(start, total):
+      batch, waited = batches.get(step)  # Prepared while the last step ran.
+      state, step_metrics = step_fn(state, *batch)
+      done = step + 1
+      reporter.step(done, step_metrics, data_wait=waited)
+      if done == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+      epoch_end, last = done % spe == 0, done == total
+      epoch = done // spe
+      if done % config.log_every_steps == 0 or epoch_end:
+        reporter.flush(done, last_good)
+      if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
+        record, logits = evaluate(config, state, predict, test, mesh, done,
+                                  epoch, with_logits=True)
+        checkpointing.fault_hook('eval', done)
+        reporter.evaluation(record, logits, test[1])
+        if jax.process_index() == 0:
+          wd.append_history(workdir, record)
+      stop = stopper.reached(ckpt, done)
+      save = epoch_end and epoch % config.checkpoint_every_epochs == 0
+      if save or last or stop:
+        reporter.flush(done, last_good)
+        ckpt.save(done, training.state_to_tree(state))
+        last_good = f'step {done} in {ckpt.directory}'
+      if stop:
+        logging.warning('Stopped by %s after step %d (checkpoint saved).',
+                        stopper.signal_name or 'preemption', done)
+        record = {'step': done, 'preempted': True}
+        break
   reporter.close(wd.read_history(workdir))
   ckpt.close()
   return record

@@ -353,3 +353,29 @@ def test_prefetcher_raises_the_thread_error_and_closes():
     pre.get(0)
   pre.close()
   assert not pre._thread.is_alive()
+
+
+def test_step_loop_needs_no_host_device_transfer():
+  """The train steps with prefetched batches run under jax's transfer guard:
+  nothing inside the step (schedule, p, keys, mixing) goes through the host;
+  the batches are explicit transfers, done by the prefetcher's thread."""
+  from mixmo_jax import data, feed, models, training
+  config = tiny_digits_config('cut_mixmo+cutmix')
+  mesh = sharding.make_mesh()
+  train_x, train_y = data.load_split(config, 'train')
+  feeder = feed.Feeder(config, train_x, train_y, mesh)
+  model = models.get_model(config)
+  state = training.create_train_state(config, model, 10, mesh)
+  step_fn = training.make_train_step(config, model, 10, mesh)
+  state, _ = step_fn(state, *feeder.batch(0))  # Compiles outside the guard.
+  with feed.Prefetcher(feeder, 1, 4, depth=2) as batches:
+    with jax.transfer_guard('disallow'):
+      for step in range(1, 4):
+        batch, _ = batches.get(step)
+        state, metrics = step_fn(state, *batch)
+    assert np.isfinite(jax.device_get(metrics['loss']))
+  # The guard is effective: a host batch (an implicit transfer) is refused.
+  host_batch = jax.device_get(feeder.batch(4))
+  with pytest.raises(Exception, match='[Dd]isallowed'):
+    with jax.transfer_guard('disallow'):
+      step_fn(state, *host_batch)
