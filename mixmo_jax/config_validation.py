@@ -276,8 +276,14 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 
 def _check_augment(c: _Checks):
   c.int_('augment.crop_padding', 0)
-  c.choice('augment.pixel_mix', _PIXEL_MIX)
-  c.choice('augment.pixel_mix_rule', ('per_sample', 'batch'))
+  mix = c.choice('augment.pixel_mix', _PIXEL_MIX)
+  rule = c.choice('augment.pixel_mix_rule', ('per_sample', 'batch'))
+  members = c.get('num_members')
+  if (rule == 'batch' and mix not in (None, 'none') and _is_int(members)
+      and members > 1):
+    c.fail('augment.pixel_mix_rule', rule, 'the batch-level rule is the '
+           'single-network baseline (num_members=1); with MixMo each member '
+           'input is mixed on its own (per_sample)')
   c.number('augment.pixel_mix_prob', 0.0, 1.0)
   c.number('augment.cutmix_alpha', 0.0, lo_open=True)
   c.number('augment.mixup_alpha', 0.0, lo_open=True)
