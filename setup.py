@@ -31,7 +31,7 @@ setuptools.setup(
     extras_require={
         "cuda12": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
-        "test": ["pytest", "nbformat", "nbclient", "ipykernel"],
+        "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel"],
         # experiments/benchmark.py --peer=torch (the CPU wheel is enough).
         "bench": ["torch"],
     },

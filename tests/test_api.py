@@ -58,16 +58,17 @@ def test_script_recipe_workdir_opens_everywhere(tmp_path, m, capsys):
   assert 'final: epoch 1 step 10' in out
   saved = json.load(open(os.path.join(workdir, 'config.json')))
   assert saved['mixing']['method'] == 'stripes'
-  # Evaluation and analysis in fresh processes, where 'stripes' is unknown.
-  done = _run('mixmo_jax.evaluate', f'--workdir={workdir}')
-  assert done.returncode == 0, done.stderr[-2000:]
-  result = json.load(open(os.path.join(workdir, 'eval.json')))
-  assert len(result['members']) == m
-  assert result['ensemble']['top1'] == pytest.approx(
-      record['ensemble']['top1'])
-  done = _run('mixmo_jax.analysis', f'--workdir={workdir}')
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert os.path.exists(os.path.join(workdir, 'utilisation.json'))
+  if m == 2:  # The fresh processes once (they do not depend on M).
+    # Evaluation and analysis in fresh processes, where 'stripes' is unknown.
+    done = _run('mixmo_jax.evaluate', f'--workdir={workdir}')
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.load(open(os.path.join(workdir, 'eval.json')))
+    assert len(result['members']) == m
+    assert result['ensemble']['top1'] == pytest.approx(
+        record['ensemble']['top1'])
+    done = _run('mixmo_jax.analysis', f'--workdir={workdir}')
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert os.path.exists(os.path.join(workdir, 'utilisation.json'))
   from mixmo_jax import predict
   model = predict.load(workdir)
   size = config.image_size

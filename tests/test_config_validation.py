@@ -100,8 +100,10 @@ CASES = {
     'unknown_ensemble': ({'evaluation.ensemble': 'mean'},
                          "evaluation.ensemble='mean'", 'logits, probs'),
     'eval_every_zero': ({'eval_every_epochs': 0}, 'eval_every_epochs=0', '>= 1'),
-    'mixup_with_mixmo': ({'augment.pixel_mix': 'mixup'},
-                         "augment.pixel_mix='mixup'", 'num_members=1'),
+    'batch_rule_with_mixmo': ({'augment.pixel_mix': 'mixup',
+                               'augment.pixel_mix_rule': 'batch'},
+                              "augment.pixel_mix_rule='batch'",
+                              'num_members=1'),
 }
 
 

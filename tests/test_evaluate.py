@@ -447,10 +447,11 @@ def test_registered_metric_reaches_eval_json_table_and_cifar_c(
 def test_table_prints_both_temperatures(evaluated):
   result = evaluated[0]
   t_a, t_b = result['calibration']['temperatures']
-  ts_line = [l for l in report.format_table(result).splitlines()
-             if l.startswith('  (TS)')][0]
-  assert f'{t_a:.4g}, {t_b:.4g}' in ts_line
+  lines = report.format_table(result).splitlines()
+  ts_line = [l for l in lines if l.startswith('  (TS)')][0]
   assert f'temperature {result["ensemble"]["temperature"]:.4g}' in ts_line
+  halves = [l for l in lines if 'cross-fitted halves' in l][0]
+  assert f'A {t_a:.4g}' in halves and f'B {t_b:.4g}' in halves
   header = report.format_table(result).splitlines()[1].split()
   assert header == ['top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace']
 

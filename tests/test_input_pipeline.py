@@ -266,15 +266,20 @@ def test_cifar100_fine_labels_from_manual_archive(no_probe, tmp_path):
 
 
 def test_cifar_manual_pickle_rejects_code(no_probe, tmp_path):
+  marker = tmp_path / 'code_ran'
+
   class Evil:
     def __reduce__(self):
-      return (os.system, ('true',))
+      return (os.mkdir, (str(marker),))
   _write_tar(tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python',
              {'train': Evil(), 'test': Evil()})
   config = make_config(dataset='cifar100', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path))
-  with pytest.raises(pickle.UnpicklingError):
+  with pytest.raises(data_lib.DatasetUnavailableError) as err:
     data_lib.load_split(config, 'test')
+  assert 'UnpicklingError' in str(err.value) and 'damaged' in str(err.value)
+  assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+  assert not marker.exists()
 
 
 # ------------------------------------------------------------------ order

@@ -105,3 +105,20 @@ def test_the_graph_is_read(graph):
   assert f'{PACKAGE}.mixmo.blocks' in graph
   assert f'{PACKAGE}.mixmo.masks' in graph[f'{PACKAGE}.mixmo.blocks']
   assert f'{PACKAGE}.training' in graph[f'{PACKAGE}.loop']
+
+
+def test_importing_the_package_starts_no_backend():
+  # An array built at import time starts the XLA backend: after it,
+  # jax.distributed.initialize refuses to run and the platform's XLA flags
+  # (mixmo_jax.platform) no longer apply. Checked in a fresh interpreter.
+  import subprocess
+  import sys
+  code = ('import importlib, pkgutil, mixmo_jax\n'
+          'for m in pkgutil.walk_packages(mixmo_jax.__path__, "mixmo_jax."):\n'
+          '  importlib.import_module(m.name)\n'
+          'from jax._src import xla_bridge\n'
+          'started = sorted(xla_bridge._backends)\n'
+          'assert not started, f"importing mixmo_jax started {started}"\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]

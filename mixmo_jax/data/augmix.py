@@ -136,30 +136,33 @@ def _histograms(image):
   return jax.vmap(lambda c: jnp.zeros(256, jnp.int32).at[c].add(1))(channels)
 
 
-_VALUES = jnp.arange(256, dtype=jnp.int32)
+def _values():
+  """The 256 grey levels, int32 [256] (built on use: no device array at import)."""
+  return jnp.arange(256, dtype=jnp.int32)
 
 
 # ------------------------------------------------------ point operations --
 
 def _identity_lut():
-  return jnp.broadcast_to(_VALUES, (3, 256))
+  return jnp.broadcast_to(_values(), (3, 256))
 
 
 def _invert_lut():
-  return jnp.broadcast_to(255 - _VALUES, (3, 256))
+  return jnp.broadcast_to(255 - _values(), (3, 256))
 
 
 def _posterize_lut(bits):
   """Keeps the `bits` high bits: v & ~(2 ** (8 - bits) - 1) (PIL)."""
   bits = jnp.clip(jnp.asarray(bits).astype(jnp.int32), 0, 8)
   mask = 255 - (jnp.left_shift(1, 8 - bits) - 1)
-  return jnp.broadcast_to(_VALUES & mask, (3, 256))
+  return jnp.broadcast_to(_values() & mask, (3, 256))
 
 
 def _solarize_lut(threshold):
   """v if v < threshold else 255 - v (PIL; the threshold may be a float)."""
-  values = jnp.where(_VALUES.astype(jnp.float32) < threshold, _VALUES,
-                     255 - _VALUES)
+  values = _values()
+  values = jnp.where(values.astype(jnp.float32) < threshold, values,
+                     255 - values)
   return jnp.broadcast_to(values, (3, 256))
 
 
@@ -178,7 +181,7 @@ def _equalize_lut(hist):
   safe_step = jnp.maximum(step, 1)
   below = jnp.cumsum(hist) - hist
   lut = jnp.minimum((safe_step // 2 + below) // safe_step, 255)
-  return jnp.where(trivial, _VALUES, lut)
+  return jnp.where(trivial, _values(), lut)
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,12 +219,12 @@ def _autocontrast_lut(hist):
   lo = jnp.argmax(occupied)
   hi = 255 - jnp.argmax(occupied[::-1])
   span = jnp.maximum(hi - lo, 1)
-  exact = jnp.floor_divide((_VALUES - lo) * 255, span)
+  exact = jnp.floor_divide((_values() - lo) * 255, span)
   keys = jnp.asarray(_autocontrast_exceptions())
-  key = lo * 65536 + hi * 256 + _VALUES
+  key = lo * 65536 + hi * 256 + _values()
   pos = jnp.clip(jnp.searchsorted(keys, key), 0, keys.shape[0] - 1)
   lut = jnp.clip(exact - (keys[pos] == key).astype(jnp.int32), 0, 255)
-  return jnp.where(hi <= lo, _VALUES, lut)
+  return jnp.where(hi <= lo, _values(), lut)
 
 
 def identity(images):
