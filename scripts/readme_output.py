@@ -1,7 +1,7 @@
 """Regenerates the README's quickstart output from a real run.
 
     python scripts/readme_output.py             # trains + evaluates, rewrites
-    python scripts/readme_output.py --notrain   # evaluates an existing workdir
+    python scripts/readme_output.py --no-train   # evaluates an existing workdir
 
 Runs the quickstart's two commands (training `configs/digits.py` into
 --workdir, then `python -m mixmo_jax.evaluate`), times the training, and
@@ -91,12 +91,12 @@ def main(argv=None) -> int:
   parser.add_argument('--readme', default=os.path.join(REPO, 'README.md'))
   parser.add_argument('--train', default=True,
                       action=argparse.BooleanOptionalAction,
-                      help='train first (default); --notrain reuses workdir')
+                      help='train first (default); --no-train reuses workdir')
   parser.add_argument('--eval_output', default=None,
                       help='a file holding the evaluation\'s printed output '
                       '(skips both commands; with --seconds)')
   parser.add_argument('--seconds', type=float, default=None,
-                      help='training time, with --eval_output or --notrain')
+                      help='training time, with --eval_output or --no-train')
   args = parser.parse_args(argv)
   seconds = args.seconds
   if args.eval_output:

@@ -146,8 +146,9 @@ def format_table(result: Dict[str, Any]) -> str:
   if best:
     lines.append(f'best epoch on test (optimistic, paper protocol, latest on '
                  f'ties): epoch {best["epoch"]} (step {best["step"]}) top1 '
-                 f'{_f(best["top1"], ".4f")} nll {_f(best.get("nll"))} '
-                 f'nll_c {_f(best.get("nll_c"))} ece {_f(best.get("ece"))}')
+                 f'{_f(best["top1"], ".4f")} nll {_f(best.get("nll"), ".4f")} '
+                 f'nll_c {_f(best.get("nll_c"), ".4f")} ece '
+                 f'{_f(best.get("ece"), ".4f")}')
   corr = result.get('corruptions')
   if corr:
     lines.append(f'corruptions ({len(corr["evaluated"])} of '
