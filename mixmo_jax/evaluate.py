@@ -40,7 +40,8 @@ evaluations give byte-identical files:
 
 --plots writes reliability.png (ensemble, before temperature scaling),
 member_vs_ensemble.png and, for a single run with eval_history.jsonl,
-training_curves.png in the folder of eval.json.
+training_curves.png in the folder of eval.json; `--plot_formats=png,pdf`
+adds a PDF (or svg) copy of each beside its PNG.
 
 Accuracies and ECE are fractions in [0, 1]. Exit codes: 0 success; 2 a
 missing or unusable input (workdir, config.json, checkpoint or step, runs
@@ -158,6 +159,8 @@ def define_flags() -> None:
                     'distribution, e.g. svhn_cropped,cifar10 (their test '
                     'split); writes eval.json["ood"][name].')
   flags.DEFINE_bool('plots', False, 'Write PNG figures next to eval.json.')
+  flags.DEFINE_list('plot_formats', ['png'], 'With --plots: formats of each '
+                    'figure, png plus pdf and/or svg (e.g. png,pdf).')
   flags.DEFINE_string('output', None, 'eval.json path (or folder); default '
                       'WORKDIR/eval.json.')
   flags.DEFINE_integer('eval_batch_size', None, 'Override of '
@@ -178,6 +181,13 @@ def main(argv):
   args = flags.FLAGS
   if not args.workdir:
     cli.fail('--workdir is required')
+  if args.plots:  # Checked before any work; matplotlib only when asked for.
+    from mixmo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+    allowed = ('png',) + plots.EXTRA_FORMATS_ALLOWED
+    bad = [f for f in args.plot_formats if f not in allowed]
+    if bad:
+      cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {bad} not '
+               f'allowed; allowed: {", ".join(allowed)}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
   try:
     result, logits, labels = run_evaluation(
@@ -200,9 +210,13 @@ def main(argv):
     print(f'wrote {path}')
     if args.plots:
       history = workdirs[0] if len(workdirs) == 1 else None
-      for png in write_plots(result, logits, labels,
-                             os.path.dirname(os.path.abspath(path)), history):
-        print(f'wrote {png}')
+      extra = [f for f in args.plot_formats if f != 'png']
+      with plots.extra_formats(extra):
+        for png in write_plots(result, logits, labels,
+                               os.path.dirname(os.path.abspath(path)),
+                               history):
+          print(f'wrote {png}' + ''.join(
+              f' and {os.path.splitext(png)[0]}.{e}' for e in extra))
 
 
 if __name__ == '__main__':

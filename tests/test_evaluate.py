@@ -464,7 +464,7 @@ def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
   workdir = _copy_run(digits_workdir, tmp_path / 'run')
   proc = subprocess.run(
       [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={workdir}',
-       '--plots', f'--corruptions={cifar_c[0]}',
+       '--plots', '--plot_formats=png,pdf', f'--corruptions={cifar_c[0]}',
        f'--eval_batch_size={EVAL_BATCH}'],
       cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -474,10 +474,25 @@ def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
   for name in ('reliability.png', 'member_vs_ensemble.png',
                'training_curves.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
+    with open(os.path.join(workdir, name[:-4] + '.pdf'), 'rb') as f:
+      assert f.read(5) == b'%PDF-', name  # The vector copy beside the PNG.
   # Same numbers as in process (the workdir path differs).
   expected = dict(evaluated[0], workdirs=[os.path.abspath(workdir)],
                   corruptions=corruption_result)
   assert result == json.loads(workdir_lib.to_json(expected))
+
+
+def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
+  missing = str(tmp_path / 'no_such_run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}',
+       '--plots', '--plot_formats=png,jpg'],
+      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1] == ("error: --plot_formats=png,jpg: ['jpg'] not allowed; "
+                       'allowed: png, pdf, svg')
+  assert not os.path.exists(missing)
 
 
 def test_cli_missing_workdir_exits_2(tmp_path):

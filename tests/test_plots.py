@@ -58,6 +58,21 @@ def test_reliability_diagram(tmp_path, run):
   _check_png(path, plots.FIGSIZES['reliability_diagram'])
 
 
+def test_extra_formats_write_vector_copies_beside_the_png(tmp_path, run):
+  z, labels, _ = run
+  log_probs = metrics.ensemble_log_probs(z)
+  with plots.extra_formats(['png', 'pdf', 'svg']):
+    path = plots.reliability_diagram(log_probs, labels, tmp_path / 'rel.png')
+  _check_png(path, plots.FIGSIZES['reliability_diagram'])
+  assert (tmp_path / 'rel.pdf').read_bytes()[:5] == b'%PDF-'
+  assert b'<svg' in (tmp_path / 'rel.svg').read_bytes()[:2000]
+  plots.reliability_diagram(log_probs, labels, tmp_path / 'after.png')
+  assert not (tmp_path / 'after.pdf').exists()  # Only inside the block.
+  with pytest.raises(ValueError, match="'jpg'"):
+    with plots.extra_formats(['jpg']):
+      pass
+
+
 def test_member_vs_ensemble_and_write_evaluation_plots(tmp_path, run):
   z, labels, result = run
   path = plots.member_vs_ensemble(result, tmp_path / 'm.png')

@@ -3,11 +3,13 @@
 Every function draws on a fresh `matplotlib.figure.Figure` rendered by the Agg
 canvas (no pyplot, no global backend switch, safe in scripts and tests),
 writes one PNG of exactly figsize * DPI pixels at `path` (parent folders are
-created) and returns `path` as a str.
+created; inside `extra_formats(['pdf'])` also a PDF of the same name) and
+returns `path` as a str.
 
 Shapes: N examples, M members, C classes, K gallery rows, H, W image size,
 h, w mask size.
 """
+import contextlib
 import math
 import os
 
@@ -34,12 +36,40 @@ def _new_figure(figsize):
   return fig
 
 
+# Formats written beside each PNG (same name, other suffix); `extra_formats`.
+_EXTRA_FORMATS = []
+EXTRA_FORMATS_ALLOWED = ('pdf', 'svg')
+
+
+@contextlib.contextmanager
+def extra_formats(names):
+  """Within the block, every figure is also written as each of `names`
+  ('pdf', 'svg': vector copies for a paper), beside its PNG.
+
+  Raises:
+    ValueError: a format outside EXTRA_FORMATS_ALLOWED.
+  """
+  names = [n for n in names if n != 'png']
+  bad = sorted(set(names) - set(EXTRA_FORMATS_ALLOWED))
+  if bad:
+    raise ValueError(f'plot formats {bad} not allowed; allowed: png, '
+                     f'{", ".join(EXTRA_FORMATS_ALLOWED)}')
+  saved = list(_EXTRA_FORMATS)
+  _EXTRA_FORMATS[:] = names
+  try:
+    yield
+  finally:
+    _EXTRA_FORMATS[:] = saved
+
+
 def _save(fig, path):
   path = os.fspath(path)
   folder = os.path.dirname(path)
   if folder:
     os.makedirs(folder, exist_ok=True)
   fig.savefig(path, dpi=DPI, format='png')
+  for extension in _EXTRA_FORMATS:
+    fig.savefig(f'{os.path.splitext(path)[0]}.{extension}', format=extension)
   return path
 
 
