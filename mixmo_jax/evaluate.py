@@ -182,7 +182,7 @@ def main(argv):
   if not args.workdir:
     cli.fail('--workdir is required')
   if args.plots:  # Checked before any work; matplotlib only when asked for.
-    from mixmo_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+    from mixmo_jax.evaluation import plots
     allowed = ('png',) + plots.EXTRA_FORMATS_ALLOWED
     bad = [f for f in args.plot_formats if f not in allowed]
     if bad:

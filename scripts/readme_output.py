@@ -1,7 +1,7 @@
 """Regenerates the README's quickstart output from a real run.
 
     python scripts/readme_output.py             # trains + evaluates, rewrites
-    python scripts/readme_output.py --no-train   # evaluates an existing workdir
+    python scripts/readme_output.py --no-train  # evaluates an existing workdir
 
 Runs the quickstart's two commands (training `configs/digits.py` into
 --workdir, then `python -m mixmo_jax.evaluate`), times the training, and

@@ -137,7 +137,7 @@ def _histograms(image):
 
 
 def _values():
-  """The 256 grey levels, int32 [256] (built on use: no device array at import)."""
+  """The 256 grey levels, int32 [256] (built on use: no array at import)."""
   return jnp.arange(256, dtype=jnp.int32)
 
 
