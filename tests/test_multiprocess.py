@@ -26,8 +26,12 @@ def _free_port():
 
 def test_two_processes_agree_with_one():
   port = _free_port()
+  # No persistent compilation cache in the workers: one process loading a
+  # cached program while the other compiles its own has been seen to hang
+  # their first collective.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_ENABLE_COMPILATION_CACHE='false')
   worker = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
   procs = [subprocess.Popen(
       [sys.executable, worker, str(port), str(i), '2', str(STEPS)], env=env,
