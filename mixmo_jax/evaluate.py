@@ -183,11 +183,10 @@ def main(argv):
     cli.fail('--workdir is required')
   if args.plots:  # Checked before any work; matplotlib only when asked for.
     from mixmo_jax.evaluation import plots
-    allowed = ('png',) + plots.EXTRA_FORMATS_ALLOWED
-    bad = [f for f in args.plot_formats if f not in allowed]
-    if bad:
-      cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {bad} not '
-               f'allowed; allowed: {", ".join(allowed)}')
+    try:
+      extra = plots.check_formats(args.plot_formats)
+    except ValueError as e:
+      cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {e}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
   try:
     result, logits, labels = run_evaluation(
@@ -210,7 +209,6 @@ def main(argv):
     print(f'wrote {path}')
     if args.plots:
       history = workdirs[0] if len(workdirs) == 1 else None
-      extra = [f for f in args.plot_formats if f != 'png']
       with plots.extra_formats(extra):
         for png in write_plots(result, logits, labels,
                                os.path.dirname(os.path.abspath(path)),

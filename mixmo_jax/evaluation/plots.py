@@ -41,6 +41,19 @@ _EXTRA_FORMATS = []
 EXTRA_FORMATS_ALLOWED = ('pdf', 'svg')
 
 
+def check_formats(names):
+  """The formats of `names` besides 'png'.
+
+  Raises:
+    ValueError: a format that is not png or in EXTRA_FORMATS_ALLOWED.
+  """
+  bad = [n for n in names if n != 'png' and n not in EXTRA_FORMATS_ALLOWED]
+  if bad:
+    raise ValueError(f'{bad} not allowed; allowed: png, '
+                     f'{", ".join(EXTRA_FORMATS_ALLOWED)}')
+  return [n for n in names if n != 'png']
+
+
 @contextlib.contextmanager
 def extra_formats(names):
   """Within the block, every figure is also written as each of `names`
@@ -49,11 +62,7 @@ def extra_formats(names):
   Raises:
     ValueError: a format outside EXTRA_FORMATS_ALLOWED.
   """
-  names = [n for n in names if n != 'png']
-  bad = sorted(set(names) - set(EXTRA_FORMATS_ALLOWED))
-  if bad:
-    raise ValueError(f'plot formats {bad} not allowed; allowed: png, '
-                     f'{", ".join(EXTRA_FORMATS_ALLOWED)}')
+  names = check_formats(names)
   saved = list(_EXTRA_FORMATS)
   _EXTRA_FORMATS[:] = names
   try:
