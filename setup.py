@@ -15,11 +15,12 @@ setuptools.setup(
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10",
         "ml-collections>=1.1",
-        "clu>=0.0.12",
-        # clu's TensorBoard writers import TensorFlow (the CPU build is enough;
-        # it has no macOS wheels, where the regular build is used).
+        # TFDS prepares the image datasets (CIFAR, Tiny ImageNet) with
+        # TensorFlow; training never imports it (the CPU build is enough; it
+        # has no macOS wheels, where the regular build is used).
         "tensorflow-cpu>=2.20; sys_platform == 'linux'",
         "tensorflow>=2.20; sys_platform != 'linux'",
+        # Its protocol buffers: mixmo_jax/events.py writes the event files.
         "tensorboard",
         "importlib_resources",
         "pillow",

@@ -9,7 +9,7 @@ The method itself is `mixmo_jax.mixmo`; see the README's code map.
 import logging as _logging
 import os as _os
 
-# TensorFlow (clu's TensorBoard writers, TFDS) prints oneDNN / absl C++
+# TensorFlow (TFDS preparing a dataset) prints oneDNN / absl C++
 # INFO and WARNING lines at import: noise for a training run. Must be set
 # before TensorFlow is imported; a value the user set is kept. TensorFlow
 # computes nothing of the model here (JAX does), so its oneDNN kernels are

@@ -1,5 +1,6 @@
 """What a run reports: train metrics, evaluations, progress, to the console
-and TensorBoard (clu writers; only process 0 prints and writes event files).
+and TensorBoard (`events.EventWriter`; only process 0 prints and writes
+event files).
 
 Console (stdout, process 0):
   * a line at the first step (compile time) and then every
@@ -28,10 +29,10 @@ import time
 from typing import Any, Dict, List, Optional
 
 from absl import logging
-from clu import metric_writers
 import jax
 import numpy as np
 
+from mixmo_jax import events
 from mixmo_jax.evaluation import metrics
 
 # Flattened eval-record entries that are not results (never TensorBoard
@@ -156,11 +157,8 @@ class Reporter:
     self.spe = steps_per_epoch
     self.config = config
     self.lead = jax.process_index() == 0
-    # Event files only (clu's default writer would also log every scalar
-    # line through absl, doubling the console); nothing on processes > 0.
-    self.writer = (metric_writers.AsyncWriter(
-        metric_writers.SummaryWriter(workdir)) if self.lead
-                   else metric_writers.MultiWriter([]))
+    # Event files only, nothing on processes > 0.
+    self.writer = events.EventWriter(workdir if self.lead else None)
     self.stream = sys.stdout if stream is None else stream
     self.images = images
     self.pending: List[Dict[str, Any]] = []
@@ -328,5 +326,5 @@ class Reporter:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
-    self.writer.flush()
+    self.writer.close()
     self._print(self.summary(history))

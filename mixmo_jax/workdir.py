@@ -13,7 +13,7 @@
                             STEP/config/metadata is the run's config as JSON
                             (`stored_config`)
       checkpoints_corrupt/  checkpoints that failed to verify, moved aside
-      events.out.tfevents.* TensorBoard (clu)
+      events.out.tfevents.* TensorBoard (owned by `events`)
 
 Every write is atomic (a temporary file renamed over the target), so a kill
 leaves the old or the new content, never a mix.  Only process 0 writes.

@@ -596,7 +596,7 @@ def flatten_metrics(tree, prefix='', sep='/'):
   Dict keys and list indices are joined with `sep`. Only numeric leaves
   (int, float, NumPy / jax scalars; ints stay int, others become float) are
   kept; None, strings and booleans are
-  dropped, so the result can go straight to a clu writer's `write_scalars`.
+  dropped, so the result can go straight to an event writer's `write_scalars`.
   Already flat dicts pass through unchanged.
   """
   flat = {}
