@@ -14,7 +14,8 @@ needed. Numbers quoted in the README come from this script.
 Also printed: model FLOPs per step (XLA cost analysis), achieved FLOP/s and
 the fraction of the chip's peak (MFU, experiments/peak_flops.py; GPUs and
 TPUs only), the device's peak memory and, on accelerators, the largest batch
-that fits (doubling search, `--max_batch`).
+that fits (doubling search, `--max_batch`), and with `--profile=N` the N
+most expensive HLO ops of the Cut-MixMo step (experiments/op_profile.py).
 
 Side by side with PyTorch (`pip install -e .[bench]`):
 
@@ -45,7 +46,7 @@ from mixmo_jax import (config_validation, data, feed, models, sharding,
                        training)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
-from experiments import peak_flops
+from experiments import op_profile, peak_flops
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement.')
@@ -57,6 +58,10 @@ _PEER_NETS = flags.DEFINE_list('peer_nets', ['16-4'], 'WRN depth-width pairs '
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds for --peer.')
 _PEER_ONLY = flags.DEFINE_bool('peer_only', False, 'With --peer: skip the '
                                'other measurements.')
+_PROFILE = flags.DEFINE_integer(
+    'profile', 0, 'Also print the N most expensive HLO ops of the Cut-MixMo '
+    'train step (jax.profiler trace of --steps steps; experiments/'
+    'op_profile.py) and the totals per opcode; 0: no profile.')
 _MAX_BATCH = flags.DEFINE_integer(
     'max_batch', -1, 'Cap of the largest-batch search (doubling from '
     'batch_size); 0 skips it; -1: 65536 on accelerators, skipped on CPU.')
@@ -242,6 +247,15 @@ def main(argv):
           f'{temp:9.1f} {args:9.1f}')
   print(f'Cut-MixMo / MIMO step-time ratio: '
         f'{times["cut_mixmo"] / times["mimo"]:.3f}')
+  if _PROFILE.value:
+    step, compiled = _train_step_runner(_variants(config)['cut_mixmo'], mesh)
+    _time(step, 1)
+    ops = op_profile.profile(lambda: jax.block_until_ready(step()), compiled,
+                             _STEPS.value)
+    print(f'profile of the cut_mixmo step ({_STEPS.value} steps traced; '
+          'concurrent ops can sum past 100%):')
+    print(op_profile.format_table(ops, 1e3 * times['cut_mixmo'],
+                                  _PROFILE.value))
   eval_rate = bench_eval(config, mesh, _STEPS.value)
   print(f'eval: {eval_rate:.1f} img/s (batch {config.eval_batch_size})')
   num_test = data.get_dataset(config.dataset).num_test

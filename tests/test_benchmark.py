@@ -36,3 +36,33 @@ def test_platform_defaults_yield_to_the_user_and_can_be_disabled():
       f'--{k}={v}' for k, v in platform.default_flags().items()}
   env = {'MIXMO_XLA_DEFAULTS': '0', 'XLA_FLAGS': '--a=1'}
   assert platform.apply_defaults(env) == [] and env['XLA_FLAGS'] == '--a=1'
+
+
+def test_op_profile_finds_the_forward_and_gradient_convolutions():
+  """A conv layer's gradient step: its forward convolution (named by jax)
+  and its weight-gradient convolution appear with opcode 'convolution', and
+  the table prints."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from experiments import op_profile  # pylint: disable=import-outside-toplevel
+
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jax.nn.relu(y) ** 2)
+
+  fn = jax.jit(jax.value_and_grad(loss))
+  w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
+  compiled = fn.lower(w, x).compile()
+  known = op_profile.instructions(compiled.as_text())
+  assert {op for op, _ in known.values()} >= {'convolution'}
+  phases = [phase for op, phase in known.values() if op == 'convolution']
+  assert len(phases) == 2 and 'fwd' in phases, known
+  ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
+                           compiled, steps=2)
+  assert ops and all(op.name in known and op.ms >= 0 for op in ops)
+  assert [op.ms for op in ops] == sorted((op.ms for op in ops), reverse=True)
+  assert any(op.opcode == 'convolution' for op in ops)
+  table = op_profile.format_table(ops, step_ms=1.0, top=3)
+  assert table.splitlines()[0].split()[:2] == ['HLO', 'op']
+  assert 'totals per opcode' in table and 'all HLO ops' in table

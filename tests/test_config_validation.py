@@ -88,7 +88,7 @@ CASES = {
     'decay_epoch_at_end': ({'optimizer.decay_epochs': (2,)},
                            'optimizer.decay_epochs=(2,)', '< num_epochs=2'),
     'image_size_model_cannot_take': (
-        {'model.name': 'preact_resnet18'}, 'image_size=32', '[49, 112]'),
+        {'model.name': 'preact_resnet18'}, 'image_size=16', '[49, 112]'),
     'image_size_not_the_datasets': (
         {'dataset': 'cifar10', 'image_size': 64}, 'image_size=64', '32x32'),
     'num_classes_not_the_datasets': (

@@ -94,7 +94,7 @@ def test_nan_parameters_are_not_scored(run):
   restored = runs_lib.restore_run(run)
   nan = jax.tree.map(lambda x: x * jnp.nan, restored.variables)
   bad = runs_lib.Run(run, restored.config, nan, restored.step)
-  images = np.zeros((4, 32, 32, 3), np.uint8)
+  images = np.zeros((4, 16, 16, 3), np.uint8)
   mesh = sharding.local_mesh()
   with pytest.raises(runs_lib.NonFiniteOutputError) as err:
     runs_lib.predict_members([bad], images, mesh)
@@ -217,6 +217,7 @@ def test_failed_start_leaves_the_workdir_fresh(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   config = tiny_digits_config()
   config.dataset, config.num_classes = 'cifar10', 10
+  config.image_size, config.augment.crop_padding = 32, 4
   config.manual_dir = str(tmp_path / 'nowhere')
   with pytest.raises(data.DatasetUnavailableError):
     api.train(config, workdir)
@@ -275,6 +276,7 @@ def test_corrupt_cifar_archive_is_one_line(tmp_path, monkeypatch, damage):
                         else blob)
   config = tiny_digits_config()
   config.dataset, config.num_classes = 'cifar10', 10
+  config.image_size, config.augment.crop_padding = 32, 4
   config.manual_dir = str(manual)
   with pytest.raises(data.DatasetUnavailableError) as err:
     data.load_split(config, 'test')
@@ -291,6 +293,7 @@ def test_offline_message_shows_the_flag(tmp_path, monkeypatch):
   monkeypatch.setattr(cifar, '_try_prepared', lambda *a: None)
   config = tiny_digits_config()
   config.dataset, config.num_classes = 'cifar10', 10
+  config.image_size, config.augment.crop_padding = 32, 4
   with pytest.raises(data.DatasetUnavailableError) as err:
     data.load_split(config, 'test')
   assert '--config.manual_dir=FOLDER' in str(err.value)

@@ -131,11 +131,11 @@ def test_chunking_matches_one_batch(predictor, images, out):
 
 
 @pytest.mark.parametrize('shape,dtype,match', [
-    ((2, 28, 28, 3), np.uint8, r'expected images of shape \[B, 32, 32, 3\], '
+    ((2, 28, 28, 3), np.uint8, r'expected images of shape \[B, 16, 16, 3\], '
                                r'got \[2, 28, 28, 3\]'),
-    ((2, 32, 32, 1), np.uint8, r'got \[2, 32, 32, 1\]'),
-    ((32, 32, 3), np.uint8, r'got \[32, 32, 3\]'),
-    ((2, 32, 32, 3), np.int32, 'dtype int32'),
+    ((2, 16, 16, 1), np.uint8, r'got \[2, 16, 16, 1\]'),
+    ((16, 16, 3), np.uint8, r'got \[16, 16, 3\]'),
+    ((2, 16, 16, 3), np.int32, 'dtype int32'),
 ])
 def test_wrong_inputs(predictor, shape, dtype, match):
   with pytest.raises(ValueError, match=match) as info:
@@ -149,7 +149,7 @@ def test_float_images_outside_unit_range(predictor, images):
 
 
 def test_empty_batch(predictor):
-  result = predictor(np.zeros((0, 32, 32, 3), np.uint8))
+  result = predictor(np.zeros((0, 16, 16, 3), np.uint8))
   assert result['probs'].shape == (0, 10)
   assert result['logits'].shape == (0, 2, 10)
 

@@ -457,6 +457,7 @@ def test_missing_dataset_fails_fast_before_training(tmp_path, monkeypatch):
   manual_dir.mkdir()
   config = tiny_digits_config()
   config.dataset, config.num_classes = 'cifar10', 10
+  config.image_size, config.augment.crop_padding = 32, 4
   config.data_dir, config.manual_dir = str(data_dir), str(manual_dir)
   workdir = tmp_path / 'run'
   start = time.time()

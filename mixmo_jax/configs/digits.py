@@ -1,8 +1,10 @@
 """scikit-learn's handwritten digits: the embedded offline dataset.
 
 1,797 real 8x8 digits, a seeded stratified 80/20 split (1,437 / 360), resized
-to 32x32 with 3 channels so the CIFAR networks run unchanged.
-A small WRN-10-2 trains in a few minutes on 2 CPU cores:
+to 16x16 with 3 channels (the CIFAR networks run unchanged on any size; 16
+is twice the digits' own resolution and a quarter of 32x32's compute), random
+crops padded by 2 (CIFAR's 4 at 32). A small WRN-10-2 trains in about a
+minute and a half on 2 CPU cores:
 
   python -m mixmo_jax.main --config=configs/digits.py --workdir=/tmp/digits
   python -m mixmo_jax.evaluate --workdir=/tmp/digits
@@ -16,6 +18,8 @@ def get_config(arg=None):
   config = base.base_config()
   config.dataset = 'digits'
   config.num_classes = 10
+  config.image_size = 16
+  config.augment.crop_padding = 2
   config.image_mean = (0.5, 0.5, 0.5)
   config.image_std = (0.5, 0.5, 0.5)
   config.batch_size = 64
