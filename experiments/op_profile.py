@@ -6,13 +6,18 @@
 `step()` runs the compiled program once and blocks; it is run `steps` times
 under `jax.profiler.trace`, whose Perfetto trace (`*.trace.json.gz`) holds
 one complete ('X') event per executed HLO instruction, named as in the
-optimized HLO (`compiled.as_text()`). Events are summed per instruction
-name (host-side events, which have no HLO name, are left out) and divided
-by `steps`. Each instruction gets its opcode and, from its metadata
+optimized HLO (`compiled.as_text()`). XLA's CPU runtime runs convolutions
+and dots asynchronously: their event only covers the launch, and a later
+'end: <name>' event marks the completion, so an op's time is from its event's
+start to the first matching 'end:' event's end (its own event's duration
+when there is none). Times are summed per instruction name (host-side
+events, which have no HLO name, are left out) and divided by `steps`;
+concurrent ops overlap, so the sum can pass the step time. Each instruction gets its opcode and, from its metadata
 op_name, its pass: 'bwd' when jax named it in a transposed computation
 ('transpose(jvp(...))'), 'fwd' otherwise, '-' when XLA's rewrites left it
 no metadata (the weight-gradient convolutions often).
 """
+import bisect
 import collections
 import glob
 import gzip
@@ -72,6 +77,28 @@ def _trace_events(folder: str) -> List[dict]:
   return data['traceEvents'] if isinstance(data, dict) else data
 
 
+def _durations(events: List[dict], known) -> Dict[str, List[float]]:
+  """{op name: [microseconds of each execution]}, launch to completion."""
+  starts = collections.defaultdict(list)
+  ends = collections.defaultdict(list)
+  for event in events:
+    if event.get('ph') != 'X':
+      continue
+    name = event.get('name', '')
+    if name in known:
+      starts[name].append((float(event['ts']), float(event.get('dur', 0.0))))
+    elif name.startswith('end: ') and name[5:] in known:
+      ends[name[5:]].append(float(event['ts']) + float(event.get('dur', 0.0)))
+  out = {}
+  for name, spans in starts.items():
+    done = sorted(ends.get(name, []))
+    out[name] = []
+    for ts, dur in sorted(spans):
+      i = bisect.bisect_left(done, ts)
+      out[name].append(done[i] - ts if i < len(done) else dur)
+  return out
+
+
 def profile(step: Callable[[], None], compiled, steps: int = 3) -> List[Op]:
   """Per-instruction milliseconds per step, largest first."""
   known = instructions(compiled.as_text())
@@ -81,9 +108,8 @@ def profile(step: Callable[[], None], compiled, steps: int = 3) -> List[Op]:
         step()
     events = _trace_events(folder)
   total_us = collections.Counter()
-  for event in events:
-    if event.get('ph') == 'X' and event.get('name') in known:
-      total_us[event['name']] += float(event.get('dur', 0.0))
+  for name, spans in _durations(events, known).items():
+    total_us[name] += sum(spans)
   ops = [Op(name, *known[name], us / 1e3 / steps)
          for name, us in total_us.items()]
   return sorted(ops, key=lambda op: -op.ms)
