@@ -15,8 +15,8 @@ setuptools.setup(
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10",
         "ml-collections>=1.1",
-        # TFDS prepares the image datasets (CIFAR, Tiny ImageNet) with
-        # TensorFlow; training never imports it (the CPU build is enough; it
+        # TFDS prepares and reads CIFAR, Tiny ImageNet and SVHN with
+        # TensorFlow; nothing else imports it (the CPU build is enough; it
         # has no macOS wheels, where the regular build is used).
         "tensorflow-cpu>=2.20; sys_platform == 'linux'",
         "tensorflow>=2.20; sys_platform != 'linux'",

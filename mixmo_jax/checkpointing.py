@@ -261,6 +261,18 @@ class Checkpointer:
     return None, 0
 
   def close(self):
+    # orbax starts removing leftover temporary folders in a thread when the
+    # manager is built and only waits for it in save(); close() does not. A
+    # run stopped before its first save (SIGINT during start-up) would exit
+    # under that thread, which then prints a traceback at interpreter
+    # shutdown. Wait for it here.
+    wait = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
+    if wait is not None:
+      try:
+        wait()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Cleaning temporary folders in %s failed: %s',
+                        self.directory, e)
     self.manager.close()
 
 

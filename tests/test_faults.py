@@ -430,6 +430,21 @@ def test_ten_kills_end_bit_identical_to_an_uninterrupted_run(chain):
     assert a.read() == b.read()  # No duplicate or orphan evaluation line.
 
 
+def test_close_waits_for_the_temporary_folder_cleanup(tmp_path):
+  """orbax removes leftover `<step>.orbax-checkpoint-tmp` folders in a
+  thread; a Checkpointer closed before any save (a run stopped during
+  start-up) waits for it, so the process never exits under that thread
+  (a traceback at shutdown) and the leftover is gone."""
+  workdir = str(tmp_path / 'run')
+  tmp = os.path.join(workdir, wd.CHECKPOINTS, '4.orbax-checkpoint-tmp')
+  os.makedirs(os.path.join(tmp, 'state'))
+  for _ in range(3):
+    ckpt = checkpointing.Checkpointer(workdir)
+    ckpt.close()
+    assert not os.path.exists(tmp)
+    os.makedirs(os.path.join(tmp, 'state'))
+
+
 def test_sigint_saves_and_exits_0(tmp_path):
   """Ctrl-C is handled like SIGTERM: a checkpoint of the current step."""
   import signal, time  # pylint: disable=g-import-not-at-top
