@@ -66,3 +66,26 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   table = op_profile.format_table(ops, step_ms=1.0, top=3)
   assert table.splitlines()[0].split()[:2] == ['HLO', 'op']
   assert 'totals per opcode' in table and 'all HLO ops' in table
+
+
+def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
+  """experiments/conv_peer.py: the jax step's gradients have the layer's
+  shapes; with torch installed (`.[bench]`), torch's weight gradient of the
+  same loss on the same data equals jax's."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from experiments import conv_peer  # pylint: disable=import-outside-toplevel
+  gx, gw = conv_peer.jax_step(2, 4, 3)()
+  assert gx.shape == (2, 4, 4, 3) and gw.shape == (3, 3, 3, 3)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+  w = 0.01 * rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+  tx = torch.tensor(x.transpose(0, 3, 1, 2))
+  tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)  # OIHW
+  y = torch.nn.functional.conv2d(tx, tw, padding=1)
+  (0.5 * (y * y).sum()).backward()
+  np.testing.assert_allclose(tw.grad.numpy().transpose(2, 3, 1, 0),
+                             np.asarray(gw), rtol=1e-4, atol=1e-6)

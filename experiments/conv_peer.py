@@ -1,0 +1,96 @@
+"""One 3x3 convolution, forward and both gradients, in XLA and in PyTorch.
+
+  python -m experiments.conv_peer --rounds=3 --steps=5
+
+The layers of a WRN's three stages (batch 64, C -> C channels, stride 1,
+'SAME' padding, no bias): loss = sum(conv(x, w)^2) / 2, gradients with
+respect to x and w. The two frameworks are timed in alternating rounds in
+one process (medians), as in `experiments.benchmark --peer=torch`, and the
+ratio torch_time / jax_time is printed (> 1: XLA is faster). This isolates
+the convolution kernels from everything else of a training step: if a
+single layer is slower in XLA, the whole network is too, whatever the model
+code does. The XLA flag defaults of mixmo_jax.platform apply.
+"""
+import os
+import time
+
+from absl import app, flags
+import numpy as np
+
+from mixmo_jax import platform  # pylint: disable=g-bad-import-order
+
+platform.apply_defaults()  # XLA flags: before the backend starts.
+
+import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
+_BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
+# (spatial size, channels) of WRN-16-4's three stages.
+LAYERS = ((32, 64), (16, 128), (8, 256))
+
+
+def jax_step(batch, size, channels):
+  """A blocking call of the jitted forward + both gradients."""
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return 0.5 * jnp.sum(y * y)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)),
+                  jnp.float32)
+  w = jnp.asarray(0.01 * rng.standard_normal((3, 3, channels, channels)),
+                  jnp.float32)
+  return lambda: jax.block_until_ready(grad(x, w))
+
+
+def torch_step(batch, size, channels):
+  """The same computation in PyTorch (NCHW, its native layout)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  x = torch.randn(batch, channels, size, size, requires_grad=True)
+  conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+  def step():
+    x.grad, conv.weight.grad = None, None
+    y = conv(x)
+    (0.5 * (y * y).sum()).backward()
+
+  return step
+
+
+def _seconds(fn, steps):
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  print(f'3x3 conv, forward + both gradients, batch {_BATCH.value}; torch '
+        f'{torch.__version__} ({threads} threads) vs XLA (XLA_FLAGS='
+        f'{os.environ.get("XLA_FLAGS", "")!r}); {_ROUNDS.value} rounds of '
+        f'{_STEPS.value} calls')
+  print(f'{"layer":14s} {"jax ms":>8s} {"torch ms":>9s} {"torch/jax":>10s}')
+  for size, channels in LAYERS:
+    j = jax_step(_BATCH.value, size, channels)
+    t = torch_step(_BATCH.value, size, channels)
+    j(), t()  # Compile / warm up.
+    jax_times, torch_times = [], []
+    for _ in range(_ROUNDS.value):
+      jax_times.append(_seconds(j, _STEPS.value))
+      torch_times.append(_seconds(t, _STEPS.value))
+    tj, tt = float(np.median(jax_times)), float(np.median(torch_times))
+    layer = f'{size}x{size}x{channels}'
+    print(f'{layer:14s} {tj * 1e3:8.1f} {tt * 1e3:9.1f} {tt / tj:10.2f}',
+          flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
