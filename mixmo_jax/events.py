@@ -24,6 +24,7 @@ write (a full disk) is logged once and ends the event file; training and
 checkpoints go on.
 """
 import io
+import itertools
 import os
 import socket
 import struct
@@ -40,6 +41,8 @@ from tensorboard.compat.proto import types_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 
 _CRC32C_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected.
+# <n> of the file names: two writers of one process never share a file.
+_FILE_NUMBER = itertools.count()
 
 
 def _crc32c_table():
@@ -141,7 +144,7 @@ class EventWriter:
         os.makedirs(self.logdir, exist_ok=True)
         self.path = os.path.join(
             self.logdir, f'events.out.tfevents.{int(time.time())}.'
-            f'{socket.gethostname()}.{os.getpid()}.0')
+            f'{socket.gethostname()}.{os.getpid()}.{next(_FILE_NUMBER)}')
         self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
         self._file.write(record(event_pb2.Event(
             wall_time=time.time(),

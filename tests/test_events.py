@@ -76,6 +76,16 @@ def test_corrupt_record_is_detected_by_the_reader(tmp_path):
     _read(str(bad))
 
 
+def test_two_writers_of_one_process_write_two_files(tmp_path):
+  first, second = (events.EventWriter(str(tmp_path)) for _ in range(2))
+  first.write_scalars(1, {'a': 1.0})
+  second.write_scalars(1, {'a': 2.0})
+  first.close()
+  second.close()
+  assert first.path != second.path
+  assert [len(_read(w.path)) for w in (first, second)] == [2, 2]
+
+
 def test_no_file_before_the_first_write_and_none_for_other_processes(
     tmp_path):
   events.EventWriter(str(tmp_path)).close()
