@@ -61,7 +61,7 @@ _PEER_ONLY = flags.DEFINE_bool('peer_only', False, 'With --peer: skip the '
 _PROFILE = flags.DEFINE_integer(
     'profile', 0, 'Also print the N most expensive HLO ops of the Cut-MixMo '
     'train step (jax.profiler trace of --steps steps; experiments/'
-    'op_profile.py) and the totals per opcode; 0: no profile.')
+    'op_profile.py) and the totals per opcode; 0: no profile.', lower_bound=0)
 _MAX_BATCH = flags.DEFINE_integer(
     'max_batch', -1, 'Cap of the largest-batch search (doubling from '
     'batch_size); 0 skips it; -1: 65536 on accelerators, skipped on CPU.')

@@ -1,7 +1,7 @@
 """Where a compiled step's time goes: a per-HLO-op table from jax.profiler.
 
-  table = op_profile.profile(step, compiled, steps=3)
-  print(op_profile.format_table(table, top=15))
+  ops = op_profile.profile(step, compiled, steps=3)
+  print(op_profile.format_table(ops, step_ms, top=15))
 
 `step()` runs the compiled program once and blocks; it is run `steps` times
 under `jax.profiler.trace`, whose Perfetto trace (`*.trace.json.gz`) holds
@@ -12,10 +12,11 @@ and dots asynchronously: their event only covers the launch, and a later
 start to the first matching 'end:' event's end (its own event's duration
 when there is none). Times are summed per instruction name (host-side
 events, which have no HLO name, are left out) and divided by `steps`;
-concurrent ops overlap, so the sum can pass the step time. Each instruction gets its opcode and, from its metadata
-op_name, its pass: 'bwd' when jax named it in a transposed computation
-('transpose(jvp(...))'), 'fwd' otherwise, '-' when XLA's rewrites left it
-no metadata (the weight-gradient convolutions often).
+concurrent ops overlap, so the sum can pass the step time. Each instruction
+gets its opcode and, from its metadata op_name, its pass: 'bwd' when jax
+named it in a transposed computation ('transpose(jvp(...))'), 'fwd'
+otherwise, '-' when XLA's rewrites left it no metadata (the weight-gradient
+convolutions often).
 """
 import bisect
 import collections
@@ -85,6 +86,9 @@ def _durations(events: List[dict], known) -> Dict[str, List[float]]:
     if event.get('ph') != 'X':
       continue
     name = event.get('name', '')
+    # GPU kernels carry their HLO instruction in args; CPU events are named
+    # after it.
+    name = (event.get('args') or {}).get('hlo_op', name)
     if name in known:
       starts[name].append((float(event['ts']), float(event.get('dur', 0.0))))
     elif name.startswith('end: ') and name[5:] in known:
