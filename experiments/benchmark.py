@@ -23,9 +23,11 @@ Side by side with PyTorch (`pip install -e .[bench]`):
       --peer_nets=16-4,28-10 --rounds=5 --steps=2
 
 times the MIMO step of WRN-d-w (batch 64, b = 2) in mixmo_jax and in
-experiments/torch_peer.py INTERLEAVED in one process (rounds of `--steps`
-steps each, alternating), so machine drift hits both alike, and prints the
-medians and torch_time / jax_time (> 1: mixmo_jax is faster). The XLA flag
+experiments/torch_peer.py INTERLEAVED (rounds of `--steps` steps each,
+alternating), so machine drift hits both alike, and prints the medians and
+torch_time / jax_time (> 1: mixmo_jax is faster). Both run in this process;
+`--peer_process=own` runs the peer in a child process instead, which waits
+on a pipe while this one runs (experiments/peer_process.py). The XLA flag
 defaults of mixmo_jax.platform apply (override with XLA_FLAGS).
 """
 import copy
@@ -46,7 +48,7 @@ from mixmo_jax import (config_validation, data, feed, models, sharding,
                        training)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
-from experiments import op_profile, peak_flops
+from experiments import op_profile, peak_flops, peer_process
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement.')
@@ -58,6 +60,10 @@ _PEER_NETS = flags.DEFINE_list('peer_nets', ['16-4'], 'WRN depth-width pairs '
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds for --peer.')
 _PEER_ONLY = flags.DEFINE_bool('peer_only', False, 'With --peer: skip the '
                                'other measurements.')
+_PEER_PROCESS = flags.DEFINE_enum(
+    'peer_process', 'same', ['same', 'own'], 'With --peer: run the peer in '
+    'this process (default) or in its own (experiments/peer_process.py), so '
+    'that neither framework\'s thread pool can slow the other\'s rounds.')
 _PROFILE = flags.DEFINE_integer(
     'profile', 0, 'Also print the N most expensive HLO ops of the Cut-MixMo '
     'train step (jax.profiler trace of --steps steps; experiments/'
@@ -129,31 +135,49 @@ def _train_step_runner(config, mesh):
   return step, compiled
 
 
-def bench_peer(config, mesh, nets, rounds, steps):
-  """Interleaved MIMO steps of mixmo_jax and the torch peer; prints ratios."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+def _peer(c, separate):
+  """The torch peer of config `c`: in a child process or in this one."""
   threads = len(os.sched_getaffinity(0))
-  torch.set_num_threads(threads)
-  print(f'peer: torch {torch.__version__} ({threads} threads) vs mixmo_jax '
-        f'(XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); MIMO, batch '
-        f'{config.batch_size}, b {config.batch_repetitions}, M '
-        f'{config.num_members}, {rounds} rounds of {steps} steps')
-  print(f'{"net":10s} {"jax ms":>9s} {"torch ms":>9s} {"torch/jax":>10s}')
+  kwargs = dict(depth=c.model.depth, width=c.model.width,
+                num_classes=c.num_classes, num_members=c.num_members,
+                batch_size=c.batch_size, image_size=c.image_size,
+                threads=threads)
+  if separate:
+    return peer_process.PeerProcess('experiments.torch_peer:TorchStep',
+                                    **kwargs)
+  from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+  return torch_peer.TorchStep(**kwargs)
+
+
+def bench_peer(config, mesh, nets, rounds, steps, separate=False):
+  """Interleaved MIMO steps of mixmo_jax and the torch peer; prints ratios.
+
+  separate: the peer runs in its own process (experiments/peer_process.py),
+  else in this one.
+  """
   ratios = {}
-  for net in nets:
+  for i, net in enumerate(nets):
     depth, width = (int(v) for v in net.split('-'))
     c = copy.deepcopy(config)
     c.model.depth, c.model.width, c.mixing.method = depth, width, 'sum'
     jax_step, _ = _train_step_runner(c, mesh)
-    peer = torch_peer.TorchStep(depth, width, c.num_classes, c.num_members,
-                                c.batch_size, c.image_size)
+    peer = _peer(c, separate)
+    if i == 0:
+      where = 'own' if separate else 'this'
+      print(f'peer: {peer.about()}, {where} process, vs '
+            f'mixmo_jax (XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
+            f'MIMO, batch {config.batch_size}, b {config.batch_repetitions}, '
+            f'M {config.num_members}, {rounds} rounds of {steps} steps')
+      print(f'{"net":10s} {"jax ms":>9s} {"torch ms":>9s} '
+            f'{"torch/jax":>10s}')
     _time(jax_step, 1)  # Warm-up of both.
     peer.step()
     jax_times, torch_times = [], []
     for _ in range(rounds):
       jax_times.append(_time(jax_step, steps))
       torch_times.append(peer.time(steps))
+    if separate:
+      peer.close()
     j, t = float(np.median(jax_times)), float(np.median(torch_times))
     ratios[net] = t / j
     print(f'WRN-{net:6s} {j * 1e3:9.0f} {t * 1e3:9.0f} {t / j:10.2f}',
@@ -219,7 +243,8 @@ def main(argv):
   mesh = sharding.make_mesh()
   device = jax.devices()[0]
   if _PEER.value:
-    bench_peer(config, mesh, _PEER_NETS.value, _ROUNDS.value, _STEPS.value)
+    bench_peer(config, mesh, _PEER_NETS.value, _ROUNDS.value, _STEPS.value,
+               separate=_PEER_PROCESS.value == 'own')
     if _PEER_ONLY.value:
       return
   print(f'{config.model.name} depth {config.model.depth} width '

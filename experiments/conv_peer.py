@@ -10,6 +10,14 @@ ratio torch_time / jax_time is printed (> 1: XLA is faster). This isolates
 the convolution kernels from everything else of a training step: if a
 single layer is slower in XLA, the whole network is too, whatever the model
 code does. The XLA flag defaults of mixmo_jax.platform apply.
+
+  python -m experiments.conv_peer --parts
+
+times the three parts separately instead (forward y = conv(x, w), input
+gradient dx, weight gradient dw, each its own jitted program; torch's
+`conv2d`, `nn.grad.conv2d_input` and `nn.grad.conv2d_weight`), for the
+same layers plus WRN-16-4's stride-2 layer (32x32x128 -> 16x16x128, the
+second conv of stage 2's first block).
 """
 import os
 import time
@@ -29,6 +37,10 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 # (spatial size, channels) of WRN-16-4's three stages.
 LAYERS = ((32, 64), (16, 128), (8, 256))
+_PARTS = flags.DEFINE_bool('parts', False, 'Time forward, input gradient '
+                           'and weight gradient separately.')
+# (spatial size, channels, stride) for --parts.
+PART_LAYERS = ((32, 64, 1), (16, 128, 1), (8, 256, 1), (32, 128, 2))
 
 
 def jax_step(batch, size, channels):
@@ -61,6 +73,52 @@ def torch_step(batch, size, channels):
   return step
 
 
+def jax_parts(batch, size, channels, stride):
+  """{'fwd', 'dx', 'dw'}: blocking calls of the three jitted programs."""
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)),
+                  jnp.float32)
+  w = jnp.asarray(0.01 * rng.standard_normal((3, 3, channels, channels)),
+                  jnp.float32)
+  dy = jnp.ones_like(conv(x, w))
+  fwd = jax.jit(conv)
+  dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+  dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  return {'fwd': lambda: jax.block_until_ready(fwd(x, w)),
+          'dx': lambda: jax.block_until_ready(dx(x, w, dy)),
+          'dw': lambda: jax.block_until_ready(dw(x, w, dy))}
+
+
+def torch_parts(batch, size, channels, stride):
+  """The same three computations in PyTorch (NCHW, no autograd)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  conv_input = torch.nn.grad.conv2d_input
+  conv_weight = torch.nn.grad.conv2d_weight
+  x = torch.randn(batch, channels, size, size)
+  w = 0.01 * torch.randn(channels, channels, 3, 3)
+  dy = torch.ones_like(torch.nn.functional.conv2d(x, w, stride=stride,
+                                                  padding=1))
+
+  def no_grad(fn):
+    def call():
+      with torch.no_grad():
+        fn()
+    return call
+
+  return {
+      'fwd': no_grad(lambda: torch.nn.functional.conv2d(
+          x, w, stride=stride, padding=1)),
+      'dx': no_grad(lambda: conv_input(x.shape, w, dy, stride=stride,
+                                       padding=1)),
+      'dw': no_grad(lambda: conv_weight(x, w.shape, dy, stride=stride,
+                                        padding=1))}
+
+
 def _seconds(fn, steps):
   start = time.perf_counter()
   for _ in range(steps):
@@ -77,6 +135,9 @@ def main(argv):
         f'{torch.__version__} ({threads} threads) vs XLA (XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}); {_ROUNDS.value} rounds of '
         f'{_STEPS.value} calls')
+  if _PARTS.value:
+    _main_parts()
+    return
   print(f'{"layer":14s} {"jax ms":>8s} {"torch ms":>9s} {"torch/jax":>10s}')
   for size, channels in LAYERS:
     j = jax_step(_BATCH.value, size, channels)
@@ -90,6 +151,26 @@ def main(argv):
     layer = f'{size}x{size}x{channels}'
     print(f'{layer:14s} {tj * 1e3:8.1f} {tt * 1e3:9.1f} {tt / tj:10.2f}',
           flush=True)
+
+
+def _main_parts():
+  """--parts: forward, dx and dw of each layer, jax ms / torch ms (ratio)."""
+  print(f'{"layer":18s} ' + ' '.join(
+      f'{part + " jax/torch ms (t/j)":>26s}' for part in ('fwd', 'dx', 'dw')))
+  for size, channels, stride in PART_LAYERS:
+    j = jax_parts(_BATCH.value, size, channels, stride)
+    t = torch_parts(_BATCH.value, size, channels, stride)
+    cells = []
+    for part in ('fwd', 'dx', 'dw'):
+      j[part](), t[part]()  # Compile / warm up.
+      jax_times, torch_times = [], []
+      for _ in range(_ROUNDS.value):
+        jax_times.append(_seconds(j[part], _STEPS.value))
+        torch_times.append(_seconds(t[part], _STEPS.value))
+      tj, tt = float(np.median(jax_times)), float(np.median(torch_times))
+      cells.append(f'{tj * 1e3:8.1f} /{tt * 1e3:7.1f} ({tt / tj:4.2f})')
+    layer = f'{size}x{size}x{channels} s{stride}'
+    print(f'{layer:18s} ' + ' '.join(f'{c:>26s}' for c in cells), flush=True)
 
 
 if __name__ == '__main__':

@@ -78,7 +78,10 @@ class TorchStep:
 
   def __init__(self, depth: int, width: int, num_classes: int,
                num_members: int, batch_size: int, image_size: int = 32,
-               channels_last: bool = False, seed: int = 0):
+               channels_last: bool = False, seed: int = 0,
+               threads: int = 0):
+    if threads:
+      torch.set_num_threads(threads)
     torch.manual_seed(seed)
     self.model = MimoWideResNet(depth, width, num_classes, num_members)
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05,
@@ -91,6 +94,9 @@ class TorchStep:
       self.model = self.model.to(memory_format=fmt)
     self.xs = xs.contiguous()
     self.model.train()
+
+  def about(self) -> str:
+    return f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
 
   def step(self) -> float:
     """Runs one update; returns the loss."""

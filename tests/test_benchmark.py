@@ -76,6 +76,10 @@ def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   from experiments import conv_peer  # pylint: disable=import-outside-toplevel
   gx, gw = conv_peer.jax_step(2, 4, 3)()
   assert gx.shape == (2, 4, 4, 3) and gw.shape == (3, 3, 3, 3)
+  parts = conv_peer.jax_parts(2, 4, 3, 2)  # --parts, the stride-2 layer.
+  assert parts['fwd']().shape == (2, 2, 2, 3)
+  assert parts['dx']().shape == (2, 4, 4, 3)
+  assert parts['dw']().shape == (3, 3, 3, 3)
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -89,3 +93,25 @@ def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   (0.5 * (y * y).sum()).backward()
   np.testing.assert_allclose(tw.grad.numpy().transpose(2, 3, 1, 0),
                              np.asarray(gw), rtol=1e-4, atol=1e-6)
+
+
+def test_peer_process_steps_the_peer_in_a_child_and_reports_its_errors():
+  """experiments/peer_process.py: the peer is built from the kwargs in
+  another process, its step count persists between calls, time() returns
+  the child's value, and a failing step raises with the child's traceback."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  from experiments import peer_process  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
+  with peer_process.PeerProcess('peer_stub:CountingStep', cwd=REPO, env=env,
+                                scale=0.25) as peer:
+    about = peer.about()
+    assert about.startswith('stub scale 0.25 pid ')
+    assert int(about.split()[-1]) != os.getpid()
+    peer.step()
+    assert peer.time(4) == 4 * 0.25 + 1
+    assert peer.time(2) == 2 * 0.25 + 5
+  peer = peer_process.PeerProcess('peer_stub:CountingStep', cwd=REPO, env=env,
+                                  scale=1.0, fail_at=2)
+  peer.step()
+  with pytest.raises(RuntimeError, match='planted failure at step 2'):
+    peer.step()

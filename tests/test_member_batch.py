@@ -157,14 +157,15 @@ def test_train_step_gradient_is_eq4_plus_l2():
   mix = config.mixing
   p = mixmo_batch.patch_probability(1, config.num_epochs, mix.p,
                                     mix.p_decay_fraction)
-  weights, kappa = registry.sample_mixing_weights(
-      k_mix, config.batch_size, config.num_members,
+  # One jit each (op-by-op, the ~100 small ops each compile on a cold cache).
+  weights, kappa = jax.jit(lambda k: registry.sample_mixing_weights(
+      k, config.batch_size, config.num_members,
       *models.stem_resolution(config), method=mix.method, alpha=mix.alpha,
-      p=p)
-  xs, targets = training.member_batch(k_data, jnp.asarray(images),
-                                      jnp.asarray(labels), weights, config,
-                                      jnp.asarray(p_images),
-                                      jnp.asarray(p_labels))
+      p=p))(k_mix)
+  xs, targets = jax.jit(lambda *a: training.member_batch(
+      a[0], a[1], a[2], a[3], config, a[4], a[5]))(
+          k_data, jnp.asarray(images), jnp.asarray(labels), weights,
+          jnp.asarray(p_images), jnp.asarray(p_labels))
   root = np.asarray(kappa, np.float64) ** (1.0 / mix.r)
   w = config.num_members * root / root.sum(-1, keepdims=True)  # Eq. 5.
 
