@@ -43,19 +43,31 @@ _PARTS = flags.DEFINE_bool('parts', False, 'Time forward, input gradient '
 PART_LAYERS = ((32, 64, 1), (16, 128, 1), (8, 256, 1), (32, 128, 2))
 
 
-def jax_step(batch, size, channels):
-  """A blocking call of the jitted forward + both gradients."""
-  def loss(x, w):
-    y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return 0.5 * jnp.sum(y * y)
+def _conv(x, w, stride=1):
+  """3x3 conv of x [B, S, S, C] with w [3, 3, C, C], one pixel of padding."""
+  return jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+def _jax_inputs(batch, size, channels):
+  """Seeded float32 x [B, S, S, C] and w [3, 3, C, C]."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, size, size, channels)),
                   jnp.float32)
   w = jnp.asarray(0.01 * rng.standard_normal((3, 3, channels, channels)),
                   jnp.float32)
+  return x, w
+
+
+def jax_step(batch, size, channels):
+  """A blocking call of the jitted forward + both gradients."""
+  def loss(x, w):
+    y = _conv(x, w)
+    return 0.5 * jnp.sum(y * y)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  x, w = _jax_inputs(batch, size, channels)
   return lambda: jax.block_until_ready(grad(x, w))
 
 
@@ -76,15 +88,9 @@ def torch_step(batch, size, channels):
 def jax_parts(batch, size, channels, stride):
   """{'fwd', 'dx', 'dw'}: blocking calls of the three jitted programs."""
   def conv(x, w):
-    return jax.lax.conv_general_dilated(
-        x, w, (stride, stride), ((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return _conv(x, w, stride)
 
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)),
-                  jnp.float32)
-  w = jnp.asarray(0.01 * rng.standard_normal((3, 3, channels, channels)),
-                  jnp.float32)
+  x, w = _jax_inputs(batch, size, channels)
   dy = jnp.ones_like(conv(x, w))
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
@@ -126,6 +132,16 @@ def _seconds(fn, steps):
   return (time.perf_counter() - start) / steps
 
 
+def _interleaved(j, t):
+  """Median seconds per call of j and of t, warmed up, in alternating rounds."""
+  j(), t()  # Compile / warm up.
+  jax_times, torch_times = [], []
+  for _ in range(_ROUNDS.value):
+    jax_times.append(_seconds(j, _STEPS.value))
+    torch_times.append(_seconds(t, _STEPS.value))
+  return float(np.median(jax_times)), float(np.median(torch_times))
+
+
 def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
@@ -142,12 +158,7 @@ def main(argv):
   for size, channels in LAYERS:
     j = jax_step(_BATCH.value, size, channels)
     t = torch_step(_BATCH.value, size, channels)
-    j(), t()  # Compile / warm up.
-    jax_times, torch_times = [], []
-    for _ in range(_ROUNDS.value):
-      jax_times.append(_seconds(j, _STEPS.value))
-      torch_times.append(_seconds(t, _STEPS.value))
-    tj, tt = float(np.median(jax_times)), float(np.median(torch_times))
+    tj, tt = _interleaved(j, t)
     layer = f'{size}x{size}x{channels}'
     print(f'{layer:14s} {tj * 1e3:8.1f} {tt * 1e3:9.1f} {tt / tj:10.2f}',
           flush=True)
@@ -162,12 +173,7 @@ def _main_parts():
     t = torch_parts(_BATCH.value, size, channels, stride)
     cells = []
     for part in ('fwd', 'dx', 'dw'):
-      j[part](), t[part]()  # Compile / warm up.
-      jax_times, torch_times = [], []
-      for _ in range(_ROUNDS.value):
-        jax_times.append(_seconds(j[part], _STEPS.value))
-        torch_times.append(_seconds(t[part], _STEPS.value))
-      tj, tt = float(np.median(jax_times)), float(np.median(torch_times))
+      tj, tt = _interleaved(j[part], t[part])
       cells.append(f'{tj * 1e3:8.1f} /{tt * 1e3:7.1f} ({tt / tj:4.2f})')
     layer = f'{size}x{size}x{channels} s{stride}'
     print(f'{layer:18s} ' + ' '.join(f'{c:>26s}' for c in cells), flush=True)
