@@ -48,6 +48,7 @@ from mixmo_jax import (config_validation, data, feed, models, sharding,
                        training)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
+from mixmo_jax.models import onednn_conv
 from experiments import op_profile, peak_flops, peer_process
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
@@ -113,25 +114,48 @@ def bench_train(config, mesh, steps, warmup):
   step, compiled = _train_step_runner(config, mesh)
   _time(step, warmup)
   seconds = _time(step, steps)
-  cost = compiled.cost_analysis()
+  return seconds, step.flops, compiled.memory_analysis()
+
+
+def _conv_kernels() -> str:
+  """Which convolution kernels the models use here (onednn_conv.py)."""
+  if onednn_conv.enabled():
+    return 'oneDNN fwd/dx, XLA dw'
+  return 'XLA'
+
+
+def _flops(cost) -> float:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return seconds, float(cost.get('flops', 0.0)), compiled.memory_analysis()
+  return float(cost.get('flops', 0.0))
 
 
 def _train_step_runner(config, mesh):
-  """(step_fn, compiled) for the train step of `config` on random data."""
+  """(step_fn, compiled) for the train step of `config` on random data.
+
+  step_fn.flops: the step's FLOPs from XLA's cost analysis. XLA counts none
+  for a custom call, so where the convs are oneDNN custom calls (x86 CPUs,
+  mixmo_jax/models/onednn_conv.py) they come from the same step lowered
+  with XLA's convs (before XLA's optimisations, which leave a conv's FLOPs
+  as they are).
+  """
   model = models.get_model(config)
   state = training.create_train_state(config, model, 100, mesh)
   batch = sharding.global_batch(_random_batch(config, np.random.default_rng(0)),
                                 mesh)
   compiled = training.make_train_step(config, model, 100, mesh).lower(
       state, *batch).compile()
+  flops = _flops(compiled.cost_analysis())
+  if onednn_conv.CUSTOM_CALL in compiled.as_text():
+    with onednn_conv.disabled():
+      flops = _flops(training.make_train_step(config, model, 100, mesh).lower(
+          state, *batch).cost_analysis())
   holder = {'state': state}
 
   def step():
     holder['state'], metrics = compiled(holder['state'], *batch)
     return metrics['loss']
 
+  step.flops = flops
   return step, compiled
 
 
@@ -165,7 +189,8 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False):
     if i == 0:
       where = 'own' if separate else 'this'
       print(f'peer: {peer.about()}, {where} process, vs '
-            f'mixmo_jax (XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
+            f'mixmo_jax (convs: {_conv_kernels()}; '
+            f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
             f'MIMO, batch {config.batch_size}, b {config.batch_repetitions}, '
             f'M {config.num_members}, {rounds} rounds of {steps} steps')
       print(f'{"net":10s} {"jax ms":>9s} {"torch ms":>9s} '

@@ -6,10 +6,13 @@ The layers of a WRN's three stages (batch 64, C -> C channels, stride 1,
 'SAME' padding, no bias): loss = sum(conv(x, w)^2) / 2, gradients with
 respect to x and w. The two frameworks are timed in alternating rounds in
 one process (medians), as in `experiments.benchmark --peer=torch`, and the
-ratio torch_time / jax_time is printed (> 1: XLA is faster). This isolates
+ratio torch_time / jax_time is printed (> 1: jax is faster). This isolates
 the convolution kernels from everything else of a training step: if a
-single layer is slower in XLA, the whole network is too, whatever the model
-code does. The XLA flag defaults of mixmo_jax.platform apply.
+single layer is slower in jax, the whole network is too, whatever the model
+code does. The conv is the library's (mixmo_jax/models/onednn_conv.py:
+oneDNN's kernel for the forward and stride-1 input gradient on x86 CPUs,
+XLA's otherwise; MIXMO_ONEDNN_CONV=0 times XLA's alone), and the XLA flag
+defaults of mixmo_jax.platform apply.
 
   python -m experiments.conv_peer --parts
 
@@ -32,6 +35,8 @@ platform.apply_defaults()  # XLA flags: before the backend starts.
 import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+from mixmo_jax.models import onednn_conv  # pylint: disable=g-import-not-at-top
+
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
@@ -45,7 +50,7 @@ PART_LAYERS = ((32, 64, 1), (16, 128, 1), (8, 256, 1), (32, 128, 2))
 
 def _conv(x, w, stride=1):
   """3x3 conv of x [B, S, S, C] with w [3, 3, C, C], one pixel of padding."""
-  return jax.lax.conv_general_dilated(
+  return onednn_conv.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -148,7 +153,8 @@ def main(argv):
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   print(f'3x3 conv, forward + both gradients, batch {_BATCH.value}; torch '
-        f'{torch.__version__} ({threads} threads) vs XLA (XLA_FLAGS='
+        f'{torch.__version__} ({threads} threads) vs jax (convs: '
+        f'{"oneDNN" if onednn_conv.enabled() else "XLA"}; XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}); {_ROUNDS.value} rounds of '
         f'{_STEPS.value} calls')
   if _PARTS.value:

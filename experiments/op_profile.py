@@ -35,6 +35,7 @@ _INSTRUCTION = re.compile(
 _OPCODE = re.compile(r'(?:^|\s)(?P<op>[a-z][\w\-]*)\(')
 _OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
 _KIND = re.compile(r'kind=(?P<kind>k\w+)')
+_TARGET = re.compile(r'custom_call_target="(?P<target>[^"]*)"')
 
 
 class Op(NamedTuple):
@@ -68,6 +69,21 @@ def instructions(hlo_text: str) -> Dict[str, tuple]:
   return out
 
 
+def event_names(hlo_text: str) -> Dict[str, str]:
+  """{trace event name: instruction name} where the two differ.
+
+  XLA's CPU runtime names a custom call's event after the instruction and
+  its target ('conv.3' calling '__onednn$convolution' ->
+  'conv.3__onednn$convolution').
+  """
+  out = {}
+  for line in hlo_text.splitlines():
+    match, target = _INSTRUCTION.match(line), _TARGET.search(line)
+    if match and target:
+      out[match.group('name') + target.group('target')] = match.group('name')
+  return out
+
+
 def _trace_events(folder: str) -> List[dict]:
   paths = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'),
                     recursive=True)
@@ -78,8 +94,10 @@ def _trace_events(folder: str) -> List[dict]:
   return data['traceEvents'] if isinstance(data, dict) else data
 
 
-def _durations(events: List[dict], known) -> Dict[str, List[float]]:
+def _durations(events: List[dict], known,
+               aliases: Dict[str, str] | None = None) -> Dict[str, List[float]]:
   """{op name: [microseconds of each execution]}, launch to completion."""
+  aliases = aliases or {}
   starts = collections.defaultdict(list)
   ends = collections.defaultdict(list)
   for event in events:
@@ -89,10 +107,15 @@ def _durations(events: List[dict], known) -> Dict[str, List[float]]:
     # GPU kernels carry their HLO instruction in args; CPU events are named
     # after it.
     name = (event.get('args') or {}).get('hlo_op', name)
-    if name in known:
+    end = name.startswith('end: ')
+    name = name[5:] if end else name
+    name = aliases.get(name, name)
+    if name not in known:
+      continue
+    if end:
+      ends[name].append(float(event['ts']) + float(event.get('dur', 0.0)))
+    else:
       starts[name].append((float(event['ts']), float(event.get('dur', 0.0))))
-    elif name.startswith('end: ') and name[5:] in known:
-      ends[name[5:]].append(float(event['ts']) + float(event.get('dur', 0.0)))
   out = {}
   for name, spans in starts.items():
     done = sorted(ends.get(name, []))
@@ -105,14 +128,15 @@ def _durations(events: List[dict], known) -> Dict[str, List[float]]:
 
 def profile(step: Callable[[], None], compiled, steps: int = 3) -> List[Op]:
   """Per-instruction milliseconds per step, largest first."""
-  known = instructions(compiled.as_text())
+  text = compiled.as_text()
+  known = instructions(text)
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder):
       for _ in range(steps):
         step()
     events = _trace_events(folder)
   total_us = collections.Counter()
-  for name, spans in _durations(events, known).items():
+  for name, spans in _durations(events, known, event_names(text)).items():
     total_us[name] += sum(spans)
   ops = [Op(name, *known[name], us / 1e3 / steps)
          for name, us in total_us.items()]

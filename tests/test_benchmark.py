@@ -68,6 +68,38 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   assert 'totals per opcode' in table and 'all HLO ops' in table
 
 
+
+def test_op_profile_times_the_onednn_custom_calls():
+  """The oneDNN conv's custom calls: their trace events carry the target in
+  the name, event_names() maps them back and the profile times them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from experiments import op_profile  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
+  if not onednn_conv.enabled():
+    pytest.skip('no oneDNN conv on this machine')
+
+  def loss(w, x):
+    y = onednn_conv.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jax.nn.relu(y) ** 2)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
+  compiled = fn.lower(w, x).compile()
+  text = compiled.as_text()
+  known = op_profile.instructions(text)
+  calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
+  assert len(calls) == 2, known  # Forward and input gradient.
+  aliases = op_profile.event_names(text)
+  assert sorted(aliases.values()) == sorted(calls)
+  assert all(event == name + onednn_conv.CUSTOM_CALL
+             for event, name in aliases.items())
+  ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
+                           compiled, steps=2)
+  assert calls <= {op.name for op in ops}, ops
+
 def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   """experiments/conv_peer.py: the jax step's gradients have the layer's
   shapes; with torch installed (`.[bench]`), torch's weight gradient of the

@@ -13,7 +13,7 @@ sum_i c_i(x) (Algorithm 1 line 38).
 Shape letters: B batch, M members, H, W image size, h, w stem output size,
 C0 stem channels, F feature size, C classes.
 """
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -72,6 +72,8 @@ class Stems(nn.Module):
     padding: conv padding ('SAME' or explicit pairs).
     dtype: compute dtype.
     init_rule: 'mixmo' | 'mimo', the kernel's init (`stem_init`).
+    conv_general_dilated: the conv, with `jax.lax.conv_general_dilated`'s
+      signature (the models pass theirs, e.g. oneDNN's on x86 CPUs).
   """
   num_members: int
   features: int
@@ -79,9 +81,10 @@ class Stems(nn.Module):
   padding: Padding = "SAME"
   dtype: Dtype = jnp.float32
   init_rule: str = "mixmo"
+  conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
 
   def _conv(self, x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
-    return jax.lax.conv_general_dilated(
+    return self.conv_general_dilated(
         x, kernel, window_strides=(self.strides, self.strides),
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups)

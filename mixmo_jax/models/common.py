@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mixmo_jax.models import onednn_conv
+
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
 
@@ -82,10 +84,17 @@ class GroupedBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
+# The models' convolution (their convs and their stems): oneDNN's kernel on
+# x86 CPUs, `jax.lax.conv_general_dilated` everywhere else (onednn_conv.py).
+conv_general_dilated = onednn_conv.conv_general_dilated
+
+
 def conv(features: int, kernel: int, strides: int, padding: Padding,
          dtype: Dtype, name: str | None = None) -> nn.Conv:
-  """Bias-free square conv with He-normal fan-in init, float32 params."""
+  """Bias-free square conv with He-normal fan-in init, float32 params,
+  computed by `conv_general_dilated` above."""
   return nn.Conv(
       features, (kernel, kernel), strides=(strides, strides), padding=padding,
       use_bias=False, kernel_init=he_normal(), dtype=dtype,
-      param_dtype=jnp.float32, name=name)
+      param_dtype=jnp.float32, name=name,
+      conv_general_dilated=conv_general_dilated)

@@ -110,7 +110,9 @@ class PreActResNet18(nn.Module):
     self.check_image_size(x.shape[-3], x.shape[-2])
     k = self.base_width
     h = layers.Stems(self.num_members, k, strides=2, padding=PAD1,
-                     dtype=self.dtype, name="stems")(x, mix_weights)
+                     dtype=self.dtype, name="stems",
+                     conv_general_dilated=common.conv_general_dilated)(
+                         x, mix_weights)
     self.sow("intermediates", "stem", h)
     for stage, (blocks, stride) in enumerate(zip(STAGE_BLOCKS, STAGE_STRIDES), start=1):
       for block in range(1, blocks + 1):

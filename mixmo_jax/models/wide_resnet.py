@@ -132,8 +132,9 @@ class WideResNet(nn.Module):
                train: bool = False) -> jax.Array:
     n = self.blocks_per_stage()
     h = layers.Stems(self.num_members, STEM_FEATURES, strides=1, padding="SAME",
-                     dtype=self.dtype, init_rule=self.stem,
-                     name="stems")(x, mix_weights)
+                     dtype=self.dtype, init_rule=self.stem, name="stems",
+                     conv_general_dilated=common.conv_general_dilated)(
+                         x, mix_weights)
     self.sow("intermediates", "stem", h)
     for stage, (mult, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
       for block in range(1, n + 1):

@@ -1,0 +1,182 @@
+"""mixmo_jax/models/onednn_conv.py: the oneDNN conv equals XLA's, in value
+and gradient, on one device and batch-sharded over several; every case it
+does not handle goes to XLA's conv unchanged."""
+import os
+import subprocess
+import sys
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from conftest import REPO
+from mixmo_jax.models import onednn_conv
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+ON = onednn_conv.enabled()
+needs_onednn = pytest.mark.skipif(
+    not ON, reason='oneDNN conv path off here (not x86, not CPU, or probe)')
+
+
+def _data(b, h, w, ci, k, co, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((b, h, w, ci)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)) / k, jnp.float32)
+  return x, kernel
+
+
+def _value_and_grads(conv, x, w, strides, padding):
+  # A non-linear loss, so dL/dy differs per position.
+  def loss(x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=NHWC)
+    return jnp.sum(jnp.sin(y) * jnp.arange(y.shape[-1], dtype=y.dtype))
+  return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
+
+def _hlo(conv, x, w, strides, padding):
+  return jax.jit(lambda x, w: conv(x, w, strides, padding,
+                                   dimension_numbers=NHWC)).lower(
+                                       x, w).compile().as_text()
+
+
+def _assert_close(ours, ref):
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    scale = float(jnp.max(jnp.abs(b))) + 1e-6
+    np.testing.assert_allclose(np.asarray(a) / scale, np.asarray(b) / scale,
+                               atol=2e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize('k,strides,padding', [
+    (3, (1, 1), 'SAME'),
+    (3, (2, 2), 'SAME'),           # The strided block's first conv.
+    (1, (2, 2), 'VALID'),          # The strided shortcut.
+    (1, (1, 1), 'VALID'),
+    (3, (1, 1), ((0, 2), (1, 0))),  # Asymmetric explicit pads.
+    (3, (1, 2), 'VALID'),          # Unequal strides.
+    (2, (3, 3), ((1, 0), (2, 1))),  # Even kernel, stride 3: 9 phases.
+    (1, (1, 1), ((1, 1), (1, 1))),  # Pads > k - 1: XLA's dx.
+])
+def test_value_and_gradients_equal_xla(k, strides, padding):
+  x, w = _data(3, 9, 8, 5, k, 6)
+  ours = _value_and_grads(onednn_conv.conv_general_dilated, x, w, strides,
+                          padding)
+  ref = _value_and_grads(lax.conv_general_dilated, x, w, strides, padding)
+  _assert_close(ours, ref)
+  assert onednn_conv.CUSTOM_CALL in _hlo(
+      onednn_conv.conv_general_dilated, x, w, strides, padding)
+
+
+@needs_onednn
+@pytest.mark.parametrize('k,strides,calls', [
+    (3, (1, 1), 2),   # Forward, dx.
+    (3, (2, 2), 5),   # Forward, dx as 4 phase convs.
+    (1, (2, 2), 2),   # Forward, the one phase with a tap (3 are zero).
+])
+def test_input_gradient_goes_through_onednn_too(k, strides, calls):
+  """dL/dx is the oneDNN conv with the flipped kernel (stride 1) or one
+  per phase of the stride (`_strided_input_grad`); dL/dw is XLA's conv."""
+  x, w = _data(2, 8, 8, 3, k, 4)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
+      onednn_conv.conv_general_dilated(x, w, strides, 'SAME',
+                                       dimension_numbers=NHWC) ** 2),
+                          (0, 1)))
+  text = grad.lower(x, w).compile().as_text()
+  assert text.count(f'custom_call_target="{onednn_conv.CUSTOM_CALL}"') == calls
+  assert ' convolution(' in text  # dw.
+
+
+@pytest.mark.parametrize('case', ['bfloat16', 'groups', 'dilation', 'nchw',
+                                  'precision'])
+def test_other_cases_are_xla_convs_unchanged(case):
+  x, w = _data(2, 6, 6, 4, 3, 4)
+  kwargs = dict(dimension_numbers=NHWC)
+  if case == 'bfloat16':
+    x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  elif case == 'groups':
+    w = w[:, :, :2]
+    kwargs['feature_group_count'] = 2
+  elif case == 'dilation':
+    kwargs['rhs_dilation'] = (2, 2)
+  elif case == 'nchw':
+    x = jnp.transpose(x, (0, 3, 1, 2))
+    kwargs['dimension_numbers'] = ('NCHW', 'HWIO', 'NCHW')
+  elif case == 'precision':
+    kwargs['precision'] = lax.Precision.HIGHEST
+  fn = lambda conv: jax.jit(lambda x, w: conv(x, w, (1, 1), 'SAME', **kwargs))  # noqa: E731
+  ours = fn(onednn_conv.conv_general_dilated)
+  ref = fn(lax.conv_general_dilated)
+  np.testing.assert_array_equal(np.asarray(ours(x, w), np.float32),
+                                np.asarray(ref(x, w), np.float32))
+  assert onednn_conv.CUSTOM_CALL not in ours.lower(x, w).compile().as_text()
+
+
+def test_vmap_and_eager_calls_equal_xla():
+  """Batched (vmap: XLA's conv) and eager calls give XLA's values, and the
+  vmapped gradient matches."""
+  x, w = _data(6, 5, 5, 3, 3, 4)
+  xs = x.reshape((2, 3) + x.shape[1:])
+  conv = lambda f: lambda x, w: f(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)  # noqa: E731
+  ours, ref = conv(onednn_conv.conv_general_dilated), conv(
+      lax.conv_general_dilated)
+  _assert_close(jax.vmap(ours, (0, None))(xs, w),
+                jax.vmap(ref, (0, None))(xs, w))
+  _assert_close(ours(x, w), ref(x, w))
+  loss = lambda f: lambda x, w: jnp.sum(jax.vmap(f, (0, None))(x, w) ** 2)  # noqa: E731
+  _assert_close(jax.grad(loss(ours), (0, 1))(xs, w),
+                jax.grad(loss(ref), (0, 1))(xs, w))
+
+
+@needs_onednn
+def test_batch_sharded_conv_runs_per_shard_without_gathering():
+  """Over a 4-device batch-sharded mesh: one custom call per shard (its
+  shapes are the shard's), no all-gather, and XLA's values and gradients."""
+  mesh = Mesh(np.array(jax.devices()[:4]), ('data',))
+  x, w = _data(8, 6, 6, 3, 3, 4)
+  shard = NamedSharding(mesh, P('data'))
+  x = jax.device_put(x, shard)
+  w = jax.device_put(w, NamedSharding(mesh, P()))
+
+  def loss(conv):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(
+        x, w, (1, 1), 'SAME', dimension_numbers=NHWC))), (0, 1)),
+                   in_shardings=(shard, NamedSharding(mesh, P())))
+
+  compiled = loss(onednn_conv.conv_general_dilated).lower(x, w).compile()
+  text = compiled.as_text()
+  calls = [line for line in text.splitlines()
+           if f'custom_call_target="{onednn_conv.CUSTOM_CALL}"' in line]
+  assert len(calls) == 2 and all('f32[2,6,6,' in c for c in calls), calls
+  assert 'all-gather' not in text
+  _assert_close(compiled(x, w), loss(lax.conv_general_dilated)(x, w))
+
+
+def test_disabled_context_traces_xla_convs():
+  x, w = _data(2, 6, 6, 3, 3, 4)
+  with onednn_conv.disabled():
+    assert not onednn_conv.active()
+    text = _hlo(onednn_conv.conv_general_dilated, x, w, (1, 1), 'SAME')
+  assert onednn_conv.CUSTOM_CALL not in text
+  assert onednn_conv.active() == ON
+
+
+def test_environment_variable_turns_the_path_off():
+  """MIXMO_ONEDNN_CONV=0: no custom call in a fresh process."""
+  code = ('import jax, jax.numpy as jnp\n'
+          'from mixmo_jax.models import onednn_conv as c\n'
+          'f = jax.jit(lambda x, w: c.conv_general_dilated(x, w, (1, 1), '
+          '"SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))\n'
+          'x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))\n'
+          'print(c.enabled(), c.CUSTOM_CALL in '
+          'f.lower(x, w).compile().as_text())\n')
+  out = {}
+  for value in ('0', ''):
+    env = dict(os.environ, MIXMO_ONEDNN_CONV=value, JAX_PLATFORMS='cpu')
+    out[value] = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, env=env, check=True,
+        capture_output=True, text=True, timeout=120).stdout.split()
+  assert out['0'] == ['False', 'False']
+  assert out[''] == [str(ON), str(ON)]
