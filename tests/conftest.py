@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+import contextlib
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -16,6 +17,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA's convs in the tests but the oneDNN ones' (onednn_conv_on below): jax's
+# persistent compilation cache cannot store a program holding the oneDNN
+# custom call, so every subprocess would compile its train step again (the
+# cold suite took 447 s with them instead of ~360 s).
+os.environ.setdefault("MIXMO_ONEDNN_CONV", "0")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
 
@@ -24,6 +30,25 @@ import pytest  # noqa: E402
 from mixmo_jax import configs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def onednn_conv_on():
+  """The oneDNN conv path on inside (where this machine has it); yields
+  whether it is (mixmo_jax/models/onednn_conv.py)."""
+  from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
+  old = os.environ.get(onednn_conv.ENV)
+  if old in (None, "0"):
+    os.environ[onednn_conv.ENV] = ""
+  onednn_conv.enabled.cache_clear()
+  try:
+    yield onednn_conv.enabled()
+  finally:
+    if old is None:
+      os.environ.pop(onednn_conv.ENV, None)
+    else:
+      os.environ[onednn_conv.ENV] = old
+    onednn_conv.enabled.cache_clear()
 
 
 def load_config(name: str = "digits", arg=None):

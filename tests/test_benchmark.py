@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, onednn_conv_on
 
 
 def _env(**extra):
@@ -77,8 +77,14 @@ def test_op_profile_times_the_onednn_custom_calls():
   import pytest  # pylint: disable=import-outside-toplevel
   from experiments import op_profile  # pylint: disable=import-outside-toplevel
   from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
-  if not onednn_conv.enabled():
-    pytest.skip('no oneDNN conv on this machine')
+  with onednn_conv_on() as on:
+    if not on:
+      pytest.skip('no oneDNN conv on this machine')
+    _profile_custom_calls(jax, jnp, op_profile, onednn_conv)
+
+
+def _profile_custom_calls(jax, jnp, op_profile, onednn_conv):
+  """The body of the test above, with the oneDNN conv on."""
 
   def loss(w, x):
     y = onednn_conv.conv_general_dilated(

@@ -12,13 +12,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from conftest import REPO
-from mixmo_jax.models import onednn_conv
+from conftest import REPO, onednn_conv_on
+from mixmo_jax.models import common, onednn_conv
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-ON = onednn_conv.enabled()
+with onednn_conv_on() as ON:  # The other test files run with it off.
+  pass
 needs_onednn = pytest.mark.skipif(
     not ON, reason='oneDNN conv path off here (not x86, not CPU, or probe)')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _onednn_on():
+  with onednn_conv_on():
+    yield
 
 
 def _data(b, h, w, ci, k, co, seed=0):
@@ -180,3 +187,13 @@ def test_environment_variable_turns_the_path_off():
         capture_output=True, text=True, timeout=120).stdout.split()
   assert out['0'] == ['False', 'False']
   assert out[''] == [str(ON), str(ON)]
+
+
+@needs_onednn
+def test_the_models_conv_layers_go_through_onednn():
+  """common.conv, the models' conv layer, calls the oneDNN conv."""
+  layer = common.conv(8, 3, 1, 'SAME', jnp.float32)
+  x = jnp.ones((2, 8, 8, 4), jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  text = jax.jit(layer.apply).lower(params, x).compile().as_text()
+  assert onednn_conv.CUSTOM_CALL in text
