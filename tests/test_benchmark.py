@@ -77,23 +77,18 @@ def test_op_profile_times_the_onednn_custom_calls():
   import pytest  # pylint: disable=import-outside-toplevel
   from experiments import op_profile  # pylint: disable=import-outside-toplevel
   from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
-  with onednn_conv_on() as on:
-    if not on:
-      pytest.skip('no oneDNN conv on this machine')
-    _profile_custom_calls(jax, jnp, op_profile, onednn_conv)
-
-
-def _profile_custom_calls(jax, jnp, op_profile, onednn_conv):
-  """The body of the test above, with the oneDNN conv on."""
 
   def loss(w, x):
     y = onednn_conv.conv_general_dilated(
         x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return jnp.sum(jax.nn.relu(y) ** 2)
 
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
-  compiled = fn.lower(w, x).compile()
+  with onednn_conv_on() as on:  # Traced inside: the custom calls.
+    if not on:
+      pytest.skip('no oneDNN conv on this machine')
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+        w, x).compile()
   text = compiled.as_text()
   known = op_profile.instructions(text)
   calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
@@ -105,6 +100,7 @@ def _profile_custom_calls(jax, jnp, op_profile, onednn_conv):
   ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
                            compiled, steps=2)
   assert calls <= {op.name for op in ops}, ops
+
 
 def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   """experiments/conv_peer.py: the jax step's gradients have the layer's
