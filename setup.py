@@ -1,12 +1,16 @@
 """Packaging for mixmo_jax (see README.md for the install commands)."""
 import setuptools
 
+_X86_LINUX = "platform_machine == 'x86_64' and sys_platform == 'linux'"
+
 setuptools.setup(
     name="mixmo_jax",
     version="0.1.0",
     description=("MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep "
                  "Subnetworks (Rame, Sun & Cord, ICCV 2021) in JAX/Flax."),
     packages=setuptools.find_packages(include=["mixmo_jax", "mixmo_jax.*"]),
+    # The C++ source mixmo_jax/models/onednn_dw.py compiles at first use.
+    package_data={"mixmo_jax.models": ["csrc/*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -28,6 +32,10 @@ setuptools.setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        # oneDNN's convolution weight-gradient kernel and its headers, built
+        # into an XLA FFI call at first use (mixmo_jax/models/onednn_dw.py).
+        "onednn-cpu-gomp==2023.2.0; " + _X86_LINUX,
+        "onednn-devel-cpu-gomp==2023.2.0; " + _X86_LINUX,
     ],
     extras_require={
         "cuda12": ["jax[cuda12]>=0.10"],

@@ -117,13 +117,6 @@ def bench_train(config, mesh, steps, warmup):
   return seconds, step.flops, compiled.memory_analysis()
 
 
-def _conv_kernels() -> str:
-  """Which convolution kernels the models use here (onednn_conv.py)."""
-  if onednn_conv.enabled():
-    return 'oneDNN fwd/dx, XLA dw'
-  return 'XLA'
-
-
 def _flops(cost) -> float:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0))
@@ -189,7 +182,7 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False):
     if i == 0:
       where = 'own' if separate else 'this'
       print(f'peer: {peer.about()}, {where} process, vs '
-            f'mixmo_jax (convs: {_conv_kernels()}; '
+            f'mixmo_jax (convs: {onednn_conv.describe()}; '
             f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
             f'MIMO, batch {config.batch_size}, b {config.batch_repetitions}, '
             f'M {config.num_members}, {rounds} rounds of {steps} steps')

@@ -10,9 +10,10 @@ ratio torch_time / jax_time is printed (> 1: jax is faster). This isolates
 the convolution kernels from everything else of a training step: if a
 single layer is slower in jax, the whole network is too, whatever the model
 code does. The conv is the library's (mixmo_jax/models/onednn_conv.py:
-oneDNN's kernel for the forward and stride-1 input gradient on x86 CPUs,
-XLA's otherwise; MIXMO_ONEDNN_CONV=0 times XLA's alone), and the XLA flag
-defaults of mixmo_jax.platform apply.
+oneDNN's kernels for the forward, the input gradient and, through
+onednn_dw.py, the weight gradient on x86 CPUs, XLA's otherwise;
+MIXMO_ONEDNN_DW=0 times XLA's weight gradient, MIXMO_ONEDNN_CONV=0 XLA's
+convs alone), and the XLA flag defaults of mixmo_jax.platform apply.
 
   python -m experiments.conv_peer --parts
 
@@ -154,7 +155,7 @@ def main(argv):
   torch.set_num_threads(threads)
   print(f'3x3 conv, forward + both gradients, batch {_BATCH.value}; torch '
         f'{torch.__version__} ({threads} threads) vs jax (convs: '
-        f'{"oneDNN" if onednn_conv.enabled() else "XLA"}; XLA_FLAGS='
+        f'{onednn_conv.describe()}; XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}); {_ROUNDS.value} rounds of '
         f'{_STEPS.value} calls')
   if _PARTS.value:

@@ -71,12 +71,13 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
 
 def test_op_profile_times_the_onednn_custom_calls():
   """The oneDNN conv's custom calls: their trace events carry the target in
-  the name, event_names() maps them back and the profile times them."""
+  the name, event_names() maps them back and the profile times them (the
+  weight gradient's FFI call, where onednn_dw builds it, too)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import pytest  # pylint: disable=import-outside-toplevel
   from experiments import op_profile  # pylint: disable=import-outside-toplevel
-  from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.models import onednn_conv, onednn_dw  # pylint: disable=import-outside-toplevel
 
   def loss(w, x):
     y = onednn_conv.conv_general_dilated(
@@ -92,11 +93,13 @@ def test_op_profile_times_the_onednn_custom_calls():
   text = compiled.as_text()
   known = op_profile.instructions(text)
   calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
-  assert len(calls) == 2, known  # Forward and input gradient.
+  # Forward and input gradient, and the weight gradient's FFI call.
+  assert len(calls) == 2 + onednn_dw.enabled(), known
   aliases = op_profile.event_names(text)
   assert sorted(aliases.values()) == sorted(calls)
-  assert all(event == name + onednn_conv.CUSTOM_CALL
-             for event, name in aliases.items())
+  targets = sorted(event[len(name):] for event, name in aliases.items())
+  assert targets == sorted([onednn_conv.CUSTOM_CALL] * 2
+                           + [onednn_dw.TARGET] * onednn_dw.enabled())
   ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
                            compiled, steps=2)
   assert calls <= {op.name for op in ops}, ops

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, onednn_conv_on
-from mixmo_jax.models import common, onednn_conv
+from mixmo_jax.models import common, onednn_conv, onednn_dw
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 with onednn_conv_on() as ON:  # The other test files run with it off.
@@ -85,7 +85,8 @@ def test_value_and_gradients_equal_xla(k, strides, padding):
 ])
 def test_input_gradient_goes_through_onednn_too(k, strides, calls):
   """dL/dx is the oneDNN conv with the flipped kernel (stride 1) or one
-  per phase of the stride (`_strided_input_grad`); dL/dw is XLA's conv."""
+  per phase of the stride (`_strided_input_grad`); dL/dw is oneDNN's
+  weight-gradient FFI call (onednn_dw.py) where it builds, else XLA's."""
   x, w = _data(2, 8, 8, 3, k, 4)
   grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
       onednn_conv.conv_general_dilated(x, w, strides, 'SAME',
@@ -93,7 +94,11 @@ def test_input_gradient_goes_through_onednn_too(k, strides, calls):
                           (0, 1)))
   text = grad.lower(x, w).compile().as_text()
   assert text.count(f'custom_call_target="{onednn_conv.CUSTOM_CALL}"') == calls
-  assert ' convolution(' in text  # dw.
+  dw_calls = text.count(f'custom_call_target="{onednn_dw.TARGET}"')
+  if onednn_dw.enabled():
+    assert dw_calls == 1 and ' convolution(' not in text
+  else:
+    assert dw_calls == 0 and ' convolution(' in text
 
 
 @pytest.mark.parametrize('case', ['bfloat16', 'groups', 'dilation', 'nchw',

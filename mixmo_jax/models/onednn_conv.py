@@ -23,9 +23,10 @@ out of the pip builds; convolutions go to Eigen or YNNPACK). The gradients
             output phase u = s*t + a, each with the sub-kernel w[a::s]
             flipped, interleaved and cropped (`_strided_input_grad` derives
             it); XLA's own is a dilated conv, 2-3x slower here;
-    dL/dw:  XLA's weight gradient (a conv over the batch): the custom call
-            runs oneDNN's forward kernel only, and that kernel applied to
-            the weight gradient's shapes is ~3x slower than XLA's.
+    dL/dw:  oneDNN's backward-weights kernel, through an FFI call that
+            `onednn_dw` builds at first use (jaxlib's custom call runs only
+            oneDNN's forward kernel, ~3x slower than XLA's on the weight
+            gradient's shapes); XLA's own where that library is missing.
 
 Under a device mesh (jit with a batch-sharded input), the custom call is a
 `jax.experimental.custom_partitioning` op: one call per device on its
@@ -46,13 +47,13 @@ same as without this module. The oneDNN path is used only when
     an XLA internal that can change between jaxlib releases; a mismatch or
     an error turns the path off with one warning).
 
-Measured on the 2-core Xeon (Sapphire Rapids) with `python -m
-experiments.conv_peer --parts` and `python -m experiments.benchmark
---peer=torch` (README, Performance): per WRN layer the oneDNN forward and
-stride-1 input gradient take 65-95% of XLA's time, the stride-2 input
-gradient a third to a half (26.1 -> 8.0 ms at 32x32x64 -> 128), and a
-training step 8-15% less; the weight gradient, XLA's, is what remains
-slower than PyTorch.
+Measured with `python -m experiments.conv_peer --parts` and `python -m
+experiments.benchmark --peer=torch` (README, Performance): on a 2-core Xeon
+(Sapphire Rapids) per WRN layer the oneDNN forward and stride-1 input
+gradient take 65-95% of XLA's time, the stride-2 input gradient a third to
+a half (26.1 -> 8.0 ms at 32x32x64 -> 128), a training step 8-15% less;
+on a 2-core AMD EPYC (Zen 4) the oneDNN weight gradient takes 45-75% of
+XLA's.
 
 Caveats of the custom call, both outside training itself:
   * jax's persistent compilation cache cannot store a program that holds
@@ -80,11 +81,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 from jax.extend.core import Primitive  # pylint: disable=g-bad-import-order
-from jax.interpreters import batching
 from jax.interpreters import mlir
 # custom_call has no public home (jax.ffi builds FFI calls, not this legacy
 # XLA target); the probe below turns the path off if it moves.
 from jax._src.interpreters import mlir as mlir_internal
+
+from mixmo_jax.models import cpu_kernels
+from mixmo_jax.models import onednn_dw
 
 ENV = 'MIXMO_ONEDNN_CONV'
 # jaxlib releases whose custom-call config encoding this module was checked
@@ -196,13 +199,6 @@ _conv_p.def_impl(lambda x, w, *, strides, pads: jax.jit(
 
 
 def _lower_partitioned(ctx, x, w, *, strides, pads):
-  axis_context = ctx.module_context.axis_context
-  if getattr(axis_context, 'num_devices', 0) == 1:
-    return _lower_custom_call(ctx, x, w, strides=strides, pads=pads)
-  if getattr(axis_context, 'device_assignment', ()) is None:
-    # custom_partitioning needs the devices, which jax passes to lowerings
-    # only for primitives registered below; where that failed: XLA's conv.
-    return _xla_lowering(ctx, x, w, strides=strides, pads=pads)
   return mlir.lower_fun(lambda x, w: _partitioned(strides, pads)(x, w),
                         multiple_results=False)(ctx, x, w)
 
@@ -212,14 +208,8 @@ def _batch(args, dims, *, strides, pads):
   return jax.vmap(conv, in_axes=dims)(*args), 0
 
 
-mlir.register_lowering(_conv_p, _xla_lowering)
-mlir.register_lowering(_conv_p, _lower_partitioned, platform='cpu')
-batching.primitive_batchers[_conv_p] = _batch
-try:  # As jax registers custom_partitioning itself (a private registry).
-  from jax._src import dispatch as _dispatch  # pylint: disable=g-import-not-at-top
-  _dispatch.prim_requires_devices_during_lowering.add(_conv_p)
-except (ImportError, AttributeError):
-  pass
+cpu_kernels.register(_conv_p, xla=_xla_lowering, one_device=_lower_custom_call,
+                     mesh=_lower_partitioned, batch=_batch)
 
 
 def _call(x, w, strides: tuple[int, int], pads: Pads):
@@ -289,8 +279,7 @@ def _strided_input_grad(dy, w, x_shape, strides, pads: Pads):
 
 def _onednn_conv_bwd(strides, pads, res, dy):
   x, w = res
-  _, w_vjp = jax.vjp(lambda w_: _xla_conv(x, w_, strides, pads), w)
-  (dw,) = w_vjp(dy)
+  dw = onednn_dw.weight_grad(x, dy, w.shape, strides, pads)
   grad_pads = _input_grad_pads(w.shape, pads)
   if strides != (1, 1):
     dx = _strided_input_grad(dy, w, x.shape, strides, pads)
@@ -329,6 +318,17 @@ def disabled() -> Iterator[None]:
 def active() -> bool:
   """Whether a conv traced now goes through oneDNN."""
   return not getattr(_LOCAL, 'off', 0) and enabled()
+
+
+def describe() -> str:
+  """Which conv kernels a float32 NHWC conv traced now runs, for logs and
+  benchmark headers: 'XLA', 'oneDNN fwd/dx, XLA dw' or 'oneDNN fwd/dx/dw'
+  (with the release of the oneDNN library the weight gradient links)."""
+  if not active():
+    return 'XLA'
+  if not onednn_dw.enabled():
+    return 'oneDNN fwd/dx, XLA dw'
+  return f'oneDNN fwd/dx/dw (dw: oneDNN {onednn_dw.onednn_version()})'
 
 
 @functools.cache
