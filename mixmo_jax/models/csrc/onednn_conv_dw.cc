@@ -14,7 +14,8 @@
 //
 // Primitives are created once per shape and kept; executions from several
 // XLA threads at once are safe (each call has its own stream, memory objects
-// and scratchpad). oneDNN runs each call on its own OpenMP threads.
+// and scratchpad). oneDNN runs each call on `threads` OpenMP threads (the
+// CPU's cores divided among jax's CPU devices, which run concurrently).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -23,6 +24,8 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -106,7 +109,7 @@ struct Aligned {
 ffi::Error ConvDw(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                   ffi::ResultBuffer<ffi::F32> dw, int64_t stride_h,
                   int64_t stride_w, int64_t pad_top, int64_t pad_bottom,
-                  int64_t pad_left, int64_t pad_right) {
+                  int64_t pad_left, int64_t pad_right, int64_t threads) {
   auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4 || xd[0] != yd[0] ||
       xd[3] != wd[2] || yd[3] != wd[3]) {
@@ -114,6 +117,8 @@ ffi::Error ConvDw(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
         "mixmo_onednn_conv_dw: expects x [B, H, W, Ci], dy [B, Ho, Wo, Co], "
         "dw [kh, kw, Ci, Co]");
   }
+  // The calling thread's team size for the parallel regions oneDNN opens.
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   try {
     Key key{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
             stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right};
@@ -164,7 +169,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MixmoOnednnConvDw, ConvDw,
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_bottom")
                                   .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+                                  .Attr<int64_t>("pad_right")
+                                  .Attr<int64_t>("threads"));
 
 // The oneDNN version this library runs, for the Python side's log:
 // major * 10000 + minor * 100 + patch.
