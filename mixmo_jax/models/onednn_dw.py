@@ -22,8 +22,9 @@ installs on x86-64 Linux, and registers it with jax as the FFI target
 The build happens once per machine, at the first use (a few seconds with
 g++; `$CXX` if set), into the cache folder $MIXMO_CACHE_DIR (default
 $XDG_CACHE_HOME/mixmo_jax or ~/.cache/mixmo_jax), named by a hash of the
-source, the headers' folders and the compiler, written under a temporary
-name and renamed, so concurrent processes never load a half-written file.
+source and the compile command (compiler, flags, the headers' and the
+library's folders), written under a temporary name and renamed, so
+concurrent processes never load a half-written file.
 The library is looked for in $MIXMO_ONEDNN_ROOT, then in the Python
 environment's prefix and the user base (where pip puts the packages' files:
 lib/libdnnl.so.3 and include/oneapi/dnnl/dnnl.hpp).
@@ -127,10 +128,10 @@ def build() -> pathlib.Path:
   compiler = shutil.which(os.environ.get('CXX', 'g++'))
   if compiler is None:
     raise RuntimeError(f'no C++ compiler ({os.environ.get("CXX", "g++")})')
-  digest = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), str(root).encode(),
-               jax.ffi.include_dir().encode(), compiler.encode()):
-    digest.update(part)
+  digest = hashlib.sha256(SOURCE.read_bytes())
+  # The command names the compiler, the flags and the headers' folders.
+  digest.update(' '.join(_compile_command(compiler, root,
+                                          pathlib.Path('out'))).encode())
   out_dir = cache_dir()
   out = out_dir / f'onednn_conv_dw-{digest.hexdigest()[:16]}.so'
   if out.exists():
