@@ -80,6 +80,10 @@ def test_weight_gradient_equals_the_formula_and_xla(k, strides, pads):
   text = fn.lower(x, dy, w_shape, strides, pads).compile().as_text()
   assert f'custom_call_target="{onednn_dw.TARGET}"' in text
   assert ' convolution(' not in text
+  # oneDNN's threads: the cores shared among this process's CPU devices (8).
+  assert onednn_dw.threads() == max(
+      1, len(os.sched_getaffinity(0)) // jax.local_device_count())
+  assert f'threads = {onednn_dw.threads()} : i64' in text
 
 
 @needs_dw
