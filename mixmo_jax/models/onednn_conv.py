@@ -52,7 +52,7 @@ experiments.benchmark --peer=torch` (README, Performance): on a 2-core Xeon
 (Sapphire Rapids) per WRN layer the oneDNN forward and stride-1 input
 gradient take 65-95% of XLA's time, the stride-2 input gradient a third to
 a half (26.1 -> 8.0 ms at 32x32x64 -> 128), a training step 8-15% less;
-on a 2-core AMD EPYC (Zen 4) the oneDNN weight gradient takes 45-75% of
+on a 2-core AMD EPYC (Zen 4) the oneDNN weight gradient takes 50-85% of
 XLA's.
 
 Caveats of the custom call, both outside training itself:
