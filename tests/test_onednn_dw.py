@@ -89,9 +89,9 @@ def test_weight_gradient_equals_the_formula_and_xla(k, strides, pads):
 @needs_dw
 def test_a_planted_product_lands_at_its_tap_and_channels():
   """x = 1 at one pixel and input channel, dy = 1 at one output position and
-  channel: dw is 1 exactly at the tap (p, q) = (s*i_x - s*i, ...) linking
-  them, for the channels planted, and 0 elsewhere (catches swapped H/W,
-  Ci/Co or a wrong padding offset)."""
+  channel: dw is 1 exactly at the tap linking them, (p, q) = (padded row -
+  s_h*i, padded col - s_w*j), for the channels planted, and 0 elsewhere
+  (catches swapped H/W, Ci/Co or a wrong padding offset)."""
   strides, pads = (2, 1), ((1, 0), (0, 1))
   x = np.zeros((2, 7, 6, 3), np.float32)
   dy = np.zeros((2, 3, 5, 5), np.float32)  # Ho = (7+1-3)//2+1, Wo = 6+1-3+1.
