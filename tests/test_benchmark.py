@@ -3,12 +3,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, onednn_conv_on
+from conftest import REPO, onednn_conv_on, xla_flags
 
 
 def _env(**extra):
   env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS='cpu', **extra)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = xla_flags(1)
   return env
 
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from mixmo_jax import checkpointing, data, evaluate, predict, sharding
 from mixmo_jax import workdir as workdir_lib
 from mixmo_jax.data import cifar_c as cifar_c_lib
@@ -55,7 +56,7 @@ def _copy_run(src, dst, **config_changes):
 
 def _cli_env():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['XLA_FLAGS'] = xla_flags(8)
   env['JAX_PLATFORMS'] = 'cpu'
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
   return env

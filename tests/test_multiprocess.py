@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from conftest import tiny_digits_config
+from conftest import tiny_digits_config, xla_flags
 import multiprocess_worker
 
 STEPS = 3
@@ -30,7 +30,7 @@ def test_two_processes_agree_with_one():
   # cached program while the other compiles its own has been seen to hang
   # their first collective.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             XLA_FLAGS=xla_flags(4),
              JAX_ENABLE_COMPILATION_CACHE='false')
   worker = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
   procs = [subprocess.Popen(

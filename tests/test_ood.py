@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from mixmo_jax import data, evaluate, predict
 from mixmo_jax.data import cifar, svhn
 from mixmo_jax.evaluation import report
@@ -132,7 +133,7 @@ def test_bad_ood_name_fails_before_restoring(digits_workdir, monkeypatch):
 
 
 def test_cli_ood_flag(tmp_path, digits_workdir, ood_result):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   output = str(tmp_path / 'eval.json')
   proc = subprocess.run(
