@@ -97,7 +97,7 @@ TESTED_JAXLIB = ('0.10.',)
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 CUSTOM_CALL = '__onednn$convolution'  # XLA's custom-call target.
 
-Pads = tuple[tuple[int, int], tuple[int, int]]
+Pads = onednn_dw.Pads
 
 
 def _xla_conv(x, w, strides: tuple[int, int], pads: Pads):
