@@ -454,7 +454,8 @@ def test_table_prints_both_temperatures(evaluated):
   halves = [l for l in lines if 'cross-fitted halves' in l][0]
   assert f'A {t_a:.4g}' in halves and f'B {t_b:.4g}' in halves
   header = report.format_table(result).splitlines()[1].split()
-  assert header == ['top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace']
+  assert header == ['top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mm',
+                    'tace_um']
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,5 +1,6 @@
 """Tests for mixmo_jax.metrics: formulas checked against direct NumPy loops."""
 import json
+import math
 from unittest import mock
 
 import jax
@@ -352,8 +353,34 @@ def test_diversity_three_members_averages_pairs():
 
 def test_diversity_single_member_is_none():
   z, labels = _logits(6, n=20, c=4, m=1)
-  assert metrics.diversity(z, labels) == {'ratio_error': None,
-                                          'disagreement': None}
+  assert metrics.diversity(z, labels) == {
+      'ratio_error': None, 'disagreement': None, 'average_kl': None,
+      'cosine_similarity': None}
+
+
+@pytest.mark.parametrize('m', [2, 3])
+def test_kl_and_cosine_diversity_match_pair_loops(m):
+  z, labels = _logits(7, n=40, c=5, m=m, signal=1.0)
+  p = _softmax64(z)  # Shape: [N, M, C].
+  kls, cosines = [], []
+  for i in range(m):
+    for j in range(i + 1, m):
+      kl = cos = 0.0
+      for n in range(p.shape[0]):
+        kl += sum(p[n, i, c] * math.log(p[n, i, c] / p[n, j, c])
+                  for c in range(p.shape[2]))
+        cos += (p[n, i] @ p[n, j]) / math.sqrt(
+            (p[n, i] @ p[n, i]) * (p[n, j] @ p[n, j]))
+      kls.append(kl / p.shape[0])
+      cosines.append(cos / p.shape[0])
+  d = metrics.diversity(z, labels)
+  assert d['average_kl'] == pytest.approx(np.mean(kls), rel=1e-10)
+  assert d['cosine_similarity'] == pytest.approx(np.mean(cosines), rel=1e-10)
+  # Identical members: no divergence, cosine 1.
+  same = np.repeat(z[:, :1], m, axis=1)
+  d = metrics.diversity(same, labels)
+  assert d['average_kl'] == pytest.approx(0.0, abs=1e-12)
+  assert d['cosine_similarity'] == pytest.approx(1.0, abs=1e-12)
 
 
 # --- eval.json ------------------------------------------------------------------
@@ -399,7 +426,7 @@ def test_evaluation_metrics_edge_cases_stay_valid_json():
   z, labels = _logits(8, n=10, c=3, m=1)
   result = metrics.evaluation_metrics(z, labels)
   assert result['ensemble']['top5'] == 1.0
-  assert result['diversity'] == {'ratio_error': None, 'disagreement': None}
+  assert set(result['diversity'].values()) == {None}
   json.dumps(result, allow_nan=False)
   z_nan = np.full((6, 2, 4), np.nan, np.float32)
   result = metrics.evaluation_metrics(z_nan, np.zeros(6, int))
@@ -458,8 +485,9 @@ def test_confidence_auc_matches_sklearn(seed):
   assert np.isnan(metrics.confidence_auc(z, p.argmax(-1)))
 
 
-def loop_tace(z, labels, num_bins, threshold):
-  """TACE by explicit loops over classes, samples and bins."""
+def loop_tace_um(z, labels, num_bins, threshold):
+  """uncertainty-metrics' TACE by explicit loops over classes, samples and
+  bins."""
   p = _softmax64(z)
   n, c = p.shape
   total = 0.0
@@ -482,11 +510,60 @@ def loop_tace(z, labels, num_bins, threshold):
   return total / c
 
 
+def loop_tace_mixmo(z, labels, num_bins, threshold):
+  """The official MixMo code's TACE by its own recipe: per class, sort the
+  kept probabilities, cut floor(n / B)-long slices with the remainder in
+  the last, add |mean conf - mean acc| * slice length / (N C); an empty
+  slice adds 0."""
+  p = _softmax64(z)
+  n, c = p.shape
+  total = 0.0
+  for k in range(c):
+    kept = sorted((p[i, k], float(labels[i] == k)) for i in range(n)
+                  if p[i, k] > threshold)
+    size = len(kept) // num_bins
+    for b in range(num_bins):
+      start = b * size
+      end = start + size if b < num_bins - 1 else len(kept)
+      chunk = kept[start:end]
+      if chunk:
+        conf = sum(v for v, _ in chunk) / len(chunk)
+        acc = sum(h for _, h in chunk) / len(chunk)
+        total += abs(conf - acc) * len(chunk) / (n * c)
+  return total
+
+
 @pytest.mark.parametrize('seed,num_bins', [(0, 15), (1, 7), (2, 1)])
-def test_tace_matches_loop(seed, num_bins):
+def test_tace_um_matches_loop(seed, num_bins):
   z, labels = _logits(seed, n=150, c=4, signal=1.5)
-  assert metrics.tace(z, labels, num_bins, 0.01) == pytest.approx(
-      loop_tace(z, labels, num_bins, 0.01), abs=1e-12)
+  assert metrics.tace_um(z, labels, num_bins, 0.01) == pytest.approx(
+      loop_tace_um(z, labels, num_bins, 0.01), abs=1e-12)
+
+
+@pytest.mark.parametrize('seed,n,c,num_bins', [(0, 150, 4, 15), (1, 97, 6, 7),
+                                               (2, 40, 10, 15), (3, 60, 3, 1)])
+def test_tace_mixmo_matches_the_official_recipe(seed, n, c, num_bins):
+  z, labels = _logits(seed, n=n, c=c, signal=1.5)
+  for threshold in (1e-3, 0.2):
+    assert metrics.tace_mixmo(z, labels, num_bins, threshold) == (
+        pytest.approx(loop_tace_mixmo(z, labels, num_bins, threshold),
+                      abs=1e-12))
+
+
+def test_the_two_taces_agree_without_threshold_and_differ_with_it():
+  # Threshold 0 and N a multiple of B: both cut every class into the same
+  # equal-count bins and weigh it n_c / N = 1 / C, so they agree.
+  z, labels = _logits(8, n=150, c=5, signal=1.0)
+  assert metrics.tace_mixmo(z, labels, 15, 0.0) == pytest.approx(
+      metrics.tace_um(z, labels, 15, 0.0), abs=1e-12)
+  # With C = 100 classes and a confident network most classes pass the
+  # threshold on few samples: the official 1 / (N C) weighting makes its
+  # TACE several times smaller than the mean over classes (the reference
+  # figures: 0.0036 against 0.0325).
+  z, labels = _logits(9, n=1000, c=100, signal=4.0)
+  official, adaptive = metrics.tace_mixmo(z, labels), metrics.tace_um(z,
+                                                                      labels)
+  assert 0 < official < adaptive / 3
 
 
 def test_tace_closed_forms():
@@ -495,21 +572,44 @@ def test_tace_closed_forms():
   # One bin, no threshold: (1/C) sum_c |mean 1[y = c] - mean p_c|.
   one_bin = np.mean([abs(np.mean(labels == k) - p[:, k].mean())
                      for k in range(3)])
-  assert metrics.tace(z, labels, 1, 0.0) == pytest.approx(one_bin, abs=1e-12)
+  assert metrics.tace_um(z, labels, 1, 0.0) == pytest.approx(one_bin, abs=1e-12)
   # 120 distinct values in 4 bins: the bins are the sorted quarters.
   quarters = 0.0
   for k in range(3):
     order = np.argsort(p[:, k])
     for chunk in np.split(order, 4):
       quarters += abs(np.sum(labels[chunk] == k) - p[chunk, k].sum()) / 120
-  assert metrics.tace(z, labels, 4, 0.0) == pytest.approx(quarters / 3,
+  assert metrics.tace_um(z, labels, 4, 0.0) == pytest.approx(quarters / 3,
                                                           abs=1e-12)
   # The threshold drops small probabilities: a class never above it adds 0.
   # Class 0 keeps 0.99 (wrong) and 0.995 (right), in two bins:
   # (|0 - 0.99| + |1 - 0.995|) / 2; classes 1 and 2 add 0.
   z2 = np.log(np.array([[0.995, 0.004, 0.001], [0.99, 0.009, 0.001]]))
-  assert metrics.tace(z2, np.array([0, 1]), 15, 0.01) == pytest.approx(
+  assert metrics.tace_um(z2, np.array([0, 1]), 15, 0.01) == pytest.approx(
       ((0.99 + 0.005) / 2) / 3, abs=1e-12)
+
+
+def test_dempster_shafer_forms_differ_only_when_members_do():
+  z_in, _ = _logits(2, n=60, c=10, m=3, signal=2.0)
+  scores = metrics.ood_scores(z_in)
+  # The mean of per-member scores is not the score of the mean logits.
+  gap = np.abs(scores['dempster_shafer_members']
+               - scores['dempster_shafer_mean_logits'])
+  assert np.all(gap > 1e-6)
+  same = metrics.ood_scores(np.repeat(z_in[:, :1], 3, axis=1))
+  np.testing.assert_allclose(same['dempster_shafer_members'],
+                             same['dempster_shafer_mean_logits'], rtol=1e-12)
+
+
+def test_tnr_at_tpr_by_hand():
+  # OOD scores 4, 3, 2, 1 (positive) and in-distribution 3.5, 0.5:
+  # TPR reaches 1 >= 0.95 at threshold 1, where one negative (3.5) is above.
+  scores = np.array([4, 3, 2, 1, 3.5, 0.5])
+  positive = np.array([1, 1, 1, 1, 0, 0], bool)
+  assert metrics.tnr_at_tpr(scores, positive, 0.95) == pytest.approx(0.5)
+  assert metrics.tnr_at_tpr(scores, positive, 0.25) == pytest.approx(1.0)
+  assert metrics.tnr_at_tpr(-scores, positive, 0.95) == pytest.approx(0.0)
+  assert np.isnan(metrics.tnr_at_tpr(scores, np.ones(6, bool)))
 
 
 def test_dempster_shafer_by_hand():
@@ -538,9 +638,14 @@ def test_ood_metrics_match_sklearn(mode):
   uncertainty = {
       'msp': -p.max(-1),
       'entropy': -np.sum(p * np.log(p), -1),
-      'dempster_shafer': 5 / (5 + np.exp(mean_z).sum(-1)),
+      'dempster_shafer_mean_logits': 5 / (5 + np.exp(mean_z).sum(-1)),
+      'dempster_shafer_members': np.mean(5 / (5 + np.exp(z).sum(-1)), 1),
   }
+  assert set(uncertainty) == set(metrics.OOD_SCORES)
   for name, u in uncertainty.items():
+    fpr, tpr, _ = sk.roc_curve(is_ood, u, drop_intermediate=False)
+    assert res[f'tnr_at_tpr95_{name}'] == pytest.approx(
+        1 - fpr[np.argmax(tpr >= 0.95)], abs=1e-12), name
     assert res[f'auroc_{name}'] == pytest.approx(
         sk.roc_auc_score(is_ood, u), abs=1e-9), name
     assert res[f'aupr_out_{name}'] == pytest.approx(
@@ -556,7 +661,8 @@ def test_evaluation_metrics_has_registered_auc_and_tace():
   res = metrics.evaluation_metrics(z, labels)
   lp = metrics.ensemble_log_probs(np.asarray(z, np.float64))
   assert res['ensemble']['auc'] == metrics.confidence_auc(lp, labels)
-  assert res['ensemble']['tace'] == metrics.tace(lp, labels)
+  assert res['ensemble']['tace_um'] == metrics.tace_um(lp, labels)
+  assert res['ensemble']['tace_mixmo'] == metrics.tace_mixmo(lp, labels)
 
 
 def test_register_metric_rejects_bad_registrations(monkeypatch):
@@ -579,5 +685,5 @@ def test_register_metric_rejects_bad_registrations(monkeypatch):
   assert registry.summary_metrics()['ok'] is spec
   assert spec.summary_decimals() == 2
   assert registry.summary_metrics()['nll'].summary_decimals() == 3
-  assert [s.name for s in registry.metric_specs()][:7] == [
-      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace']
+  assert [s.name for s in registry.metric_specs()][:8] == [
+      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mixmo', 'tace_um']

@@ -101,12 +101,15 @@ def test_ood_on_inverted_digits_matches_sklearn(digits_workdir, ood_result):
   images, _ = data.load_split(predictor.config, 'test')
   z_in = predictor(images)['logits'].astype(np.float64)
   z_ood = predictor(255 - images)['logits'].astype(np.float64)
-  z = np.concatenate([z_in, z_ood]).mean(1)  # 'logits' ensemble.
+  members = np.concatenate([z_in, z_ood])  # Shape: [N, M, C].
+  z = members.mean(1)  # 'logits' ensemble.
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   is_ood = np.r_[np.zeros(len(z_in), bool), np.ones(len(z_ood), bool)]
   u = {'msp': -p.max(-1), 'entropy': -np.sum(p * np.log(p), -1),
-       'dempster_shafer': 10 / (10 + np.exp(z).sum(-1))}
+       'dempster_shafer_mean_logits': 10 / (10 + np.exp(z).sum(-1)),
+       'dempster_shafer_members': np.mean(
+           10 / (10 + np.exp(members).sum(-1)), axis=1)}
   res = ood_result['ood']['digits_inverted']
   assert (res['num_in'], res['num_ood'], res['split']) == (360, 360, 'test')
   for name, score in u.items():

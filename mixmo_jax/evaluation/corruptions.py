@@ -2,7 +2,7 @@
 
 Per (corruption, severity) cell the ensemble's top-1, top-5, NLL (without
 temperature scaling: out-of-domain, paper Appendix 6.4), ECE and every other
-metric registered with `per_cell=True` (`registry`: auc, tace, ...), their
+metric registered with `per_cell=True` (`registry`: auc, tace_mixmo, tace_um, ...), their
 means per corruption, per severity and over all cells, and the additive
 ones (top-1, top-5, NLL, ECE) of all corrupted images pooled (from additive
 per-cell statistics, exact).
@@ -123,7 +123,7 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
      warning when not empty], 'ignored_files', 'ensemble_mode',
      'temperature_scaling': False,
      'per_corruption': {name: {'1'..'5', 'mean': {top1, top5, nll, ece,
-                                                   auc, tace, ...}}},
+                                                   auc, tace_mixmo, ...}}},
      'per_severity': {'1'..'5': mean over corruptions},
      'mean': mean over the (corruption, severity) cells,
      'pooled': {top1, top5, nll, ece} over all corrupted images at once,

@@ -491,31 +491,68 @@ def cross_fitted_log_probs(log_probs, labels, seed=0, temperatures=None):
 # ----------------------------------------------------------------------------
 
 
+def pairwise_probability_diversity(member_logits):
+  """KL divergence and cosine similarity of the members' probabilities.
+
+  For each pair (i, j), i < j, with p_in = softmax(z_in):
+    kl_ij     = (1/N) sum_n sum_c p_inc log(p_inc / p_jnc)   (KL(p_i || p_j)),
+    cosine_ij = (1/N) sum_n <p_in, p_jn> / (|p_in| |p_jn|),
+  averaged over the M (M - 1) / 2 pairs in `itertools.combinations` order:
+  uncertainty-baselines' `average_kl` and `cosine_similarity`
+  (robustness-metrics' `AveragePairwiseDiversity`, which sums the same
+  ordered pairs, not both directions).
+
+  Args:
+    member_logits: [N, M, C].
+
+  Returns:
+    (average_kl, cosine_similarity) Python floats; (None, None) when M = 1.
+  """
+  z = np.asarray(member_logits, np.float64)
+  pairs = list(itertools.combinations(range(z.shape[1]), 2))
+  if not pairs:
+    return None, None
+  log_p = _log_softmax(np, z)  # Shape: [N, M, C].
+  p = np.exp(log_p)
+  i, j = (np.array(x) for x in zip(*pairs))
+  kl = np.sum(p[:, i] * (log_p[:, i] - log_p[:, j]), axis=-1)  # [N, P].
+  norm = np.linalg.norm(p, axis=-1)  # Shape: [N, M].
+  cosine = np.sum(p[:, i] * p[:, j], axis=-1) / (norm[:, i] * norm[:, j])
+  return float(np.mean(kl)), float(np.mean(cosine))
+
+
 def diversity(member_logits, labels):
-  """Pairwise diversity of the members' top-1 predictions (paper 4.3.2, 6.6).
+  """Pairwise diversity of the members (paper 4.3.2, 6.6; uncertainty-
+  baselines).
 
   For each pair (i, j), i < j: ratio-error d_re = one_ij / both_ij with
   one_ij = #{n: exactly one of i, j errs} and both_ij = #{n: both err}
   (Aksela 2003); when both_ij = 0 the MixMo reference uses 2 * one_ij
   instead, and so do we. Disagreement = (1/N) #{n: pred_in != pred_jn}.
-  Both are averaged over the M (M - 1) / 2 pairs.
+  All are averaged over the M (M - 1) / 2 pairs; `average_kl` and
+  `cosine_similarity` of the members' probabilities come from
+  `pairwise_probability_diversity`.
 
   Args:
     member_logits: [N, M, C]; labels: [N] int.
 
   Returns:
-    {'ratio_error': float, 'disagreement': float}; both None when M = 1 (no
-    pair; None keeps eval.json valid JSON).
+    {'ratio_error', 'disagreement', 'average_kl', 'cosine_similarity'}
+    floats; all None when M = 1 (no pair; None keeps eval.json valid JSON).
   """
   num_examples = np.shape(member_logits)[0]
   both, one, disagree = (np.asarray(x) for x in
                          pairwise_error_counts(member_logits, labels))
+  kl, cosine = pairwise_probability_diversity(member_logits)
   if both.size == 0:
-    return {'ratio_error': None, 'disagreement': None}
+    return {'ratio_error': None, 'disagreement': None, 'average_kl': None,
+            'cosine_similarity': None}
   ratios = np.where(both > 0, one / np.maximum(both, 1), 2.0 * one)
   return {
       'ratio_error': float(np.mean(ratios)),
       'disagreement': float(np.mean(disagree / max(num_examples, 1))),
+      'average_kl': kl,
+      'cosine_similarity': cosine,
   }
 
 
@@ -552,10 +589,11 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
 
   Returns:
     {'ensemble': {every registered metric (`registry`: top1, top5, nll, ece,
-                  brier, auc, tace, ...), nll_c, ece_c, top1_c, brier_c,
+                  brier, auc, tace_mixmo, tace_um, ...), nll_c, ece_c, top1_c, brier_c,
                   temperature},
      'members': [{top1, nll}, ...] (M entries),
-     'diversity': {ratio_error, disagreement},
+     'diversity': {ratio_error, disagreement, average_kl,
+                   cosine_similarity},
      'calibration': {seed, split_sizes, temperatures, separable},
      'num_examples', 'num_members', 'num_classes', 'ensemble_mode'}
     Accuracies are fractions in [0, 1]; top5 is top-min(5, C). Values are
@@ -627,8 +665,11 @@ def flatten_metrics(tree, prefix='', sep='/'):
 # Ranking metrics, TACE and OOD scores (host side, float64 NumPy).
 # ----------------------------------------------------------------------------
 
-TACE_BINS = 15  # Adaptive bins per class (Nixon et al. 2019; as for ECE).
-TACE_THRESHOLD = 0.01  # Only probabilities p_nc > 0.01 are binned.
+TACE_BINS = 15  # Adaptive bins per class (both definitions; as for ECE).
+# Only probabilities p_nc above the threshold are binned: uncertainty-metrics
+# (Nixon et al. 2019) use 0.01, the official MixMo code 1e-3.
+TACE_UM_THRESHOLD = 0.01
+TACE_MIXMO_THRESHOLD = 1e-3
 
 
 def _binary_inputs(scores, positive):
@@ -760,8 +801,14 @@ def adaptive_bin_index(values, num_bins):
   return np.searchsorted(edges, values, side='right')
 
 
-def tace(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_THRESHOLD):
-  """Thresholded adaptive calibration error (Nixon et al. 2019).
+def _class_probabilities(log_probs, labels):
+  _, lp = _normalise(np.asarray(log_probs, np.float64))
+  return np.exp(lp), np.asarray(labels, np.int64)
+
+
+def tace_um(log_probs, labels, num_bins=TACE_BINS,
+            threshold=TACE_UM_THRESHOLD):
+  """Thresholded adaptive calibration error of uncertainty-metrics.
 
   For every class c separately, over the samples with p_nc > threshold
   (n_c of them), the adaptive bins of `adaptive_bin_index` (num_bins of
@@ -771,7 +818,8 @@ def tace(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_THRESHOLD):
   with TACE_c = 0 when no probability of class c passes the threshold. This
   is `GeneralCalibrationError(binning_scheme='adaptive',
   class_conditional=True, max_prob=False, norm='l1', threshold=0.01)` of
-  uncertainty-metrics (Nixon et al.'s code), with 15 bins as for ECE.
+  uncertainty-metrics (Nixon et al. 2019's code), with 15 bins as for ECE.
+  Each class weighs 1/C whatever its n_c: compare with `tace_mixmo`.
 
   Args:
     log_probs: [N, C]; labels: [N] int.
@@ -779,12 +827,9 @@ def tace(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_THRESHOLD):
   Returns:
     float in [0, 1].
   """
-  _, lp = _normalise(np.asarray(log_probs, np.float64))
-  probs = np.exp(lp)
-  labels = np.asarray(labels, np.int64)
-  num_classes = probs.shape[-1]
+  probs, labels = _class_probabilities(log_probs, labels)
   total = 0.0
-  for c in range(num_classes):
+  for c in range(probs.shape[-1]):
     keep = probs[:, c] > threshold
     p = probs[keep, c]
     if p.size == 0:
@@ -793,45 +838,139 @@ def tace(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_THRESHOLD):
     bins = adaptive_bin_index(p, num_bins)
     gap = np.bincount(bins, weights=hit - p, minlength=num_bins)
     total += np.sum(np.abs(gap)) / p.size
-  return total / num_classes
+  return total / probs.shape[-1]
 
 
-OOD_SCORES = ('msp', 'entropy', 'dempster_shafer')
+def tace_mixmo(log_probs, labels, num_bins=TACE_BINS,
+               threshold=TACE_MIXMO_THRESHOLD):
+  """TACE as the official MixMo code computes it (`get_tace_bayesgroup`).
+
+  For every class c, the n_c probabilities p_nc > threshold (1e-3) are
+  sorted ascending and cut into B equal-count bins of s_c = floor(n_c / B)
+  consecutive values, the last bin taking the remainder (positions
+  k in [b s_c, (b + 1) s_c) for b < B - 1, [(B - 1) s_c, n_c) for the last);
+  then
+    TACE = 1 / (N C) sum_c sum_b |sum_{n in b} (1[y_n = c] - p_nc)|
+  (= sum_c sum_b |B_b| / (N C) |acc_b - conf_b|): every class weighs by
+  n_c / N, unlike `tace_um`'s 1/C, so on C = 100 classes, where most
+  classes pass the threshold on few samples, it is several times smaller.
+  Ties are sorted stably (by sample order). With n_c < B the first B - 1
+  bins are empty and contribute 0 (the reference's mean of an empty bin
+  gives NaN there).
+
+  Args:
+    log_probs: [N, C]; labels: [N] int.
+
+  Returns:
+    float in [0, 1].
+  """
+  probs, labels = _class_probabilities(log_probs, labels)
+  num_examples, num_classes = probs.shape
+  total = 0.0
+  for c in range(num_classes):
+    keep = probs[:, c] > threshold
+    order = np.argsort(probs[keep, c], kind='stable')
+    p = probs[keep, c][order]
+    hit = (labels[keep][order] == c).astype(np.float64)
+    size = p.size // num_bins
+    position = np.arange(p.size)
+    bins = (np.minimum(position // size, num_bins - 1) if size
+            else np.full(p.size, num_bins - 1))
+    gap = np.bincount(bins, weights=hit - p, minlength=num_bins)
+    total += np.sum(np.abs(gap))
+  return total / (num_examples * num_classes)
+
+
+def tnr_at_tpr(scores, positive, tpr=0.95):
+  """(1 - FPR) at the first threshold whose TPR reaches `tpr`.
+
+  Thresholds t run over the distinct scores, highest first; the samples with
+  s >= t are called positive, TPR(t) = TP / n+ and FPR(t) = FP / n-. With t*
+  the highest threshold with TPR(t*) >= tpr (FPR grows as t falls, so the
+  lowest FPR at that recall), the result is 1 - FPR(t*): the OOD metric
+  "(1 - FPR) at 95% TPR" of uncertainty-baselines with OOD positive.
+
+  Args:
+    scores: [N] float, higher = more likely positive.
+    positive: [N] bool.
+    tpr: the recall to reach, in (0, 1].
+
+  Returns:
+    float in [0, 1]; NaN without both classes.
+  """
+  scores, positive = _binary_inputs(scores, positive)
+  n_pos = int(positive.sum())
+  n_neg = positive.size - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return math.nan
+  order = np.argsort(-scores, kind='stable')
+  s, pos = scores[order], positive[order]
+  last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # End of each group.
+  tp = np.cumsum(pos)[last]
+  fp = (last + 1) - tp
+  first = int(np.argmax(tp / n_pos >= tpr))
+  return float(1.0 - fp[first] / n_neg)
+
+
+OOD_SCORES = ('msp', 'entropy', 'dempster_shafer_mean_logits',
+              'dempster_shafer_members')
+
+
+def ood_scores(member_logits, ensemble='logits'):
+  """The uncertainty scores u [N] of every name in OOD_SCORES.
+
+  'msp': -max_c p_nc and 'entropy': H(p_n), both of the ensemble prediction
+  p = `ensemble_log_probs(., ensemble)`; the Dempster-Shafer score in its
+  two forms: 'dempster_shafer_mean_logits' = `dempster_shafer` of the
+  members' mean logits (1/M) sum_i z_in, and 'dempster_shafer_members' =
+  (1/M) sum_i `dempster_shafer`(z_in), the mean of the per-member scores, as
+  uncertainty-baselines' MIMO scores OOD (its published numbers use this
+  one).
+
+  Args:
+    member_logits: [N, M, C].
+    ensemble: 'logits' or 'probs'.
+
+  Returns:
+    {name: [N] float64}.
+  """
+  z = np.asarray(member_logits, np.float64)
+  lp = ensemble_log_probs(z, ensemble)
+  per_member = np.stack([dempster_shafer(z[:, i]) for i in range(z.shape[1])],
+                        axis=1)  # Shape: [N, M].
+  return {'msp': -max_probability(lp), 'entropy': entropy(lp),
+          'dempster_shafer_mean_logits': dempster_shafer(z.mean(axis=1)),
+          'dempster_shafer_members': per_member.mean(axis=1)}
 
 
 def ood_metrics(in_member_logits, ood_member_logits, ensemble='logits'):
   """Out-of-distribution detection: in-distribution test set vs an OOD set.
 
-  Three uncertainty scores u per sample, from the M members' logits:
-  'msp': -max_c p_nc (the max probability, negated), 'entropy': H(p_n), both
-  of the ensemble prediction p = `ensemble_log_probs(., ensemble)`, and
-  'dempster_shafer': `dempster_shafer` of the members' mean logits. For each
-  score s: auroc_s = AUROC of u with OOD samples positive; aupr_out_s = AP of
-  u with OOD positive; aupr_in_s = AP of -u with in-distribution positive.
+  For each uncertainty score u of `ood_scores` (OOD_SCORES): auroc_s = AUROC
+  of u with OOD samples positive; aupr_out_s = AP of u with OOD positive;
+  aupr_in_s = AP of -u with in-distribution positive; tnr_at_tpr95_s =
+  (1 - FPR) at 95% TPR of u with OOD positive (`tnr_at_tpr`).
 
   Args:
     in_member_logits: [N, M, C]; ood_member_logits: [N', M, C].
     ensemble: 'logits' or 'probs' (`ensemble_log_probs`).
 
   Returns:
-    {auroc_msp, aupr_in_msp, aupr_out_msp, auroc_entropy, ...,
-     aupr_out_dempster_shafer, num_in, num_ood}; JSON-safe (NaN -> None).
+    {auroc_msp, aupr_in_msp, aupr_out_msp, tnr_at_tpr95_msp, auroc_entropy,
+     ..., tnr_at_tpr95_dempster_shafer_members, num_in, num_ood}; JSON-safe
+    (NaN -> None).
   """
-  z = [np.asarray(x, np.float64) for x in (in_member_logits,
-                                            ood_member_logits)]
-  u = {name: [] for name in OOD_SCORES}
-  for part in z:
-    lp = ensemble_log_probs(part, ensemble)
-    u['msp'].append(-max_probability(lp))
-    u['entropy'].append(entropy(lp))
-    u['dempster_shafer'].append(dempster_shafer(part.mean(axis=1)))
-  is_ood = np.r_[np.zeros(len(z[0]), bool), np.ones(len(z[1]), bool)]
-  result = {'num_in': int(len(z[0])), 'num_ood': int(len(z[1]))}
+  parts = [ood_scores(x, ensemble) for x in (in_member_logits,
+                                             ood_member_logits)]
+  num_in, num_ood = (len(p['msp']) for p in parts)
+  is_ood = np.r_[np.zeros(num_in, bool), np.ones(num_ood, bool)]
+  result = {'num_in': num_in, 'num_ood': num_ood}
   for name in OOD_SCORES:
-    score = np.concatenate(u[name])
+    score = np.concatenate([p[name] for p in parts])
     result[f'auroc_{name}'] = auroc(score, is_ood)
     result[f'aupr_in_{name}'] = average_precision(-score, ~is_ood)
     result[f'aupr_out_{name}'] = average_precision(score, is_ood)
+    result[f'tnr_at_tpr95_{name}'] = tnr_at_tpr(score, is_ood, 0.95)
   return _clean(result)
 
 
@@ -851,4 +990,7 @@ registry.register_metric('ece', ece, title='ece', per_cell=True)
 registry.register_metric('brier', brier, title='brier')
 registry.register_metric('auc', confidence_auc, title='auc',
                          higher_is_better=True, per_cell=True)
-registry.register_metric('tace', tace, title='tace', per_cell=True)
+# The two TACE definitions, named for their sources (see their docstrings).
+registry.register_metric('tace_mixmo', tace_mixmo, title='tace_mm',
+                         per_cell=True)
+registry.register_metric('tace_um', tace_um, title='tace_um', per_cell=True)

@@ -9,8 +9,8 @@ predicted by the same inference path as the test set. Its labels are
 ignored. `metrics.ood_metrics` scores in-distribution test images against
 OOD images by the max probability, the entropy and the Dempster-Shafer
 uncertainty. eval.json['ood'][name] = {auroc_msp, aupr_in_msp, aupr_out_msp,
-auroc_entropy, aupr_in_entropy, aupr_out_entropy, auroc_dempster_shafer,
-aupr_in_dempster_shafer, aupr_out_dempster_shafer, num_in, num_ood, split}.
+tnr_at_tpr95_msp, the same four for entropy, dempster_shafer_mean_logits
+and dempster_shafer_members (`metrics.ood_scores`), num_in, num_ood, split}.
 """
 from typing import Any, Dict, Optional, Sequence
 

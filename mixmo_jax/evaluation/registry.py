@@ -21,7 +21,8 @@ and every consumer picks it up:
   the additive built-ins top1, top5, nll and ece;
 * `experiments.summarize`, through `summary_metrics()`.
 
-The built-ins (top1, top5, nll, ece, brier, auc, tace) are registered by
+The built-ins (top1, top5, nll, ece, brier, auc, tace_mixmo,
+tace_um) are registered by
 `mixmo_jax.evaluation.metrics`, which the package `mixmo_jax.evaluation`
 imports first (so importing this module through the package always finds
 them). Registration order is the order of the table's columns. This module

@@ -141,7 +141,13 @@ def format_table(result: Dict[str, Any]) -> str:
     lines.append(_row(f'member {i}', cols, member))
   div = result['diversity']
   lines.append(f'diversity: ratio-error {_f(div["ratio_error"], ".4f")}, '
-               f'disagreement {_f(div["disagreement"], ".4f")}')
+               f'disagreement {_f(div["disagreement"], ".4f")}, average KL '
+               f'{_f(div.get("average_kl"), ".4f")}, cosine similarity '
+               f'{_f(div.get("cosine_similarity"), ".4f")}')
+  if 'tace_mixmo' in ens or 'tace_um' in ens:
+    lines.append('tace_mm: TACE of the official MixMo code (threshold 1e-3, '
+                 '/ N C); tace_um: of uncertainty-metrics (threshold 0.01, '
+                 'mean over classes)')
   best = result.get('best_on_test')
   if best:
     lines.append(f'best epoch on test (optimistic, paper protocol, latest on '
@@ -165,7 +171,8 @@ def format_table(result: Dict[str, Any]) -> str:
   for name, row in (result.get('ood') or {}).items():
     lines.append(f'ood {name} ({row["num_ood"]} images vs {row["num_in"]}):')
     for score in metrics.OOD_SCORES:
-      lines.append(f'  {score:16s} auroc {_f(row[f"auroc_{score}"])} aupr-in '
-                   f'{_f(row[f"aupr_in_{score}"])} aupr-out '
-                   f'{_f(row[f"aupr_out_{score}"])}')
+      lines.append(f'  {score:27s} auroc {_f(row[f"auroc_{score}"])} '
+                   f'aupr-in {_f(row[f"aupr_in_{score}"])} aupr-out '
+                   f'{_f(row[f"aupr_out_{score}"])} 1-fpr@95tpr '
+                   f'{_f(row.get(f"tnr_at_tpr95_{score}"))}')
   return '\n'.join(lines)
