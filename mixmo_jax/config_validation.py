@@ -210,7 +210,7 @@ def _check_model(c: _Checks):
              'WRN depth must be 6n+4 (10, 16, 22, 28, ...)')
   c.choice('model.stem', ('mixmo', 'mimo'))
   for field, default in (('model.stride_on', 'second'),
-                         ('model.bn_per_device', False)):
+                         ('model.bn_group_rows', 0)):
     # Read by the WideResNet only.
     if name is not None and name != 'wide_resnet' and c.get(field) != default:
       c.fail(field, c.get(field), f'only with model.name=wide_resnet (it '
@@ -251,6 +251,14 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
            f'must be divisible by batch_repetitions={b}')
     return None
   unique = batch_size // b
+  for field in ('mixing.permutation_group_rows', 'model.bn_group_rows'):
+    rows = c.int_(field, 0)
+    if rows and (batch_size % rows or (field.startswith('mixing')
+                                       and rows % b)):
+      c.fail(field, rows, f'must be 0 (the global batch) or divide '
+             f'batch_size={batch_size}'
+             + (f' and be a multiple of batch_repetitions={b}'
+                if field.startswith('mixing') else ''))
   if unique % num_devices:
     c.fail('batch_size', batch_size,
            f'batch_size / batch_repetitions = {unique} unique samples '
@@ -275,6 +283,7 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 
 
 def _check_augment(c: _Checks):
+  from mixmo_jax.mixmo import batch as mixmo_batch  # jax only.
   c.int_('augment.crop_padding', 0)
   mix = c.choice('augment.pixel_mix', _PIXEL_MIX)
   rule = c.choice('augment.pixel_mix_rule', ('per_sample', 'batch'))
@@ -294,6 +303,7 @@ def _check_augment(c: _Checks):
     c.number('augment.augmix_severity', *{'mixmo': (0.0, 30.0),
                                           'augmix': (0.1, 10.0)}[rule])
   c.int_('augment.augmix_width', 1)
+  c.choice('augment.augmix_draws', mixmo_batch.PIXEL_AUGMENT_DRAWS)
   depth = c.get('augment.augmix_depth')
   if depth is not _MISSING and (not _is_int(depth) or (depth < 1
                                                        and depth != -1)):

@@ -23,10 +23,14 @@ evaluations give byte-identical files:
   steps, members_per_run
                       (ensembles only) per run, in --workdir, --ensemble order
   workdirs            absolute paths of the runs
+  num_params          the parameters of the evaluated network(s), summed over
+                      runs
   ensemble            {every registered metric (evaluation/registry.py: top1,
-                       top5, nll, ece, brier, auc, tace, ...), nll_c, ece_c,
-                       top1_c, brier_c, temperature}
-  members             [{top1, nll}, ...]; diversity {ratio_error, disagreement}
+                       top5, nll, ece, brier, auc, tace_mixmo (the official
+                       MixMo code's TACE), tace_um (uncertainty-metrics'),
+                       ...), nll_c, ece_c, top1_c, brier_c, temperature}
+  members             [{top1, nll}, ...]; diversity {ratio_error,
+                      disagreement, average_kl, cosine_similarity}
   calibration, num_examples, num_members, num_classes, ensemble_mode
   best_on_test        (single run with eval_history.jsonl) {epoch, step, top1,
                        nll, nll_c, ece, ece_c, note}: the epoch of best test

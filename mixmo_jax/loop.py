@@ -63,6 +63,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   feeder = feed.Feeder(config, train_x, train_y, mesh)
 
   state = training.create_train_state(config, model, spe, mesh)
+  logging.info('%s, %d members: %s parameters.', config.model.name,
+               config.num_members, f'{models.num_params(state.params):,}')
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints,
                                     config=config)
   restored, start = ckpt.restore_latest(training.state_to_tree(state))

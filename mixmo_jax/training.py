@@ -104,6 +104,13 @@ def tree_to_state(state: TrainState, tree: Dict[str, Any]) -> TrainState:
   return state.replace(**tree)
 
 
+def permutation_groups(config) -> int:
+  """G = batch_size / mixing.permutation_group_rows (1 when 0: the global
+  batch), the row groups of `mixmo.batch.member_batch`."""
+  rows = config.mixing.permutation_group_rows
+  return config.batch_size // rows if rows else 1
+
+
 def member_batch(key, images, labels, weights, config, partner_images=None,
                  partner_labels=None):
   """`mixmo.batch.member_batch` with the config's settings, normalised.
@@ -123,8 +130,10 @@ def member_batch(key, images, labels, weights, config, partner_images=None,
   xs, targets = mixmo_batch.member_batch(
       key, images, labels, weights, num_members=config.num_members,
       repetitions=config.batch_repetitions, num_classes=config.num_classes,
-      input_repetition=config.mixing.input_repetition, augment=crop,
+      input_repetition=config.mixing.input_repetition,
+      groups=permutation_groups(config), augment=crop,
       augment_per_copy=aug.per_copy, pixel_augment=pixel_augment,
+      pixel_augment_draws=aug.augmix_draws,
       pixel_mix=aug.pixel_mix, pixel_mix_rule=aug.pixel_mix_rule,
       pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
       mixup_alpha=aug.mixup_alpha, partner_images=partner_images,

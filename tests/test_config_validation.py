@@ -100,6 +100,22 @@ CASES = {
     'unknown_ensemble': ({'evaluation.ensemble': 'mean'},
                          "evaluation.ensemble='mean'", 'logits, probs'),
     'eval_every_zero': ({'eval_every_epochs': 0}, 'eval_every_epochs=0', '>= 1'),
+    'permutation_rows_not_dividing_batch': (
+        {'mixing.permutation_group_rows': 24},
+        'mixing.permutation_group_rows=24', 'divide batch_size=64'),
+    'permutation_rows_not_multiple_of_b': (
+        {'mixing.permutation_group_rows': 1},
+        'mixing.permutation_group_rows=1', 'multiple of batch_repetitions=2'),
+    'bn_rows_not_dividing_batch': ({'model.bn_group_rows': 48},
+                                   'model.bn_group_rows=48',
+                                   'divide batch_size=64'),
+    'bn_rows_with_preact_resnet': (
+        {'model.name': 'preact_resnet18', 'image_size': 64,
+         'model.bn_group_rows': 32}, 'model.bn_group_rows=32',
+        'only with model.name=wide_resnet'),
+    'unknown_augmix_draws': ({'augment.augmix_draws': 'shared'},
+                             "augment.augmix_draws='shared'",
+                             'per_sample, per_input'),
     'batch_rule_with_mixmo': ({'augment.pixel_mix': 'mixup',
                                'augment.pixel_mix_rule': 'batch'},
                               "augment.pixel_mix_rule='batch'",

@@ -118,7 +118,7 @@ def test_augment_per_copy(per_copy):
 def test_pixel_augment_runs_on_uint8_member_inputs_and_partners():
   calls = []
 
-  def marker(key, images):
+  def marker(key, images, draws, num_draws):
     calls.append((images.shape, images.dtype))
     return images.astype(jnp.float32) + 1000.0
 
@@ -126,6 +126,63 @@ def test_pixel_augment_runs_on_uint8_member_inputs_and_partners():
                         pixel_mix_prob=1.0, pixel_augment=marker)
   assert calls == [((N * B_REP, M, HW, HW, 3), jnp.uint8)] * 2
   assert (np.asarray(xs) >= 1000.0).all()  # Own pixels and pasted partners.
+
+
+@pytest.mark.parametrize('draws', ['per_sample', 'per_input'])
+def test_pixel_augment_draws_of_inputs_and_partners(draws):
+  """'per_sample' (the official code's seed batch_seed + 21 * sample +
+  member): the draw of an input is (its sample, its member), and the partner
+  pasted on it takes that same key and draw; 'per_input': all distinct."""
+  calls = []
+
+  def record(key, images, draw_ids, num_draws):
+    calls.append((np.asarray(jax.random.key_data(key)), np.asarray(draw_ids),
+                  num_draws, _ids(images.astype(jnp.float32))[..., 0, 0]))
+    return images.astype(jnp.float32)
+
+  _member_batch(jax.random.PRNGKey(4), pixel_mix='cutmix',
+                pixel_mix_prob=1.0, pixel_augment=record,
+                pixel_augment_draws=draws)
+  (key_in, d_in, n_in, ids_in), (key_p, d_p, n_p, ids_p) = calls
+  assert (ids_p != ids_in).all()  # The partners are other samples.
+  if draws == 'per_sample':
+    assert n_in == n_p == N * M
+    np.testing.assert_array_equal(d_in, ids_in * M + np.arange(M))
+    np.testing.assert_array_equal(d_p, d_in)
+    np.testing.assert_array_equal(key_p, key_in)
+  else:
+    assert n_in == n_p == N * B_REP * M
+    assert np.unique(d_in).size == d_in.size
+    assert not np.array_equal(key_p, key_in)
+
+
+@pytest.mark.parametrize('draws', ['per_sample', 'per_input'])
+def test_augmix_copies_of_a_sample_share_its_chains(draws):
+  """With crop and flip off, the b copies of a sample in one member's inputs
+  are identical after AugMix when the draws are per sample, and not when
+  they are per input; one sample in two members differs either way."""
+  from mixmo_jax.data import augmix
+  rng = np.random.RandomState(1)
+  images = jnp.asarray(rng.randint(0, 256, (N, HW, HW, 3)), jnp.uint8)
+  labels = jnp.asarray(LABELS, jnp.int32)
+  key = jax.random.PRNGKey(5)
+  fn = jax.jit(functools.partial(
+      mixmo_batch.member_batch, num_members=M, repetitions=B_REP,
+      num_classes=C, pixel_augment=functools.partial(augmix.augmix,
+                                                     as_float=True),
+      pixel_augment_draws=draws))
+  xs = np.asarray(fn(key, images, labels, _weights(N * B_REP))[0])
+  _, k_perm, _, _ = jax.random.split(key, 4)
+  sample = np.asarray(mixmo_batch.member_indices(k_perm, N * B_REP, M)) % N
+  same_copies, same_members = [], []
+  for n in range(N):
+    rows = [np.flatnonzero(sample[:, m] == n) for m in range(M)]
+    same_copies += [np.array_equal(xs[rows[m][0], m], xs[r, m])
+                    for m in range(M) for r in rows[m][1:]]
+    same_members.append(np.array_equal(xs[rows[0][0], 0], xs[rows[1][0], 1]))
+  assert len(same_copies) == N * M * (B_REP - 1)
+  assert all(same_copies) if draws == 'per_sample' else not any(same_copies)
+  assert not any(same_members)
 
 
 def test_train_step_gradient_is_eq4_plus_l2():

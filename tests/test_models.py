@@ -27,10 +27,6 @@ def abstract_variables(model, size):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 
 
-def count(tree):
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-
-
 def random_variables(model, size, seed):
   """Variables of `model` drawn on the host (no init compile, ~0.2 s).
 
@@ -202,14 +198,14 @@ class TestParameterCounts:
       (10, 1, 36_479_194), (10, 2, 36_486_036)])
   def test_wrn_28_10(self, classes, members, expected):
     v = abstract_variables(WideResNet(28, 10, classes, members), 32)
-    assert count(v["params"]) == expected
+    assert models.num_params(v["params"]) == expected
 
   @pytest.mark.parametrize("width,members,expected", [
       (1, 1, 11_268_616), (1, 2, 11_372_944), (2, 1, 44_784_648),
       (2, 2, 44_991_376), (3, 1, 100_537_864), (3, 2, 100_846_992)])
   def test_preact_resnet18(self, width, members, expected):
     v = abstract_variables(PreActResNet18(width, 200, members), 64)
-    assert count(v["params"]) == expected
+    assert models.num_params(v["params"]) == expected
 
 
 class TestParameterLayout:

@@ -4,6 +4,8 @@ The MIMO stem (edward2 / uncertainty-baselines) is ONE dense conv
 [3, 3, 3M, C0] over the M images stacked on channels, He-normal with fan-in
 27M; checked here against one lax.conv over the stacked channels.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +90,9 @@ def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
   assert (config.model.name, config.model.depth, config.model.width) == (
       'wide_resnet', 28, 10)
   assert (config.model.stem, config.model.stride_on) == ('mimo', 'first')
-  assert config.model.bn_per_device is True
+  # UB's 8 cores of 64 rows, on any device count.
+  assert config.model.bn_group_rows == 64
+  assert config.mixing.permutation_group_rows == 64
   assert config.augment.per_copy is False and config.augment.crop_padding == 2
   assert tuple(config.image_std) == (0.2470, 0.2435, 0.2616)
   opt = config.optimizer
@@ -144,10 +148,94 @@ def test_per_device_batch_norm_equals_per_shard_statistics():
       rtol=1e-5, atol=1e-5)
 
 
-def test_bn_per_device_keeps_the_parameter_tree():
+def test_grouped_batch_norm_keeps_the_parameter_tree():
   x = jnp.zeros((8, 8, 8, 3))
   plain = WideResNet(10, 1, 4, 2).init(jax.random.PRNGKey(0), x)
   grouped = WideResNet(10, 1, 4, 2, bn_groups=8).init(jax.random.PRNGKey(0),
                                                       x)
   assert jax.tree_util.tree_map(lambda a: a.shape, plain) == (
       jax.tree_util.tree_map(lambda a: a.shape, grouped))
+
+
+def test_row_groups_hold_their_own_samples_b_times():
+  from mixmo_jax.mixmo import batch
+  n, b, groups, m = 32, 4, 8, 3
+  rows = n * b // groups
+  sample = np.asarray(batch.repeat_batch(jnp.arange(n), b, groups))
+  idx = np.asarray(batch.member_indices(jax.random.key(0), n * b, m, 0.0,
+                                        groups))
+  for g in range(groups):
+    block = sample[g * rows:(g + 1) * rows]
+    own = np.arange(g * n // groups, (g + 1) * n // groups)
+    np.testing.assert_array_equal(np.bincount(block - own[0]),
+                                  np.full(len(own), b))
+    for i in range(m):  # Each member permutes the group's rows only.
+      np.testing.assert_array_equal(np.sort(idx[g * rows:(g + 1) * rows, i]),
+                                    np.arange(g * rows, (g + 1) * rows))
+  # One group: the original layout and draws.
+  np.testing.assert_array_equal(batch.repeat_batch(jnp.arange(n), b),
+                                np.tile(np.arange(n), b))
+
+
+def test_permutation_groups_reproduce_ubs_repetition_rate():
+  """Two members see the same image at a row with probability b / R: 4 / 64
+  = 6.25% with UB's per-core groups of 64 rows, 4 / 512 = 0.78% with the
+  global batch of 512 (over many draws)."""
+  from mixmo_jax.mixmo import batch
+  n, b, m = 128, 4, 3
+
+  def rate(groups, draws=150):
+    sample = batch.repeat_batch(jnp.arange(n), b, groups)
+    draw = jax.jit(jax.vmap(lambda k: batch.member_indices(
+        k, n * b, m, 0.0, groups)))
+    idx = np.asarray(draw(jax.random.split(jax.random.key(7), draws)))
+    seen = np.asarray(sample)[idx]  # Shape: [draws, B, M].
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    return np.mean([seen[..., i] == seen[..., j] for i, j in pairs])
+
+  assert rate(8) == pytest.approx(4 / 64, abs=0.003)
+  assert rate(1) == pytest.approx(4 / 512, abs=0.001)
+
+
+def _grouped_config(rows):
+  from conftest import tiny_digits_config
+  config = tiny_digits_config('mimo')
+  config.num_members, config.batch_repetitions = 3, 4
+  config.batch_size = 128  # 32 unique samples, 8 groups of 16 rows.
+  config.mixing.permutation_group_rows = rows
+  config.model.bn_group_rows = rows
+  return config
+
+
+def _one_step(config, mesh):
+  from mixmo_jax import data, feed, models, training
+  model = models.get_model(config)
+  state = training.create_train_state(config, model, 10, mesh)
+  x, y = data.load_split(config, 'train')
+  batch = feed.Feeder(config, x[:320], y[:320], mesh).batch(0)
+  member_batch = jax.jit(functools.partial(training.member_batch,
+                                           config=config))
+  xs, targets = member_batch(jax.random.key(3), *batch,
+                             jnp.full((128, 3, 16, 16), 1 / 3))
+  state, _ = training.make_train_step(config, model, 10, mesh)(state, *batch)
+  return (np.asarray(xs), np.asarray(targets),
+          jax.device_get(state.batch_stats))
+
+
+def test_one_and_eight_devices_run_the_same_grouped_step():
+  """UB's 8-core semantics on any device count: the same member inputs
+  (permutations per group of rows) and the same BatchNorm statistics (per
+  group) on 1 and 8 devices, up to rounding; and not the global-batch BN."""
+  from mixmo_jax import sharding
+  config = _grouped_config(16)
+  xs8, t8, stats8 = _one_step(config, sharding.make_mesh())
+  xs1, t1, stats1 = _one_step(config, sharding.make_mesh(jax.devices()[:1]))
+  np.testing.assert_array_equal(xs1, xs8)
+  np.testing.assert_array_equal(t1, t8)
+  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  _, _, global_stats = _one_step(_grouped_config(0), sharding.make_mesh())
+  var_grouped = stats8['stage1_block1']['bn2']['var']
+  assert not np.allclose(var_grouped,
+                         global_stats['stage1_block1']['bn2']['var'],
+                         rtol=1e-3)

@@ -64,9 +64,10 @@ def base_config():
   # The conv of a wide block carrying its stride: 'second' (MixMo) | 'first'
   # (uncertainty-baselines). wide_resnet only.
   config.model.stride_on = 'second'
-  # BatchNorm training statistics per device (uncertainty-baselines: per TPU
-  # core) instead of over the global batch. wide_resnet only.
-  config.model.bn_per_device = False
+  # BatchNorm training statistics per group of this many consecutive rows of
+  # the batch, whatever the device count (uncertainty-baselines: per TPU
+  # core, 64 rows); 0 = over the global batch. wide_resnet only.
+  config.model.bn_group_rows = 0
 
   config.mixing = ml_collections.ConfigDict()
   config.mixing.method = 'cut'  # 'sum' (MIMO), 'linear', 'cut', ... registry.
@@ -75,6 +76,11 @@ def base_config():
   config.mixing.p = 0.5  # Probability of patch mixing (Cut-MixMo).
   config.mixing.p_decay_fraction = 1 / 12  # p -> 0 over the last 1/12 epochs.
   config.mixing.input_repetition = 0.0  # MIMO's rho.
+  # Rows per group of the repeated batch: each group repeats its own unique
+  # samples b times and the members permute its rows only, whatever the
+  # device count (uncertainty-baselines: per TPU core, 64 rows = 16 unique
+  # samples x 4); 0 = the global batch is one group (the MixMo code).
+  config.mixing.permutation_group_rows = 0
 
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 4
@@ -94,6 +100,9 @@ def base_config():
   config.augment.augmix_severity = 3
   config.augment.augmix_width = 3
   config.augment.augmix_depth = -1  # <= 0: uniform in {1..4} per chain.
+  # 'per_sample' (the authors' code: one draw per (sample, member), shared
+  # by the b copies and the in-pixel partner) | 'per_input' (independent).
+  config.augment.augmix_draws = 'per_sample'
 
   config.optimizer = ml_collections.ConfigDict()
   # lr = base_learning_rate * (batch_size / b) / reference_batch_size,
@@ -166,7 +175,10 @@ def _set_ub_mimo(config):
   repetition (pad to 36 x 36, i.e. 2 pixels a side, random 32 x 32 crop,
   flip), its normalisation UB_CIFAR_MEAN / UB_CIFAR_STD; the MIMO stem (one dense conv over the 3M
   stacked channels, fan-in 27M), the stride on a block's first conv, and
-  the members' probabilities averaged at test time.
+  the members' probabilities averaged at test time. Its 8 TPU cores each
+  permute their own 64 rows (16 unique samples x 4) and compute BatchNorm
+  statistics over them: `permutation_group_rows` and `bn_group_rows` = 64
+  give that 8-core run on any device count (1 GPU included).
   """
   config.num_members = 3
   config.batch_repetitions = 4
@@ -180,7 +192,8 @@ def _set_ub_mimo(config):
   config.model.width = 10
   config.model.stem = 'mimo'
   config.model.stride_on = 'first'
-  config.model.bn_per_device = True
+  config.model.bn_group_rows = 64
+  config.mixing.permutation_group_rows = 64
   config.augment.per_copy = False
   config.augment.crop_padding = 2
   config.augment.flip = True

@@ -565,13 +565,19 @@ def apply_chains(images, chains, *, resample, as_float=False,
   return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
 
-def augmix(key, images, *, rule='mixmo', severity=3, width=3, depth=-1,
-           alpha=1.0, resample=None, as_float=False):
-  """AugMix of every image, one independent draw per image.
+def augmix(key, images, draws=None, num_draws=None, *, rule='mixmo',
+           severity=3, width=3, depth=-1, alpha=1.0, resample=None,
+           as_float=False):
+  """AugMix of every image: one draw per image, or per draw id.
 
   Args:
     key: PRNG key, the only source of randomness.
     images: uint8 [..., H, W, 3] (e.g. member inputs [B, M, H, W, 3]).
+    draws: None (an independent draw per image), or int [...] ids in
+      [0, num_draws): `num_draws` draws are sampled and image i takes draw
+      draws[i], so images with the same id get the same chains, weights and
+      m (`mixmo.batch.member_batch`'s 'per_sample' sharing).
+    num_draws: static int, with `draws`.
     rule: 'mixmo' (the official MixMo code) or 'augmix' (original AugMix
       levels on the MixMo paper's 8 operations); see the module doc.
     severity: 'mixmo': in [0, 30], fixes the magnitudes; 'augmix': in
@@ -593,7 +599,16 @@ def augmix(key, images, *, rule='mixmo', severity=3, width=3, depth=-1,
                      f'{images.shape}.')
   if resample is None:
     resample = 'nearest' if rule == 'mixmo' else 'bilinear'
-  chains = sample_chains(key, images.shape[:-3], images.shape[-3:-1],
-                         rule=rule, severity=severity, width=width,
-                         depth=depth, alpha=alpha)
+  settings = dict(rule=rule, severity=severity, width=width, depth=depth,
+                  alpha=alpha)
+  if draws is None:
+    chains = sample_chains(key, images.shape[:-3], images.shape[-3:-1],
+                           **settings)
+  else:
+    if tuple(jnp.shape(draws)) != images.shape[:-3]:
+      raise ValueError(f'augmix draws {jnp.shape(draws)} must match the '
+                       f'images\' leading shape {images.shape[:-3]}.')
+    chains = sample_chains(key, (int(num_draws),), images.shape[-3:-1],
+                           **settings)
+    chains = jax.tree.map(lambda c: c[jnp.asarray(draws)], chains)
   return apply_chains(images, chains, resample=resample, as_float=as_float)

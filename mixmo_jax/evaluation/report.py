@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mixmo_jax import data, workdir as wd
+from mixmo_jax import data, models, workdir as wd
 from mixmo_jax.data import cifar_c as corruptions
 from mixmo_jax.evaluation import metrics, registry
 from mixmo_jax.evaluation.runs import Run, predict_members
@@ -75,6 +75,8 @@ def evaluate_test_set(runs: Sequence[Run], mesh,
       logits, labels, ensemble=config.evaluation.ensemble,
       calibration_seed=config.evaluation.calibration_seed)
   result['step'] = runs[0].step
+  result['num_params'] = sum(models.num_params(r.variables['params'])
+                             for r in runs)
   result['workdirs'] = [os.path.abspath(r.workdir) for r in runs]
   if len(runs) > 1:
     result['steps'] = [r.step for r in runs]
@@ -122,7 +124,9 @@ def format_table(result: Dict[str, Any]) -> str:
   lines.append(f'{", ".join(runs)} (step {steps}): '
                f'{result["num_members"]} members, {result["num_examples"]} '
                f'test images, ensemble = mean of member '
-               f'{result["ensemble_mode"]}')
+               f'{result["ensemble_mode"]}'
+               + (f', {result["num_params"]:,} parameters'
+                  if result.get('num_params') else ''))
   cols = _columns(ens)
   lines.append(f'{"":10s} ' + ' '.join(f'{t:>{w}s}' for t, _, _, w in cols))
   lines.append(_row('ensemble', cols, ens))

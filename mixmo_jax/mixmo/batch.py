@@ -3,9 +3,11 @@
 The pieces of a MixMo training batch, from the step's N unique samples to
 the M member inputs and their targets:
 
-  repeat_batch        batch repetition b (Algorithm 1 line 5): B = N * b
-  member_indices      each member's own permutation of the repeated batch,
-                      with MIMO's input repetition rho (line 6)
+  repeat_batch        batch repetition b (Algorithm 1 line 5): B = N * b,
+                      in G groups of rows (uncertainty-baselines' per-core
+                      batches; G = 1, the whole batch, by default)
+  member_indices      each member's own permutation of the rows of each
+                      group, with MIMO's input repetition rho (line 6)
   patch_probability   the p schedule (lines 8-11)
   partner_positions   the partner x_k of in-pixel CutMix, never a copy of
                       the member's own sample
@@ -20,7 +22,7 @@ does not depend on the data pipeline.  Everything is vectorised over samples
 and jit-able; probabilities and Beta concentrations may be traced.
 
 Shapes: N unique samples, B = N * b batch, M members, C classes, H, W image
-size, h, w the mixing map (stem output).
+size, h, w the mixing map (stem output), G groups of R = B / G rows.
 """
 from __future__ import annotations
 
@@ -32,8 +34,18 @@ import jax.numpy as jnp
 from mixmo_jax.mixmo import masks
 
 Array = jax.Array
+# `pixel_augment(key, images uint8 [..., H, W, 3], draws int [...],
+# num_draws) -> float32 [..., H, W, 3]`: inputs with equal draw ids in
+# [0, num_draws) get the same random draw (e.g. the same AugMix chains).
+PixelAugment = Callable[[Array, Array, Array, int], Array]
 PIXEL_MIXES = ('none', 'mixup', 'cutmix')
 PIXEL_MIX_RULES = ('per_sample', 'batch')
+# How the random draws of `pixel_augment` (AugMix) are shared: 'per_sample'
+# (the official MixMo code: one draw per (unique sample, member), shared by
+# the b copies of the sample in that member's inputs and by the in-pixel
+# partner pasted on it) or 'per_input' (an independent draw per member
+# input and per partner).
+PIXEL_AUGMENT_DRAWS = ('per_sample', 'per_input')
 
 
 # ----------------------------------------------------------------------------
@@ -41,13 +53,29 @@ PIXEL_MIX_RULES = ('per_sample', 'batch')
 # ----------------------------------------------------------------------------
 
 
-def repeat_batch(x: Array, b: int) -> Array:
-  """Batch repetition: [N, ...] -> [N * b, ...], sample n at n, n + N, ...
+def repeat_batch(x: Array, b: int, groups: int = 1) -> Array:
+  """Batch repetition: [N, ...] -> [N * b, ...] (Algorithm 1 line 5).
 
-  (Algorithm 1 line 5; b = config.batch_repetitions.)
+  The N samples form G groups of n = N / G consecutive samples, and group g
+  fills the R = n b rows [g R, (g + 1) R) with its samples tiled b times:
+  row g R + k holds sample g n + (k mod n). G = 1: sample s at rows s,
+  s + N, s + 2N, ... G = the device count of uncertainty-baselines' run
+  (8): each core's 64 rows repeat its own 16 samples 4 times.
+
+  Args:
+    x: [N, ...]; b: repetitions (config.batch_repetitions); groups: G, a
+      divisor of N.
+
+  Returns:
+    [N * b, ...].
   """
   x = jnp.asarray(x)
-  return jnp.tile(x, (int(b),) + (1,) * (x.ndim - 1))
+  n = x.shape[0]
+  if n % groups:
+    raise ValueError(f'{n} samples do not split into {groups} groups.')
+  x = x.reshape((groups, n // groups) + x.shape[1:])
+  x = jnp.tile(x, (1, int(b)) + (1,) * (x.ndim - 2))  # [G, R, ...].
+  return x.reshape((n * int(b),) + x.shape[2:])
 
 
 def patch_probability(epoch, num_epochs, p, decay_fraction=1.0 / 12.0):
@@ -73,8 +101,13 @@ def patch_probability(epoch, num_epochs, p, decay_fraction=1.0 / 12.0):
 
 
 def member_indices(key: Array, batch_size: int, num_members: int,
-                   input_repetition: float = 0.0) -> Array:
+                   input_repetition: float = 0.0, groups: int = 1) -> Array:
   """Indices of each member's inputs in a (repeated) batch of size B.
+
+  With G > 1 groups each group of R = B / G consecutive rows is permuted
+  within itself, from its own key `split(key, G)[g]` (uncertainty-
+  baselines permutes each TPU core's rows), so the result does not depend
+  on how many devices share the batch. G = 1:
 
   MIMO's input repetition (uncertainty-baselines): a main random
   permutation pi of range(B); member i takes pi with its first
@@ -87,10 +120,23 @@ def member_indices(key: Array, batch_size: int, num_members: int,
     batch_size: B (static).
     num_members: M (static).
     input_repetition: rho in [0, 1], a Python float (static).
+    groups: G, a divisor of B (static).
 
   Returns:
-    int32 [B, M]; column i is a permutation of range(B), member i's inputs.
+    int32 [B, M]; column i is a permutation of range(B) (of each group's
+    rows), member i's inputs.
   """
+  if groups > 1:
+    if batch_size % groups:
+      raise ValueError(f'batch {batch_size} does not split into {groups} '
+                       'groups.')
+    rows = batch_size // groups
+    per_group = jax.vmap(lambda k: member_indices(k, rows, num_members,
+                                                  input_repetition))(
+                                                      jax.random.split(key,
+                                                                       groups))
+    offsets = (jnp.arange(groups, dtype=jnp.int32) * rows)[:, None, None]
+    return (per_group + offsets).reshape(batch_size, num_members)
   rho = float(input_repetition)
   if not 0.0 <= rho <= 1.0:
     raise ValueError(f'input_repetition must lie in [0, 1], got {rho}.')
@@ -111,25 +157,30 @@ def member_indices(key: Array, batch_size: int, num_members: int,
 
 
 def partner_positions(key: Array, idx: Array, num_unique: int,
-                      batch: int) -> Array:
+                      batch: int, groups: int = 1) -> Array:
   """Positions in the repeated batch of another sample for each member input.
 
-  q = idx + N * U{0..b-1} + U{1..N-1} (mod B): a copy of a *different* unique
-  sample of this step (never the member's own sample), any of its b copies.
+  Within the group of R = B / G rows of the input (n = N / G samples),
+  q = g R + ((idx - g R) + n * U{0..b-1} + U{1..n-1} mod R): a copy of a
+  *different* unique sample of this step (never the member's own sample),
+  any of its b copies (the layout of `repeat_batch`).
 
   Args:
     key: PRNG key.
     idx: int [B, M], the member inputs' positions (`member_indices`).
     num_unique: N.
     batch: B = N * b.
+    groups: G of `repeat_batch`.
 
   Returns:
     int32 [B, M].
   """
+  rows, unique = batch // groups, num_unique // groups
   k1, k2 = jax.random.split(key)
   reps = jax.random.randint(k1, idx.shape, 0, batch // num_unique)
-  shift = jax.random.randint(k2, idx.shape, 1, max(num_unique, 2))
-  return (idx + reps * num_unique + shift) % batch
+  shift = jax.random.randint(k2, idx.shape, 1, max(unique, 2))
+  start = idx - idx % rows
+  return start + (idx - start + reps * unique + shift) % rows
 
 
 # ----------------------------------------------------------------------------
@@ -390,28 +441,33 @@ def mixup_for_mixmo(key, member_images, member_labels, other_images,
 
 def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  num_members: int, repetitions: int, num_classes: int,
-                 input_repetition: float = 0.0,
+                 input_repetition: float = 0.0, groups: int = 1,
                  augment: Optional[Callable[[Array, Array], Array]] = None,
                  augment_per_copy: bool = True,
-                 pixel_augment: Optional[Callable[[Array, Array], Array]] = None,
+                 pixel_augment: Optional[PixelAugment] = None,
+                 pixel_augment_draws: str = 'per_sample',
                  pixel_mix: str = 'none', pixel_mix_rule: str = 'per_sample',
                  pixel_mix_prob=0.5, cutmix_alpha=1.0,
                  mixup_alpha=1.0, partner_images: Optional[Array] = None,
                  partner_labels: Optional[Array] = None) -> Tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
 
-  1. Batch repetition: the N unique samples become B = N * b rows
-     (`repeat_batch`); `augment(key, images)` (pad-crop-flip) runs on each of
-     the b copies (`augment_per_copy`, the MixMo code) or once before
-     repeating (the MIMO code).
-  2. Each member i takes its own permutation of the B rows
+  1. Batch repetition: the N unique samples become B = N * b rows in G
+     groups (`repeat_batch`); `augment(key, images)` (pad-crop-flip) runs on
+     each of the b copies (`augment_per_copy`, the MixMo code) or once
+     before repeating (the MIMO code).
+  2. Each member i takes its own permutation of the rows of each group
      (`member_indices`, with input repetition rho): member i's input at
      row r is copy idx[r, i] and its target that copy's label.
-     `pixel_augment(key, uint8 [B, M, H, W, 3]) -> float [B, M, H, W, 3]`
-     (AugMix) then runs on the member inputs, one draw per (row, member),
-     with its own key `fold_in(key, 4)`; with in-pixel CutMix the partners
-     x_k are augmented too, with an independent draw, before pasting (as
-     the MixMo authors do).
+     `pixel_augment` (AugMix, a `PixelAugment`) then runs on the member
+     inputs, with its own key `fold_in(key, 4)`, and on the in-pixel
+     partners x_k before pasting (as the MixMo authors do). Its draws, by
+     `pixel_augment_draws`: 'per_sample' (the official code seeds AugMix
+     with batch_seed + 21 * sample index + member): one draw per (unique
+     sample, member), so the b copies of a sample among member i's inputs
+     get the same chains and the partner pasted on an input gets the
+     chains of that input's sample; 'per_input': an independent draw per
+     (row, member) and per partner.
   3. In-pixel mixing: for M > 1 CutMix (`cutmix_for_mixmo`) or Mixup
      (`mixup_for_mixmo`): per member input with probability
      `pixel_mix_prob`, partner from `partner_positions`, target
@@ -431,10 +487,13 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     weights: float [B, M, h, w], the step's mixing weights (for lambda').
     num_members: M.  repetitions: b.  num_classes: C.
     input_repetition: rho in [0, 1] (static).
+    groups: G of `repeat_batch` and `member_indices` (static; 1: the whole
+      batch is one group).
     augment: `(key, images [..., H, W, 3]) -> same`, or None.
     augment_per_copy: augment after (True) or before (False) repeating.
-    pixel_augment: `(key, uint8 [..., H, W, 3]) -> float32 same shape` on
-      [0, 255] applied to the member inputs after `augment`, or None.
+    pixel_augment: a `PixelAugment` returning float32 on [0, 255], applied
+      to the member inputs after `augment`, or None.
+    pixel_augment_draws: 'per_sample' or 'per_input' (see 2.).
     pixel_mix: 'none', 'mixup' or 'cutmix'.
     pixel_mix_rule: 'per_sample' or 'batch', for M = 1 (see 3.).
     pixel_mix_prob: probability of CutMix per member input (M > 1), of
@@ -458,32 +517,55 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   if pixel_mix_rule not in PIXEL_MIX_RULES:
     raise ValueError(f'pixel_mix_rule must be one of {PIXEL_MIX_RULES}, got '
                      f'{pixel_mix_rule!r}.')
+  if pixel_augment_draws not in PIXEL_AUGMENT_DRAWS:
+    raise ValueError(f'pixel_augment_draws must be one of '
+                     f'{PIXEL_AUGMENT_DRAWS}, got {pixel_augment_draws!r}.')
   k_aug, k_perm, k_pix, k_partner = jax.random.split(key, 4)
   crop = augment or (lambda k, x: x)
+  num_unique = images.shape[0]
   if augment_per_copy:
-    x = crop(k_aug, repeat_batch(images, repetitions))
+    x = crop(k_aug, repeat_batch(images, repetitions, groups))
   else:
-    x = repeat_batch(crop(k_aug, images), repetitions)
-  y = repeat_batch(labels, repetitions)
+    x = repeat_batch(crop(k_aug, images), repetitions, groups)
+  y = repeat_batch(labels, repetitions, groups)
   batch = x.shape[0]
-  idx = member_indices(k_perm, batch, num_members, input_repetition)  # [B, M]
+  idx = member_indices(k_perm, batch, num_members, input_repetition,
+                       groups)  # Shape: [B, M].
   k_member_aug, k_partner_aug = jax.random.split(jax.random.fold_in(key, 4))
-  if pixel_augment is None:
-    pixel_augment = lambda k, v: v.astype(jnp.float32)
-  xs = pixel_augment(k_member_aug, x[idx])  # Shape: [B, M, H, W, 3].
-  xs = xs.astype(jnp.float32)
+  sample_of_row = repeat_batch(jnp.arange(num_unique, dtype=jnp.int32),
+                               repetitions, groups)  # Shape: [B].
+
+  def draws_of(member_idx):
+    """Draw ids [B, M'] of the member inputs idx [B, M'] and their number."""
+    cols = jnp.arange(member_idx.shape[1], dtype=jnp.int32)[None, :]
+    if pixel_augment_draws == 'per_sample':
+      return (sample_of_row[member_idx] * member_idx.shape[1] + cols,
+              num_unique * member_idx.shape[1])
+    return (jnp.arange(member_idx.size, dtype=jnp.int32).reshape(
+        member_idx.shape), member_idx.size)
+
+  def augment_pixels(k, v, member_idx):
+    if pixel_augment is None:
+      return v.astype(jnp.float32)
+    return pixel_augment(k, v, *draws_of(member_idx)).astype(jnp.float32)
+
+  xs = augment_pixels(k_member_aug, x[idx], idx)  # Shape: [B, M, H, W, 3].
   targets = y[idx]  # Shape: [B, M].
+  # The partners' draws: those of their input's sample ('per_sample'),
+  # else their own key.
+  k_partner_draw = (k_member_aug if pixel_augment_draws == 'per_sample'
+                    else k_partner_aug)
   def partners_of(member_idx):
     """(augmented x_k float, y_k) for member inputs idx [B, M']."""
     if partner_images is None:
-      q = partner_positions(k_partner, member_idx, images.shape[0], batch)
+      q = partner_positions(k_partner, member_idx, num_unique, batch, groups)
       px, py = x[q], y[q]
     else:
       cols = jnp.arange(member_idx.shape[1])[None, :]
       px = partner_images[member_idx, cols]
       py = partner_labels[member_idx, cols]
       px = crop(jax.random.fold_in(key, 5), px)
-    return pixel_augment(k_partner_aug, px).astype(jnp.float32), py
+    return augment_pixels(k_partner_draw, px, member_idx), py
 
   if pixel_mix != 'none' and num_members > 1:
     partners, partner_y = partners_of(idx)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixmo_jax.models.preact_resnet import PreActResNet18
 from mixmo_jax.models.wide_resnet import WideResNet
@@ -30,6 +31,7 @@ from mixmo_jax.models.wide_resnet import WideResNet
 __all__ = [
     "PreActResNet18", "WideResNet", "MODEL_NAMES", "DTYPES", "register_model",
     "model_names", "get_model", "stem_resolution", "check_image_size", "compute_dtype",
+    "num_params",
 ]
 
 Builder = Callable[[Any], nn.Module]
@@ -68,6 +70,20 @@ def get_model(config) -> nn.Module:
   return _REGISTRY[name](config)
 
 
+def bn_groups(config) -> int:
+  """BatchNorm groups G = batch_size / model.bn_group_rows (1 when 0: the
+  global batch); from the config alone, never from the device count."""
+  rows = config.model.get("bn_group_rows", 0)
+  return config.batch_size // rows if rows else 1
+
+
+def num_params(params: Any) -> int:
+  """The number of parameters: the sum of the sizes of the leaves of `params`
+  (arrays or `jax.ShapeDtypeStruct`s), e.g. 36,601,416 for WRN-28-10, M = 2,
+  CIFAR-100."""
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)))
+
+
 def _image_hw(config) -> tuple[int, int]:
   size = config.image_size
   return (size, size) if isinstance(size, int) else tuple(size)
@@ -93,9 +109,7 @@ def _wide_resnet(config) -> nn.Module:
                     dtype=compute_dtype(config),
                     stem=config.model.get("stem", "mixmo"),
                     stride_on=config.model.get("stride_on", "second"),
-                    bn_groups=(jax.device_count()
-                               if config.model.get("bn_per_device", False)
-                               else 1))
+                    bn_groups=bn_groups(config))
 
 
 @register_model("preact_resnet18")
