@@ -36,6 +36,7 @@ def split_cpu(config) -> None:
   xla_flags = os.environ.get('XLA_FLAGS', '')
   count = config.get('cpu_devices', 0)
   if (type(count) is int and count > 0  # Bad values: reported by validate.
+      and not platform.backend_started()
       and 'xla_force_host_platform_device_count' not in xla_flags):
     os.environ['XLA_FLAGS'] = (
         f'{xla_flags} --xla_force_host_platform_device_count='

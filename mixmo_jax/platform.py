@@ -56,6 +56,11 @@ def merged_xla_flags(user_flags: str,
   return ' '.join([user_flags.strip()] + added).strip()
 
 
+def backend_started() -> bool:
+  """Whether jax's backend runs already (XLA_FLAGS is then read)."""
+  return _backend_started()
+
+
 def _backend_started() -> bool:
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -81,7 +86,12 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None
   merged = merged_xla_flags(user)
   added = merged[len(user.strip()):].split()
   if added and environ is os.environ and _backend_started():
+    # The running backend keeps its flags; XLA_FLAGS stays what it uses, as
+    # jax's persistent compilation cache keys programs by XLA_FLAGS (a
+    # subprocess inheriting it would otherwise load programs compiled with
+    # other flags under its own flags' key).
     logging.warning('mixmo_jax.platform.apply_defaults() after the jax '
                     'backend started: %s not applied', added)
+    return []
   environ['XLA_FLAGS'] = merged
   return added

@@ -38,6 +38,23 @@ def test_platform_defaults_yield_to_the_user_and_can_be_disabled():
   assert platform.apply_defaults(env) == [] and env['XLA_FLAGS'] == '--a=1'
 
 
+def test_defaults_leave_xla_flags_alone_once_the_backend_runs(monkeypatch):
+  """XLA_FLAGS stays what the running backend uses: jax's compilation cache
+  keys programs by it, and test subprocesses inherit it."""
+  import jax
+  from mixmo_jax import api, configs, platform
+  jax.devices()  # The backend runs.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert platform.apply_defaults() == []
+  config = configs.get('digits')
+  config.cpu_devices = 2
+  api.split_cpu(config)
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+  monkeypatch.setenv('XLA_FLAGS', '')
+  api.split_cpu(config)
+  assert os.environ['XLA_FLAGS'] == ''
+
+
 def test_op_profile_finds_the_forward_and_gradient_convolutions():
   """A conv layer's gradient step: its forward convolution (named by jax)
   and its weight-gradient convolution appear with opcode 'convolution', and
