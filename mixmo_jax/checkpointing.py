@@ -10,6 +10,12 @@ or to verify is skipped with a warning and, once an older one restores,
 moved to `checkpoints_corrupt/`; when none is good the error is raised and
 nothing is moved, never a silent restart from scratch over an existing
 workdir.
+
+Rotation keeps the newest `max_to_keep` checkpoints and, beyond them, the
+one of best ensemble test top-1 (the paper's best-epoch protocol, Appendix
+6.5): a checkpoint saved with `metrics={'top1': ...}` competes in orbax's
+`BestN` preservation policy (the latest one on ties, as `best_on_test`),
+and `Checkpointer.best` / `step='best'` find it.
 """
 import hashlib
 import os
@@ -17,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from absl import logging
 import jax
@@ -32,6 +38,9 @@ CHECKPOINT_DIR = wd.CHECKPOINTS
 # evaluation at STEP, before its history line (see `fault_hook`).
 FAULT_KILL_AT_ENV = 'MIXMO_FAULT_KILL_AT'
 CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
+BEST = 'best'  # The step name of the checkpoint of best test top-1.
+# A checkpoint step: a number, BEST, or None for the newest that verifies.
+Step = Union[int, str, None]
 
 
 class CheckpointError(RuntimeError):
@@ -99,6 +108,12 @@ def _digest_record(state: Any, step: int) -> dict:
   return {'sha256': tree_digest(state), 'parts': parts, 'step': step}
 
 
+def _top1(metrics: Optional[Dict[str, float]]) -> float:
+  """A checkpoint's rank: its ensemble test top-1, -inf without one."""
+  top1 = (metrics or {}).get('top1')
+  return float(top1) if isinstance(top1, (int, float)) else -float('inf')
+
+
 def _abstract(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -136,8 +151,15 @@ class Checkpointer:
         raise CheckpointError(
             f'cannot write checkpoints in {self.directory} ({e.strerror or e})'
             '; make it writable or use another --workdir') from e
+    # The newest max_to_keep and the best top-1 (a stable sort: the latest of
+    # equal ones is kept); checkpoints saved without a top-1 rotate. best_fn
+    # makes orbax write each checkpoint's metrics (read back by a resumed
+    # run's manager); the policy alone decides what is kept.
+    keep = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=max(max_to_keep, 2)),
+        ocp.checkpoint_managers.BestN(get_metric_fn=_top1, n=1)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(max_to_keep, 2),
+        preservation_policy=keep, best_fn=_top1, best_mode='max',
         enable_async_checkpointing=False,
         cleanup_tmp_directories=not read_only,
         create=not read_only,
@@ -152,8 +174,19 @@ class Checkpointer:
     return (f'step {steps[-1]} in {self.directory}' if steps
             else f'none (no checkpoint in {self.directory} yet)')
 
-  def save(self, step: int, state: Any) -> None:
+  def best(self) -> Optional[Tuple[float, int]]:
+    """(top1, step) of the best test top-1 among the checkpoints saved with
+    metrics (the latest on ties), or None."""
+    scored = [(_top1(self.manager.metrics(s)), s) for s in self.all_steps()]
+    scored = [(top1, s) for top1, s in scored if top1 > -float('inf')]
+    return max(scored) if scored else None
+
+  def save(self, step: int, state: Any,
+           metrics: Optional[Dict[str, float]] = None) -> None:
     """Saves `state` at `step` with its digest (every process must call).
+
+    `metrics` ({'top1': ensemble test top-1}, when the step was evaluated;
+    else none) ranks the checkpoint for the best one's preservation.
 
     Raises:
       NonFiniteStateError: a parameter (or any float of the state) is NaN or
@@ -176,7 +209,8 @@ class Checkpointer:
     if fault_hook('save', step):
       _kill_once_writing(self.directory, step)
     try:
-      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True,
+                        metrics=dict(metrics or {}))
       self.manager.wait_until_finished()
     except OSError as e:
       self._remove_tmp(step)
@@ -298,7 +332,7 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 
 
 def restore_variables(workdir: str, abstract_variables: Any,
-                      step: Optional[int] = None) -> Tuple[Any, int]:
+                      step: Step = None) -> Tuple[Any, int]:
   """Reads only {'params', 'batch_stats'} of a checkpoint, verified.
 
   Read-only (for evaluation and prediction, possibly while the run trains):
@@ -310,19 +344,28 @@ def restore_variables(workdir: str, abstract_variables: Any,
     workdir: a training workdir.
     abstract_variables: {'params', 'batch_stats'} trees of
       `jax.ShapeDtypeStruct`s with the target shardings.
-    step: exactly this checkpoint step (no fallback; default: the newest
-      that verifies).
+    step: exactly this checkpoint step (no fallback), or BEST: the one of
+      best test top-1 (`Checkpointer.best`); default: the newest that
+      verifies.
 
   Returns:
     (variables, step).
 
   Raises:
     CheckpointError: no checkpoint (at `step`), `step` damaged, or none
-      verifies.
+      verifies; no checkpoint ranked by test top-1 for BEST.
   """
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     steps = ckpt.all_steps()
+    if step == BEST:
+      best = ckpt.best()
+      step = None if best is None else best[1]
+      if step is None:
+        raise CheckpointError(
+            f'no checkpoint in {ckpt.directory} was saved with its test '
+            f'top-1 (steps {steps}): --step=best needs a run that evaluates '
+            'every epoch (eval_every_epochs) with keep_best_checkpoint')
     if not steps or (step is not None and step not in steps):
       raise CheckpointError(f'no checkpoint at step {step} in '
                             f'{ckpt.directory}; available: {steps}')

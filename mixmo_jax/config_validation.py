@@ -17,6 +17,7 @@ from mixmo_jax import workdir as wd
 # workdir is resumed (the change is logged and recorded in the workdir).
 RESUME_ALLOWED_CHANGES = (
     'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
+    'keep_best_checkpoint',
     'log_every_steps', 'eval_batch_size', 'data_dir', 'manual_dir',
     'evaluation.ensemble', 'evaluation.calibration_seed', 'cpu_devices',
 )

@@ -1,6 +1,7 @@
 """Evaluate trained runs: eval.json, ensembles of runs, CIFAR-C, plots.
 
-  python -m mixmo_jax.evaluate --workdir=DIR [--step=N] [--ensemble=DIR2,DIR3]
+  python -m mixmo_jax.evaluate --workdir=DIR [--step=N|best]
+      [--ensemble=DIR2,DIR3]
       [--corruptions=CIFAR_C_DIR] [--ood=NAME[,NAME]] [--plots] [--output=PATH]
       [--eval_batch_size=B]
 
@@ -71,7 +72,7 @@ from mixmo_jax.evaluation.runs import EvaluationError
 EXIT_USAGE, EXIT_DATA = 2, 1
 
 
-def run_evaluation(workdirs: Sequence[str], step: Optional[int] = None, *,
+def run_evaluation(workdirs: Sequence[str], step: checkpointing.Step = None, *,
                    corruptions_dir: Optional[str] = None,
                    eval_batch_size: Optional[int] = None,
                    ood: Sequence[str] = ()
@@ -99,7 +100,8 @@ def run_evaluation(workdirs: Sequence[str], step: Optional[int] = None, *,
   return result, logits, labels
 
 
-def evaluate_workdirs(workdirs: Sequence[str], step: Optional[int] = None, *,
+def evaluate_workdirs(workdirs: Sequence[str],
+                      step: checkpointing.Step = None, *,
                       corruptions_dir: Optional[str] = None,
                       eval_batch_size: Optional[int] = None,
                       ood: Sequence[str] = ()) -> Dict[str, Any]:
@@ -107,7 +109,8 @@ def evaluate_workdirs(workdirs: Sequence[str], step: Optional[int] = None, *,
 
   Args:
     workdirs: training workdirs (the first one's evaluation settings are used).
-    step: checkpoint step of every run (default: each run's latest).
+    step: checkpoint step of every run, or 'best' (each run's checkpoint of
+      best test top-1, `checkpointing.BEST`); default: each run's latest.
     corruptions_dir: optional CIFAR-10-C / CIFAR-100-C folder.
     eval_batch_size: override of config.eval_batch_size (rounded up to a
       multiple of the local device count).
@@ -153,8 +156,9 @@ def define_flags() -> None:
   """Defines the CLI flags (only when run as a script: importing the module
   as a library defines none, so it coexists with `mixmo_jax.main`)."""
   flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest) '
-                       'of every run.')
+  flags.DEFINE_string('step', None, 'Checkpoint step of every run: a number, '
+                      'or best (the checkpoint of best ensemble test top-1, '
+                      'kept by keep_best_checkpoint); default: the latest.')
   flags.DEFINE_list('ensemble', [], 'More workdirs whose members join the '
                     'ensemble (comma separated).')
   flags.DEFINE_string('corruptions', None, 'CIFAR-10-C / CIFAR-100-C folder '
@@ -169,6 +173,17 @@ def define_flags() -> None:
                       'WORKDIR/eval.json.')
   flags.DEFINE_integer('eval_batch_size', None, 'Override of '
                        'config.eval_batch_size.')
+
+
+def parse_step(value: Optional[str]) -> checkpointing.Step:
+  """--step as an int, `checkpointing.BEST` or None; anything else exits
+  with one line."""
+  if value is None or value == checkpointing.BEST:
+    return value
+  if value.isdigit():
+    return int(value)
+  cli.fail(f'--step={value}: must be a checkpoint step (an integer >= 0) or '
+           f'{checkpointing.BEST}')
 
 
 def parse_flags(argv):
@@ -192,9 +207,10 @@ def main(argv):
     except ValueError as e:
       cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {e}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
+  step = parse_step(args.step)
   try:
     result, logits, labels = run_evaluation(
-        workdirs, args.step, corruptions_dir=args.corruptions,
+        workdirs, step, corruptions_dir=args.corruptions,
         eval_batch_size=args.eval_batch_size,
         ood=[n for n in args.ood if n])
   except (EvaluationError, cifar_c.CorruptionDataError,

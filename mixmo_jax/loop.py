@@ -3,7 +3,9 @@
 The step itself is `training.train_step`; this loop feeds it each step's
 unique samples (`feed.Feeder`, a pure function of (seed, step)), evaluates
 every `eval_every_epochs`, saves verified checkpoints every
-`checkpoint_every_epochs` and at the end, stops cleanly on SIGTERM or SIGINT (saving
+`checkpoint_every_epochs`, at the end and (`keep_best_checkpoint`) at each
+evaluated epoch of best test top-1 so far, kept through rotation, stops
+cleanly on SIGTERM or SIGINT (saving
 the current step, `preemption`), and refuses to continue past a non-finite
 loss (`progress.Reporter`).
 """
@@ -42,6 +44,12 @@ def evaluate(config, state, predict, test, mesh, step: int,
   return (record, logits) if with_logits else record
 
 
+def _top1(record: Dict[str, Any]):
+  """The ensemble test top-1 of an evaluation record, or None."""
+  top1 = (record.get('ensemble') or {}).get('top1')
+  return top1 if isinstance(top1, (int, float)) else None
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from the workdir's checkpoint) and evaluates.
 
@@ -78,6 +86,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     return {'step': start, 'finished': True}
   if jax.process_index() == 0:
     wd.truncate_history(workdir, start)
+  # Every process reads the same checkpoints: the same save decisions.
+  best_top1 = (ckpt.best() or (None,))[0]
 
   reporter = progress.Reporter(workdir, total, config=config,
                                steps_per_epoch=spe, start_step=start)
@@ -106,6 +116,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         os.kill(os.getpid(), signal.SIGKILL)
       epoch_end, last = done % spe == 0, done == total
       epoch = done // spe
+      top1 = None
       if done % config.log_every_steps == 0 or epoch_end:
         reporter.flush(done, last_good)
       if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
@@ -115,11 +126,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         reporter.evaluation(record, logits, test[1])
         if jax.process_index() == 0:
           wd.append_history(workdir, record)
+        top1 = _top1(record) if config.keep_best_checkpoint else None
+      new_best = top1 is not None and (best_top1 is None
+                                       or top1 >= best_top1)
+      if new_best:
+        best_top1 = top1
       stop = stopper.reached(ckpt, done)
       save = epoch_end and epoch % config.checkpoint_every_epochs == 0
-      if save or last or stop:
+      if save or last or stop or new_best:
         reporter.flush(done, last_good)
-        ckpt.save(done, training.state_to_tree(state))
+        ckpt.save(done, training.state_to_tree(state),
+                  metrics=None if top1 is None else {'top1': top1})
         last_good = f'step {done} in {ckpt.directory}'
       if stop:
         logging.warning('Stopped by %s after step %d (checkpoint saved).',

@@ -145,12 +145,13 @@ class Predictor:
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
-def load(workdir: str, step: Optional[int] = None) -> Predictor:
+def load(workdir: str, step: checkpointing.Step = None) -> Predictor:
   """A `Predictor` for the run in `workdir` (config.json + verified checkpoint).
 
   Args:
     workdir: a training workdir.
-    step: checkpoint step (default: the latest).
+    step: checkpoint step, or 'best' (the checkpoint of best ensemble test
+      top-1, kept by `keep_best_checkpoint`); default: the latest.
 
   Raises:
     FileNotFoundError: no workdir or config.json.

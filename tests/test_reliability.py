@@ -309,6 +309,41 @@ def saved(tmp_path):
   return str(tmp_path)
 
 
+def test_best_checkpoint_survives_rotation_latest_on_ties(tmp_path):
+  """Orbax's BestN keeps the checkpoint of best top-1 beyond the newest two;
+  checkpoints saved without metrics rotate as before."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.6, 6: None, 7: 0.8}
+  for k, top1 in scores.items():
+    ckpt.save(k, _state(k), metrics=None if top1 is None else {'top1': top1})
+  assert ckpt.all_steps() == [4, 6, 7]  # Best (4: latest of the 0.9s), newest 2.
+  assert ckpt.best() == (0.9, 4)
+  ckpt.close()
+  # A new manager reads the metrics back from disk (a resumed run).
+  again = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
+  assert again.best() == (0.9, 4)
+  again.save(8, _state(8), metrics={'top1': 0.95})
+  assert again.all_steps() == [7, 8]
+  again.close()
+  restored, step = checkpointing.restore_variables(
+      str(tmp_path), {'params': jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         sharding=x.sharding),
+          _state(8)['params'])}, step=checkpointing.BEST)
+  assert step == 8
+  _assert_equal_trees(restored['params'], _state(8)['params'])
+
+
+def test_step_best_without_ranked_checkpoints_is_one_line(saved):
+  abstract = {'params': jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      _state(1)['params'])}
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'^no checkpoint in .* was saved with its test '
+                           r'top-1 \(steps \[1, 2, 3\]\)'):
+    checkpointing.restore_variables(saved, abstract, step='best')
+
+
 def _data_files(workdir, step):
   """The array data files of a checkpoint, largest last."""
   return sorted(glob.glob(os.path.join(workdir, 'checkpoints', str(step),

@@ -133,6 +133,10 @@ def base_config():
   # quote (Table 8 quotes the final epoch). Costs one test-set pass per epoch.
   config.eval_every_epochs = 1
   config.checkpoint_every_epochs = 10
+  # Also save each evaluated epoch that reaches the best test top-1 so far
+  # (latest on ties) and keep the best checkpoint through rotation, for
+  # `evaluate --step=best` / `predict.load(..., step='best')`.
+  config.keep_best_checkpoint = True
   config.keep_checkpoints = 3
   config.log_every_steps = 100
   config.variant = 'cut_mixmo'

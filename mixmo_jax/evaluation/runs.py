@@ -113,12 +113,14 @@ def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
   return configs
 
 
-def load_runs(workdirs: Sequence[str], step: Optional[int] = None) -> List[Run]:
+def load_runs(workdirs: Sequence[str],
+              step: checkpointing.Step = None) -> List[Run]:
   """Checks every workdir first (`read_configs`), then restores each run.
 
   Args:
     workdirs: one or more training workdirs.
-    step: the checkpoint step of every run (default: each run's latest).
+    step: the checkpoint step of every run, or 'best' (each run's own best,
+      `checkpointing.BEST`); default: each run's latest.
 
   Returns:
     list of `Run`, variables replicated on the local devices.
@@ -131,7 +133,8 @@ def load_runs(workdirs: Sequence[str], step: Optional[int] = None) -> List[Run]:
   return [restore_run(w, c, step) for w, c in zip(workdirs, configs)]
 
 
-def restore_run(workdir: str, config=None, step: Optional[int] = None) -> Run:
+def restore_run(workdir: str, config=None,
+                step: checkpointing.Step = None) -> Run:
   """The run of `workdir` (config.json unless `config` is given) at the
   newest verified checkpoint, or exactly `step`; variables replicated on the
   local devices.
