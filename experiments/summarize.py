@@ -8,8 +8,8 @@ and best-on-test metrics, ratio-error.
 
 For every row of the selected tables (experiments/tables.py) and repetition
 k, reads the eval JSON that `experiments.run` writes (eval.json, or
-eval_ensemble<N>.json for ensembles; schema in DESIGN.md 2b, accuracies as
-fractions) and reports mean +- std over the repetitions found, beside the
+eval_ensemble<N>.json for ensembles; schema in mixmo_jax/evaluate.py's
+docstring, accuracies as fractions) and reports mean +- std over the repetitions found, beside the
 paper's numbers from `experiments/paper_results.csv` (the paper's Tables 1,
 2, 5, 6, 8 and 9 transcribed; `--results_csv` overrides).
 
@@ -51,7 +51,10 @@ DECIMALS = {'member_top1': 2, 'nll_c': 3,
             **{n: m.summary_decimals() for n, m in _REGISTERED.items()}}
 TITLES = {**{n: m.title for n, m in _REGISTERED.items()},
           'top1': 'Top-1 %', 'top5': 'Top-5 %', 'nll_c': 'NLL_c',
-          'nll': 'NLL', 'ece': 'ECE', 'member_top1': 'member Top-1 %'}
+          'nll': 'NLL', 'ece': 'ECE', 'member_top1': 'member Top-1 %',
+          # The two TACE definitions, named for their sources.
+          'tace_mixmo': 'TACE (MixMo code)',
+          'tace_um': 'TACE (uncertainty-metrics)'}
 TABLE_TITLES = {
     '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
     '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '

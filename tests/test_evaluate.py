@@ -4,6 +4,7 @@ The trained network is the session fixture `digits_workdir` (conftest.py);
 copies of its workdir (shutil.copytree) stand in for a second run. Expected
 numbers are recomputed here independently from the predicted logits.
 """
+import functools
 import json
 import os
 import shutil
@@ -69,6 +70,14 @@ def evaluated(digits_workdir):
 
 
 @pytest.fixture(scope='module')
+def evaluated_as_trained(digits_workdir):
+  """eval.json of the latest checkpoint at config.eval_batch_size, the batch
+  of the training-time evaluations: the same program as the history's, so
+  the same bits (another batch size may round differently on some CPUs)."""
+  return evaluate.evaluate_workdirs([digits_workdir])
+
+
+@pytest.fixture(scope='module')
 def reference(digits_workdir):
   """Independent predictions on the test set through `predict`."""
   predictor = predict.load(digits_workdir)
@@ -126,8 +135,8 @@ def _latest_best(history):
   return [r for r in history if r['ensemble']['top1'] == top][-1]
 
 
-def test_best_on_test_from_history(digits_workdir, evaluated):
-  result = evaluated[0]
+def test_best_on_test_from_history(digits_workdir, evaluated_as_trained):
+  result = evaluated_as_trained
   with open(os.path.join(digits_workdir, 'eval_history.jsonl')) as f:
     history = [json.loads(line) for line in f if line.strip()]
   assert len(history) >= 2  # Evaluated after every epoch.
@@ -148,6 +157,67 @@ def _record(step, top1, nll):
   return {'step': step, 'epoch': step // 10,
           'ensemble': {'top1': top1, 'nll': nll, 'nll_c': nll / 2,
                        'ece': step / 1000, 'ece_c': step / 2000}}
+
+
+def test_step_best_reproduces_best_on_test(digits_workdir,
+                                          evaluated_as_trained):
+  """--step=best evaluates the checkpoint of best ensemble top-1 and gives
+  exactly the numbers best_on_test quotes from the history."""
+  best = evaluated_as_trained['best_on_test']
+  result = evaluate.evaluate_workdirs([digits_workdir], step='best')
+  assert result['step'] == best['step']
+  for key in ('top1', 'nll', 'nll_c', 'ece', 'ece_c'):
+    assert result['ensemble'][key] == best[key], key
+  model = predict.load(digits_workdir, step='best')
+  assert model.step == best['step']
+  assert evaluate.parse_step('best') == 'best'
+  assert evaluate.parse_step('20') == 20
+
+
+def test_eval_json_counts_the_parameters(digits_workdir,
+                                         evaluated_as_trained):
+  """num_params: the parameters of the network of config.json, counted from
+  its abstract initialisation (not from the restored checkpoint)."""
+  import jax
+  import jax.numpy as jnp
+  from mixmo_jax import models
+  config = runs.read_config(digits_workdir)
+  size = config.image_size
+  init = functools.partial(models.get_model(config).init, train=False)
+  shapes = jax.eval_shape(init, jax.random.key(0),
+                          jnp.zeros((1, size, size, 3)))
+  expected = sum(int(np.prod(x.shape))
+                 for x in jax.tree.leaves(shapes['params']))
+  assert evaluated_as_trained['num_params'] == expected > 0
+  assert f'{expected:,} parameters' in report.format_table(
+      evaluated_as_trained).splitlines()[0]
+
+
+def test_best_checkpoint_is_saved_off_the_checkpoint_epochs(tmp_path):
+  """With checkpoint_every_epochs past the run's end, the saves are the
+  evaluated epochs that reach a new best top-1 (>=, latest on ties) and the
+  last step; rotation keeps the newest keep_checkpoints of them and the
+  best."""
+  from conftest import tiny_digits_config
+  from mixmo_jax import api, loop
+  config = tiny_digits_config()
+  config.num_epochs, config.checkpoint_every_epochs = 4, 10
+  config.keep_checkpoints = 2
+  workdir = str(tmp_path / 'run')
+  api.prepare(config, workdir)
+  loop.train_and_evaluate(config, workdir)
+  history = workdir_lib.read_history(workdir)
+  assert [r['epoch'] for r in history] == [1, 2, 3, 4]
+  saved, best = [], -1.0
+  for record in history:
+    if record['ensemble']['top1'] >= best:
+      best = record['ensemble']['top1']
+      saved.append(record['step'])
+  saved = sorted(set(saved) | {history[-1]['step']})
+  best_step = report.best_on_test(history)['step']
+  assert workdir_lib.available_steps(workdir) == sorted(
+      set(saved[-2:]) | {best_step})
+  assert history[0]['step'] in saved  # Epoch 1 is no checkpoint epoch.
 
 
 def test_best_on_test_takes_latest_of_ties():
@@ -497,13 +567,18 @@ def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
   assert not os.path.exists(missing)
 
 
-def test_cli_missing_workdir_exits_2(tmp_path):
+@pytest.mark.parametrize('extra,expected', [
+    ([], 'error: workdir {missing} does not exist'),
+    (['--step=-3'], 'error: --step=-3: must be a checkpoint step (an '
+     'integer >= 0) or best')])
+def test_cli_missing_workdir_or_bad_step_exits_2(tmp_path, extra, expected):
   missing = str(tmp_path / 'no_such_run')
   proc = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}'],
+      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}']
+      + extra,
       cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines[-1] == f'error: workdir {missing} does not exist'
+  assert lines[-1] == expected.format(missing=missing)
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(missing)
