@@ -96,6 +96,7 @@ def train(config, workdir: str, *,
   Raises:
     config_validation.ConfigError: see `prepare`.
     workdir.WorkdirBusyError: another trainer holds the workdir.
+    workdir.WorkdirError: the workdir (or its lock file) cannot be used.
     data.DatasetUnavailableError, checkpointing.CheckpointError (also a
     failed or impossible checkpoint write), checkpointing.NonFiniteStateError,
     loop.NonFiniteLossError: from training.

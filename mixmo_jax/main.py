@@ -92,6 +92,8 @@ def main(argv):
               allow_config_change=_ALLOW_CHANGE.value)
   except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:
     fail(e)
+  except workdir.WorkdirError as e:  # The folder itself: the environment.
+    fail(e, 1)
   except Exception as e:  # pylint: disable=broad-except
     # Imported only now: a refused start stays quiet (no TensorFlow logs).
     from mixmo_jax import checkpointing, data, loop  # Heavy: TF.

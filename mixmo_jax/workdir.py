@@ -21,6 +21,7 @@ leaves the old or the new content, never a mix.  Only process 0 writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -177,29 +178,89 @@ class WorkdirBusyError(RuntimeError):
   """Another trainer holds the workdir's lock (one-line message)."""
 
 
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a folder, unwritable, a bad name or a
+  lock file that is not a regular file (one-line message)."""
+
+
+def _lock_holders(fd: int) -> Optional[List[int]]:
+  """The pids holding a flock on the file of `fd`, from /proc/locks (Linux;
+  None when they cannot be told: no /proc/locks, or pids of another pid
+  namespace shown as 0)."""
+  try:
+    st = os.fstat(fd)
+    with open('/proc/locks') as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  inode = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters carry "->".
+  pids = [int(parts[4]) for parts in (line.split() for line in lines)
+          if len(parts) >= 6 and '->' not in parts and parts[1] == 'FLOCK'
+          and parts[5] == inode and parts[4].isdigit()]
+  return pids if pids and 0 not in pids else None
+
+
+def _describe_process(pid: int) -> str:
+  """'pid 1234 (python -m mixmo_jax.main ...)', its command line cut short."""
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      command = ' '.join(f.read().replace(b'\0', b' ').decode(
+          errors='replace').split())
+  except OSError:
+    return f'pid {pid}'
+  return f'pid {pid} ({command[:80]}{"..." if len(command) > 80 else ""})'
+
+
+def _open_lock(workdir: str) -> int:
+  """Opens WORKDIR/.lock for writing, created if absent, never through a
+  symlink; every failure is one `WorkdirError` line."""
+  target = path(workdir, LOCK)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    return os.open(target, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      why = 'is a symbolic link (never followed: remove it)'
+    elif e.errno == errno.EISDIR:
+      why = 'is a folder, not the lock file (remove it)'
+    else:
+      why = f'cannot be opened for writing ({e.strerror or e})'
+    where = target if e.errno in (errno.ELOOP, errno.EISDIR) else (
+        e.filename or target)
+    raise WorkdirError(f'{where} {why}; the workdir {workdir} cannot be '
+                       'used for training') from None
+
+
 @contextlib.contextmanager
 def trainer_lock(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on WORKDIR/.lock while training.
 
-  `fcntl.flock`: the kernel releases it when the process dies, however it
-  dies, so the file a killed trainer leaves behind is free again.  Readers
-  (evaluate, predict, analysis) take no lock and read while a run trains.
+  `fcntl.flock` on a local file: the kernel releases it when the process
+  dies, however it dies, so the file a killed trainer leaves behind is free
+  again.  The file is opened with O_NOFOLLOW (a symlink or a folder at .lock
+  is refused, never followed or truncated) and holds the trainer's pid, host
+  and start time.  Readers (evaluate, predict, analysis) take no lock and
+  read while a run trains.
 
   Raises:
-    WorkdirBusyError: another live trainer holds it (its pid and host named).
+    WorkdirBusyError: another live trainer holds it: the refusal names the
+      process that holds it (from /proc/locks), or says it cannot tell.
+    WorkdirError: the workdir or its lock file cannot be used.
   """
-  os.makedirs(workdir, exist_ok=True)
-  target = path(workdir, LOCK)
-  fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = _open_lock(workdir)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
-    holder = os.read(fd, 1000).decode(errors='replace').strip()
+    holders = _lock_holders(fd)
+    recorded = os.read(fd, 1000).decode(errors='replace').strip()
     os.close(fd)
+    who = (', '.join(_describe_process(p) for p in holders) if holders
+           else 'the holder cannot be told on this system')
     raise WorkdirBusyError(
-        f'{workdir} is in use by another trainer ({holder or "unknown"}); '
-        'wait for it to finish or stop it, or train in another --workdir'
-    ) from None
+        f'{workdir} is in use by another trainer: {who}; its lock file '
+        f'says {recorded or "nothing"}; wait for it to finish or stop it, '
+        'or train in another --workdir') from None
   try:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({'pid': os.getpid(),

@@ -135,6 +135,23 @@ def test_second_trainer_is_refused_exit_2(tmp_path):
     code, lines = _main(workdir, '--config.model.width=1')
   assert code == 2
   assert len(lines) == 1, lines
-  assert lines[0].startswith(f'error: {workdir} is in use by another trainer '
-                             f'({{"pid": {os.getpid()}, ')
+  assert lines[0].startswith(f'error: {workdir} is in use by another trainer: '
+                             f'pid {os.getpid()} (')
+  assert f'its lock file says {{"pid": {os.getpid()}, ' in lines[0]
   assert os.listdir(workdir) == ['.lock']
+
+
+def test_symlinked_lock_is_refused_exit_1(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  precious = tmp_path / 'precious.txt'
+  precious.write_text('keep me')
+  os.symlink(precious, workdir / workdir_lib.LOCK)
+  code, lines = _main(workdir, '--config.model.width=1')
+  assert code == 1
+  assert len(lines) == 1, lines
+  assert lines[0] == (f'error: {workdir / workdir_lib.LOCK} is a symbolic link '
+                      f'(never followed: remove it); the workdir {workdir} '
+                      'cannot be used for training')
+  assert precious.read_text() == 'keep me'
+  assert os.listdir(workdir) == [workdir_lib.LOCK]

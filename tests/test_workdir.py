@@ -42,6 +42,93 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
     pass
 
 
+def _lock_error(workdir):
+  with pytest.raises(wd.WorkdirError) as err:
+    with wd.trainer_lock(workdir):
+      pass
+  message = str(err.value)
+  assert '\n' not in message
+  return message
+
+
+def test_a_symlink_at_the_lock_is_refused_never_followed(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  precious = tmp_path / 'precious.txt'
+  precious.write_text('keep me')
+  os.symlink(precious, workdir / wd.LOCK)
+  assert 'is a symbolic link' in _lock_error(str(workdir))
+  assert precious.read_text() == 'keep me'
+
+
+def test_a_folder_at_the_lock_is_refused(tmp_path):
+  (tmp_path / 'run' / wd.LOCK).mkdir(parents=True)
+  assert 'is a folder, not the lock file' in _lock_error(
+      str(tmp_path / 'run'))
+
+
+def test_a_workdir_that_is_or_lies_under_a_file_is_refused(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  for workdir in (tmp_path / 'file', tmp_path / 'file' / 'run'):
+    message = _lock_error(str(workdir))
+    assert 'cannot be opened for writing' in message, message
+  assert (tmp_path / 'file').read_text() == 'x'
+
+
+def test_a_name_over_255_characters_is_refused(tmp_path):
+  message = _lock_error(str(tmp_path / ('r' * 300)))
+  assert 'File name too long' in message
+
+
+def test_a_read_only_workdir_is_refused(tmp_path):
+  source, workdir = tmp_path / 'source', tmp_path / 'run'
+  source.mkdir()
+  workdir.mkdir()
+  if os.geteuid() != 0:
+    pytest.skip('a read-only bind mount needs root')
+  mounted = subprocess.run(['mount', '--bind', str(source), str(workdir)],
+                           capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f'mount --bind refused here: {mounted.stderr.strip()}')
+  try:
+    subprocess.run(['mount', '-o', 'remount,bind,ro', str(workdir)],
+                   check=True)
+    assert 'Read-only file system' in _lock_error(str(workdir))
+  finally:
+    subprocess.run(['umount', str(workdir)], check=True)
+  assert os.listdir(source) == []
+
+
+def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
+  """The lock file still names a dead trainer; an unrelated live process
+  holds the lock: the refusal names that process."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  lock = workdir / wd.LOCK
+  lock.write_text(json.dumps({'pid': 999999999, 'host': 'gone'}))
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import fcntl, os, sys, time\n'
+       f'fd = os.open({str(lock)!r}, os.O_RDWR)\n'
+       'fcntl.flock(fd, fcntl.LOCK_EX)\n'
+       'print("held", flush=True)\ntime.sleep(60)'],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(wd.WorkdirBusyError) as err:
+      with wd.trainer_lock(str(workdir)):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  message = str(err.value)
+  assert '\n' not in message
+  assert f'pid {holder.pid} (' in message, message
+  assert f'({sys.executable[:60]}' in message  # Its command line.
+  assert '999999999' in message  # The stale record, as what the file says.
+  with wd.trainer_lock(str(workdir)):  # Free once that process is gone.
+    pass
+
+
 def test_check_writable(tmp_path):
   folder = tmp_path / 'a' / 'checkpoints'
   wd.check_writable(str(folder))
