@@ -24,11 +24,12 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import socket
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from absl import logging
 
 CONFIG = 'config.json'
 CONFIG_CHANGES = 'config_changes.jsonl'
@@ -46,17 +47,21 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-def _atomic_write(target: str, text: str) -> None:
+def _atomic_write_bytes(target: str, data: bytes) -> None:
   folder = os.path.dirname(os.path.abspath(target))
   os.makedirs(folder, exist_ok=True)
   tmp = f'{target}.tmp{os.getpid()}'
   try:
-    with open(tmp, 'w') as f:
-      f.write(text)
+    with open(tmp, 'wb') as f:
+      f.write(data)
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _atomic_write(target: str, text: str) -> None:
+  _atomic_write_bytes(target, text.encode())
 
 
 # ---------------------------------------------------------------- config.json
@@ -119,42 +124,66 @@ def append_history(workdir: str, record: Dict[str, Any]) -> None:
     f.write(json.dumps(record) + '\n')
 
 
-def _parse_line(line: str) -> Optional[Dict[str, Any]]:
-  """A complete history line as a dict with an int 'step', else None (a
-  line cut short by a kill has no newline)."""
-  if not line.endswith('\n'):
-    return None
+def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
+  """A history line as a record, or None when it is not one: not UTF-8, not
+  a JSON object, or a 'step' that is not an integer >= 0, an 'epoch' that is
+  not one, or an ensemble top-1 outside [0, 1] (a hand-edited or damaged
+  line)."""
   try:
-    record = json.loads(line)
-    record['step'] = int(record['step'])
-  except (ValueError, KeyError, TypeError):
+    record = json.loads(line.decode('utf-8'))
+  except (UnicodeDecodeError, ValueError, RecursionError):
+    return None
+  if not isinstance(record, dict):
+    return None
+  step, epoch = record.get('step'), record.get('epoch', 0)
+  ensemble = record.get('ensemble', {})
+  top1 = ensemble.get('top1', 0.0) if isinstance(ensemble, dict) else None
+  if (type(step) is not int or step < 0 or type(epoch) is not int
+      or epoch < 0 or not isinstance(ensemble, dict)
+      or not (top1 is None or (isinstance(top1, (int, float))
+                               and not isinstance(top1, bool)
+                               and 0.0 <= top1 <= 1.0))):
     return None
   return record
+
+
+def _history_lines(workdir: str) -> List[Tuple[bytes, Optional[Dict[str, Any]]]]:
+  """(line, record or None) of every complete line of eval_history.jsonl
+  (a last line cut short by a kill has no newline and is dropped); one
+  warning names the file when any complete line is not a record."""
+  target = path(workdir, HISTORY)
+  if not os.path.isfile(target):
+    return []
+  with open(target, 'rb') as f:
+    lines = f.read().split(b'\n')[:-1]  # The part after the last newline.
+  parsed = [(line + b'\n', _parse_line(line)) for line in lines
+            if line.strip()]
+  bad = sum(record is None for _, record in parsed)
+  if bad:
+    logging.warning('%s: skipped %d line(s) that are not evaluation records '
+                    '(not UTF-8 JSON, or a step, epoch or top-1 out of '
+                    'range).', target, bad)
+  return parsed
 
 
 def read_history(workdir: str) -> List[Dict[str, Any]]:
   """The evaluation records of eval_history.jsonl, in file order.
 
-  Blank, malformed or truncated lines are skipped; [] without a file.
+  Blank, malformed, out-of-range or truncated lines are skipped (one
+  warning); [] without a file.
   """
-  target = path(workdir, HISTORY)
-  if not os.path.isfile(target):
-    return []
-  with open(target) as f:
-    records = [_parse_line(line) for line in f]
-  return [r for r in records if r is not None]
+  return [r for _, r in _history_lines(workdir) if r is not None]
 
 
 def truncate_history(workdir: str, step: int) -> None:
   """Drops the records newer than `step` (written before a kill, after the
-  last checkpoint), and any malformed line."""
+  last checkpoint), and any line that is not a record."""
   target = path(workdir, HISTORY)
   if not os.path.exists(target):
     return
-  with open(target) as f:
-    lines = [l for l in f if (_parse_line(l) or {'step': math.inf})['step']
-             <= step]
-  _atomic_write(target, ''.join(lines))
+  kept = [line for line, record in _history_lines(workdir)
+          if record is not None and record['step'] <= step]
+  _atomic_write_bytes(target, b''.join(kept))
 
 
 # ---------------------------------------------------------------- eval.json

@@ -467,6 +467,41 @@ def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog, checkpo
     assert checkpointing.tree_digest(restored) == json.load(f)['sha256']
 
 
+# Lines a user or a damaged disk can append to eval_history.jsonl.
+GARBAGE = [b'{"step": 1e999}\n', b'\xff\xfe\x00 not utf-8 \x80\n',
+           b'{"step": -5, "epoch": 1}\n', b'[1, 2]\n', b'NaN\n',
+           b'{"step": 3, "epoch": 1, "ensemble": {"top1": 7}}\n',
+           b'{"step": "10"}\n', b'{"step": 10, "ensemble": "x"}\n',
+           b'{"step": 10' + b'[' * 100000 + b'\n']
+
+
+def test_garbage_in_the_history_is_skipped_and_the_run_resumes(
+    digits_workdir, tmp_path, caplog):
+  """Every reader skips lines that are not records (one warning), and a
+  resume drops them and continues bit for bit."""
+  from mixmo_jax import api
+  from mixmo_jax.evaluation import report
+  work = str(shutil.copytree(digits_workdir, tmp_path / 'run'))
+  clean = workdir_lib.read_history(work)
+  with open(workdir_lib.path(work, workdir_lib.HISTORY), 'ab') as f:
+    f.write(b''.join(GARBAGE))
+  with caplog.at_level('WARNING'):
+    assert workdir_lib.read_history(work) == clean
+  warned = [r.getMessage() for r in caplog.records
+            if 'not evaluation records' in r.getMessage()]
+  assert len(warned) == 1 and f'skipped {len(GARBAGE)} line(s)' in warned[0]
+  assert report.best_on_test(workdir_lib.read_history(work)) == report.best_on_test(
+      clean)
+  # Resume from the first checkpoint: the newer record and the garbage go,
+  # the same last epoch is trained and evaluated again.
+  last = clean[-1]['step']
+  shutil.rmtree(os.path.join(work, workdir_lib.CHECKPOINTS, str(last)))
+  api.train(workdir_lib.read_config(work), work)
+  with open(workdir_lib.path(work, workdir_lib.HISTORY), 'rb') as f:
+    lines = f.read().splitlines()
+  assert [json.loads(line) for line in lines] == clean
+
+
 def test_history_truncation_drops_newer_and_cut_lines(tmp_path):
   path = tmp_path / workdir_lib.HISTORY
   path.write_text('{"step": 10}\n{"step": 20}\n{"step": 30, "ens')
