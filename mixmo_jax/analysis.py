@@ -253,8 +253,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 2
   from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import workdir as wd  # pylint: disable=import-outside-toplevel
   from mixmo_jax.evaluation import runs  # pylint: disable=import-outside-toplevel
   workdirs = [w for w in args.workdir.split(',') if w]
+  output = args.output or os.path.join(workdirs[0], 'utilisation.json')
+  for flag, target in (('--output', output), ('--plot', args.plot)):
+    owned = target and wd.owned_input(workdirs, target)
+    if owned:  # Before any work: never replace what runs read.
+      print(f'error: {flag}={target} would overwrite {owned}, which the '
+            'workdir reads; write it elsewhere', file=sys.stderr)
+      return 2
   reports: List[dict] = []
   labels: List[str] = []
   for workdir in workdirs:
@@ -270,7 +278,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reports.append(rep)
     labels.append(_label(config, workdir))
     print(format_report(rep, f'{workdir} (step {step}, {labels[-1]})'))
-  output = args.output or os.path.join(workdirs[0], 'utilisation.json')
   with open(output, 'w') as f:
     json.dump(reports[0] if len(reports) == 1 else reports, f, indent=2)
   print(f'wrote {output}')

@@ -208,6 +208,11 @@ def main(argv):
       cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {e}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
   step = parse_step(args.step)
+  path = output_path(args.output, workdirs[0])
+  owned = wd.owned_input(workdirs, path)
+  if owned is not None:  # Before any work: never replace what runs read.
+    cli.fail(f'--output={args.output}: {path} would overwrite {owned}, '
+             'which the workdir reads; write eval.json elsewhere')
   try:
     result, logits, labels = run_evaluation(
         workdirs, step, corruptions_dir=args.corruptions,
@@ -218,7 +223,6 @@ def main(argv):
     cli.fail(e)
   except data.DatasetUnavailableError as e:
     cli.fail(e, EXIT_DATA)
-  path = output_path(args.output, workdirs[0])
   if jax.process_index() == 0:
     try:
       wd.write_json(result, path)

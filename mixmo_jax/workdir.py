@@ -302,6 +302,34 @@ def trainer_lock(workdir: str) -> Iterator[None]:
     os.close(fd)
 
 
+# The files and folders of a workdir that runs read back: an output
+# (`evaluate --output`, plots, `analysis --output`) never replaces them.
+_INPUTS = (CONFIG, CONFIG_CHANGES, HISTORY, LOCK, CHECKPOINTS,
+           CORRUPT_CHECKPOINTS)
+_EVENTS_PREFIX = 'events.out.tfevents.'
+
+
+def owned_input(workdirs: List[str], target: str) -> Optional[str]:
+  """The workdir file or folder that writing `target` would replace or
+  write into (e.g. 'run/config.json'), or None when `target` is free.
+
+  Args:
+    workdirs: the runs read by the command.
+    target: the path it is about to write.
+  """
+  real = os.path.realpath(target)
+  for workdir in workdirs:
+    root = os.path.realpath(workdir)
+    if os.path.dirname(real) == root and os.path.basename(real).startswith(
+        _EVENTS_PREFIX):
+      return real
+    for name in _INPUTS:
+      owned = os.path.join(root, name)
+      if real == owned or real.startswith(owned + os.sep):
+        return owned
+  return None
+
+
 def check_writable(folder: str) -> None:
   """Writes and removes a probe file in `folder`, or, while it does not
   exist yet, in its nearest existing parent (nothing is created).

@@ -570,12 +570,15 @@ def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
 @pytest.mark.parametrize('extra,expected', [
     ([], 'error: workdir {missing} does not exist'),
     (['--step=-3'], 'error: --step=-3: must be a checkpoint step (an '
-     'integer >= 0) or best')])
+     'integer >= 0) or best'),
+    (['--output={missing}/config.json'], 'error: --output={missing}/'
+     'config.json: {missing}/config.json would overwrite {missing}/'
+     'config.json, which the workdir reads; write eval.json elsewhere')])
 def test_cli_missing_workdir_or_bad_step_exits_2(tmp_path, extra, expected):
   missing = str(tmp_path / 'no_such_run')
   proc = subprocess.run(
       [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}']
-      + extra,
+      + [e.format(missing=missing) for e in extra],
       cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]

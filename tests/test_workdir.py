@@ -129,6 +129,45 @@ def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
     pass
 
 
+def test_owned_inputs_are_named_outputs_are_free(tmp_path):
+  run = tmp_path / 'run'
+  (run / wd.CHECKPOINTS / '10').mkdir(parents=True)
+  (run / wd.CONFIG).write_text('{}')
+  (run / 'events.out.tfevents.1.host.0').write_text('')
+  other = tmp_path / 'elsewhere'
+  other.mkdir()
+  os.symlink(run / wd.CONFIG, other / 'link.json')
+  owned = {
+      str(run / wd.CONFIG): str(run / wd.CONFIG),
+      str(other / 'link.json'): str(run / wd.CONFIG),  # Through a link.
+      str(run / wd.HISTORY): str(run / wd.HISTORY),
+      str(run / wd.CHECKPOINTS / 'eval.json'): str(run / wd.CHECKPOINTS),
+      str(run / wd.CHECKPOINTS / '10' / 'x'): str(run / wd.CHECKPOINTS),
+      str(run / 'events.out.tfevents.1.host.0'):
+          str(run / 'events.out.tfevents.1.host.0'),
+  }
+  for target, expected in owned.items():
+    assert wd.owned_input([str(tmp_path / 'x'), str(run)], target) == expected
+  for free in (run / wd.EVAL, run / 'reliability.png', other / 'eval.json',
+               tmp_path / 'checkpoints_x'):
+    assert wd.owned_input([str(run)], str(free)) is None
+
+
+def test_analysis_refuses_to_overwrite_a_workdir_input(tmp_path, capsys):
+  from mixmo_jax import analysis
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / wd.CONFIG).write_text('{"keep": true}')
+  for flag in ('--output', '--plot'):
+    code = analysis.main([f'--workdir={run}', f'{flag}={run / wd.CONFIG}'])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'error: {flag}={run / wd.CONFIG} would overwrite '
+                   f'{run / wd.CONFIG}, which the workdir reads; write it '
+                   'elsewhere']
+  assert (run / wd.CONFIG).read_text() == '{"keep": true}'
+
+
 def test_check_writable(tmp_path):
   folder = tmp_path / 'a' / 'checkpoints'
   wd.check_writable(str(folder))
