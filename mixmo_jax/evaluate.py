@@ -208,6 +208,9 @@ def main(argv):
       cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {e}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
   step = parse_step(args.step)
+  if args.eval_batch_size is not None and args.eval_batch_size < 1:
+    cli.fail(f'--eval_batch_size={args.eval_batch_size}: must be an integer '
+             '>= 1')
   path = output_path(args.output, workdirs[0])
   owned = wd.owned_input(workdirs, path)
   if owned is not None:  # Before any work: never replace what runs read.

@@ -571,6 +571,8 @@ def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
     ([], 'error: workdir {missing} does not exist'),
     (['--step=-3'], 'error: --step=-3: must be a checkpoint step (an '
      'integer >= 0) or best'),
+    (['--eval_batch_size=-5'], 'error: --eval_batch_size=-5: must be an '
+     'integer >= 1'),
     (['--output={missing}/config.json'], 'error: --output={missing}/'
      'config.json: {missing}/config.json would overwrite {missing}/'
      'config.json, which the workdir reads; write eval.json elsewhere')])
@@ -585,3 +587,27 @@ def test_cli_missing_workdir_or_bad_step_exits_2(tmp_path, extra, expected):
   assert lines[-1] == expected.format(missing=missing)
   assert 'Traceback' not in proc.stderr
   assert not os.path.exists(missing)
+
+
+def test_eval_batch_is_capped_at_the_padded_test_set():
+  """A huge eval batch (1,048,576: an out-of-memory error before) is only
+  padding: the batch is capped at N rounded up to the device count, with
+  the same logits."""
+  import jax.numpy as jnp
+  from mixmo_jax.evaluation import inference
+  mesh = sharding.make_mesh()
+  images = np.arange(37 * 2 * 2 * 3, dtype=np.uint8).reshape(37, 2, 2, 3)
+  shapes = []
+
+  def predict_fn(variables, batch):
+    shapes.append(batch.shape)
+    return jnp.broadcast_to(batch.astype(jnp.float32).sum((1, 2, 3))[:, None,
+                                                                      None],
+                            (batch.shape[0], 2, 3))
+
+  huge = inference.predict_member_logits(predict_fn, {}, images, 1 << 20,
+                                         mesh)
+  assert shapes == [(40, 2, 2, 3)]  # 37 rounded up to 8 devices.
+  small = inference.predict_member_logits(predict_fn, {}, images, 8, mesh)
+  np.testing.assert_array_equal(huge, small)
+  assert huge.shape == (37, 2, 3)

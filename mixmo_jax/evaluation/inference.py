@@ -44,12 +44,16 @@ def predict_member_logits(predict_fn: Callable, variables, images: np.ndarray,
     predict_fn: from `make_predict_fn`.
     variables: {'params', 'batch_stats'}, replicated on `mesh`.
     images: uint8 [N, H, W, 3], the same on every process.
-    batch_size: global eval batch size, divisible by the device count.
+    batch_size: global eval batch size, divisible by the device count;
+      capped at N rounded up to a multiple of the device count (a larger
+      batch would only be padding, and memory).
     mesh: the mesh `predict_fn` was built for.
 
   Returns:
     float32 [N, M, C] on the host (every process gets all of it).
   """
+  batch_size = min(batch_size, rounded_batch_size(max(len(images), 1),
+                                                  mesh.devices.size))
   labels = np.zeros(len(images), np.int32)
   slicer = pipeline.process_slice(
       batch_size, jax.process_index(), jax.process_count())
