@@ -19,6 +19,7 @@ and `Checkpointer.best` / `step='best'` find it.
 """
 import hashlib
 import os
+import re
 import shutil
 import signal
 import threading
@@ -106,6 +107,19 @@ def _digest_record(state: Any, step: int) -> dict:
   """The stored digest: of the whole state and of each top-level part."""
   parts = {k: tree_digest(v) for k, v in state.items()}
   return {'sha256': tree_digest(state), 'parts': parts, 'step': step}
+
+
+def storage_reason(error: Exception) -> str:
+  """The short cause of a storage error: the OS's words for its errno (also
+  inside tensorstore's "... [os_error_code='28']"), else its first 200
+  characters on one line."""
+  code = getattr(error, 'errno', None)
+  found = re.search(r"os_error_code='(\d+)'", str(error))
+  if code is None and found:
+    code = int(found.group(1))
+  if code:
+    return os.strerror(code)
+  return ' '.join(str(error).split())[:200] or type(error).__name__
 
 
 def _top1(metrics: Optional[Dict[str, float]]) -> float:
@@ -212,11 +226,13 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True,
                         metrics=dict(metrics or {}))
       self.manager.wait_until_finished()
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # OSError from orbax, ValueError('RESOURCE_EXHAUSTED: ...') and the
+      # like from tensorstore: any storage error is the same one line.
       self._remove_tmp(step)
       raise CheckpointError(
           f'cannot write the checkpoint at step {step} in {self.directory} '
-          f'({e.strerror or e}); the last good checkpoint is '
+          f'({storage_reason(e)}); the last good checkpoint is '
           f'{self._last_good()}; free space (or fix the folder) and rerun '
           'the same command to resume from it') from e
 

@@ -24,11 +24,16 @@ def fail(message, code: int = EXIT_USAGE):
 
 
 class _QuietOrbax(pylogging.Filter):
-  """Drops orbax's INFO lines (several per checkpoint save or restore)."""
+  """Drops orbax's INFO lines (several per checkpoint save or restore) and
+  the tracebacks its worker threads log for an error that the calling
+  thread raises again (e.g. a full disk: the one-line error says it)."""
 
   def filter(self, record):
-    return (record.levelno >= pylogging.WARNING
-            or '/orbax/' not in record.pathname)
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.exc_info and record.threadName != 'MainThread':
+      return False
+    return record.levelno >= pylogging.WARNING
 
 
 _FILTER = _QuietOrbax()

@@ -229,9 +229,8 @@ def main(argv):
   if jax.process_index() == 0:
     try:
       wd.write_json(result, path)
-    except OSError as e:  # E.g. disk full: no partial file is left.
-      cli.fail(f'cannot write {path} ({e.strerror or e}); nothing was '
-               'written, free space and rerun', EXIT_DATA)
+    except wd.WorkdirError as e:  # E.g. disk full: no partial file is left.
+      cli.fail(e, EXIT_DATA)
     print(report.format_table(result))
     print(f'wrote {path}')
     if args.plots:

@@ -120,12 +120,21 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       if done % config.log_every_steps == 0 or epoch_end:
         reporter.flush(done, last_good)
       if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
-        record, logits = evaluate(config, state, predict, test, mesh, done,
-                                  epoch, with_logits=True)
-        checkpointing.fault_hook('eval', done)
-        reporter.evaluation(record, logits, test[1])
-        if jax.process_index() == 0:
-          wd.append_history(workdir, record)
+        try:
+          record, logits = evaluate(config, state, predict, test, mesh, done,
+                                    epoch, with_logits=True)
+          checkpointing.fault_hook('eval', done)
+          reporter.evaluation(record, logits, test[1])
+          if jax.process_index() == 0:
+            wd.append_history(workdir, record)
+        except Exception as e:  # pylint: disable=broad-except
+          # A failed evaluation or history line loses no training: the
+          # epoch is saved first (the top-1 ranks only evaluated saves).
+          ckpt.save(done, training.state_to_tree(state))
+          if isinstance(e, wd.WorkdirError):
+            raise wd.WorkdirError(f'{e} (the checkpoint of step {done} was '
+                                  'saved first)') from None
+          raise
         top1 = _top1(record) if config.keep_best_checkpoint else None
       new_best = top1 is not None and (best_top1 is None
                                        or top1 >= best_top1)

@@ -47,17 +47,56 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a folder, unwritable, full, a bad name
+  or a lock file that is not a regular file (one-line message)."""
+
+
+def _cannot_write(target: str, error: OSError) -> WorkdirError:
+  return WorkdirError(f'cannot write {target} ({error.strerror or error}); '
+                      'nothing of it was written: free space (or fix the '
+                      'folder) and rerun')
+
+
 def _atomic_write_bytes(target: str, data: bytes) -> None:
+  """Writes `data` at `target` through a renamed temporary file.
+
+  Raises:
+    WorkdirError: it cannot be written (full disk, read-only folder); the
+      old content, if any, is unchanged and no temporary file is left.
+  """
   folder = os.path.dirname(os.path.abspath(target))
-  os.makedirs(folder, exist_ok=True)
   tmp = f'{target}.tmp{os.getpid()}'
   try:
+    os.makedirs(folder, exist_ok=True)
     with open(tmp, 'wb') as f:
       f.write(data)
     os.replace(tmp, target)
+  except OSError as e:
+    raise _cannot_write(target, e) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _append(target: str, text: str) -> None:
+  """Appends `text` to `target`, all of it or nothing (a failed write is
+  cut back to the old size).
+
+  Raises:
+    WorkdirError: it cannot be written (full disk, read-only folder).
+  """
+  try:
+    with open(target, 'ab') as f:
+      size = f.tell()
+      try:
+        f.write(text.encode())
+        f.flush()
+      except OSError:
+        f.truncate(size)
+        raise
+  except OSError as e:
+    raise _cannot_write(target, e) from None
 
 
 def _atomic_write(target: str, text: str) -> None:
@@ -110,18 +149,16 @@ def record_config_changes(workdir: str, changes: List[str],
   config_changes.jsonl."""
   record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'changes': changes,
             'allow_config_change': allowed}
-  os.makedirs(workdir, exist_ok=True)
-  with open(path(workdir, CONFIG_CHANGES), 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  _append(path(workdir, CONFIG_CHANGES), json.dumps(record) + '\n')
 
 
 # ---------------------------------------------------------------- history
 
 
 def append_history(workdir: str, record: Dict[str, Any]) -> None:
-  """Appends one evaluation record (one JSON line) to eval_history.jsonl."""
-  with open(path(workdir, HISTORY), 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  """Appends one evaluation record (one JSON line) to eval_history.jsonl,
+  all of it or nothing (`WorkdirError` when it cannot be written)."""
+  _append(path(workdir, HISTORY), json.dumps(record) + '\n')
 
 
 def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -177,13 +214,17 @@ def read_history(workdir: str) -> List[Dict[str, Any]]:
 
 def truncate_history(workdir: str, step: int) -> None:
   """Drops the records newer than `step` (written before a kill, after the
-  last checkpoint), and any line that is not a record."""
+  last checkpoint), and any line that is not a record; a file with nothing
+  to drop is left as it is (not rewritten)."""
   target = path(workdir, HISTORY)
   if not os.path.exists(target):
     return
-  kept = [line for line, record in _history_lines(workdir)
-          if record is not None and record['step'] <= step]
-  _atomic_write_bytes(target, b''.join(kept))
+  kept = b''.join(line for line, record in _history_lines(workdir)
+                  if record is not None and record['step'] <= step)
+  with open(target, 'rb') as f:
+    if f.read() == kept:
+      return
+  _atomic_write_bytes(target, kept)
 
 
 # ---------------------------------------------------------------- eval.json
@@ -205,11 +246,6 @@ def write_json(result: Dict[str, Any], target: str) -> str:
 
 class WorkdirBusyError(RuntimeError):
   """Another trainer holds the workdir's lock (one-line message)."""
-
-
-class WorkdirError(RuntimeError):
-  """The workdir cannot be used: not a folder, unwritable, a bad name or a
-  lock file that is not a regular file (one-line message)."""
 
 
 def _lock_holders(fd: int) -> Optional[List[int]]:
@@ -296,6 +332,11 @@ def trainer_lock(workdir: str) -> Iterator[None]:
                              'host': socket.gethostname(),
                              'since': time.strftime('%Y-%m-%dT%H:%M:%S')}
                             ).encode())
+  except OSError as e:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    raise _cannot_write(path(workdir, LOCK), e) from None
+  try:
     yield
   finally:
     fcntl.flock(fd, fcntl.LOCK_UN)

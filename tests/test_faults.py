@@ -152,31 +152,6 @@ def test_disk_full_during_checkpoint_write(tmp_path, monkeypatch):
   assert _digests(workdir) == before
 
 
-def test_disk_full_while_writing_eval_json(tmp_path, monkeypatch):
-  target = str(tmp_path / 'eval.json')
-  wd.write_json({'old': 1}, target)
-
-  class Full:
-    def __init__(self, path, mode='r'):
-      self.file = open(path, mode)  # The temporary file is created ...
-
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      self.file.close()
-
-    def write(self, text):
-      raise OSError(errno.ENOSPC, 'No space left on device')  # ... not filled.
-
-  monkeypatch.setattr(wd, 'open', Full, raising=False)
-  with pytest.raises(OSError, match='No space left'):
-    wd.write_json({'new': 2}, target)
-  monkeypatch.undo()
-  assert os.listdir(tmp_path) == ['eval.json']  # No leftover .tmp.
-  assert json.load(open(target)) == {'old': 1}
-
-
 def test_read_only_checkpoint_folder_is_refused_at_start(run, monkeypatch):
   before = _digests(run)
 
