@@ -60,6 +60,7 @@ def prepare(config, workdir: str, allow_config_change: bool = False) -> None:
     logging.warning('Config changed since the last run: %s', changes)
     wd.record_config_changes(workdir, changes, allow_config_change)
   wd.write_config(workdir, config)
+  wd.ensure_run_id(workdir)
 
 
 def _check_checkpoint_folder(workdir: str) -> None:

@@ -103,10 +103,47 @@ def tree_digest(tree: Any) -> str:
   return digest.hexdigest()
 
 
-def _digest_record(state: Any, step: int) -> dict:
-  """The stored digest: of the whole state and of each top-level part."""
+def _digest_record(state: Any, step: int, run_id: Optional[str],
+                   config: Optional[Dict[str, Any]]) -> dict:
+  """The stored digest: of the whole state and of each top-level part, with
+  what it belongs to: its step, the run id and the SHA-256 of the config
+  stored beside it (`check_binding`)."""
   parts = {k: tree_digest(v) for k, v in state.items()}
-  return {'sha256': tree_digest(state), 'parts': parts, 'step': step}
+  record = {'sha256': tree_digest(state), 'parts': parts, 'step': step}
+  if run_id:
+    record['run_id'] = run_id
+  if config is not None:
+    record['config_sha256'] = wd.config_sha256(config)
+  return record
+
+
+def check_binding(workdir: str, step: int, record: Dict[str, Any]) -> None:
+  """A restored digest record belongs to this folder, run and config.
+
+  The step it was saved at must be the folder's name (a renamed folder is
+  refused), its run id the workdir's run.json (a checkpoint of another run
+  copied in is refused), and the config stored beside it must hash as it
+  did when it was saved. Fields a record lacks (older checkpoints) are not
+  checked.
+
+  Raises:
+    CheckpointError: one line naming what does not belong.
+  """
+  if record.get('step', step) != step:
+    raise CheckpointError(
+        f'the folder {step} holds the checkpoint saved at step '
+        f'{record["step"]} (a renamed folder)')
+  ours = wd.run_id(workdir)
+  if record.get('run_id') and ours and record['run_id'] != ours:
+    raise CheckpointError(
+        f'the checkpoint at step {step} belongs to another run (run id '
+        f'{record["run_id"][:12]}, this workdir\'s is {ours[:12]})')
+  if 'config_sha256' in record:
+    stored = wd.checkpoint_item(workdir, step, 'config')
+    if not isinstance(stored, dict) or (wd.config_sha256(stored)
+                                        != record['config_sha256']):
+      raise CheckpointError(f'the config stored with the checkpoint at step '
+                            f'{step} was changed or removed after the save')
 
 
 def storage_reason(error: Exception) -> str:
@@ -158,6 +195,7 @@ class Checkpointer:
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.config = None if config is None else wd.config_to_dict(config)
+    self.run_id = None if read_only else wd.run_id(workdir)
     if not read_only and jax.process_index() == 0:
       try:
         wd.check_writable(self.directory)
@@ -217,7 +255,8 @@ class Checkpointer:
           f'not saved; the last good checkpoint is {self._last_good()} '
           '(lower optimizer.base_learning_rate, then resume from it)')
     items = dict(state=ocp.args.StandardSave(state),
-                 digest=ocp.args.JsonSave(_digest_record(state, step)))
+                 digest=ocp.args.JsonSave(_digest_record(
+                     state, step, self.run_id, self.config)))
     if self.config is not None:
       items['config'] = ocp.args.JsonSave(self.config)
     if fault_hook('save', step):
@@ -256,6 +295,7 @@ class Checkpointer:
       raise CheckpointError(
           f'digest mismatch at step {step}: stored {expected[:12]}..., '
           f'restored bytes give {actual[:12]}...')
+    check_binding(self.workdir, step, restored['digest'])
     return restored['state']
 
   def _quarantine(self, step: int, reason: Exception) -> None:
@@ -335,6 +375,7 @@ def _restore_variables_at(ckpt: Checkpointer, step: int,
           restore_args=ocp.checkpoint_utils.construct_restore_args(item)),
       digest=ocp.args.JsonRestore())
   restored = ckpt.manager.restore(step, args=args)
+  check_binding(ckpt.workdir, step, restored['digest'])
   parts = restored['digest']['parts']
   for name, tree in restored['state'].items():
     if tree_digest(tree) != parts[name]:

@@ -146,7 +146,8 @@ class Predictor:
 
 
 def load(workdir: str, step: checkpointing.Step = None) -> Predictor:
-  """A `Predictor` for the run in `workdir` (config.json + verified checkpoint).
+  """A `Predictor` for the run in `workdir` (the verified checkpoint and the
+  config stored with it).
 
   Args:
     workdir: a training workdir.
@@ -157,9 +158,14 @@ def load(workdir: str, step: checkpointing.Step = None) -> Predictor:
     FileNotFoundError: no workdir or config.json.
     checkpointing.CheckpointError: no checkpoint (at `step`), or a corrupt one.
   """
-  config = wd.read_config(workdir)
-  if not os.path.isdir(wd.path(workdir, wd.CHECKPOINTS)):
+  if not wd.checkpoint_steps(workdir):
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f'workdir {workdir} does not exist')
     raise checkpointing.CheckpointError(f'no checkpoint in {workdir}')
+  try:  # The config stored with the checkpoints; config.json compared.
+    config = runs.read_config(workdir)
+  except runs.EvaluationError as e:
+    raise FileNotFoundError(str(e)) from None
   run = runs.restore_run(workdir, config, step)
   predictor = Predictor(run.config, run.variables, run.step)
   predictor.source = f'at step {run.step} in {workdir}'

@@ -9,6 +9,8 @@
                             (`write_json`, `to_json`)
       .lock                 held (flock) by the one trainer of the workdir;
                             its pid and host (`trainer_lock`)
+      run.json              the run id, written at the first start and bound
+                            into every checkpoint's digest (`run_id`)
       checkpoints/          orbax checkpoints (owned by `checkpointing`);
                             STEP/config/metadata is the run's config as JSON
                             (`stored_config`)
@@ -25,8 +27,10 @@ import errno
 import fcntl
 import json
 import os
+import hashlib
 import socket
 import time
+import uuid
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
@@ -38,6 +42,7 @@ EVAL = 'eval.json'
 CHECKPOINTS = 'checkpoints'
 CORRUPT_CHECKPOINTS = 'checkpoints_corrupt'
 LOCK = '.lock'
+RUN = 'run.json'
 # Orbax's JSON item file inside a checkpoint's step folder.
 _ITEM_FILE = 'metadata'
 
@@ -150,6 +155,33 @@ def record_config_changes(workdir: str, changes: List[str],
   record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'changes': changes,
             'allow_config_change': allowed}
   _append(path(workdir, CONFIG_CHANGES), json.dumps(record) + '\n')
+
+
+# ---------------------------------------------------------------- run id
+
+
+def run_id(workdir: str) -> Optional[str]:
+  """The run id of run.json, or None (no file, or not a run id)."""
+  try:
+    with open(path(workdir, RUN), 'rb') as f:
+      value = json.loads(f.read().decode()).get('run_id')
+  except (OSError, ValueError, AttributeError):
+    return None
+  return value if isinstance(value, str) and value else None
+
+
+def ensure_run_id(workdir: str) -> str:
+  """The workdir's run id; at the first start a new one (or, when run.json
+  is gone, the one its newest checkpoint carries) is written to run.json."""
+  existing = run_id(workdir)
+  if existing:
+    return existing
+  adopted = next((d.get('run_id') for s in reversed(checkpoint_steps(workdir))
+                  for d in [checkpoint_item(workdir, s, 'digest')]
+                  if isinstance(d, dict) and d.get('run_id')), None)
+  new = adopted or uuid.uuid4().hex
+  _atomic_write(path(workdir, RUN), json.dumps({'run_id': new}) + '\n')
+  return new
 
 
 # ---------------------------------------------------------------- history
@@ -415,14 +447,28 @@ def available_steps(workdir: str) -> List[int]:
   return steps
 
 
+def checkpoint_item(workdir: str, step: int, item: str) -> Any:
+  """A JSON item ('config', 'digest') of the checkpoint folder `step`, or
+  None when it is missing or not JSON (the digest check reports damage)."""
+  target = os.path.join(path(workdir, CHECKPOINTS), str(step), item,
+                        _ITEM_FILE)
+  try:
+    with open(target, 'rb') as f:
+      return json.loads(f.read().decode())
+  except (OSError, ValueError):
+    return None
+
+
 def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
   """The config stored with the newest checkpoint that has one, or None."""
   for step in reversed(checkpoint_steps(workdir)):
-    target = os.path.join(path(workdir, CHECKPOINTS), str(step), 'config',
-                          _ITEM_FILE)
-    try:
-      with open(target) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      continue
+    config = checkpoint_item(workdir, step, 'config')
+    if isinstance(config, dict):
+      return config
   return None
+
+
+def config_sha256(config: Dict[str, Any]) -> str:
+  """SHA-256 of a config dict's canonical JSON (sorted keys)."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()
+                        ).hexdigest()

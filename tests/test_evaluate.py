@@ -55,6 +55,27 @@ def _copy_run(src, dst, **config_changes):
   return str(dst)
 
 
+def _resaved_run(src, dst, **config_changes):
+  """A run whose checkpoint was saved with a changed config: a copy of `src`
+  whose latest state is saved again through `Checkpointer` with config.json
+  changed as in `_copy_run` (same weights; the config stored with the
+  checkpoint and bound by its digest is the changed one)."""
+  import orbax.checkpoint as ocp
+  dst = _copy_run(src, dst, **config_changes)
+  shutil.rmtree(os.path.join(dst, 'checkpoints'))
+  os.remove(os.path.join(dst, workdir_lib.RUN))
+  source = checkpointing.Checkpointer(src, read_only=True)
+  step = source.all_steps()[-1]
+  state = source.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  source.close()
+  workdir_lib.ensure_run_id(dst)
+  ckpt = checkpointing.Checkpointer(dst, config=workdir_lib.read_config(dst))
+  ckpt.save(step, state)
+  ckpt.close()
+  return dst
+
+
 def _cli_env():
   env = dict(os.environ)
   env['XLA_FLAGS'] = xla_flags(8)
@@ -256,8 +277,8 @@ def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
                                 os.path.abspath(copy)]
   assert 'best_on_test' not in result
   # The first run's ensemble mode rules: a 'probs' run first.
-  probs_run = _copy_run(digits_workdir, tmp_path / 'probs',
-                        evaluation__ensemble='probs')
+  probs_run = _resaved_run(digits_workdir, tmp_path / 'probs',
+                           evaluation__ensemble='probs')
   result = evaluate.evaluate_workdirs([probs_run, digits_workdir])
   assert result['ensemble_mode'] == 'probs'
   _, _, labels, logits = reference
@@ -266,7 +287,7 @@ def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
 
 
 def test_incompatible_runs_are_refused(tmp_path, digits_workdir):
-  other = _copy_run(digits_workdir, tmp_path / 'other', data_seed=7)
+  other = _resaved_run(digits_workdir, tmp_path / 'other', data_seed=7)
   with pytest.raises(runs.EvaluationError, match='data_seed.*0.*7'):
     evaluate.evaluate_workdirs([digits_workdir, other])
 
@@ -276,12 +297,35 @@ def test_missing_inputs(tmp_path, digits_workdir):
     evaluate.evaluate_workdirs([str(tmp_path / 'nope')])
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(runs.EvaluationError, match='config.json'):
+  with pytest.raises(runs.EvaluationError, match='no checkpoint'):
     evaluate.evaluate_workdirs([str(empty)])
   shutil.copy(os.path.join(digits_workdir, 'config.json'), empty)
   with pytest.raises(runs.EvaluationError, match='no checkpoint'):
     evaluate.evaluate_workdirs([str(empty)])
   assert sorted(os.listdir(empty)) == ['config.json']  # Nothing created.
+
+
+def test_the_checkpoints_config_is_the_source_of_truth(
+    tmp_path, digits_workdir, evaluated_as_trained, caplog):
+  """An edited config.json (a test-set field, the normalisation) changes
+  nothing but a warning naming the fields; a deleted one is written back."""
+  edited = _copy_run(digits_workdir, tmp_path / 'edited', data_seed=7,
+                     image_std=[1.0, 1.0, 1.0])
+  with caplog.at_level('WARNING'):
+    result = evaluate.evaluate_workdirs([edited])
+  assert result['ensemble'] == evaluated_as_trained['ensemble']
+  warned = [r.getMessage() for r in caplog.records
+            if 'differs from the config stored' in r.getMessage()]
+  assert len(warned) == 1 and 'data_seed: 0 -> 7' in warned[0]
+  assert 'image_std' in warned[0]
+  deleted = _copy_run(digits_workdir, tmp_path / 'deleted')
+  os.remove(os.path.join(deleted, 'config.json'))
+  assert evaluate.evaluate_workdirs([deleted])['ensemble'] == (
+      evaluated_as_trained['ensemble'])
+  with open(os.path.join(deleted, 'config.json')) as f, open(
+      os.path.join(digits_workdir, 'config.json')) as g:
+    assert json.load(f) == json.load(g)
+  assert predict.load(edited).config.data_seed == 0
   with pytest.raises(checkpointing.CheckpointError, match='999'):
     evaluate.evaluate_workdirs([digits_workdir], step=999)
 
@@ -611,3 +655,64 @@ def test_eval_batch_is_capped_at_the_padded_test_set():
   small = inference.predict_member_logits(predict_fn, {}, images, 8, mesh)
   np.testing.assert_array_equal(huge, small)
   assert huge.shape == (37, 2, 3)
+
+
+def _evaluated_step(workdir, caplog, step=None):
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    result = evaluate.evaluate_workdirs([workdir], step=step)
+  skipped = [r.getMessage() for r in caplog.records
+             if 'skipped' in r.getMessage()]
+  return result['step'], skipped
+
+
+def test_a_renamed_step_folder_is_not_believed(tmp_path, digits_workdir,
+                                               caplog):
+  """The digest binds the step: a folder renamed 20 -> 60 is skipped with a
+  warning (the newest that verifies is used), and asked for, it is one
+  line."""
+  run = _copy_run(digits_workdir, tmp_path / 'renamed')
+  ckpts = os.path.join(run, 'checkpoints')
+  os.rename(os.path.join(ckpts, '20'), os.path.join(ckpts, '60'))
+  step, skipped = _evaluated_step(run, caplog)
+  assert step == 10
+  assert len(skipped) == 1 and ('the folder 60 holds the checkpoint saved at '
+                                'step 20') in skipped[0]
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'^the checkpoint at step 60 .*\(the folder 60 '
+                           r'holds the checkpoint saved at step 20'):
+    evaluate.evaluate_workdirs([run], step=60)
+
+
+def test_another_runs_checkpoint_is_not_used(tmp_path, digits_workdir,
+                                             caplog):
+  """A checkpoint of another run (its own run id) copied in under this run's
+  step is skipped with a warning naming both run ids."""
+  other = _resaved_run(digits_workdir, tmp_path / 'other')
+  run = _copy_run(digits_workdir, tmp_path / 'run')
+  target = os.path.join(run, 'checkpoints', '20')
+  shutil.rmtree(target)
+  shutil.copytree(os.path.join(other, 'checkpoints', '20'), target)
+  step, skipped = _evaluated_step(run, caplog)
+  assert step == 10
+  assert len(skipped) == 1 and 'belongs to another run' in skipped[0]
+
+
+def test_training_quarantines_a_renamed_folder_and_resumes(tmp_path,
+                                                           digits_workdir):
+  """A folder renamed to a huge step no longer makes the run 'finished':
+  it is quarantined and the run resumes from its real latest checkpoint to
+  the same bits."""
+  from mixmo_jax import api
+  run = _copy_run(digits_workdir, tmp_path / 'run')
+  ckpts = os.path.join(run, 'checkpoints')
+  with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:
+    final = json.load(f)['sha256']
+  os.rename(os.path.join(ckpts, '20'),
+            os.path.join(ckpts, '99999999999999999999'))
+  api.train(workdir_lib.read_config(run), run)
+  assert workdir_lib.available_steps(run) == [10, 20]
+  with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:
+    assert json.load(f)['sha256'] == final
+  quarantined = os.listdir(os.path.join(run, 'checkpoints_corrupt'))
+  assert [n.split('-')[0] for n in quarantined] == ['99999999999999999999']

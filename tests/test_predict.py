@@ -155,5 +155,5 @@ def test_empty_batch(predictor):
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match='config.json'):
+  with pytest.raises(FileNotFoundError, match='nope does not exist'):
     predict.load(str(tmp_path / 'nope'))

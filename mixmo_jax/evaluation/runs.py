@@ -10,11 +10,13 @@ import dataclasses
 import os
 from typing import Any, List, Optional, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from mixmo_jax import checkpointing, data, models, sharding, workdir as wd
+from mixmo_jax import (checkpointing, config_validation, data, models,
+                       sharding, workdir as wd)
 from mixmo_jax.evaluation import inference
 
 # Fields every run of an ensemble must share (same test set, same classes);
@@ -56,25 +58,50 @@ class Run:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """config.json of a workdir, after checking it has checkpoints too.
+  """The config a workdir's checkpoints were trained with.
+
+  The config stored with the newest checkpoint is the source of truth:
+  config.json is only compared with it (one warning naming the fields when
+  they differ; a missing or unreadable config.json is written again from
+  it). Checkpoints without a stored config (older versions) fall back to
+  config.json.
 
   Raises:
-    EvaluationError: no such folder, no config.json, or no checkpoint.
+    EvaluationError: no such folder, no checkpoint, or no config at all.
   """
   if not os.path.isdir(workdir):
     raise EvaluationError(f'workdir {workdir} does not exist')
   ckpt_dir = wd.path(workdir, wd.CHECKPOINTS)
-  try:
-    config = wd.read_config(workdir)
-  except FileNotFoundError as e:
-    raise EvaluationError(str(e)) from e
-  except (OSError, ValueError) as e:
-    raise EvaluationError(f'{wd.path(workdir, wd.CONFIG)}: cannot be read '
-                          f'({e})') from e
-  if not os.path.isdir(ckpt_dir) or not any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
+  if not wd.checkpoint_steps(workdir):
     raise EvaluationError(f'no checkpoint in {ckpt_dir}')
-  return config
+  config_json = wd.path(workdir, wd.CONFIG)
+  try:
+    on_disk = wd.read_config_dict(workdir)
+  except (OSError, ValueError) as e:
+    on_disk = e
+  stored = wd.stored_config(workdir)
+  if stored is None:
+    if on_disk is None:
+      raise EvaluationError(f'{config_json} is missing and no checkpoint '
+                            'stores its config: not a training workdir')
+    if isinstance(on_disk, Exception):
+      raise EvaluationError(f'{config_json}: cannot be read ({on_disk})')
+    return ml_collections.ConfigDict(on_disk)
+  if on_disk is None or isinstance(on_disk, Exception):
+    logging.warning('%s is %s: using the config stored with the checkpoints '
+                    'and writing it back.', config_json,
+                    'missing' if on_disk is None else 'not valid JSON')
+    try:
+      wd.write_config(workdir, ml_collections.ConfigDict(stored))
+    except wd.WorkdirError as e:
+      logging.warning('%s', e)
+  else:
+    changes = config_validation.config_changes(stored, on_disk)
+    if changes:
+      logging.warning('%s differs from the config stored with the '
+                      'checkpoints (%s); using the stored one.', config_json,
+                      '; '.join(changes))
+  return ml_collections.ConfigDict(stored)
 
 
 def check_compatible(configs: Sequence[Any], workdirs: Sequence[str]) -> None:
@@ -140,12 +167,12 @@ def restore_run(workdir: str, config=None,
   local devices.
 
   Raises:
-    FileNotFoundError: no config.json.
+    EvaluationError: see `read_config`.
     checkpointing.CheckpointError: no checkpoint (at `step`), `step` corrupt,
       or none verifies (a corrupt newest one is skipped with a warning).
   """
   if config is None:
-    config = wd.read_config(workdir)
+    config = read_config(workdir)
   model = models.get_model(config)
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(
