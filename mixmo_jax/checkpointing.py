@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mixmo_jax import workdir as wd
+from mixmo_jax import cli, workdir as wd
 
 CHECKPOINT_DIR = wd.CHECKPOINTS
 # Test hook: 'save:STEP' SIGKILLs this process while the checkpoint of STEP
@@ -196,6 +196,8 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self.config = None if config is None else wd.config_to_dict(config)
     self.run_id = None if read_only else wd.run_id(workdir)
+    if read_only:  # orbax's notes on read-only managers: noise for readers.
+      cli.quiet_orbax_logs()
     if not read_only and jax.process_index() == 0:
       try:
         wd.check_writable(self.directory)

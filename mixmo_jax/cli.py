@@ -23,15 +23,24 @@ def fail(message, code: int = EXIT_USAGE):
   os._exit(code)  # pylint: disable=protected-access
 
 
+# orbax's warnings when a reader opens checkpoints read-only, as evaluate
+# and predict always do: they say nothing to the user.
+_READ_ONLY_NOTES = ('Given directory is read only',
+                    'CheckpointManagerOptions.read_only=True')
+
+
 class _QuietOrbax(pylogging.Filter):
-  """Drops orbax's INFO lines (several per checkpoint save or restore) and
-  the tracebacks its worker threads log for an error that the calling
-  thread raises again (e.g. a full disk: the one-line error says it)."""
+  """Drops orbax's INFO lines (several per checkpoint save or restore), its
+  notes on read-only managers and the tracebacks its worker threads log for
+  an error that the calling thread raises again (e.g. a full disk: the
+  one-line error says it)."""
 
   def filter(self, record):
     if '/orbax/' not in record.pathname:
       return True
     if record.exc_info and record.threadName != 'MainThread':
+      return False
+    if str(record.msg).startswith(_READ_ONLY_NOTES):
       return False
     return record.levelno >= pylogging.WARNING
 

@@ -157,3 +157,12 @@ def test_empty_batch(predictor):
 def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope does not exist'):
     predict.load(str(tmp_path / 'nope'))
+
+
+def test_load_logs_no_read_only_notes(digits_workdir, caplog):
+  """orbax's notes on read-only managers say nothing to a reader."""
+  with caplog.at_level('WARNING'):
+    predict.load(digits_workdir)
+  notes = [r.getMessage() for r in caplog.records
+           if 'read only' in r.getMessage() or 'read_only' in r.getMessage()]
+  assert notes == []
