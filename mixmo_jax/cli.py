@@ -29,6 +29,21 @@ _READ_ONLY_NOTES = ('Given directory is read only',
                     'CheckpointManagerOptions.read_only=True')
 
 
+def start_backend() -> None:
+  """Starts jax's backend, or exits with one line (code 1) when it cannot
+  start, e.g. JAX_PLATFORMS naming a platform this machine lacks (jax then
+  fails with a bare AssertionError)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.devices()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = ' '.join(str(e).split())[:200] or type(e).__name__
+    fail(f'jax cannot start a backend with JAX_PLATFORMS='
+         f'{os.environ.get("JAX_PLATFORMS") or "(unset)"} ({reason}): name '
+         'a platform this machine has (e.g. cpu), or install the jax '
+         'plugin of the one it names', 1)
+
+
 class _QuietOrbax(pylogging.Filter):
   """Drops orbax's INFO lines (several per checkpoint save or restore), its
   notes on read-only managers and the tracebacks its worker threads log for

@@ -200,6 +200,7 @@ def main(argv):
   args = flags.FLAGS
   if not args.workdir:
     cli.fail('--workdir is required')
+  cli.start_backend()
   if args.plots:  # Checked before any work; matplotlib only when asked for.
     from mixmo_jax.evaluation import plots
     try:

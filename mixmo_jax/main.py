@@ -82,6 +82,7 @@ def main(argv):
   config = FLAGS.config
   api.split_cpu(config)  # XLA flags, before jax starts.
   _initialize_distributed()
+  cli.start_backend()
   try:  # Before the heavy imports: a bad field fails in a second.
     config_validation.validate(config)
   except config_validation.ConfigError as e:

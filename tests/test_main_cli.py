@@ -155,3 +155,19 @@ def test_symlinked_lock_is_refused_exit_1(tmp_path):
                       'cannot be used for training')
   assert precious.read_text() == 'keep me'
   assert os.listdir(workdir) == [workdir_lib.LOCK]
+
+
+def test_missing_platform_is_one_line_exit_1(tmp_path):
+  """JAX_PLATFORMS naming a platform this machine lacks (jax fails with a
+  bare AssertionError): one line, exit 1, nothing written."""
+  workdir = tmp_path / 'run'
+  out = subprocess.run(
+      [sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
+       f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True,
+      timeout=120, env=dict(os.environ, JAX_PLATFORMS='cuda'))
+  assert out.returncode == 1, out.stderr[-2000:]
+  lines = out.stderr.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: jax cannot start a backend with '
+                             'JAX_PLATFORMS=cuda (')
+  assert not workdir.exists()
