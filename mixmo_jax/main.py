@@ -47,6 +47,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process index (multi-process).')
 EXIT_USAGE, EXIT_NONFINITE = cli.EXIT_USAGE, 3
+EXIT_INTERRUPTED = 128 + 2  # The shell's code for a SIGINT.
 
 
 def parse_flags(argv):
@@ -95,6 +96,10 @@ def main(argv):
     fail(e)
   except workdir.WorkdirError as e:  # The folder itself: the environment.
     fail(e, 1)
+  except KeyboardInterrupt:  # A second Ctrl-C (preemption.py): at once.
+    fail('stopped at once by a second Ctrl-C, without saving the current '
+         'step; the checkpoints already written are kept: rerun the same '
+         'command to resume', EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     # Imported only now: a refused start stays quiet (no TensorFlow logs).
     from mixmo_jax import checkpointing, data, loop  # Heavy: TF.

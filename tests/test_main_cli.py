@@ -171,3 +171,36 @@ def test_missing_platform_is_one_line_exit_1(tmp_path):
   assert lines[0].startswith('error: jax cannot start a backend with '
                              'JAX_PLATFORMS=cuda (')
   assert not workdir.exists()
+
+
+def test_two_quick_ctrl_c_are_one_line_exit_130(tmp_path):
+  """The second Ctrl-C stops at once: one line naming what happened, the
+  shell's SIGINT exit code, no traceback. (Two sent within microseconds
+  may reach the process as one, which then saves and stops cleanly.)"""
+  import signal
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
+       f'--workdir={workdir}', '--config.model.width=1',
+       '--config.num_train_examples=320', '--config.num_epochs=50',
+       '--config.optimizer.decay_epochs=()'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:  # The progress lines: until the steps run.
+    if line.startswith('epoch 1/'):
+      break
+  proc.send_signal(signal.SIGINT)
+  lines = []
+  for line in proc.stderr:  # The first one is handled: the run will save.
+    lines.append(line.rstrip('\n'))
+    if 'SIGINT received' in line:
+      break
+  proc.send_signal(signal.SIGINT)  # While it still trains or saves.
+  _, stderr = proc.communicate(timeout=120)
+  lines += stderr.splitlines()
+  assert proc.returncode == 130, lines[-20:]
+  errors = [l for l in lines if l.startswith('error:')]
+  assert errors == ['error: stopped at once by a second Ctrl-C, without '
+                    'saving the current step; the checkpoints already '
+                    'written are kept: rerun the same command to resume']
+  assert not any('Traceback' in l or 'KeyboardInterrupt' in l
+                 for l in lines), lines[-20:]
