@@ -118,32 +118,25 @@ def _digest_record(state: Any, step: int, run_id: Optional[str],
 
 
 def check_binding(workdir: str, step: int, record: Dict[str, Any]) -> None:
-  """A restored digest record belongs to this folder, run and config.
-
-  The step it was saved at must be the folder's name (a renamed folder is
-  refused), its run id the workdir's run.json (a checkpoint of another run
-  copied in is refused), and the config stored beside it must hash as it
-  did when it was saved. Fields a record lacks (older checkpoints) are not
-  checked.
+  """A restored digest record belongs to this folder, run and config
+  (`workdir.binding_problem`).
 
   Raises:
     CheckpointError: one line naming what does not belong.
   """
-  if record.get('step', step) != step:
-    raise CheckpointError(
-        f'the folder {step} holds the checkpoint saved at step '
-        f'{record["step"]} (a renamed folder)')
-  ours = wd.run_id(workdir)
-  if record.get('run_id') and ours and record['run_id'] != ours:
-    raise CheckpointError(
-        f'the checkpoint at step {step} belongs to another run (run id '
-        f'{record["run_id"][:12]}, this workdir\'s is {ours[:12]})')
-  if 'config_sha256' in record:
-    stored = wd.checkpoint_item(workdir, step, 'config')
-    if not isinstance(stored, dict) or (wd.config_sha256(stored)
-                                        != record['config_sha256']):
-      raise CheckpointError(f'the config stored with the checkpoint at step '
-                            f'{step} was changed or removed after the save')
+  problem = wd.binding_problem(workdir, step, record)
+  if problem:
+    raise CheckpointError(problem)
+
+
+def _check_stored_binding(workdir: str, step: int) -> None:
+  """`check_binding` of the digest file on disk, if it reads: a renamed or
+  foreign checkpoint is refused before its arrays are read (a failed array
+  restore leaves tensorstore work behind). The restored digest is checked
+  again."""
+  record = wd.checkpoint_item(workdir, step, 'digest')
+  if isinstance(record, dict):
+    check_binding(workdir, step, record)
 
 
 def storage_reason(error: Exception) -> str:
@@ -287,6 +280,7 @@ class Checkpointer:
     self.manager.reload()
 
   def _restore_step(self, step: int, abstract_state: Any) -> Any:
+    _check_stored_binding(self.workdir, step)  # Before reading any array.
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         digest=ocp.args.JsonRestore())
@@ -370,6 +364,7 @@ class Checkpointer:
 
 def _restore_variables_at(ckpt: Checkpointer, step: int,
                           abstract_variables: Any) -> Any:
+  _check_stored_binding(ckpt.workdir, step)  # Before reading any array.
   item = dict(abstract_variables)
   args = ocp.args.Composite(
       state=ocp.args.PyTreeRestore(

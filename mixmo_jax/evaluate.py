@@ -56,6 +56,7 @@ Evaluation runs on the local devices of one process (any count: the eval
 batch size is rounded up to a multiple of it).
 """
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
@@ -242,6 +243,12 @@ def main(argv):
                                history):
           print(f'wrote {png}' + ''.join(
               f' and {os.path.splitext(png)[0]}.{e}' for e in extra))
+  # Done, every file closed: exit now, as cli.fail does, so that what a
+  # failed restore of a skipped checkpoint left in tensorstore's event loop
+  # cannot print "Event loop is closed" tracebacks at interpreter shutdown.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -459,11 +459,40 @@ def checkpoint_item(workdir: str, step: int, item: str) -> Any:
     return None
 
 
+def binding_problem(workdir: str, step: int,
+                    record: Dict[str, Any]) -> Optional[str]:
+  """Why a checkpoint's digest record does not belong to the folder `step`
+  of this workdir, or None when it does.
+
+  The step it was saved at must be the folder's name (a renamed folder), its
+  run id the workdir's run.json (another run's checkpoint copied in), and the
+  config stored beside it must hash as it did when saved. Fields a record
+  lacks (older checkpoints) are not checked.
+  """
+  if record.get('step', step) != step:
+    return (f'the folder {step} holds the checkpoint saved at step '
+            f'{record["step"]} (a renamed folder)')
+  ours = run_id(workdir)
+  if record.get('run_id') and ours and record['run_id'] != ours:
+    return (f'the checkpoint at step {step} belongs to another run (run id '
+            f'{record["run_id"][:12]}, this workdir\'s is {ours[:12]})')
+  if 'config_sha256' in record:
+    stored = checkpoint_item(workdir, step, 'config')
+    if not isinstance(stored, dict) or (config_sha256(stored)
+                                        != record['config_sha256']):
+      return (f'the config stored with the checkpoint at step {step} was '
+              'changed or removed after the save')
+  return None
+
+
 def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
-  """The config stored with the newest checkpoint that has one, or None."""
+  """The config stored with the newest checkpoint that has one and belongs
+  to this workdir (`binding_problem`), or None."""
   for step in reversed(checkpoint_steps(workdir)):
     config = checkpoint_item(workdir, step, 'config')
-    if isinstance(config, dict):
+    record = checkpoint_item(workdir, step, 'digest')
+    if isinstance(config, dict) and not (
+        isinstance(record, dict) and binding_problem(workdir, step, record)):
       return config
   return None
 
