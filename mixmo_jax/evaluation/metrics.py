@@ -712,6 +712,16 @@ def auroc(scores, positive):
   return float(u / (n_pos * n_neg))
 
 
+def _threshold_counts(scores, positive):
+  """(TP, FP) [T] at each distinct score t, highest first: the positives and
+  negatives among the samples with s >= t."""
+  order = np.argsort(-scores, kind='stable')
+  s, pos = scores[order], positive[order]
+  last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # End of each group.
+  tp = np.cumsum(pos)[last]
+  return tp, (last + 1) - tp
+
+
 def average_precision(scores, positive):
   """Average precision (area under the precision-recall curve, step rule).
 
@@ -731,11 +741,8 @@ def average_precision(scores, positive):
   n_pos = int(positive.sum())
   if n_pos == 0:
     return math.nan
-  order = np.argsort(-scores, kind='stable')
-  s, pos = scores[order], positive[order]
-  last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # End of each group.
-  tp = np.cumsum(pos)[last]
-  precision = tp / (last + 1.0)
+  tp, fp = _threshold_counts(scores, positive)
+  precision = tp / (tp + fp)
   recall = tp / n_pos
   return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
@@ -903,11 +910,7 @@ def tnr_at_tpr(scores, positive, tpr=0.95):
   n_neg = positive.size - n_pos
   if n_pos == 0 or n_neg == 0:
     return math.nan
-  order = np.argsort(-scores, kind='stable')
-  s, pos = scores[order], positive[order]
-  last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # End of each group.
-  tp = np.cumsum(pos)[last]
-  fp = (last + 1) - tp
+  tp, fp = _threshold_counts(scores, positive)
   first = int(np.argmax(tp / n_pos >= tpr))
   return float(1.0 - fp[first] / n_neg)
 
