@@ -40,6 +40,7 @@ CHECKPOINT_DIR = wd.CHECKPOINTS
 FAULT_KILL_AT_ENV = 'MIXMO_FAULT_KILL_AT'
 CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
 BEST = 'best'  # The step name of the checkpoint of best test top-1.
+_SETTLE_S = 1.0  # After a failed write, for the writes still in flight.
 # A checkpoint step: a number, BEST, or None for the newest that verifies.
 Step = Union[int, str, None]
 
@@ -262,7 +263,11 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       # OSError from orbax, ValueError('RESOURCE_EXHAUSTED: ...') and the
-      # like from tensorstore: any storage error is the same one line.
+      # like from tensorstore: any storage error is the same one line. The
+      # writes still in flight fail within moments and tensorstore's threads
+      # report each ("Event loop is closed"): let them finish first, so that
+      # the one-line error comes after them, whole.
+      time.sleep(_SETTLE_S)
       self._remove_tmp(step)
       raise CheckpointError(
           f'cannot write the checkpoint at step {step} in {self.directory} '

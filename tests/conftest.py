@@ -68,6 +68,17 @@ def onednn_conv_on():
     onednn_conv.enabled.cache_clear()
 
 
+def mount_or_skip(*args) -> None:
+  """Runs `mount ARGS`; skips the calling test, with mount's reason, where
+  mounting is refused (not root, or no permission in this container)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  if os.geteuid() != 0:
+    pytest.skip("mounting (tmpfs, bind mounts) needs root")
+  out = subprocess.run(["mount", *args], capture_output=True, text=True)
+  if out.returncode:
+    pytest.skip(f"mount {' '.join(args)} refused here: {out.stderr.strip()}")
+
+
 def load_config(name: str = "digits", arg=None):
   """The config `name[:arg]` (mixmo_jax.configs.get)."""
   return configs.get(f"{name}:{arg}" if arg else name)

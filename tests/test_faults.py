@@ -153,21 +153,25 @@ def test_disk_full_during_checkpoint_write(tmp_path, monkeypatch):
 
 
 def test_read_only_checkpoint_folder_is_refused_at_start(run, monkeypatch):
+  """A real read-only bind mount of checkpoints/: refused before training."""
+  import subprocess
+  from conftest import mount_or_skip
   before = _digests(run)
-
-  def read_only(folder):
-    raise PermissionError(errno.EROFS, 'Read-only file system', folder)
-
-  monkeypatch.setattr(wd, 'check_writable', read_only)
-  config = tiny_digits_config()
-  config.num_epochs = 3  # There would be work left.
-  from mixmo_jax import loop
-  monkeypatch.setattr(loop, 'train_and_evaluate', None)  # Never reached.
-  with pytest.raises(checkpointing.CheckpointError) as err:
-    api.train(config, run, allow_config_change=True)
+  folder = os.path.join(run, 'checkpoints')
+  mount_or_skip('--bind', folder, folder)
+  try:
+    subprocess.run(['mount', '-o', 'remount,bind,ro', folder], check=True)
+    config = tiny_digits_config()
+    config.num_epochs = 3  # There would be work left.
+    from mixmo_jax import loop
+    monkeypatch.setattr(loop, 'train_and_evaluate', None)  # Never reached.
+    with pytest.raises(checkpointing.CheckpointError) as err:
+      api.train(config, run, allow_config_change=True)
+  finally:
+    subprocess.run(['umount', folder], check=True)
   assert str(err.value) == (
-      f'cannot write checkpoints in {os.path.join(run, "checkpoints")} '
-      '(Read-only file system); make it writable or use another --workdir')
+      f'cannot write checkpoints in {folder} (Read-only file system); make '
+      'it writable or use another --workdir')
   assert _digests(run) == before
 
 

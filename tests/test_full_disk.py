@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, mount_or_skip
 from mixmo_jax import checkpointing, sharding
 from mixmo_jax import workdir as wd
 
@@ -29,20 +29,11 @@ TINY = ('--config=configs/digits.py', '--config.model.width=1',
         '--config.optimizer.decay_epochs=()')
 
 
-def _mount(*args):
-  """Runs mount; skips the test (with mount's reason) where it is refused."""
-  if os.geteuid() != 0:
-    pytest.skip('mounting a tmpfs or a bind mount needs root')
-  out = subprocess.run(['mount', *args], capture_output=True, text=True)
-  if out.returncode:
-    pytest.skip(f'mount {" ".join(args)} refused here: {out.stderr.strip()}')
-
-
 @contextlib.contextmanager
 def tmpfs(folder, size):
   """A tmpfs of `size` (e.g. '1200k') mounted on `folder` while inside."""
   os.makedirs(folder, exist_ok=True)
-  _mount('-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder))
+  mount_or_skip('-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder))
   try:
     yield str(folder)
   finally:
@@ -184,10 +175,11 @@ def test_full_disk_during_training_loses_only_the_unsaved_epoch(
                                 '20 in '), errors
     assert '(No space left on device)' in errors[0]
     assert 'the last good checkpoint is step 10 in ' in errors[0]
+    assert stderr.splitlines()[-1] == errors[0]  # Whole, and said last.
     # No traceback of ours. (Writes still in flight when orbax gives up can
     # make tensorstore's threads print "Event loop is closed" tracebacks of
-    # their own, depending on where the disk fills, even in the middle of
-    # the error line: not silenced yet.)
+    # their own before it, depending on where the disk fills: not silenced
+    # yet.)
     assert '/mixmo_jax/' not in stderr, stderr[-3000:]
     assert _leftovers(workdir) == []
     assert wd.available_steps(workdir) == [10]
@@ -205,7 +197,7 @@ def test_unwritable_history_saves_the_epoch_first(tmp_path, uninterrupted):
   workdir.mkdir()
   history = str(workdir / wd.HISTORY)
   open(history, 'w').close()
-  _mount('--bind', history, history)
+  mount_or_skip('--bind', history, history)
   try:
     subprocess.run(['mount', '-o', 'remount,bind,ro', history], check=True)
     code, errors, stderr = _train(str(workdir))
