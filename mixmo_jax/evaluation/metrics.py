@@ -681,6 +681,13 @@ def _binary_inputs(scores, positive):
   return scores, positive
 
 
+def _class_counts(scores, positive):
+  """`_binary_inputs`, and the numbers of positives and negatives."""
+  scores, positive = _binary_inputs(scores, positive)
+  n_pos = int(positive.sum())
+  return scores, positive, n_pos, positive.size - n_pos
+
+
 def auroc(scores, positive):
   """Area under the ROC curve of `scores` separating positives from negatives.
 
@@ -695,9 +702,7 @@ def auroc(scores, positive):
   Returns:
     float in [0, 1]; NaN without both classes.
   """
-  scores, positive = _binary_inputs(scores, positive)
-  n_pos = int(positive.sum())
-  n_neg = positive.size - n_pos
+  scores, positive, n_pos, n_neg = _class_counts(scores, positive)
   if n_pos == 0 or n_neg == 0:
     return math.nan
   order = np.argsort(scores, kind='stable')
@@ -905,9 +910,7 @@ def tnr_at_tpr(scores, positive, tpr=0.95):
   Returns:
     float in [0, 1]; NaN without both classes.
   """
-  scores, positive = _binary_inputs(scores, positive)
-  n_pos = int(positive.sum())
-  n_neg = positive.size - n_pos
+  scores, positive, n_pos, n_neg = _class_counts(scores, positive)
   if n_pos == 0 or n_neg == 0:
     return math.nan
   tp, fp = _threshold_counts(scores, positive)
