@@ -205,13 +205,14 @@ def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
   if not isinstance(record, dict):
     return None
   step, epoch = record.get('step'), record.get('epoch', 0)
+  if type(step) is not int or step < 0 or type(epoch) is not int or epoch < 0:
+    return None
   ensemble = record.get('ensemble', {})
-  top1 = ensemble.get('top1', 0.0) if isinstance(ensemble, dict) else None
-  if (type(step) is not int or step < 0 or type(epoch) is not int
-      or epoch < 0 or not isinstance(ensemble, dict)
-      or not (top1 is None or (isinstance(top1, (int, float))
-                               and not isinstance(top1, bool)
-                               and 0.0 <= top1 <= 1.0))):
+  if not isinstance(ensemble, dict):
+    return None
+  top1 = ensemble.get('top1')  # None: a non-finite evaluation, kept.
+  if top1 is not None and not (type(top1) in (int, float)
+                               and 0.0 <= top1 <= 1.0):
     return None
   return record
 
