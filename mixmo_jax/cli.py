@@ -63,15 +63,34 @@ class _QuietOrbax(pylogging.Filter):
 _FILTER = _QuietOrbax()
 
 
+def _closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable exception is tensorstore completing a write after
+  orbax has given up on it: the future's callback finds orbax's asyncio loop
+  closed. It follows a failed save, which raises its own one-line error."""
+  error = unraisable.exc_value
+  return (isinstance(error, RuntimeError)
+          and str(error) == 'Event loop is closed')
+
+
+def _quiet_unraisable_hook(unraisable) -> None:
+  if not _closed_loop_callback(unraisable):
+    _quiet_unraisable_hook.chained(unraisable)
+
+
 def quiet_orbax_logs() -> None:
   """Keeps orbax's INFO chatter out of the logs (idempotent).
 
   The filter sits on absl's logger, so it also works in notebooks, where
-  absl's handler is not installed.
+  absl's handler is not installed. tensorstore's "Event loop is closed"
+  reports (dozens after a failed write, through `sys.unraisablehook`) are
+  dropped; every other unraisable exception goes to the previous hook.
   """
   logger = logging.get_absl_logger()
   if _FILTER not in logger.filters:
     logger.addFilter(_FILTER)
+  if sys.unraisablehook is not _quiet_unraisable_hook:
+    _quiet_unraisable_hook.chained = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable_hook
 
 
 def _config_path(argv):

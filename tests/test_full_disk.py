@@ -176,11 +176,9 @@ def test_full_disk_during_training_loses_only_the_unsaved_epoch(
     assert '(No space left on device)' in errors[0]
     assert 'the last good checkpoint is step 10 in ' in errors[0]
     assert stderr.splitlines()[-1] == errors[0]  # Whole, and said last.
-    # No traceback of ours. (Writes still in flight when orbax gives up can
-    # make tensorstore's threads print "Event loop is closed" tracebacks of
-    # their own before it, depending on where the disk fills: not silenced
-    # yet.)
-    assert '/mixmo_jax/' not in stderr, stderr[-3000:]
+    # No traceback at all: neither ours nor tensorstore's "Event loop is
+    # closed" reports for writes still in flight when orbax gives up.
+    assert 'Traceback' not in stderr, stderr[-3000:]
     assert _leftovers(workdir) == []
     assert wd.available_steps(workdir) == [10]
     subprocess.run(['mount', '-o', 'remount,size=16m', disk], check=True)
