@@ -269,7 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
       run = runs.restore_run(workdir, step=args.step)
       config, variables, step = run.config, run.variables, run.step
-    except (OSError, checkpointing.CheckpointError) as e:
+    except (OSError, checkpointing.CheckpointError,
+            runs.EvaluationError) as e:
       print(f'error: {workdir}: {e}', file=sys.stderr)
       return 1
     params = _to_numpy(variables['params'])

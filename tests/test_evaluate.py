@@ -330,6 +330,33 @@ def test_the_checkpoints_config_is_the_source_of_truth(
     evaluate.evaluate_workdirs([digits_workdir], step=999)
 
 
+def test_a_config_json_nothing_vouches_for_is_checked(tmp_path,
+                                                      digits_workdir, capsys):
+  """Checkpoints of an older version store no config: config.json is the
+  only source, so a hand-edited wrong type in it is one line naming the
+  field, in evaluate and in analysis, before anything is built."""
+  from mixmo_jax import analysis  # pylint: disable=import-outside-toplevel
+  old = _copy_run(digits_workdir, tmp_path / 'old', num_members='2')
+  for step in workdir_lib.checkpoint_steps(old):
+    folder = os.path.join(old, workdir_lib.CHECKPOINTS, str(step))
+    shutil.rmtree(os.path.join(folder, 'config'))
+    with open(os.path.join(folder, 'digest', 'metadata')) as f:
+      record = json.load(f)
+    del record['config_sha256']
+    with open(os.path.join(folder, 'digest', 'metadata'), 'w') as f:
+      json.dump(record, f)
+  assert workdir_lib.stored_config(old) is None
+  with pytest.raises(runs.EvaluationError) as err:
+    evaluate.evaluate_workdirs([old])
+  assert str(err.value) == (
+      f"{os.path.join(old, 'config.json')}: config.num_members='2': must be "
+      'an integer; restore the file the run wrote')
+  capsys.readouterr()
+  assert analysis.main([f'--workdir={old}']) == 1
+  assert capsys.readouterr().err == f'error: {old}: {err.value}\n'
+  assert not os.path.exists(os.path.join(old, 'utilisation.json'))
+
+
 def test_output_path(tmp_path):
   assert evaluate.output_path(None, 'w') == os.path.join('w', 'eval.json')
   assert evaluate.output_path(str(tmp_path), 'w') == str(tmp_path / 'eval.json')

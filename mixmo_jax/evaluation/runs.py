@@ -86,7 +86,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                             'stores its config: not a training workdir')
     if isinstance(on_disk, Exception):
       raise EvaluationError(f'{config_json}: cannot be read ({on_disk})')
-    return ml_collections.ConfigDict(on_disk)
+    config = ml_collections.ConfigDict(on_disk)
+    # Nothing vouches for a hand-editable file: its fields are checked (on
+    # one device, which divides every batch) before anything is built.
+    found = config_validation.problems(config, num_devices=1)
+    if found:
+      more = f' (and {len(found) - 1} more)' if len(found) > 1 else ''
+      raise EvaluationError(f'{config_json}: {found[0]}{more}; restore the '
+                            'file the run wrote')
+    return config
   if on_disk is None or isinstance(on_disk, Exception):
     logging.warning('%s is %s: using the config stored with the checkpoints '
                     'and writing it back.', config_json,
