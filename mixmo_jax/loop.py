@@ -120,6 +120,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       if done % config.log_every_steps == 0 or epoch_end:
         reporter.flush(done, last_good)
       if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
+        error = None
         try:
           record, logits = evaluate(config, state, predict, test, mesh, done,
                                     epoch, with_logits=True)
@@ -128,13 +129,20 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
           if jax.process_index() == 0:
             wd.append_history(workdir, record)
         except Exception as e:  # pylint: disable=broad-except
-          # A failed evaluation or history line loses no training: the
-          # epoch is saved first (the top-1 ranks only evaluated saves).
+          error = e
+        # A failed evaluation or history line loses no training: every
+        # process learns of it (process 0 alone writes the history) and
+        # saves the epoch first (the top-1 ranks only evaluated saves).
+        if sharding.any_process(error is not None):
           ckpt.save(done, training.state_to_tree(state))
-          if isinstance(e, wd.WorkdirError):
-            raise wd.WorkdirError(f'{e} (the checkpoint of step {done} was '
-                                  'saved first)') from None
-          raise
+          saved = f'the checkpoint of step {done} was saved first'
+          if error is None:
+            raise wd.WorkdirError(f'another process failed to evaluate or '
+                                  f'record step {done} (see its log); '
+                                  f'{saved}')
+          if isinstance(error, wd.WorkdirError):
+            raise wd.WorkdirError(f'{error} ({saved})') from None
+          raise error
         top1 = _top1(record) if config.keep_best_checkpoint else None
       new_best = top1 is not None and (best_top1 is None
                                        or top1 >= best_top1)

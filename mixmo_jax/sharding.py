@@ -65,3 +65,13 @@ def to_host(tree):
     return np.asarray(x)
 
   return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a collective with several
+  processes: every process must call it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  flags = multihost_utils.process_allgather(np.array(flag, np.int32))
+  return bool(np.asarray(flags).any())

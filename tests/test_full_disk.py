@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, mount_or_skip
+from conftest import REPO, mount_or_skip, xla_flags
 from mixmo_jax import checkpointing, sharding
 from mixmo_jax import workdir as wd
 
@@ -212,3 +213,54 @@ def test_unwritable_history_saves_the_epoch_first(tmp_path, uninterrupted):
   code, errors, stderr = _train(str(workdir))
   assert code == 0 and not errors, stderr[-3000:]
   assert _final_digest(str(workdir)) == uninterrupted[0]
+
+
+def _train_two_processes(workdir, *args):
+  """The TINY run as two processes of one device each; (exit codes, error
+  lines, stderr) per process."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1),
+             JAX_ENABLE_COMPILATION_CACHE='false')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'mixmo_jax.main', *TINY, *args,
+       f'--workdir={workdir}', '--multihost',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  for proc in procs:
+    _, stderr = proc.communicate(timeout=600)
+    errors = [l for l in stderr.splitlines() if l.startswith('error:')]
+    results.append((proc.returncode, errors, stderr))
+  return results
+
+
+def test_unwritable_history_with_two_processes(tmp_path):
+  """Process 0 alone writes the history; when it cannot, both processes
+  save the epoch together and stop with one line each (the other process
+  says why it stops), and both resume from that checkpoint."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  history = str(workdir / wd.HISTORY)
+  open(history, 'w').close()
+  mount_or_skip('--bind', history, history)
+  try:
+    subprocess.run(['mount', '-o', 'remount,bind,ro', history], check=True)
+    # Saves only at the end: the step-10 checkpoint is the failure's.
+    first = _train_two_processes(workdir, '--config.checkpoint_every_epochs=3')
+  finally:
+    subprocess.run(['umount', history], check=True)
+  for code, errors, stderr in first:
+    assert code == 1 and len(errors) == 1, stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+  assert first[0][1][0].startswith(f'error: cannot write {history} (')
+  assert first[1][1][0] == (
+      'error: another process failed to evaluate or record step 10 (see its '
+      'log); the checkpoint of step 10 was saved first')
+  assert wd.available_steps(str(workdir)) == [10]
+  for code, errors, stderr in _train_two_processes(workdir):
+    assert code == 0 and not errors, stderr[-3000:]
+    assert 'Resumed from the checkpoint at step 10.' in stderr
+  assert wd.available_steps(str(workdir))[-1] == 30
