@@ -2,6 +2,8 @@
 import setuptools
 
 _X86_LINUX = "platform_machine == 'x86_64' and sys_platform == 'linux'"
+_ONEDNN = ["onednn-cpu-gomp==2023.2.0; " + _X86_LINUX,
+           "onednn-devel-cpu-gomp==2023.2.0; " + _X86_LINUX]
 
 setuptools.setup(
     name="mixmo_jax",
@@ -9,8 +11,8 @@ setuptools.setup(
     description=("MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep "
                  "Subnetworks (Rame, Sun & Cord, ICCV 2021) in JAX/Flax."),
     packages=setuptools.find_packages(include=["mixmo_jax", "mixmo_jax.*"]),
-    # The C++ source mixmo_jax/models/onednn_dw.py compiles at first use.
-    package_data={"mixmo_jax.models": ["csrc/*.cc"]},
+    # The C++ source mixmo_jax/contrib/onednn/dw.py compiles at first use.
+    package_data={"mixmo_jax.contrib.onednn": ["csrc/*.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -32,15 +34,17 @@ setuptools.setup(
         "numpy",
         "matplotlib",
         "tqdm",
-        # oneDNN's convolution weight-gradient kernel and its headers, built
-        # into an XLA FFI call at first use (mixmo_jax/models/onednn_dw.py).
-        "onednn-cpu-gomp==2023.2.0; " + _X86_LINUX,
-        "onednn-devel-cpu-gomp==2023.2.0; " + _X86_LINUX,
     ],
     extras_require={
+        # Opt-in CPU kernels (MIXMO_ONEDNN_CONV=1, mixmo_jax/contrib/onednn):
+        # oneDNN's convolution weight-gradient kernel and its headers, built
+        # into an XLA FFI call at first use.
+        "cpu-onednn": _ONEDNN,
         "cuda12": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
-        "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel"],
+        # The suite tests the contrib kernels too.
+        "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel",
+                 *_ONEDNN],
         # experiments/benchmark.py --peer=torch (the CPU wheel is enough).
         "bench": ["torch"],
     },

@@ -48,7 +48,7 @@ from mixmo_jax import (config_validation, data, feed, models, sharding,
                        training)
 from mixmo_jax.data import pipeline
 from mixmo_jax.evaluation import inference
-from mixmo_jax.models import onednn_conv
+from mixmo_jax.models import common as model_common
 from experiments import op_profile, peak_flops, peer_process
 
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
@@ -126,8 +126,8 @@ def _train_step_runner(config, mesh):
   """(step_fn, compiled) for the train step of `config` on random data.
 
   step_fn.flops: the step's FLOPs from XLA's cost analysis. XLA counts none
-  for a custom call, so where the convs are oneDNN custom calls (x86 CPUs,
-  mixmo_jax/models/onednn_conv.py) they come from the same step lowered
+  for a custom call, so where the convs are oneDNN custom calls (the opt-in
+  mixmo_jax/contrib/onednn) they come from the same step lowered
   with XLA's convs (before XLA's optimisations, which leave a conv's FLOPs
   as they are).
   """
@@ -138,8 +138,9 @@ def _train_step_runner(config, mesh):
   compiled = training.make_train_step(config, model, 100, mesh).lower(
       state, *batch).compile()
   flops = _flops(compiled.cost_analysis())
-  if onednn_conv.CUSTOM_CALL in compiled.as_text():
-    with onednn_conv.disabled():
+  onednn = model_common.onednn()
+  if onednn and onednn.CUSTOM_CALL in compiled.as_text():
+    with onednn.disabled():
       flops = _flops(training.make_train_step(config, model, 100, mesh).lower(
           state, *batch).cost_analysis())
   holder = {'state': state}
@@ -182,7 +183,7 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False):
     if i == 0:
       where = 'own' if separate else 'this'
       print(f'peer: {peer.about()}, {where} process, vs '
-            f'mixmo_jax (convs: {onednn_conv.describe()}; '
+            f'mixmo_jax (convs: {model_common.conv_kernels()}; '
             f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
             f'MIMO, batch {config.batch_size}, b {config.batch_repetitions}, '
             f'M {config.num_members}, {rounds} rounds of {steps} steps')

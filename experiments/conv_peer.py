@@ -9,11 +9,10 @@ one process (medians), as in `experiments.benchmark --peer=torch`, and the
 ratio torch_time / jax_time is printed (> 1: jax is faster). This isolates
 the convolution kernels from everything else of a training step: if a
 single layer is slower in jax, the whole network is too, whatever the model
-code does. The conv is the library's (mixmo_jax/models/onednn_conv.py:
-oneDNN's kernels for the forward, the input gradient and, through
-onednn_dw.py, the weight gradient on x86 CPUs, XLA's otherwise;
-MIXMO_ONEDNN_DW=0 times XLA's weight gradient, MIXMO_ONEDNN_CONV=0 XLA's
-convs alone), and the XLA flag defaults of mixmo_jax.platform apply.
+code does. The conv is the models' (mixmo_jax.models.common: XLA's, or
+with MIXMO_ONEDNN_CONV=1 and the cpu-onednn extra, oneDNN's kernels for
+the forward, the input gradient and the weight gradient on x86 CPUs;
+MIXMO_ONEDNN_DW=0 then times XLA's weight gradient), and the XLA flag defaults of mixmo_jax.platform apply.
 
   python -m experiments.conv_peer --parts
 
@@ -36,7 +35,7 @@ platform.apply_defaults()  # XLA flags: before the backend starts.
 import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from mixmo_jax.models import onednn_conv  # pylint: disable=g-import-not-at-top
+from mixmo_jax.models import common  # pylint: disable=g-import-not-at-top
 
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
@@ -51,7 +50,7 @@ PART_LAYERS = ((32, 64, 1), (16, 128, 1), (8, 256, 1), (32, 128, 2))
 
 def _conv(x, w, stride=1):
   """3x3 conv of x [B, S, S, C] with w [3, 3, C, C], one pixel of padding."""
-  return onednn_conv.conv_general_dilated(
+  return common.conv_general_dilated(
       x, w, (stride, stride), ((1, 1), (1, 1)),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -155,7 +154,7 @@ def main(argv):
   torch.set_num_threads(threads)
   print(f'3x3 conv, forward + both gradients, batch {_BATCH.value}; torch '
         f'{torch.__version__} ({threads} threads) vs jax (convs: '
-        f'{onednn_conv.describe()}; XLA_FLAGS='
+        f'{common.conv_kernels()}; XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}); {_ROUNDS.value} rounds of '
         f'{_STEPS.value} calls')
   if _PARTS.value:

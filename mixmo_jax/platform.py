@@ -3,15 +3,17 @@
     from mixmo_jax import platform
     platform.apply_defaults()   # before the first jax.devices() / jit
 
-adds to the environment variable XLA_FLAGS each default flag below whose
-name the user's XLA_FLAGS does not already mention (so any default is
+adds to the environment variable XLA_FLAGS each default flag below that
+belongs to a platform the backend will run (`target_platforms`), that the
+running jaxlib knows (`unknown_flags`: XLA aborts at start on a flag it
+does not know, so an unknown default is left out with one warning) and
+whose name the user's XLA_FLAGS does not already mention (so any default is
 overridden by passing the flag yourself, e.g.
-XLA_FLAGS=--xla_gpu_deterministic_ops=false), and sets nothing at all when
-MIXMO_XLA_DEFAULTS=0. XLA reads XLA_FLAGS once, when the first backend
-starts; calling this later has no effect (a warning says so). Flags of one
-platform are ignored by the others, so all of them are set together.
+XLA_FLAGS=--xla_gpu_deterministic_ops=false). MIXMO_XLA_DEFAULTS=0 sets
+nothing at all. XLA reads XLA_FLAGS once, when the first backend starts;
+calling this later has no effect (a warning says so).
 
-CPU (measured with experiments/benchmark.py --peer=torch, see README):
+CPU (measured with experiments/benchmark.py --peer=torch, docs/performance.md):
   --xla_cpu_experimental_ynn_fusion_type=reduce   keeps jaxlib's YNNPACK
       fusions for reductions only (BatchNorm's sums over B, H, W) and sends
       convolutions and dots back to XLA's Eigen kernels: jaxlib 0.10's
@@ -21,7 +23,7 @@ CPU (measured with experiments/benchmark.py --peer=torch, see README):
       (interleaved, 2-core Intel Xeon, 2026-12-03): jaxlib default 0.42,
       empty list (no YNNPACK) 0.51, 'reduce' 0.84 (1964 / 1607 / 962 ms
       against torch's 811-818 ms).
-GPU (reproducibility, DESIGN: same seed -> same run):
+GPU (reproducibility: same seed -> same run):
   --xla_gpu_deterministic_ops=true   deterministic kernels (no atomics in
       scatter/reductions), so two runs of one program are bit-identical.
       For bit-identity across processes, add --xla_gpu_autotune_level=0
@@ -29,9 +31,12 @@ GPU (reproducibility, DESIGN: same seed -> same run):
   float32 matmuls/convs use TF32 on Ampere+ GPUs by jax's default; set
   JAX_DEFAULT_MATMUL_PRECISION=highest for true float32 (slower).
 """
+import glob
+import importlib.util
 import logging
+import mmap
 import os
-from typing import Dict, List, MutableMapping, Optional
+from typing import Dict, FrozenSet, List, MutableMapping, Optional, Sequence
 
 CPU_DEFAULTS: Dict[str, str] = {
     'xla_cpu_experimental_ynn_fusion_type': 'reduce',
@@ -39,12 +44,67 @@ CPU_DEFAULTS: Dict[str, str] = {
 GPU_DEFAULTS: Dict[str, str] = {
     'xla_gpu_deterministic_ops': 'true',
 }
+DEFAULTS: Dict[str, Dict[str, str]] = {'cpu': CPU_DEFAULTS,
+                                       'gpu': GPU_DEFAULTS}
 DISABLE_ENV = 'MIXMO_XLA_DEFAULTS'
+# JAX_PLATFORMS names -> the platform whose defaults apply.
+_PLATFORM_NAMES = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'gpu': 'gpu',
+                   'tpu': 'tpu'}
+# Installed jax plugins (module names) -> the platform jax will prefer.
+_PLUGINS = {'jax_cuda12_plugin': 'gpu', 'jax_cuda13_plugin': 'gpu',
+            'jax_rocm60_plugin': 'gpu', 'jax_rocm7_plugin': 'gpu',
+            'libtpu': 'tpu'}
 
 
-def default_flags() -> Dict[str, str]:
-  """All default flags, name -> value."""
-  return {**CPU_DEFAULTS, **GPU_DEFAULTS}
+def target_platforms(environ: Optional[MutableMapping[str, str]] = None
+                     ) -> FrozenSet[str]:
+  """The platforms ('cpu', 'gpu', 'tpu') whose defaults apply, decided
+  before the backend starts: those JAX_PLATFORMS names, else the
+  accelerator plugins installed (jax prefers them), else the CPU."""
+  environ = os.environ if environ is None else environ
+  named = [p.strip().lower() for p in
+           environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if named:
+    return frozenset(_PLATFORM_NAMES.get(p, p) for p in named)
+  plugins = {platform for module, platform in _PLUGINS.items()
+             if importlib.util.find_spec(module) is not None}
+  return frozenset(plugins or {'cpu'})
+
+
+def default_flags(platforms: Sequence[str] = ('cpu', 'gpu')
+                  ) -> Dict[str, str]:
+  """The default flags of `platforms`, name -> value."""
+  return {name: value for p in platforms
+          for name, value in DEFAULTS.get(p, {}).items()}
+
+
+def _jaxlib_library() -> Optional[str]:
+  """The largest shared library of the installed jaxlib: the one holding
+  XLA, whose flag table names every flag XLA_FLAGS may set."""
+  spec = importlib.util.find_spec('jaxlib')
+  if spec is None or not spec.origin:
+    return None
+  libraries = glob.glob(os.path.join(os.path.dirname(spec.origin), '*.so'))
+  return max(libraries, key=os.path.getsize) if libraries else None
+
+
+def unknown_flags(names: Sequence[str],
+                  library: Optional[str] = None) -> List[str]:
+  """The flag names among `names` that the installed jaxlib does not know.
+
+  XLA registers each flag under its name, a NUL-terminated string in
+  jaxlib's XLA library; a name absent from it would abort the backend's
+  start. Read without loading the library (a scan of one file, ~0.2 s
+  cold). Where the library cannot be found or read, every name counts as
+  unknown (no default is risked).
+  """
+  library = _jaxlib_library() if library is None else library
+  try:
+    with open(library, 'rb') as f, mmap.mmap(f.fileno(), 0,
+                                            access=mmap.ACCESS_READ) as data:
+      return [n for n in names if data.find(n.encode() + b'\0') < 0]
+  except (OSError, TypeError, ValueError):
+    return list(names)
 
 
 def merged_xla_flags(user_flags: str,
@@ -57,16 +117,16 @@ def merged_xla_flags(user_flags: str,
 
 
 def backend_started() -> bool:
-  """Whether jax's backend runs already (XLA_FLAGS is then read)."""
-  return _backend_started()
+  """Whether jax's backend runs already (XLA_FLAGS is then read).
 
-
-def _backend_started() -> bool:
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # Private API moved: assume not.
-    return False
+  jax has no public query for it. Every backend starts through the public
+  `jax.extend.backend.get_backend`, which memoises what it started; an
+  entry in its cache means a backend runs. Where that detail changes, this
+  says False (the defaults are then written, harmlessly, after the start).
+  """
+  import jax.extend.backend  # pylint: disable=import-outside-toplevel
+  cache_info = getattr(jax.extend.backend.get_backend, 'cache_info', None)
+  return bool(cache_info and cache_info().currsize)
 
 
 def apply_defaults(environ: Optional[MutableMapping[str, str]] = None
@@ -77,15 +137,25 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None
     environ: the environment to edit (default os.environ).
 
   Returns:
-    The '--name=value' strings added (empty if disabled or all user-set).
+    The '--name=value' strings added (empty if disabled, all user-set,
+    unknown to this jaxlib or for other platforms).
   """
   environ = os.environ if environ is None else environ
   if environ.get(DISABLE_ENV, '1') == '0':
     return []
   user = environ.get('XLA_FLAGS', '')
-  merged = merged_xla_flags(user)
+  defaults = {name: value for name, value in
+              default_flags(sorted(target_platforms(environ))).items()
+              if f'--{name}' not in user}
+  unknown = unknown_flags(list(defaults))
+  if unknown:
+    logging.warning('mixmo_jax.platform: this jaxlib does not know %s; '
+                    'not set (XLA would refuse to start)',
+                    ', '.join(f'--{n}' for n in unknown))
+  defaults = {n: v for n, v in defaults.items() if n not in unknown}
+  merged = merged_xla_flags(user, defaults)
   added = merged[len(user.strip()):].split()
-  if added and environ is os.environ and _backend_started():
+  if added and environ is os.environ and backend_started():
     # The running backend keeps its flags; XLA_FLAGS stays what it uses, as
     # jax's persistent compilation cache keys programs by XLA_FLAGS (a
     # subprocess inheriting it would otherwise load programs compiled with

@@ -26,11 +26,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# XLA's convs in the tests but the oneDNN ones' (onednn_conv_on below): jax's
-# persistent compilation cache cannot store a program holding the oneDNN
-# custom call, so every subprocess would compile its train step again (the
-# cold suite took 447 s with them instead of ~360 s).
-os.environ.setdefault("MIXMO_ONEDNN_CONV", "0")
 # TFDS must never touch the network in tests.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
 
@@ -51,21 +46,22 @@ def xla_flags(devices: int) -> str:
 
 @contextlib.contextmanager
 def onednn_conv_on():
-  """The oneDNN conv path on inside (where this machine has it); yields
-  whether it is (mixmo_jax/models/onednn_conv.py)."""
-  from mixmo_jax.models import onednn_conv  # pylint: disable=import-outside-toplevel
-  old = os.environ.get(onednn_conv.ENV)
-  if old in (None, "0"):
-    os.environ[onednn_conv.ENV] = ""
-  onednn_conv.enabled.cache_clear()
+  """The opt-in oneDNN conv path on inside (where this machine has it);
+  yields whether it is (mixmo_jax/contrib/onednn/conv.py). Outside, the
+  suite runs XLA's convs: jax's persistent compilation cache cannot store a
+  program holding the oneDNN custom call."""
+  from mixmo_jax.contrib.onednn import conv  # pylint: disable=import-outside-toplevel
+  old = os.environ.get(conv.ENV)
+  os.environ[conv.ENV] = "1"
+  conv.enabled.cache_clear()
   try:
-    yield onednn_conv.enabled()
+    yield conv.enabled()
   finally:
     if old is None:
-      os.environ.pop(onednn_conv.ENV, None)
+      os.environ.pop(conv.ENV, None)
     else:
-      os.environ[onednn_conv.ENV] = old
-    onednn_conv.enabled.cache_clear()
+      os.environ[conv.ENV] = old
+    conv.enabled.cache_clear()
 
 
 def mount_or_skip(*args) -> None:

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, onednn_conv_on, xla_flags
+from conftest import REPO, xla_flags
 
 
 def _env(**extra):
@@ -22,37 +22,6 @@ def test_device_check_tiny_prints_the_table():
               'peak device memory MB', 'bit-identical reruns (3 steps)  yes',
               'synthetic epoch (2 steps) s'):
     assert row in out, (row, out)
-
-
-def test_platform_defaults_yield_to_the_user_and_can_be_disabled():
-  from mixmo_jax import platform
-  env = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot'}
-  added = platform.apply_defaults(env)
-  assert '--xla_cpu_experimental_ynn_fusion_type=dot' in env['XLA_FLAGS']
-  assert env['XLA_FLAGS'].count('ynn_fusion_type') == 1  # The user's wins.
-  assert '--xla_gpu_deterministic_ops=true' in added
-  env = {}
-  assert set(platform.apply_defaults(env)) == {
-      f'--{k}={v}' for k, v in platform.default_flags().items()}
-  env = {'MIXMO_XLA_DEFAULTS': '0', 'XLA_FLAGS': '--a=1'}
-  assert platform.apply_defaults(env) == [] and env['XLA_FLAGS'] == '--a=1'
-
-
-def test_defaults_leave_xla_flags_alone_once_the_backend_runs(monkeypatch):
-  """XLA_FLAGS stays what the running backend uses: jax's compilation cache
-  keys programs by it, and test subprocesses inherit it."""
-  import jax
-  from mixmo_jax import api, configs, platform
-  jax.devices()  # The backend runs.
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-  assert platform.apply_defaults() == []
-  config = configs.get('digits')
-  config.cpu_devices = 2
-  api.split_cpu(config)
-  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
-  monkeypatch.setenv('XLA_FLAGS', '')
-  api.split_cpu(config)
-  assert os.environ['XLA_FLAGS'] == ''
 
 
 def test_op_profile_finds_the_forward_and_gradient_convolutions():
@@ -84,42 +53,6 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   assert table.splitlines()[0].split()[:2] == ['HLO', 'op']
   assert 'totals per opcode' in table and 'all HLO ops' in table
 
-
-
-def test_op_profile_times_the_onednn_custom_calls():
-  """The oneDNN conv's custom calls: their trace events carry the target in
-  the name, event_names() maps them back and the profile times them (the
-  weight gradient's FFI call, where onednn_dw builds it, too)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import pytest  # pylint: disable=import-outside-toplevel
-  from experiments import op_profile  # pylint: disable=import-outside-toplevel
-  from mixmo_jax.models import onednn_conv, onednn_dw  # pylint: disable=import-outside-toplevel
-
-  def loss(w, x):
-    y = onednn_conv.conv_general_dilated(
-        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return jnp.sum(jax.nn.relu(y) ** 2)
-
-  w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
-  with onednn_conv_on() as on:  # Traced inside: the custom calls.
-    if not on:
-      pytest.skip('no oneDNN conv on this machine')
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
-        w, x).compile()
-  text = compiled.as_text()
-  known = op_profile.instructions(text)
-  calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
-  # Forward and input gradient, and the weight gradient's FFI call.
-  assert len(calls) == 2 + onednn_dw.enabled(), known
-  aliases = op_profile.event_names(text)
-  assert sorted(aliases.values()) == sorted(calls)
-  targets = sorted(event[len(name):] for event, name in aliases.items())
-  assert targets == sorted([onednn_conv.CUSTOM_CALL] * 2
-                           + [onednn_dw.TARGET] * onednn_dw.enabled())
-  ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
-                           compiled, steps=2)
-  assert calls <= {op.name for op in ops}, ops
 
 
 def test_conv_peer_computes_the_same_gradients_in_both_frameworks():

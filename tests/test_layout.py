@@ -122,3 +122,48 @@ def test_importing_the_package_starts_no_backend():
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _private_jax_imports(path):
+  """The `jax._src...` modules a file imports (at any depth)."""
+  found = []
+  for node in ast.walk(ast.parse(open(path).read())):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+             else [node.module or ''] if isinstance(node, ast.ImportFrom)
+             else [])
+    found += [n for n in names if n == 'jax._src' or
+              n.startswith('jax._src.')]
+    if isinstance(node, ast.ImportFrom) and node.module == 'jax':
+      found += [f'jax.{a.name}' for a in node.names if a.name == '_src']
+  return found
+
+
+def test_no_private_jax_api_outside_contrib():
+  """jax._src is jax's private tree: it moves between releases. Only the
+  opt-in contrib modules (loaded when their setting is on, falling back to
+  the stock path when a name is gone) may import it."""
+  offenders = {}
+  for module, path in _modules().items():
+    if _under(module, f'{PACKAGE}.contrib'):
+      continue
+    found = _private_jax_imports(path)
+    if found:
+      offenders[module] = found
+  assert not offenders, offenders
+  # The check sees what it should: the contrib conv does import one.
+  contrib = _modules()[f'{PACKAGE}.contrib.onednn.conv']
+  assert _private_jax_imports(contrib) == ['jax._src.interpreters']
+
+
+def test_the_core_does_not_import_contrib(graph):
+  """Deleting mixmo_jax/contrib leaves the core whole: only the models'
+  conv selector names it, lazily, behind its setting."""
+  for module, deps in graph.items():
+    if _under(module, f'{PACKAGE}.contrib'):
+      continue
+    contrib = sorted(d for d in deps if _under(d, f'{PACKAGE}.contrib'))
+    if module == f'{PACKAGE}.models.common':
+      assert contrib == [f'{PACKAGE}.contrib.onednn',
+                         f'{PACKAGE}.contrib.onednn.conv'], contrib
+    else:
+      assert not contrib, f'{module} imports {contrib}'

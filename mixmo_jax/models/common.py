@@ -3,13 +3,14 @@
 The MixMo-specific layers (the M stems with the mixing, the M heads) are in
 `mixmo_jax.mixmo.layers`.
 """
+import os
+from types import ModuleType
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from mixmo_jax.models import onednn_conv
 
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
@@ -84,9 +85,43 @@ class GroupedBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
-# The models' convolution (their convs and their stems): oneDNN's kernel on
-# x86 CPUs, `jax.lax.conv_general_dilated` everywhere else (onednn_conv.py).
-conv_general_dilated = onednn_conv.conv_general_dilated
+# Opt-in CPU kernels: MIXMO_ONEDNN_CONV=1 with the `cpu-onednn` extra
+# installed sends float32 convs on x86 CPUs to oneDNN
+# (mixmo_jax.contrib.onednn); anything else is XLA's own conv.
+ONEDNN_ENV = 'MIXMO_ONEDNN_CONV'
+_WARNED: list = []
+
+
+def onednn() -> ModuleType | None:
+  """mixmo_jax.contrib.onednn.conv when switched on and importable, else
+  None (one warning when switched on but not importable)."""
+  if os.environ.get(ONEDNN_ENV, '') != '1':
+    return None
+  try:
+    from mixmo_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # The folder removed, or a jax name it needs.
+    if not _WARNED:
+      _WARNED.append(e)
+      logging.warning('%s=1 but mixmo_jax.contrib.onednn cannot be loaded '
+                      '(%s): XLA convs', ONEDNN_ENV, e)
+    return None
+  return onednn_conv
+
+
+def conv_kernels() -> str:
+  """Which kernels a float32 conv traced now runs, for logs and benchmark
+  headers: 'XLA', or the oneDNN path's own description."""
+  module = onednn()
+  return module.describe() if module else 'XLA'
+
+
+def conv_general_dilated(*args, **kwargs) -> jax.Array:
+  """The models' convolution (their convs and stems): the arguments and
+  result of `jax.lax.conv_general_dilated`, decided when traced."""
+  module = onednn()
+  conv_fn = module.conv_general_dilated if module else (
+      jax.lax.conv_general_dilated)
+  return conv_fn(*args, **kwargs)
 
 
 def conv(features: int, kernel: int, strides: int, padding: Padding,

@@ -1,4 +1,4 @@
-"""mixmo_jax/models/onednn_conv.py: the oneDNN conv equals XLA's, in value
+"""mixmo_jax/contrib/onednn/conv.py: the oneDNN conv equals XLA's, in value
 and gradient, on one device and batch-sharded over several; every case it
 does not handle goes to XLA's conv unchanged."""
 import os
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, onednn_conv_on
-from mixmo_jax.models import common, onednn_conv, onednn_dw
+from mixmo_jax.contrib.onednn import conv as onednn_conv
+from mixmo_jax.contrib.onednn import dw as onednn_dw
+from mixmo_jax.models import common
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 with onednn_conv_on() as ON:  # The other test files run with it off.
@@ -175,23 +177,32 @@ def test_disabled_context_traces_xla_convs():
   assert onednn_conv.active() == ON
 
 
-def test_environment_variable_turns_the_path_off():
-  """MIXMO_ONEDNN_CONV=0: no custom call in a fresh process."""
-  code = ('import jax, jax.numpy as jnp\n'
-          'from mixmo_jax.models import onednn_conv as c\n'
-          'f = jax.jit(lambda x, w: c.conv_general_dilated(x, w, (1, 1), '
+def test_the_path_is_opt_in():
+  """The models' conv takes oneDNN only with MIXMO_ONEDNN_CONV=1 (in a fresh
+  process each); with the contrib module unloadable it warns once and
+  takes XLA's conv."""
+  code = ('import sys\n'
+          'if sys.argv[1] == "gone":\n'
+          '  sys.modules["mixmo_jax.contrib.onednn.conv"] = None\n'
+          'import jax, jax.numpy as jnp\n'
+          'from mixmo_jax.models import common\n'
+          'f = jax.jit(lambda x, w: common.conv_general_dilated(x, w, (1, 1), '
           '"SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))\n'
           'x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))\n'
-          'print(c.enabled(), c.CUSTOM_CALL in '
-          'f.lower(x, w).compile().as_text())\n')
+          'print("__onednn$convolution" in f.lower(x, w).compile().as_text(),'
+          ' "mixmo_jax.contrib.onednn.conv" in sys.modules)\n')
   out = {}
-  for value in ('0', ''):
+  for value, case in (('0', ''), ('', ''), ('1', ''), ('1', 'gone')):
     env = dict(os.environ, MIXMO_ONEDNN_CONV=value, JAX_PLATFORMS='cpu')
-    out[value] = subprocess.run(
-        [sys.executable, '-c', code], cwd=REPO, env=env, check=True,
-        capture_output=True, text=True, timeout=120).stdout.split()
-  assert out['0'] == ['False', 'False']
-  assert out[''] == [str(ON), str(ON)]
+    proc = subprocess.run(
+        [sys.executable, '-c', code, case], cwd=REPO, env=env, check=True,
+        capture_output=True, text=True, timeout=120)
+    out[value, case] = proc.stdout.split(), proc.stderr
+  assert out['0', ''][0] == ['False', 'False']
+  assert out['', ''][0] == ['False', 'False']  # Nothing imports contrib.
+  assert out['1', ''][0] == [str(ON), 'True']
+  assert out['1', 'gone'][0] == ['False', 'True']  # The None placeholder.
+  assert out['1', 'gone'][1].count('cannot be loaded') == 1
 
 
 @needs_onednn
@@ -202,3 +213,35 @@ def test_the_models_conv_layers_go_through_onednn():
   params = layer.init(jax.random.key(0), x)
   text = jax.jit(layer.apply).lower(params, x).compile().as_text()
   assert onednn_conv.CUSTOM_CALL in text
+
+
+def test_op_profile_times_the_onednn_custom_calls():
+  """The oneDNN conv's custom calls: their trace events carry the target in
+  the name, event_names() maps them back and the profile times them (the
+  weight gradient's FFI call, where onednn_dw builds it, too)."""
+  from experiments import op_profile  # pylint: disable=import-outside-toplevel
+
+  def loss(w, x):
+    y = onednn_conv.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jax.nn.relu(y) ** 2)
+
+  w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
+  with onednn_conv_on() as on:  # Traced inside: the custom calls.
+    if not on:
+      pytest.skip('no oneDNN conv on this machine')
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+        w, x).compile()
+  text = compiled.as_text()
+  known = op_profile.instructions(text)
+  calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
+  # Forward and input gradient, and the weight gradient's FFI call.
+  assert len(calls) == 2 + onednn_dw.enabled(), known
+  aliases = op_profile.event_names(text)
+  assert sorted(aliases.values()) == sorted(calls)
+  targets = sorted(event[len(name):] for event, name in aliases.items())
+  assert targets == sorted([onednn_conv.CUSTOM_CALL] * 2
+                           + [onednn_dw.TARGET] * onednn_dw.enabled())
+  ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
+                           compiled, steps=2)
+  assert calls <= {op.name for op in ops}, ops

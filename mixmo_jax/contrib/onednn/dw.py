@@ -1,6 +1,6 @@
 """The weight gradient of the oneDNN convs, through oneDNN (x86 CPUs).
 
-    from mixmo_jax.models import onednn_dw
+    from mixmo_jax.contrib.onednn import dw as onednn_dw
     dw = onednn_dw.weight_grad(x, dy, w_shape, strides, pads)
 
 For the forward conv y = conv(x, w) of `onednn_conv` (x [B, H, W, Ci], w
@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from mixmo_jax.models import cpu_kernels
+from mixmo_jax.contrib.onednn import kernels as cpu_kernels
 
 ENV = 'MIXMO_ONEDNN_DW'
 ROOT_ENV = 'MIXMO_ONEDNN_ROOT'

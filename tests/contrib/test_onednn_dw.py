@@ -1,4 +1,4 @@
-"""mixmo_jax/models/onednn_dw.py: oneDNN's conv weight gradient equals the
+"""mixmo_jax/contrib/onednn/dw.py: oneDNN's conv weight gradient equals the
 formula (an independent numpy sum) and XLA's, on one device and summed over
 a batch-sharded mesh; a missing library or compiler falls back to XLA's."""
 import logging
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from mixmo_jax.models import onednn_dw
+from mixmo_jax.contrib.onednn import dw as onednn_dw
 
 ON = onednn_dw.enabled()
 needs_dw = pytest.mark.skipif(
@@ -195,7 +195,7 @@ def test_the_build_is_cached_by_content(tmp_path, monkeypatch):
 
 
 def test_environment_variable_turns_it_off():
-  code = ('from mixmo_jax.models import onednn_dw as d\n'
+  code = ('from mixmo_jax.contrib.onednn import dw as d\n'
           'print(d.enabled())\n')
   env = dict(os.environ, MIXMO_ONEDNN_DW='0', JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,

@@ -1,7 +1,7 @@
 """A CPU-only kernel as a jax primitive: XLA's ops elsewhere, a mesh split.
 
-The oneDNN convolution (onednn_conv.py) and its weight gradient
-(onednn_dw.py) are primitives whose CPU lowering is a custom call, and
+The oneDNN convolution (conv.py) and its weight gradient
+(dw.py) are primitives whose CPU lowering is a custom call, and
 whose every other lowering, eager call and vmap is XLA's equivalent. Under
 a device mesh the custom call is wrapped in `custom_partitioning` (left to
 XLA's SPMD partitioner, an opaque custom call would have its operands

@@ -1,6 +1,6 @@
 """2-D convolutions through oneDNN on x86 CPUs (forward and input gradient).
 
-    from mixmo_jax.models import onednn_conv
+    from mixmo_jax.contrib.onednn import conv as onednn_conv
     y = onednn_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -40,8 +40,8 @@ groups, `precision` or `preferred_element_type` set) calls
 same as without this module. The oneDNN path is used only when
 
   * the default backend is the CPU and the machine is x86-64,
-  * MIXMO_ONEDNN_CONV is not '0' (set it to '0' to turn the path off, or
-    to '1' to use it on a jaxlib other than the tested ones below), and
+  * MIXMO_ONEDNN_CONV is '1' (on a jaxlib other than the tested ones
+    below, with a warning), and
   * a probe conv through the custom call, at first use, equals XLA's
     within float32 rounding, gradients included (the config encoding is
     an XLA internal that can change between jaxlib releases; a mismatch or
@@ -61,7 +61,7 @@ Caveats of the custom call, both outside training itself:
     std::bad_alloc" and compiles the program again in the next process
     (correct, only the cache is missed);
   * `jax.export` of such a program would carry an x86-only custom call.
-Set MIXMO_ONEDNN_CONV=0 before the first conv is traced where either
+Leave MIXMO_ONEDNN_CONV unset (or '0') where either
 matters.
 """
 import contextlib
@@ -86,8 +86,8 @@ from jax.interpreters import mlir
 # XLA target); the probe below turns the path off if it moves.
 from jax._src.interpreters import mlir as mlir_internal
 
-from mixmo_jax.models import cpu_kernels
-from mixmo_jax.models import onednn_dw
+from mixmo_jax.contrib.onednn import kernels as cpu_kernels
+from mixmo_jax.contrib.onednn import dw as onednn_dw
 
 ENV = 'MIXMO_ONEDNN_CONV'
 # jaxlib releases whose custom-call config encoding this module was checked
@@ -334,19 +334,17 @@ def describe() -> str:
 @functools.cache
 def enabled() -> bool:
   """Whether the oneDNN path is on in this process (see the module doc)."""
-  env = os.environ.get(ENV, '')
-  if env == '0':
+  if os.environ.get(ENV, '') != '1':
     return False
   if jax.default_backend() != 'cpu':
     return False
   if _host.machine().lower() not in ('x86_64', 'amd64'):
     return False
   import jaxlib  # pylint: disable=g-import-not-at-top
-  if env != '1' and not jaxlib.__version__.startswith(TESTED_JAXLIB):
-    logging.info('%s: jaxlib %s is not among the tested %s; XLA convs '
-                 '(set %s=1 to try oneDNN)', ENV, jaxlib.__version__,
-                 TESTED_JAXLIB, ENV)
-    return False
+  if not jaxlib.__version__.startswith(TESTED_JAXLIB):
+    logging.warning('%s=1: jaxlib %s is not among the tested %s; trying '
+                    'oneDNN (the probe checks it)', ENV, jaxlib.__version__,
+                    TESTED_JAXLIB)
   # Concrete values even when the first use is inside a jit trace.
   with jax.ensure_compile_time_eval():
     return _probe()
