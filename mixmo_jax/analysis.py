@@ -256,6 +256,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from mixmo_jax import workdir as wd  # pylint: disable=import-outside-toplevel
   from mixmo_jax.evaluation import runs  # pylint: disable=import-outside-toplevel
   workdirs = [w for w in args.workdir.split(',') if w]
+  for workdir in workdirs:
+    if wd.url_problem(workdir):
+      print(f'error: {wd.url_problem(workdir)}', file=sys.stderr)
+      return 2
   output = args.output or os.path.join(workdirs[0], 'utilisation.json')
   for flag, target in (('--output', output), ('--plot', args.plot)):
     owned = target and wd.owned_input(workdirs, target)

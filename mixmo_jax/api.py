@@ -95,13 +95,16 @@ def train(config, workdir: str, *,
     'finished': True} when the run had already finished).
 
   Raises:
-    config_validation.ConfigError: see `prepare`.
+    config_validation.ConfigError: see `prepare`; or a workdir named by a
+      URL (`workdir.url_problem`).
     workdir.WorkdirBusyError: another trainer holds the workdir.
     workdir.WorkdirError: the workdir (or its lock file) cannot be used.
     data.DatasetUnavailableError, checkpointing.CheckpointError (also a
     failed or impossible checkpoint write), checkpointing.NonFiniteStateError,
     loop.NonFiniteLossError: from training.
   """
+  if wd.url_problem(workdir):
+    raise config_validation.ConfigError(wd.url_problem(workdir))
   split_cpu(config)
   config_validation.validate(config)  # Before the workdir is touched.
   import jax  # pylint: disable=import-outside-toplevel

@@ -209,6 +209,9 @@ def main(argv):
     except ValueError as e:
       cli.fail(f'--plot_formats={",".join(args.plot_formats)}: {e}')
   workdirs = [args.workdir] + [w for w in args.ensemble if w]
+  for workdir in workdirs:
+    if wd.url_problem(workdir):
+      cli.fail(wd.url_problem(workdir))
   step = parse_step(args.step)
   if args.eval_batch_size is not None and args.eval_batch_size < 1:
     cli.fail(f'--eval_batch_size={args.eval_batch_size}: must be an integer '

@@ -80,6 +80,9 @@ def main(argv):
     fail(f'unexpected arguments {argv[1:]}')
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
+  from mixmo_jax import workdir  # pylint: disable=import-outside-toplevel
+  if workdir.url_problem(_WORKDIR.value):
+    fail(f'--workdir={workdir.url_problem(_WORKDIR.value)}')
   config = FLAGS.config
   api.split_cpu(config)  # XLA flags, before jax starts.
   _initialize_distributed()
@@ -88,7 +91,6 @@ def main(argv):
     config_validation.validate(config)
   except config_validation.ConfigError as e:
     fail(e)
-  from mixmo_jax import workdir  # pylint: disable=import-outside-toplevel
   try:
     api.train(config, _WORKDIR.value,
               allow_config_change=_ALLOW_CHANGE.value)

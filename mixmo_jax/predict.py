@@ -158,6 +158,8 @@ def load(workdir: str, step: checkpointing.Step = None) -> Predictor:
     FileNotFoundError: no workdir or config.json.
     checkpointing.CheckpointError: no checkpoint (at `step`), or a corrupt one.
   """
+  if wd.url_problem(workdir):
+    raise ValueError(wd.url_problem(workdir))
   if not wd.checkpoint_steps(workdir):
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f'workdir {workdir} does not exist')

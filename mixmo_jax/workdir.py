@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import hashlib
 import socket
 import time
@@ -50,6 +51,27 @@ _ITEM_FILE = 'metadata'
 def path(workdir: str, name: str) -> str:
   """WORKDIR/name."""
   return os.path.join(workdir, name)
+
+
+_URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
+
+
+def url_problem(workdir: str) -> Optional[str]:
+  """Why a workdir named by a URL (gs://, s3://, https://) cannot be used,
+  or None for a path of the local file system.
+
+  Every workdir file goes through the local file system (`os`, `open`,
+  `fcntl`), so 'gs://bucket/run' would silently become a local folder
+  './gs:/bucket/run' on each machine, lost with the machine. A bucket
+  mounted as a folder (gcsfuse, s3fs) is a local path and works.
+  """
+  match = _URL.match(os.fspath(workdir))
+  if not match:
+    return None
+  return (f'{workdir}: workdirs on an object store ({match.group(1)}://) '
+          'are not supported yet (its files would go to a local folder '
+          f'named "{match.group(1)}:"); mount the bucket as a folder (e.g. '
+          'gcsfuse) and pass the mounted path')
 
 
 class WorkdirError(RuntimeError):

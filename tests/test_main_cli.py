@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, load_config
+import pytest
+
+from conftest import REPO, load_config, tiny_digits_config
 from mixmo_jax import config_validation
 from mixmo_jax import workdir as workdir_lib
 
@@ -204,3 +206,32 @@ def test_two_quick_ctrl_c_are_one_line_exit_130(tmp_path):
                     'written are kept: rerun the same command to resume']
   assert not any('Traceback' in l or 'KeyboardInterrupt' in l
                  for l in lines), lines[-20:]
+
+
+def test_a_url_workdir_is_refused_and_nothing_is_created(tmp_path):
+  """gs:// (any URL) is not a local path: every program says so in one line
+  instead of writing into a local folder named 'gs:'."""
+  from mixmo_jax import analysis, predict  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  url = 'gs://bucket/mixmo/run'
+  expected = wd.url_problem(url)
+  assert expected and 'gs://' in expected and wd.url_problem('/a/b') is None
+  assert wd.url_problem('relative/gs:/x') is None
+  for module in ('mixmo_jax.main', 'mixmo_jax.evaluate'):
+    args = [f'--workdir={url}']
+    if module == 'mixmo_jax.main':
+      args.append(f'--config={REPO}/configs/digits.py')
+    out = subprocess.run([sys.executable, '-m', module, *args], cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith('error: ')
+    assert expected in out.stderr
+  assert analysis.main([f'--workdir={url}']) == 2
+  with pytest.raises(ValueError, match='object store'):
+    predict.load(url)
+  import mixmo_jax  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='object store'):
+    mixmo_jax.train(tiny_digits_config(), url)
+  assert os.listdir(tmp_path) == []
+  assert not os.path.exists(os.path.join(REPO, 'gs:'))
