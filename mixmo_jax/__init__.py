@@ -16,6 +16,11 @@ import os as _os
 # not needed either.
 _os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 _os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# gs:// workdirs: orbax's file operations (through etils.epath) go through
+# gcsfs as mixmo_jax's own do (mixmo_jax/storage.py), not through
+# TensorFlow's GCS client, which would import TensorFlow into training and
+# ignores STORAGE_EMULATOR_HOST. A value the user set is kept.
+_os.environ.setdefault('EPATH_USE_TF', 'false')
 # jax's "Unable to initialize backend 'tpu'" probe (INFO) on every start.
 if _logging.getLogger('jax._src.xla_bridge').level == _logging.NOTSET:
   _logging.getLogger('jax._src.xla_bridge').setLevel(_logging.WARNING)

@@ -41,7 +41,6 @@ checkpoint with `evaluation.runs.restore_run`, prints the numbers,
 writes JSON and a PNG (Agg backend, no display needed).
 """
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -209,10 +208,8 @@ def plot(reports: Sequence[dict], labels: Sequence[str], path: str) -> str:
   ax_b.set_ylim(0, 101)
   ax_b.legend(fontsize=8, loc='lower left')
   fig.tight_layout()
-  folder = os.path.dirname(os.fspath(path))
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-  fig.savefig(path, format='png')
+  from mixmo_jax import storage  # pylint: disable=import-outside-toplevel
+  storage.save_figure(fig, os.fspath(path), 'png')
   return os.fspath(path)
 
 
@@ -283,8 +280,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reports.append(rep)
     labels.append(_label(config, workdir))
     print(format_report(rep, f'{workdir} (step {step}, {labels[-1]})'))
-  with open(output, 'w') as f:
-    json.dump(reports[0] if len(reports) == 1 else reports, f, indent=2)
+  try:
+    wd.write_json(reports[0] if len(reports) == 1 else reports, output)
+  except wd.WorkdirError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   print(f'wrote {output}')
   if args.plot:
     print(f'wrote {plot(reports, labels, args.plot)}')

@@ -20,7 +20,6 @@ and `Checkpointer.best` / `step='best'` find it.
 import hashlib
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mixmo_jax import cli, workdir as wd
+from mixmo_jax import cli, storage, workdir as wd
 
 CHECKPOINT_DIR = wd.CHECKPOINTS
 # Test hook: 'save:STEP' SIGKILLs this process while the checkpoint of STEP
@@ -187,7 +186,8 @@ class Checkpointer:
         found at start rather than after an epoch of work.
     """
     self.workdir = workdir
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    # A gs:// URL goes to orbax as it is (never made absolute).
+    self.directory = storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
     self.config = None if config is None else wd.config_to_dict(config)
     self.run_id = None if read_only else wd.run_id(workdir)
     if read_only:  # orbax's notes on read-only managers: noise for readers.
@@ -277,11 +277,11 @@ class Checkpointer:
 
   def _remove_tmp(self, step: int) -> None:
     """Removes the temporary folder of a failed write of `step`."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+    if jax.process_index() != 0:
       return
-    for name in os.listdir(self.directory):
+    for name in storage.listdir(self.directory):
       if name.startswith(f'{step}.') and 'tmp' in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        storage.remove_tree(storage.join(self.directory, name))
     self.manager.reload()
 
   def _restore_step(self, step: int, abstract_state: Any) -> Any:
@@ -304,9 +304,9 @@ class Checkpointer:
                     'resuming from the previous one.', step, reason,
                     CORRUPT_DIR)
     if jax.process_index() == 0:
-      target = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{int(time.time())}')
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      target = storage.join(self.workdir, CORRUPT_DIR,
+                            f'{step}-{int(time.time())}')
+      storage.move(storage.join(self.directory, str(step)), target)
     self.manager.reload()
 
   def restore_latest(self, abstract_state: Any,

@@ -63,7 +63,8 @@ from absl import app, flags
 import jax
 import numpy as np
 
-from mixmo_jax import checkpointing, cli, data, sharding, workdir as wd
+from mixmo_jax import checkpointing, cli, data, sharding, storage
+from mixmo_jax import workdir as wd
 from mixmo_jax.data import cifar_c
 from mixmo_jax.evaluation import corruptions, metrics, report
 from mixmo_jax.evaluation import ood as ood_lib
@@ -130,8 +131,8 @@ def output_path(output: Optional[str], workdir: str) -> str:
   eval.json inside; default WORKDIR/eval.json."""
   if not output:
     return wd.path(workdir, wd.EVAL)
-  if output.endswith(os.sep) or os.path.isdir(output):
-    return os.path.join(output, wd.EVAL)
+  if output.endswith('/') or storage.isdir(output):
+    return storage.join(output, wd.EVAL)
   return output
 
 
@@ -145,7 +146,7 @@ def write_plots(result: Dict[str, Any], logits: np.ndarray, labels: np.ndarray,
                                          result['ensemble_mode'])
   paths = plots.write_evaluation_plots(result, log_probs, labels, out_dir)
   if history_workdir is not None:
-    if os.path.isfile(wd.path(history_workdir, wd.HISTORY)):
+    if storage.isfile(wd.path(history_workdir, wd.HISTORY)):
       paths.append(plots.training_curves(
           history_workdir, os.path.join(out_dir, 'training_curves.png')))
   return paths
@@ -242,7 +243,7 @@ def main(argv):
       history = workdirs[0] if len(workdirs) == 1 else None
       with plots.extra_formats(extra):
         for png in write_plots(result, logits, labels,
-                               os.path.dirname(os.path.abspath(path)),
+                               os.path.dirname(storage.absolute(path)),
                                history):
           print(f'wrote {png}' + ''.join(
               f' and {os.path.splitext(png)[0]}.{e}' for e in extra))

@@ -29,7 +29,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from absl import logging
 import numpy as np
@@ -39,6 +39,8 @@ from tensorboard.compat.proto import tensor_pb2
 from tensorboard.compat.proto import tensor_shape_pb2
 from tensorboard.compat.proto import types_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+
+from mixmo_jax import storage
 
 _CRC32C_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected.
 # <n> of the file names: two writers of one process never share a file.
@@ -78,6 +80,46 @@ def record(data: bytes) -> bytes:
   length = struct.pack('<Q', len(data))
   return (length + struct.pack('<I', masked_crc32c(length)) + data
           + struct.pack('<I', masked_crc32c(data)))
+
+
+def read_records(data: bytes) -> Iterator[bytes]:
+  """The payloads of the complete, intact records of an event file's bytes
+  (a record cut short by a kill, or failing its CRCs, ends the reading)."""
+  offset = 0
+  while offset + 12 <= len(data):
+    header = data[offset:offset + 8]
+    (length,) = struct.unpack('<Q', header)
+    (length_crc,) = struct.unpack('<I', data[offset + 8:offset + 12])
+    end = offset + 12 + length + 4
+    if length_crc != masked_crc32c(header) or end > len(data):
+      return
+    payload = data[offset + 12:end - 4]
+    if struct.unpack('<I', data[end - 4:end])[0] != masked_crc32c(payload):
+      return
+    yield payload
+    offset = end
+
+
+def read_scalars(logdir: str, tags) -> Dict[str, Tuple[List[int],
+                                                         List[float]]]:
+  """{tag: ([step], [value])} of the scalars `tags` in the event files of
+  `logdir` (local or gs://), files in name order."""
+  out: Dict[str, Tuple[List[int], List[float]]] = {}
+  names = sorted(n for n in storage.listdir(logdir)
+                 if n.startswith('events.out.tfevents.'))
+  for name in names:
+    for payload in read_records(storage.read_bytes(storage.join(logdir,
+                                                                name))):
+      event = event_pb2.Event.FromString(payload)
+      for value in event.summary.value:
+        if value.tag in tags and value.HasField('tensor'):
+          steps, values = out.setdefault(value.tag, ([], []))
+          steps.append(int(event.step))
+          tensor = value.tensor
+          values.append(float(tensor.float_val[0]) if tensor.float_val
+                        else float(np.frombuffer(tensor.tensor_content,
+                                                 '<f4')[0]))
+  return out
 
 
 def _metadata(plugin: str, data_class) -> summary_pb2.SummaryMetadata:
@@ -127,35 +169,55 @@ class EventWriter:
   """Appends TensorBoard events to one new event file under `logdir`.
 
   The file is created at the first write (a run that fails before it
-  leaves no file). `logdir=None` writes nothing (processes > 0).
+  leaves no file). `logdir=None` writes nothing (processes > 0). Locally
+  every event is flushed at once; in a bucket (gs://, where objects cannot
+  grow) the whole file is written again at most every UPLOAD_EVERY_S
+  seconds and at `close`, so a kill loses at most that much of the curves.
   """
+  UPLOAD_EVERY_S = 30.0
 
   def __init__(self, logdir: Optional[str]):
     self.logdir = logdir
     self.path: Optional[str] = None
     self._file = None
     self._failed = logdir is None
+    self._remote = logdir is not None and storage.is_url(logdir)
+    self._content = bytearray()  # In a bucket: the whole file so far.
+    self._uploaded = 0.0
 
   def _write(self, event: event_pb2.Event) -> None:
     if self._failed:
       return
     try:
-      if self._file is None:
-        os.makedirs(self.logdir, exist_ok=True)
-        self.path = os.path.join(
+      if self.path is None:
+        storage.makedirs(self.logdir)
+        self.path = storage.join(
             self.logdir, f'events.out.tfevents.{int(time.time())}.'
             f'{socket.gethostname()}.{os.getpid()}.{next(_FILE_NUMBER)}')
-        self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
-        self._file.write(record(event_pb2.Event(
+        if not self._remote:
+          self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
+        self._append(record(event_pb2.Event(
             wall_time=time.time(),
             file_version='brain.Event:2').SerializeToString()))
-      self._file.write(record(event.SerializeToString()))
-      self._file.flush()  # a kill loses no written event
+      self._append(record(event.SerializeToString()))
     except OSError as e:
       self._failed = True
       logging.warning('TensorBoard event file %s: %s; no more TensorBoard '
                       'events are written this run (checkpoints and '
                       'eval_history.jsonl are unaffected).', self.path, e)
+
+  def _append(self, data: bytes) -> None:
+    if not self._remote:
+      self._file.write(data)
+      self._file.flush()  # A kill loses no written event.
+      return
+    self._content += data
+    if time.time() - self._uploaded >= self.UPLOAD_EVERY_S:
+      self._upload()
+
+  def _upload(self) -> None:
+    storage.write_bytes(self.path, bytes(self._content))
+    self._uploaded = time.time()
 
   def write_summary(self, step: int, values) -> None:
     """One Event at `step` holding the Summary.Value protos `values`."""
@@ -183,6 +245,11 @@ class EventWriter:
     """Nothing to do: every write is flushed (clu's interface)."""
 
   def close(self) -> None:
+    if self._remote and self.path is not None and not self._failed:
+      try:
+        self._upload()
+      except OSError as e:
+        logging.warning('TensorBoard event file %s: %s', self.path, e)
     if self._file is not None:
       try:
         self._file.close()

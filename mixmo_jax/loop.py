@@ -111,6 +111,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       batch, waited = batches.get(step)  # Prepared while the last step ran.
       state, step_metrics = step_fn(state, *batch)
       done = step + 1
+      if wd.lease_lost():  # A gs:// workdir taken over: write nothing more.
+        raise wd.WorkdirBusyError(
+            f'another trainer took over {workdir} (this one did not renew '
+            f'its lease in time); stopped at step {done} without saving')
       reporter.step(done, step_metrics, data_wait=waited)
       if done == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)

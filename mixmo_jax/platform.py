@@ -120,13 +120,17 @@ def backend_started() -> bool:
   """Whether jax's backend runs already (XLA_FLAGS is then read).
 
   jax has no public query for it. Every backend starts through the public
-  `jax.extend.backend.get_backend`, which memoises what it started; an
-  entry in its cache means a backend runs. Where that detail changes, this
-  says False (the defaults are then written, harmlessly, after the start).
+  `jax.extend.backend.get_backend`, a memoised function: a call counted by
+  its cache (a hit or a miss) means a backend runs. Where that detail
+  changes, this says False (the defaults are then written, harmlessly,
+  after the start).
   """
   import jax.extend.backend  # pylint: disable=import-outside-toplevel
   cache_info = getattr(jax.extend.backend.get_backend, 'cache_info', None)
-  return bool(cache_info and cache_info().currsize)
+  if cache_info is None:
+    return False
+  info = cache_info()
+  return bool(getattr(info, 'hits', 0) or getattr(info, 'misses', 0))
 
 
 def apply_defaults(environ: Optional[MutableMapping[str, str]] = None

@@ -37,12 +37,12 @@ config.eval_batch_size rounded up to a multiple of the local device count,
 the last one padded); the ensemble quantities are computed from them on the
 host, so changing `predictor.config.evaluation.ensemble` does not recompile.
 """
-import os
 from typing import Dict, Optional
 
 import numpy as np
 
-from mixmo_jax import checkpointing, models, sharding, workdir as wd
+from mixmo_jax import checkpointing, models, sharding, storage
+from mixmo_jax import workdir as wd
 from mixmo_jax.evaluation import inference, metrics, runs
 
 UNIT_TOLERANCE = 1e-3
@@ -161,7 +161,7 @@ def load(workdir: str, step: checkpointing.Step = None) -> Predictor:
   if wd.url_problem(workdir):
     raise ValueError(wd.url_problem(workdir))
   if not wd.checkpoint_steps(workdir):
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
       raise FileNotFoundError(f'workdir {workdir} does not exist')
     raise checkpointing.CheckpointError(f'no checkpoint in {workdir}')
   try:  # The config stored with the checkpoints; config.json compared.

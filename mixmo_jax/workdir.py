@@ -7,8 +7,9 @@
                             `read_history`, `truncate_history`)
       eval.json             `python -m mixmo_jax.evaluate`'s result
                             (`write_json`, `to_json`)
-      .lock                 held (flock) by the one trainer of the workdir;
-                            its pid and host (`trainer_lock`)
+      .lock                 held by the one trainer of the workdir (flock
+                            locally, a lease object in a bucket); its pid
+                            and host (`trainer_lock`)
       run.json              the run id, written at the first start and bound
                             into every checkpoint's digest (`run_id`)
       checkpoints/          orbax checkpoints (owned by `checkpointing`);
@@ -17,8 +18,11 @@
       checkpoints_corrupt/  checkpoints that failed to verify, moved aside
       events.out.tfevents.* TensorBoard (owned by `events`)
 
-Every write is atomic (a temporary file renamed over the target), so a kill
-leaves the old or the new content, never a mix.  Only process 0 writes.
+A workdir is a local folder or a gs:// URL (`storage` reads and writes
+both; orbax and tensorstore take the URL as it is). Every write is atomic
+(a temporary file renamed over the target, or one object written whole),
+so a kill leaves the old or the new content, never a mix.  Only process 0
+writes.
 """
 from __future__ import annotations
 
@@ -27,14 +31,16 @@ import errno
 import fcntl
 import json
 import os
-import re
 import hashlib
 import socket
+import threading
 import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
+
+from mixmo_jax import storage
 
 CONFIG = 'config.json'
 CONFIG_CHANGES = 'config_changes.jsonl'
@@ -53,25 +59,10 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-_URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
-
-
 def url_problem(workdir: str) -> Optional[str]:
-  """Why a workdir named by a URL (gs://, s3://, https://) cannot be used,
-  or None for a path of the local file system.
-
-  Every workdir file goes through the local file system (`os`, `open`,
-  `fcntl`), so 'gs://bucket/run' would silently become a local folder
-  './gs:/bucket/run' on each machine, lost with the machine. A bucket
-  mounted as a folder (gcsfuse, s3fs) is a local path and works.
-  """
-  match = _URL.match(os.fspath(workdir))
-  if not match:
-    return None
-  return (f'{workdir}: workdirs on an object store ({match.group(1)}://) '
-          'are not supported yet (its files would go to a local folder '
-          f'named "{match.group(1)}:"); mount the bucket as a folder (e.g. '
-          'gcsfuse) and pass the mounted path')
+  """Why a workdir URL cannot be used (an unsupported scheme, a missing
+  package), or None (a local path, or gs:// with gcsfs installed)."""
+  return storage.url_problem(workdir)
 
 
 class WorkdirError(RuntimeError):
@@ -92,18 +83,10 @@ def _atomic_write_bytes(target: str, data: bytes) -> None:
     WorkdirError: it cannot be written (full disk, read-only folder); the
       old content, if any, is unchanged and no temporary file is left.
   """
-  folder = os.path.dirname(os.path.abspath(target))
-  tmp = f'{target}.tmp{os.getpid()}'
   try:
-    os.makedirs(folder, exist_ok=True)
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, target)
+    storage.write_bytes(target, data)
   except OSError as e:
     raise _cannot_write(target, e) from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _append(target: str, text: str) -> None:
@@ -114,14 +97,7 @@ def _append(target: str, text: str) -> None:
     WorkdirError: it cannot be written (full disk, read-only folder).
   """
   try:
-    with open(target, 'ab') as f:
-      size = f.tell()
-      try:
-        f.write(text.encode())
-        f.flush()
-      except OSError:
-        f.truncate(size)
-        raise
+    storage.append_bytes(target, text.encode())
   except OSError as e:
     raise _cannot_write(target, e) from None
 
@@ -145,13 +121,14 @@ def read_config_dict(workdir: str) -> Optional[Dict[str, Any]]:
     ValueError: the file exists but is not valid JSON.
   """
   target = path(workdir, CONFIG)
-  if not os.path.exists(target):
+  try:
+    data = storage.read_bytes(target)
+  except FileNotFoundError:
     return None
-  with open(target) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f'{target} is not valid JSON ({e})') from e
+  try:
+    return json.loads(data.decode())
+  except ValueError as e:
+    raise ValueError(f'{target} is not valid JSON ({e})') from e
 
 
 def read_config(workdir: str):
@@ -185,8 +162,8 @@ def record_config_changes(workdir: str, changes: List[str],
 def run_id(workdir: str) -> Optional[str]:
   """The run id of run.json, or None (no file, or not a run id)."""
   try:
-    with open(path(workdir, RUN), 'rb') as f:
-      value = json.loads(f.read().decode()).get('run_id')
+    value = json.loads(storage.read_bytes(path(workdir, RUN)).decode()
+                       ).get('run_id')
   except (OSError, ValueError, AttributeError):
     return None
   return value if isinstance(value, str) and value else None
@@ -244,10 +221,10 @@ def _history_lines(workdir: str) -> List[Tuple[bytes, Optional[Dict[str, Any]]]]
   (a last line cut short by a kill has no newline and is dropped); one
   warning names the file when any complete line is not a record."""
   target = path(workdir, HISTORY)
-  if not os.path.isfile(target):
+  try:
+    lines = storage.read_bytes(target).split(b'\n')[:-1]  # Cut-short tail.
+  except (FileNotFoundError, IsADirectoryError):
     return []
-  with open(target, 'rb') as f:
-    lines = f.read().split(b'\n')[:-1]  # The part after the last newline.
   parsed = [(line + b'\n', _parse_line(line)) for line in lines
             if line.strip()]
   bad = sum(record is None for _, record in parsed)
@@ -272,14 +249,12 @@ def truncate_history(workdir: str, step: int) -> None:
   last checkpoint), and any line that is not a record; a file with nothing
   to drop is left as it is (not rewritten)."""
   target = path(workdir, HISTORY)
-  if not os.path.exists(target):
+  if not storage.exists(target):
     return
   kept = b''.join(line for line, record in _history_lines(workdir)
                   if record is not None and record['step'] <= step)
-  with open(target, 'rb') as f:
-    if f.read() == kept:
-      return
-  _atomic_write_bytes(target, kept)
+  if storage.read_bytes(target) != kept:
+    _atomic_write_bytes(target, kept)
 
 
 # ---------------------------------------------------------------- eval.json
@@ -356,6 +331,9 @@ def _open_lock(workdir: str) -> int:
 def trainer_lock(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on WORKDIR/.lock while training.
 
+  In a bucket (gs://) the lock is a lease object renewed while training
+  (`mixmo_jax.lease`, which says what it protects); `lease_lost()` turns
+  true if another trainer took it over. Locally it is
   `fcntl.flock` on a local file: the kernel releases it when the process
   dies, however it dies, so the file a killed trainer leaves behind is free
   again.  The file is opened with O_NOFOLLOW (a symlink or a folder at .lock
@@ -368,6 +346,10 @@ def trainer_lock(workdir: str) -> Iterator[None]:
       process that holds it (from /proc/locks), or says it cannot tell.
     WorkdirError: the workdir or its lock file cannot be used.
   """
+  if storage.is_url(workdir):
+    with _lease(workdir):
+      yield
+    return
   fd = _open_lock(workdir)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -398,6 +380,37 @@ def trainer_lock(workdir: str) -> Iterator[None]:
     os.close(fd)
 
 
+_LEASE_LOST = threading.Event()
+
+
+def lease_lost() -> bool:
+  """Whether this process's lease on its gs:// workdir was taken over (the
+  trainer must stop without writing)."""
+  return _LEASE_LOST.is_set()
+
+
+@contextlib.contextmanager
+def _lease(workdir: str) -> Iterator[None]:
+  from mixmo_jax import lease  # pylint: disable=import-outside-toplevel
+  target = path(workdir, LOCK)
+  held = lease.Lease(lease.GcsStore(storage.filesystem(target)), target)
+  try:
+    held.acquire()
+  except lease.BusyError as e:
+    raise WorkdirBusyError(f'{workdir} is {e}; wait for it to finish or '
+                           'stop it, or train in another --workdir') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkdirError(f'cannot take the lease {target} '
+                       f'({storage.store_reason(e)})') from None
+  _LEASE_LOST.clear()
+  held.on_lost = _LEASE_LOST.set
+  held.start_renewing()
+  try:
+    yield
+  finally:
+    held.release()
+
+
 # The files and folders of a workdir that runs read back: an output
 # (`evaluate --output`, plots, `analysis --output`) never replaces them.
 _INPUTS = (CONFIG, CONFIG_CHANGES, HISTORY, LOCK, CHECKPOINTS,
@@ -413,17 +426,23 @@ def owned_input(workdirs: List[str], target: str) -> Optional[str]:
     workdirs: the runs read by the command.
     target: the path it is about to write.
   """
-  real = os.path.realpath(target)
+  real = _real(target)
   for workdir in workdirs:
-    root = os.path.realpath(workdir)
+    root = _real(workdir)
     if os.path.dirname(real) == root and os.path.basename(real).startswith(
         _EVENTS_PREFIX):
       return real
     for name in _INPUTS:
       owned = os.path.join(root, name)
-      if real == owned or real.startswith(owned + os.sep):
+      if real == owned or real.startswith(owned + '/'):
         return owned
   return None
+
+
+def _real(target: str) -> str:
+  """A local path resolved (symlinks, '..'); a URL without trailing '/'."""
+  return (target.rstrip('/') if storage.is_url(target)
+          else os.path.realpath(target))
 
 
 def check_writable(folder: str) -> None:
@@ -433,6 +452,11 @@ def check_writable(folder: str) -> None:
   Raises:
     OSError: the folder cannot be written (read-only, full).
   """
+  if storage.is_url(folder):  # A bucket: an object written and removed.
+    probe = storage.join(folder, f'.write_probe{os.getpid()}')
+    storage.write_bytes(probe, b'ok')
+    storage.filesystem(probe).rm(probe)
+    return
   folder = os.path.abspath(folder)
   while not os.path.exists(folder):
     folder = os.path.dirname(folder)
@@ -449,10 +473,8 @@ def check_writable(folder: str) -> None:
 
 def checkpoint_steps(workdir: str) -> List[int]:
   """Steps of the checkpoint folders (complete or not), ascending."""
-  folder = path(workdir, CHECKPOINTS)
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+  return sorted(int(n) for n in storage.listdir(path(workdir, CHECKPOINTS))
+                if n.isdigit())
 
 
 def available_steps(workdir: str) -> List[int]:
@@ -462,10 +484,10 @@ def available_steps(workdir: str) -> List[int]:
   folder = path(workdir, CHECKPOINTS)
   steps = []
   for step in checkpoint_steps(workdir):
-    step_dir = os.path.join(folder, str(step))
-    if (os.path.isfile(os.path.join(step_dir, 'digest', _ITEM_FILE))
-        and os.path.isdir(os.path.join(step_dir, 'state'))
-        and os.path.exists(os.path.join(step_dir, 'commit_success.txt'))):
+    step_dir = storage.join(folder, str(step))
+    if (storage.isfile(storage.join(step_dir, 'digest', _ITEM_FILE))
+        and storage.isdir(storage.join(step_dir, 'state'))
+        and storage.exists(storage.join(step_dir, 'commit_success.txt'))):
       steps.append(step)
   return steps
 
@@ -473,11 +495,10 @@ def available_steps(workdir: str) -> List[int]:
 def checkpoint_item(workdir: str, step: int, item: str) -> Any:
   """A JSON item ('config', 'digest') of the checkpoint folder `step`, or
   None when it is missing or not JSON (the digest check reports damage)."""
-  target = os.path.join(path(workdir, CHECKPOINTS), str(step), item,
+  target = storage.join(path(workdir, CHECKPOINTS), str(step), item,
                         _ITEM_FILE)
   try:
-    with open(target, 'rb') as f:
-      return json.loads(f.read().decode())
+    return json.loads(storage.read_bytes(target).decode())
   except (OSError, ValueError):
     return None
 

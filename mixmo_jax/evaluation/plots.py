@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixmo_jax import workdir as wd
+from mixmo_jax import events, storage, workdir as wd
 from mixmo_jax.evaluation import metrics
 
 DPI = 100
@@ -73,12 +73,10 @@ def extra_formats(names):
 
 def _save(fig, path):
   path = os.fspath(path)
-  folder = os.path.dirname(path)
-  if folder:
-    os.makedirs(folder, exist_ok=True)
-  fig.savefig(path, dpi=DPI, format='png')
+  storage.save_figure(fig, path, 'png', dpi=DPI)
   for extension in _EXTRA_FORMATS:
-    fig.savefig(f'{os.path.splitext(path)[0]}.{extension}', format=extension)
+    storage.save_figure(fig, f'{os.path.splitext(path)[0]}.{extension}',
+                        extension)
   return path
 
 
@@ -263,25 +261,9 @@ def _series(records, key, scale=1.0):
 
 def train_scalars(run_workdir, tags):
   """{tag: ([step], [value])} of the run's TensorBoard scalars (the train/*
-  lines `progress.Reporter` writes); {} without event files or TensorFlow."""
-  import glob  # pylint: disable=import-outside-toplevel
-  files = sorted(glob.glob(os.path.join(os.fspath(run_workdir),
-                                        'events.out.tfevents.*')))
-  if not files:
-    return {}
-  try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return {}
-  out = {}
-  for name in files:
-    for event in tf.compat.v1.train.summary_iterator(name):
-      for value in event.summary.value:
-        if value.tag in tags and value.HasField('tensor'):
-          steps, values = out.setdefault(value.tag, ([], []))
-          steps.append(event.step)
-          values.append(float(tf.make_ndarray(value.tensor)))
-  return out
+  lines `progress.Reporter` writes, read by `events`); {} without event
+  files."""
+  return events.read_scalars(os.fspath(run_workdir), tags)
 
 
 def training_curves(run_workdir, path):
@@ -460,7 +442,7 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
   Returns:
     list of the written paths.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   run = run_title(eval_result)
   cal = eval_result.get('calibration', {})
   scaled = metrics.cross_fitted_log_probs(log_probs, labels,

@@ -6,12 +6,11 @@ identity and, for a single run, `best_on_test`: the paper's best-epoch
 protocol read from eval_history.jsonl); `format_table` prints it.
 """
 import math
-import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mixmo_jax import data, models, workdir as wd
+from mixmo_jax import data, models, storage, workdir as wd
 from mixmo_jax.data import cifar_c as corruptions
 from mixmo_jax.evaluation import metrics, registry
 from mixmo_jax.evaluation.runs import Run, predict_members
@@ -77,7 +76,7 @@ def evaluate_test_set(runs: Sequence[Run], mesh,
   result['step'] = runs[0].step
   result['num_params'] = sum(models.num_params(r.variables['params'])
                              for r in runs)
-  result['workdirs'] = [os.path.abspath(r.workdir) for r in runs]
+  result['workdirs'] = [storage.absolute(r.workdir) for r in runs]
   if len(runs) > 1:
     result['steps'] = [r.step for r in runs]
     result['members_per_run'] = [r.config.num_members for r in runs]

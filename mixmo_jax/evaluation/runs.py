@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixmo_jax import (checkpointing, config_validation, data, models,
+from mixmo_jax import (checkpointing, config_validation, data, models, storage,
                        sharding, workdir as wd)
 from mixmo_jax.evaluation import inference
 
@@ -69,7 +69,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   Raises:
     EvaluationError: no such folder, no checkpoint, or no config at all.
   """
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise EvaluationError(f'workdir {workdir} does not exist')
   ckpt_dir = wd.path(workdir, wd.CHECKPOINTS)
   if not wd.checkpoint_steps(workdir):
@@ -137,7 +137,8 @@ def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
     raise EvaluationError('no workdir given')
   seen = {}
   for workdir in workdirs:
-    real = os.path.realpath(workdir)
+    real = storage.absolute(workdir) if storage.is_url(workdir) else (
+        os.path.realpath(workdir))
     if real in seen:
       raise EvaluationError(
           f'{workdir} is given twice (also as {seen[real]}): an ensemble '

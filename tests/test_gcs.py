@@ -1,0 +1,111 @@
+"""gs:// workdirs against a real object store on 127.0.0.1 (fake-gcs-server,
+conftest.gcs_emulator): training with periodic evaluation, a SIGKILL and
+the resume, evaluate with plots, predict.load and a second trainer, every
+file in the bucket and nothing on the local disk."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, xla_flags
+from mixmo_jax import workdir as wd
+
+# A 3-epoch WRN-10-1 digits run, evaluated and saved every epoch.
+TINY = (f'--config={REPO}/configs/digits.py', '--config.model.width=1',
+        '--config.num_epochs=3', '--config.checkpoint_every_epochs=1',
+        '--config.eval_every_epochs=1', '--config.num_train_examples=320',
+        '--config.optimizer.decay_epochs=()')
+BUCKET = 'gs://mixmo-test'
+
+
+def _env(gcs, **extra):
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(2),
+              **gcs, **extra)
+
+
+def _run(gcs, module, *args, cwd, **extra):
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd,
+                        env=dict(_env(gcs, **extra), PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=600)
+
+
+def _python(gcs, code, cwd):
+  out = subprocess.run([sys.executable, '-c', code], cwd=cwd,
+                       env=dict(_env(gcs), PYTHONPATH=REPO),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def _listing(gcs, url, cwd):
+  """Every object name under `url` (relative), through gcsfs."""
+  code = ('import gcsfs, json, sys\n'
+          'fs = gcsfs.GCSFileSystem()\n'
+          f'root = "{url[len("gs://"):]}"\n'
+          'print(json.dumps(sorted(p[len(root) + 1:] for p in '
+          'fs.find(root))))\n')
+  return json.loads(_python(gcs, code, cwd))
+
+
+def _config(*extra):
+  return [a for a in TINY] + list(extra)
+
+
+@pytest.fixture(scope='module')
+def local_digest(tmp_path_factory):
+  """The final (step, digest) of the same run on local disk."""
+  workdir = str(tmp_path_factory.mktemp('local') / 'run')
+  out = subprocess.run([sys.executable, '-m', 'mixmo_jax.main', *TINY,
+                        f'--workdir={workdir}'], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                XLA_FLAGS=xla_flags(2)),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  step = wd.available_steps(workdir)[-1]
+  with open(os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
+                         'metadata')) as f:
+    return step, json.load(f)['sha256']
+
+
+def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
+                                               local_digest):
+  url = f'{BUCKET}/kill/run'
+  killed = _run(gcs_emulator, 'mixmo_jax.main', *TINY, f'--workdir={url}',
+                cwd=tmp_path, MIXMO_FAULT_KILL_AFTER_STEP='15')
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  names = _listing(gcs_emulator, url, tmp_path)
+  assert {'config.json', 'run.json', 'eval_history.jsonl'} <= set(names)
+  assert 'checkpoints/10/digest/metadata' in names
+  assert not any(n.startswith('checkpoints/20') for n in names)
+  resumed = _run(gcs_emulator, 'mixmo_jax.main', *TINY, f'--workdir={url}',
+                 cwd=tmp_path)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from the checkpoint at step 10.' in resumed.stderr
+  step, digest = local_digest
+  record = json.loads(_python(
+      gcs_emulator, 'import gcsfs\nprint(gcsfs.GCSFileSystem().cat_file('
+      f'"{url[5:]}/checkpoints/{step}/digest/metadata").decode())', tmp_path))
+  assert record['sha256'] == digest  # Bit-identical to the local run.
+  names = _listing(gcs_emulator, url, tmp_path)
+  assert any(n.startswith('events.out.tfevents.') for n in names)
+  assert '.lock' not in names  # Released.
+  history = _python(gcs_emulator, 'from mixmo_jax import workdir as wd\n'
+                    f'print([r["step"] for r in wd.read_history("{url}")])',
+                    tmp_path)
+  assert history.strip() == '[10, 20, 30]'
+
+  evaluated = _run(gcs_emulator, 'mixmo_jax.evaluate', f'--workdir={url}',
+                   '--plots', cwd=tmp_path)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  names = set(_listing(gcs_emulator, url, tmp_path))
+  assert {'eval.json', 'reliability.png', 'member_vs_ensemble.png',
+          'training_curves.png'} <= names, names
+  top1 = _python(gcs_emulator, 'import json\nfrom mixmo_jax import predict, '
+                 'storage\n'
+                 f'p = predict.load("{url}")\n'
+                 f'e = json.loads(storage.read_bytes("{url}/eval.json"))\n'
+                 'print(p.step, e["step"], e["ensemble"]["top1"])', tmp_path)
+  assert top1.split()[:2] == ['30', '30']
+  assert os.listdir(tmp_path) == []  # Nothing written locally.
