@@ -4,12 +4,12 @@ A bucket has no `flock`. There WORKDIR/.lock is a lease, a JSON object
 {owner, pid, host, since, expires}, kept by three conditional requests that
 the store applies atomically (GCS: `ifGenerationMatch`):
 
-  acquire  create the object only if it does not exist. If it exists and
-           has not expired, the workdir is busy (the refusal names the
-           holder). If it expired (its holder stopped renewing it TTL
-           seconds ago: dead, preempted or hung), delete it only if it is
-           still the generation that was read, then create it again; who
-           loses either race is refused as busy.
+  acquire  read it: if it exists and has not expired, the workdir is busy
+           (the refusal names the holder); if it expired (its holder
+           stopped renewing it TTL seconds ago: dead, preempted or hung),
+           delete it only if it is still the generation that was read.
+           Then create it only if it does not exist. Who loses either race
+           is refused as busy.
   renew    a daemon thread replaces it every TTL / 4 with a later expiry,
            only if it is still the generation this trainer wrote. If not,
            the lease was taken over: `Lease.lost` says so, with an error
@@ -142,19 +142,25 @@ class Lease:
                        'expires': self.clock() + self.ttl_s}).encode()
 
   def acquire(self) -> None:
-    """Takes the lease or raises `BusyError`."""
+    """Takes the lease or raises `BusyError`.
+
+    The lease is read first, then created only if absent: a store that
+    checks no precondition (an emulator) still refuses a second trainer
+    started after the first; the conditional create decides a race.
+    """
+    held = self.store.read(self.path)
+    if held is not None:
+      if not _expired(held[0], self.clock()):
+        raise BusyError(f'in use by another trainer: {_describe(held[0])}')
+      if not self.store.delete(self.path, held[1]):
+        raise BusyError('in use by another trainer, which took the expired '
+                        'lease first')
+      logging.warning('Took over the expired lease %s (%s).', self.path,
+                      _describe(held[0]))
     generation = self.store.create(self.path, self._content())
     if generation is None:
-      held = self.store.read(self.path)
-      if held is not None and not _expired(held[0], self.clock()):
-        raise BusyError(f'in use by another trainer: {_describe(held[0])}')
-      if held is not None and not self.store.delete(self.path, held[1]):
-        raise BusyError('another trainer took the expired lease first')
-      generation = self.store.create(self.path, self._content())
-      if generation is None:
-        raise BusyError('another trainer took the expired lease first')
-      logging.warning('Took over the expired lease %s (%s).', self.path,
-                      _describe(held[0]) if held else 'gone meanwhile')
+      raise BusyError('in use by another trainer, which took the lease '
+                      'first')
     self.generation = generation
 
   def renew(self) -> bool:

@@ -109,3 +109,55 @@ def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
                  'print(p.step, e["step"], e["ensemble"]["top1"])', tmp_path)
   assert top1.split()[:2] == ['30', '30']
   assert os.listdir(tmp_path) == []  # Nothing written locally.
+
+
+def test_a_second_trainer_is_refused_and_a_dead_ones_lease_taken_over(
+    gcs_emulator, tmp_path):
+  """A trainer holds the lease: a second one is refused in one line naming
+  it. Killed, it leaves its lease; once that has expired (rewritten here
+  with a past expiry, as TTL seconds would make it) the next start takes it
+  over, saying so."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  url = f'{BUCKET}/busy/run'
+  args = [*TINY, '--config.num_epochs=40', f'--workdir={url}']
+  first = subprocess.Popen(
+      [sys.executable, '-m', 'mixmo_jax.main', *args], cwd=tmp_path,
+      env=dict(_env(gcs_emulator), PYTHONPATH=REPO),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while '.lock' not in _listing(gcs_emulator, url, tmp_path):
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(1)
+    second = _run(gcs_emulator, 'mixmo_jax.main', *args, cwd=tmp_path)
+    assert second.returncode == 2, second.stderr[-3000:]
+    errors = [l for l in second.stderr.splitlines() if l.startswith('error')]
+    assert len(errors) == 1, second.stderr[-3000:]
+    assert errors[0].startswith(f'error: {url} is in use by another trainer: '
+                                f'pid {first.pid} on ')
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+  expire = ('import gcsfs, json\n'
+            'fs = gcsfs.GCSFileSystem()\n'
+            f'path = "{url[5:]}/.lock"\n'
+            'held = json.loads(fs.cat_file(path))\n'
+            'held["expires"] -= 10 ** 6\n'
+            'fs.pipe_file(path, json.dumps(held).encode())\n')
+  _python(gcs_emulator, expire, tmp_path)
+  third = subprocess.Popen(
+      [sys.executable, '-m', 'mixmo_jax.main', *args], cwd=tmp_path,
+      env=dict(_env(gcs_emulator), PYTHONPATH=REPO),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen = []
+  try:
+    for line in third.stderr:  # Until it says it took the lease over.
+      seen.append(line)
+      if 'Took over the expired lease' in line or 'error' in line:
+        break
+  finally:
+    third.send_signal(signal.SIGKILL)
+    third.communicate(timeout=60)
+  assert 'Took over the expired lease' in seen[-1], ''.join(seen)[-3000:]
+  assert f'pid {first.pid} on ' in seen[-1]
