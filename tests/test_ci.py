@@ -17,6 +17,21 @@ def test_ci_script_exit_codes(tmp_path, command, expected):
   (tmp_path / 'README.md').write_text(
       f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
   out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, CI_SECOND_PYTHON='0'))
   assert out.returncode == expected, out.stderr
   assert f'ci: {command}' in out.stdout
+
+
+def test_ci_script_fails_when_the_second_python_fails(tmp_path):
+  """The first suite passes; the Python 3.12 venv cannot install this
+  folder (no setup.py): CI fails, saying which stage did."""
+  (tmp_path / '.ci').mkdir()
+  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
+  (tmp_path / 'README.md').write_text(
+      '# x\n\n<!-- ci:test -->\n```bash\ntrue\n```\n')
+  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0, out.stdout
+  assert 'ci: Python 3.12 suite finished in' in out.stdout, out.stderr
+  assert 'exit code 0' not in out.stdout.splitlines()[-1]
