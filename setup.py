@@ -1,5 +1,14 @@
 """Packaging for mixmo_jax (see README.md for the install commands)."""
+import pathlib
+import re
+
 import setuptools
+
+# The one version number: mixmo_jax.__version__ (CITATION.cff repeats it).
+_VERSION = re.search(
+    r"^__version__ = '([^']+)'",
+    (pathlib.Path(__file__).parent / "mixmo_jax" / "__init__.py").read_text(),
+    re.M).group(1)
 
 _X86_LINUX = "platform_machine == 'x86_64' and sys_platform == 'linux'"
 _ONEDNN = ["onednn-cpu-gomp==2023.2.0; " + _X86_LINUX,
@@ -7,12 +16,16 @@ _ONEDNN = ["onednn-cpu-gomp==2023.2.0; " + _X86_LINUX,
 
 setuptools.setup(
     name="mixmo_jax",
-    version="0.1.0",
+    version=_VERSION,
+    license="Apache-2.0",
     description=("MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep "
                  "Subnetworks (Rame, Sun & Cord, ICCV 2021) in JAX/Flax."),
     packages=setuptools.find_packages(include=["mixmo_jax", "mixmo_jax.*"]),
     # The C++ source mixmo_jax/contrib/onednn/dw.py compiles at first use.
     package_data={"mixmo_jax.contrib.onednn": ["csrc/*.cc"]},
+    # Tested on Python 3.11 with jax 0.10.2 (the lower bounds below) and on
+    # Python 3.12 with the newest jax / flax / optax / orbax pip resolves
+    # (0.12.x in December 2026): .ci/run runs the suite on both.
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -9,6 +9,8 @@ The method itself is `mixmo_jax.mixmo`; see the README's code map.
 import logging as _logging
 import os as _os
 
+__version__ = '0.3.0'  # setup.py and CITATION.cff read or repeat it.
+
 # TensorFlow (TFDS preparing a dataset) prints oneDNN / absl C++
 # INFO and WARNING lines at import: noise for a training run. Must be set
 # before TensorFlow is imported; a value the user set is kept. TensorFlow

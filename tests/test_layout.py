@@ -167,3 +167,16 @@ def test_the_core_does_not_import_contrib(graph):
                          f'{PACKAGE}.contrib.onednn.conv'], contrib
     else:
       assert not contrib, f'{module} imports {contrib}'
+
+
+def test_one_version_number():
+  """mixmo_jax.__version__ is the version setup.py installs and the one
+  CITATION.cff names."""
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import mixmo_jax  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(ROOT)
+  with open(os.path.join(root, 'CITATION.cff')) as f:
+    cited = re.search(r'^version: (\S+)$', f.read(), re.M).group(1)
+  assert cited == mixmo_jax.__version__
+  assert importlib.metadata.version('mixmo_jax') == mixmo_jax.__version__
