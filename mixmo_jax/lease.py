@@ -6,7 +6,8 @@ the store applies atomically (GCS: `ifGenerationMatch`):
 
   acquire  read it: if it exists and has not expired, the workdir is busy
            (the refusal names the holder); if it expired (its holder
-           stopped renewing it TTL seconds ago: dead, preempted or hung),
+           stopped renewing it TTL seconds ago: dead, preempted or hung;
+           or its holder was a process of this machine that is gone),
            delete it only if it is still the generation that was read.
            Then create it only if it does not exist. Who loses either race
            is refused as busy.
@@ -18,7 +19,8 @@ the store applies atomically (GCS: `ifGenerationMatch`):
 
 Protected: two trainers started on one workdir, on any machines, while the
 first is alive (the second is refused); a preempted trainer's workdir is
-free again TTL seconds after its last renewal. Not protected: a trainer
+free again TTL seconds after its last renewal, a crashed one's at once on
+its own machine. Not protected: a trainer
 frozen for longer than TTL (e.g. a stopped process) is taken over and, when
 it wakes, may write alongside the new one until its next renewal finds the
 lease gone (the loop stops at its next step then). Clocks of the machines
@@ -116,10 +118,27 @@ def _describe(content: bytes) -> str:
 
 
 def _expired(content: bytes, now: float) -> bool:
+  """Whether a lease holds nothing any more: past its expiry, held by a
+  process of this machine that is gone (a crash here need not wait for
+  the expiry), or not a lease at all."""
   try:
-    return float(json.loads(content.decode())['expires']) < now
+    held = json.loads(content.decode())
+    if float(held['expires']) < now:
+      return True
+    return held['host'] == socket.gethostname() and not _alive(
+        int(held['pid']))
   except (ValueError, KeyError, TypeError, AttributeError):
     return True  # Garbage holds nothing.
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # Alive, another user's.
+    return True
+  return True
 
 
 class Lease:

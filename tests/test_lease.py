@@ -145,3 +145,29 @@ def test_the_renewing_thread_keeps_it_and_stops_on_release():
   assert store.read('l')[1] > first + 2
   held.release()
   assert store.read('l') is None and not held.lost
+
+
+def test_a_dead_process_of_this_machine_holds_nothing():
+  """A lease of this host whose pid is gone (a real process that exited) is
+  taken over at once; a live one's is not, nor another host's."""
+  import os  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  dead_pid = int(gone.stdout)
+  clock = Clock()
+
+  def held_by(pid, host):
+    store = MemoryStore()
+    store.create('l', json.dumps({'owner': 'x', 'pid': pid, 'host': host,
+                                  'since': 's',
+                                  'expires': clock.now + 100}).encode())
+    return store
+
+  here = socket.gethostname()
+  lease.Lease(held_by(dead_pid, here), 'l', clock=clock).acquire()
+  for pid, host in ((os.getpid(), here), (dead_pid, here + '-other')):
+    with pytest.raises(lease.BusyError):
+      lease.Lease(held_by(pid, host), 'l', clock=clock).acquire()
