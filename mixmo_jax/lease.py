@@ -7,7 +7,8 @@ the store applies atomically (GCS: `ifGenerationMatch`):
   acquire  read it: if it exists and has not expired, the workdir is busy
            (the refusal names the holder); if it expired (its holder
            stopped renewing it TTL seconds ago: dead, preempted or hung;
-           or its holder was a process of this machine that is gone),
+           or its holder was a process of this machine, same boot and pid
+           namespace, that is gone),
            delete it only if it is still the generation that was read.
            Then create it only if it does not exist. Who loses either race
            is refused as busy.
@@ -111,23 +112,39 @@ class BusyError(RuntimeError):
 def _describe(content: bytes) -> str:
   try:
     held = json.loads(content.decode())
+    until = time.strftime('%H:%M:%S', time.gmtime(float(held['expires'])))
     return (f'pid {held["pid"]} on {held["host"]} since {held["since"]}, '
-            f'lease renewed until {time.strftime("%H:%M:%S", time.gmtime(held["expires"]))} UTC')
-  except (ValueError, KeyError, TypeError, AttributeError):
+            f'lease renewed until {until} UTC')
+  except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+          OSError):
     return 'a lease this version cannot read'
+
+
+def machine_id() -> Optional[str]:
+  """This boot of this machine and this pid namespace: where a pid names
+  the same process (None where /proc cannot tell). A host name alone does
+  not: containers on several machines may share one."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      boot = f.read().strip()
+    return f'{boot}:{os.stat("/proc/self/ns/pid").st_ino}'
+  except OSError:
+    return None
 
 
 def _expired(content: bytes, now: float) -> bool:
   """Whether a lease holds nothing any more: past its expiry, held by a
-  process of this machine that is gone (a crash here need not wait for
-  the expiry), or not a lease at all."""
+  process of this machine (`machine_id`) that is gone (a crash here need
+  not wait for the expiry), or not a lease at all."""
   try:
     held = json.loads(content.decode())
-    if float(held['expires']) < now:
+    if not float(held['expires']) >= now:  # NaN counts as expired too.
       return True
-    return held['host'] == socket.gethostname() and not _alive(
-        int(held['pid']))
-  except (ValueError, KeyError, TypeError, AttributeError):
+    here = machine_id()
+    pid = int(held['pid'])
+    return (here is not None and held.get('machine') == here and pid > 0
+            and not _alive(pid))
+  except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
     return True  # Garbage holds nothing.
 
 
@@ -157,7 +174,8 @@ class Lease:
 
   def _content(self) -> bytes:
     return json.dumps({'owner': self.owner, 'pid': os.getpid(),
-                       'host': socket.gethostname(), 'since': self.since,
+                       'host': socket.gethostname(), 'machine': machine_id(),
+                       'since': self.since,
                        'expires': self.clock() + self.ttl_s}).encode()
 
   def acquire(self) -> None:

@@ -159,15 +159,20 @@ def test_a_dead_process_of_this_machine_holds_nothing():
   dead_pid = int(gone.stdout)
   clock = Clock()
 
-  def held_by(pid, host):
+  def held_by(pid, machine):
     store = MemoryStore()
-    store.create('l', json.dumps({'owner': 'x', 'pid': pid, 'host': host,
-                                  'since': 's',
+    store.create('l', json.dumps({'owner': 'x', 'pid': pid,
+                                  'host': socket.gethostname(),
+                                  'machine': machine, 'since': 's',
                                   'expires': clock.now + 100}).encode())
     return store
 
-  here = socket.gethostname()
+  here = lease.machine_id()
+  assert here
   lease.Lease(held_by(dead_pid, here), 'l', clock=clock).acquire()
-  for pid, host in ((os.getpid(), here), (dead_pid, here + '-other')):
+  # Alive here; or a pid of another machine (or pid namespace) with the
+  # same host name; or no machine recorded; or a pid that names no process.
+  for pid, machine in ((os.getpid(), here), (dead_pid, here + '-other'),
+                       (dead_pid, None), (-1, here), (0, here)):
     with pytest.raises(lease.BusyError):
-      lease.Lease(held_by(pid, host), 'l', clock=clock).acquire()
+      lease.Lease(held_by(pid, machine), 'l', clock=clock).acquire()
