@@ -77,8 +77,8 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   return sgd
 
 
-def create_train_state(config, model, steps_per_epoch: int, mesh) -> TrainState:
-  """Initialises parameters from the seed, replicated on `mesh`."""
+def _init_state(config, model, steps_per_epoch: int, mesh):
+  """The jitted, argument-free initialisation of the state on `mesh`."""
   init_key = keys.init_key(config.seed)
   size = config.image_size
   tx = make_optimizer(config, steps_per_epoch)
@@ -91,7 +91,20 @@ def create_train_state(config, model, steps_per_epoch: int, mesh) -> TrainState:
     # run then share one compiled train step.
     return state.replace(step=jnp.asarray(0, jnp.int32))
 
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))
+
+
+def create_train_state(config, model, steps_per_epoch: int, mesh) -> TrainState:
+  """Initialises parameters from the seed, replicated on `mesh`."""
+  return _init_state(config, model, steps_per_epoch, mesh)()
+
+
+def abstract_train_state(config, model, steps_per_epoch: int,
+                         mesh) -> TrainState:
+  """The state's shapes, dtypes and shardings (`jax.ShapeDtypeStruct`
+  leaves) without computing anything: what compiling the train step ahead
+  of time for `mesh` needs, also for devices this process cannot run."""
+  return jax.eval_shape(_init_state(config, model, steps_per_epoch, mesh))
 
 
 def state_to_tree(state: TrainState) -> Dict[str, Any]:

@@ -196,3 +196,28 @@ def test_variants_train(variant, overrides):
   changed = [not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
   assert all(changed)  # Every stem, core layer and head was updated.
+
+
+def test_abstract_state_is_the_state_without_computing_it():
+  """`abstract_train_state` gives the shapes, dtypes and shardings of
+  `create_train_state` on the 8-device mesh, as ShapeDtypeStructs, and the
+  train step lowers from it (ahead-of-time compilation needs no arrays)."""
+  config = tiny_digits_config()
+  mesh = sharding.make_mesh()
+  model = models.get_model(config)
+  abstract = training.abstract_train_state(config, model, 10, mesh)
+  concrete = training.create_train_state(config, model, 10, mesh)
+  a_leaves, a_tree = jax.tree.flatten(training.state_to_tree(abstract))
+  c_leaves, c_tree = jax.tree.flatten(training.state_to_tree(concrete))
+  assert a_tree == c_tree and len(a_leaves) > 10
+  for a, c in zip(a_leaves, c_leaves):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (c.shape, c.dtype)
+    assert a.sharding == c.sharding
+  b = config.batch_size // config.batch_repetitions
+  batch = (jax.ShapeDtypeStruct((b, config.image_size, config.image_size, 3),
+                                np.uint8, sharding=sharding.data_sharded(mesh)),
+           jax.ShapeDtypeStruct((b,), np.int32,
+                                sharding=sharding.data_sharded(mesh)))
+  step = training.make_train_step(config, model, 10, mesh)
+  assert 'convolution' in step.lower(abstract, *batch).as_text()
