@@ -37,7 +37,7 @@ config.eval_batch_size rounded up to a multiple of the local device count,
 the last one padded); the ensemble quantities are computed from them on the
 host, so changing `predictor.config.evaluation.ensemble` does not recompile.
 """
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 

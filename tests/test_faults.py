@@ -232,7 +232,7 @@ def test_deleted_config_json_lets_no_changed_config_through(run):
 
 @pytest.mark.parametrize('damage', ['not_gzip', 'truncated', 'bad_pickle'])
 def test_corrupt_cifar_archive_is_one_line(tmp_path, monkeypatch, damage):
-  import gzip, io, pickle, tarfile  # pylint: disable=g-import-not-at-top
+  import io, pickle, tarfile  # pylint: disable=g-import-not-at-top
   from mixmo_jax import data
   from mixmo_jax.data import cifar
   monkeypatch.setattr(cifar, '_try_prepared', lambda *a: None)

@@ -13,7 +13,6 @@ import sys
 import pytest
 
 from conftest import REPO, load_config, tiny_digits_config
-from mixmo_jax import config_validation
 from mixmo_jax import workdir as workdir_lib
 
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')

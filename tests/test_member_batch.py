@@ -16,7 +16,6 @@ from conftest import tiny_digits_config
 from mixmo_jax import keys, models, sharding, training
 from mixmo_jax.data import augment, pipeline
 from mixmo_jax.mixmo import batch as mixmo_batch
-from mixmo_jax.mixmo import loss as mixmo_loss
 from mixmo_jax.mixmo import registry
 
 N, B_REP, M, C, HW = 8, 2, 2, 8, 8

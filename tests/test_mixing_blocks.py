@@ -1,10 +1,6 @@
 """Tests for mixmo_jax/mixmo/masks.py and the Table 2 blocks of blocks.py."""
 import functools
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from mixmo_jax import mixmo
-from mixmo_jax.mixmo import batch, blocks
+from mixmo_jax.mixmo import blocks
 from mixmo_jax.mixmo import masks as masks_lib
 
 NAMES = ('horizontal_concat', 'vertical_concat', 'patchup', 'fmix', 'cowmask')

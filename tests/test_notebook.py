@@ -13,7 +13,6 @@ import sys
 
 import nbformat
 from nbclient import NotebookClient
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'mixmo_quickstart.ipynb')

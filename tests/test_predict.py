@@ -6,7 +6,7 @@ from the returned member logits, and the logits against the evaluate path.
 import numpy as np
 import pytest
 
-from mixmo_jax import data, evaluate, predict, sharding
+from mixmo_jax import data, predict, sharding
 from mixmo_jax.evaluation import runs
 
 B = 13  # Not a multiple of the 8 devices: padded to 16 and stripped.

@@ -9,7 +9,6 @@ from PIL import Image
 import pytest
 
 from mixmo_jax import data
-from mixmo_jax.data import pipeline
 from mixmo_jax.data import tiny_imagenet
 
 WNIDS = ['n0300', 'n0100', 'n0200']  # Written unsorted on purpose.
