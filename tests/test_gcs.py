@@ -108,6 +108,11 @@ def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
                  f'e = json.loads(storage.read_bytes("{url}/eval.json"))\n'
                  'print(p.step, e["step"], e["ensemble"]["top1"])', tmp_path)
   assert top1.split()[:2] == ['30', '30']
+  analysed = _run(gcs_emulator, 'mixmo_jax.analysis', f'--workdir={url}',
+                  f'--plot={url}/utilisation.png', cwd=tmp_path)
+  assert analysed.returncode == 0, analysed.stderr[-3000:]
+  assert {'utilisation.json', 'utilisation.png'} <= set(
+      _listing(gcs_emulator, url, tmp_path))
   assert os.listdir(tmp_path) == []  # Nothing written locally.
 
 
