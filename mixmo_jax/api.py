@@ -44,14 +44,14 @@ def split_cpu(config) -> None:
 
 
 def prepare(config, workdir: str, allow_config_change: bool = False) -> None:
-  """Validates `config`, compares it with the workdir's and writes it.
+  """Compares a valid `config` (`train` validates it first) with the
+  workdir's and writes it.
 
   Raises:
-    config_validation.ConfigError: a field that is not allowed, or a resume
-      with a changed config (unless allow_config_change).
+    config_validation.ConfigError: a resume with a changed config (unless
+      allow_config_change).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  config_validation.validate(config)
   changes = config_validation.check_resume(workdir, config,
                                            allow_config_change)
   if jax.process_index() != 0:

@@ -87,11 +87,7 @@ def main(argv):
   api.split_cpu(config)  # XLA flags, before jax starts.
   _initialize_distributed()
   cli.start_backend()
-  try:  # Before the heavy imports: a bad field fails in a second.
-    config_validation.validate(config)
-  except config_validation.ConfigError as e:
-    fail(e)
-  try:
+  try:  # It validates first: a bad field fails in a second.
     api.train(config, _WORKDIR.value,
               allow_config_change=_ALLOW_CHANGE.value)
   except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:

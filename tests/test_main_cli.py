@@ -237,3 +237,30 @@ def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(
     mixmo_jax.train(tiny_digits_config(), url)
   assert os.listdir(tmp_path) == []
   assert not os.path.exists(os.path.join(REPO, 's3:'))
+
+
+def test_the_config_is_validated_once_per_start(tmp_path):
+  """`python -m mixmo_jax.main` validates the config once (in api.train,
+  before the workdir is touched), counted in a real start."""
+  code = (
+      'import runpy, sys\n'
+      'from mixmo_jax import config_validation as cv\n'
+      'calls = []\n'
+      'original = cv.validate\n'
+      'def counted(*args, **kwargs):\n'
+      '  calls.append(1)\n'
+      '  return original(*args, **kwargs)\n'
+      'cv.validate = counted\n'
+      'sys.argv = ["main"] + sys.argv[1:]\n'
+      'try:\n'
+      '  runpy.run_module("mixmo_jax.main", run_name="__main__")\n'
+      'finally:\n'
+      '  print("VALIDATED", len(calls), file=sys.stderr)\n')
+  out = subprocess.run(
+      [sys.executable, '-c', code, f'--config={REPO}/configs/digits.py',
+       '--config.model.width=1', '--config.num_epochs=1',
+       '--config.num_train_examples=320', '--config.optimizer.decay_epochs=()',
+       f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'VALIDATED 1' in out.stderr.splitlines()[-1], out.stderr[-2000:]
