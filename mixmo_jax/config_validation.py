@@ -22,8 +22,6 @@ RESUME_ALLOWED_CHANGES = (
     'evaluation.ensemble', 'evaluation.calibration_seed', 'cpu_devices',
 )
 
-_PIXEL_MIX = ('none', 'mixup', 'cutmix')
-_ENSEMBLE = ('logits', 'probs')
 
 
 class ConfigError(ValueError):
@@ -204,19 +202,21 @@ def _check_model(c: _Checks):
   name = c.choice('model.name', models.model_names())
   width = c.int_('model.width', 1)
   dtype = c.choice('model.dtype', tuple(models.DTYPES))
+  # Every allowed value below is declared by the module that implements it.
+  from mixmo_jax.mixmo import layers  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.models import wide_resnet  # pylint: disable=import-outside-toplevel
   if name == 'wide_resnet':
     depth = c.int_('model.depth', 10)
-    if depth is not None and (depth - 4) % 6:
-      c.fail('model.depth', depth,
-             'WRN depth must be 6n+4 (10, 16, 22, 28, ...)')
-  c.choice('model.stem', ('mixmo', 'mimo'))
+    if depth is not None and wide_resnet.depth_problem(depth):
+      c.fail('model.depth', depth, wide_resnet.depth_problem(depth))
+  c.choice('model.stem', layers.STEM_INITS)
   for field, default in (('model.stride_on', 'second'),
                          ('model.bn_group_rows', 0)):
     # Read by the WideResNet only.
     if name is not None and name != 'wide_resnet' and c.get(field) != default:
       c.fail(field, c.get(field), f'only with model.name=wide_resnet (it '
              f'must stay {default!r} for {name})')
-  c.choice('model.stride_on', ('second', 'first'))
+  c.choice('model.stride_on', wide_resnet.WideResNet.STRIDE_ON)
   model_ok = not any(f.startswith('model.') for f in c.bad)
   if (model_ok and None not in (name, width, dtype)
       and c.get('image_size') is not _MISSING):
@@ -286,8 +286,9 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 def _check_augment(c: _Checks):
   from mixmo_jax.mixmo import batch as mixmo_batch  # jax only.
   c.int_('augment.crop_padding', 0)
-  mix = c.choice('augment.pixel_mix', _PIXEL_MIX)
-  rule = c.choice('augment.pixel_mix_rule', ('per_sample', 'batch'))
+  from mixmo_jax.data import augmix  # pylint: disable=import-outside-toplevel
+  mix = c.choice('augment.pixel_mix', mixmo_batch.PIXEL_MIXES)
+  rule = c.choice('augment.pixel_mix_rule', mixmo_batch.PIXEL_MIX_RULES)
   members = c.get('num_members')
   if (rule == 'batch' and mix not in (None, 'none') and _is_int(members)
       and members > 1):
@@ -297,7 +298,7 @@ def _check_augment(c: _Checks):
   c.number('augment.pixel_mix_prob', 0.0, 1.0)
   c.number('augment.cutmix_alpha', 0.0, lo_open=True)
   c.number('augment.mixup_alpha', 0.0, lo_open=True)
-  rule = c.choice('augment.augmix_rule', ('mixmo', 'augmix'))
+  rule = c.choice('augment.augmix_rule', augmix.RULES)
   # The authors' rule scales each range by severity / 30; AugMix's draws a
   # level in U(0.1, severity) on a 0..10 scale.
   if rule is not None:
@@ -356,7 +357,8 @@ def _check_schedule(c: _Checks):
   for field in SEED_FIELDS:
     c.int_(field, 0, MAX_SEED)
   c.int_('cpu_devices', 0)
-  c.choice('evaluation.ensemble', _ENSEMBLE)
+  from mixmo_jax.evaluation import metrics  # pylint: disable=import-outside-toplevel
+  c.choice('evaluation.ensemble', metrics.ENSEMBLE_MODES)
 
 
 def problems(config, num_devices: int) -> List[str]:

@@ -48,7 +48,7 @@ from mixmo_jax.evaluation import inference, metrics, runs
 UNIT_TOLERANCE = 1e-3
 OUTPUT_KEYS = ('logits', 'member_probs', 'probs', 'entropy',
                'expected_entropy', 'mutual_information')
-ENSEMBLE_MODES = ('logits', 'probs')
+ENSEMBLE_MODES = metrics.ENSEMBLE_MODES
 
 
 def _entropy(log_probs: np.ndarray) -> np.ndarray:
@@ -116,8 +116,8 @@ class Predictor:
     """
     mode = self.config.evaluation.ensemble
     if mode not in ENSEMBLE_MODES:
-      raise ValueError(f"config.evaluation.ensemble must be 'logits' or "
-                       f"'probs', got {mode!r}")
+      raise ValueError(f'config.evaluation.ensemble must be one of '
+                       f'{ENSEMBLE_MODES}, got {mode!r}')
     images = self.check_images(images)
     if len(images) == 0:
       m, c = self.config.num_members, self.config.num_classes

@@ -180,3 +180,18 @@ def test_one_version_number():
     cited = re.search(r'^version: (\S+)$', f.read(), re.M).group(1)
   assert cited == mixmo_jax.__version__
   assert importlib.metadata.version('mixmo_jax') == mixmo_jax.__version__
+
+
+def test_the_validator_declares_no_vocabulary_of_its_own():
+  """Every `c.choice(field, allowed)` of config_validation takes `allowed`
+  from the module that implements it, never a literal written twice."""
+  path = _modules()[f'{PACKAGE}.config_validation']
+  literals, choices = [], 0
+  for node in ast.walk(ast.parse(open(path).read())):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == 'choice' and len(node.args) == 2):
+      choices += 1
+      if isinstance(node.args[1], (ast.Tuple, ast.List, ast.Set)):
+        literals.append(ast.literal_eval(node.args[0]))
+  assert choices >= 8, choices  # The check sees the calls.
+  assert not literals, literals

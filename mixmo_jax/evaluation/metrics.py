@@ -96,6 +96,11 @@ def _normalise(log_probs):
   return xp, _log_softmax(xp, _floats(xp, log_probs))
 
 
+# How the members' outputs form the ensemble (`ensemble_log_probs`): the
+# mean of their logits, or of their probabilities.
+ENSEMBLE_MODES = ('logits', 'probs')
+
+
 def ensemble_log_probs(member_logits, mode='logits'):
   """Ensemble prediction from the M members' logits.
 
@@ -112,12 +117,13 @@ def ensemble_log_probs(member_logits, mode='logits'):
   """
   xp = _namespace(member_logits)
   z = _floats(xp, member_logits)
-  if mode == 'logits':
+  if mode == ENSEMBLE_MODES[0]:  # 'logits'
     return _log_softmax(xp, xp.mean(z, axis=1))
-  if mode == 'probs':
+  if mode == ENSEMBLE_MODES[1]:  # 'probs'
     member_lp = _log_softmax(xp, z)  # Shape: [N, M, C].
     return _logsumexp(xp, member_lp, axis=1) - math.log(z.shape[1])
-  raise ValueError(f"ensemble mode must be 'logits' or 'probs', got {mode!r}")
+  raise ValueError(f'ensemble mode must be one of {ENSEMBLE_MODES}, got '
+                   f'{mode!r}')
 
 
 def top_k_correct(log_probs, labels, k=1):

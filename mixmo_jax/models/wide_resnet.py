@@ -64,6 +64,13 @@ class WideBasicBlock(nn.Module):
     return out + shortcut
 
 
+def depth_problem(depth: int) -> str | None:
+  """Why `depth` is not a WRN depth (6n + 4, n >= 1), or None."""
+  if depth < 10 or (depth - 4) % 6:
+    return "WRN depth must be 6n+4 (10, 16, 22, 28, ...)"
+  return None
+
+
 class WideResNet(nn.Module):
   """MixMo WRN-depth-width with M stems and M heads.
 
@@ -111,8 +118,9 @@ class WideResNet(nn.Module):
 
   def blocks_per_stage(self) -> int:
     """n = (depth - 4) / 6; raises ValueError unless depth = 6n + 4, n >= 1."""
-    if self.depth < 10 or (self.depth - 4) % 6:
-      raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {self.depth}")
+    problem = depth_problem(self.depth)
+    if problem:
+      raise ValueError(f"WideResNet depth {self.depth}: {problem}")
     return (self.depth - 4) // 6
 
   def stem_resolution(self, height: int, width: int) -> tuple[int, int]:
