@@ -63,6 +63,20 @@ class _QuietOrbax(pylogging.Filter):
 _FILTER = _QuietOrbax()
 
 
+class _AbandonedOrbaxTasks(pylogging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of orbax's
+  write tasks: after a failed save (a full disk) the remaining writes fail
+  too, and the save's own one-line error says it."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith('Task exception was never retrieved')
+                and '/orbax/' in message)
+
+
+_ASYNCIO_FILTER = _AbandonedOrbaxTasks()
+
+
 def _closed_loop_callback(unraisable) -> bool:
   """Whether an unraisable exception is tensorstore completing a write after
   orbax has given up on it: the future's callback finds orbax's asyncio loop
@@ -81,13 +95,17 @@ def quiet_orbax_logs() -> None:
   """Keeps orbax's INFO chatter out of the logs (idempotent).
 
   The filter sits on absl's logger, so it also works in notebooks, where
-  absl's handler is not installed. tensorstore's "Event loop is closed"
-  reports (dozens after a failed write, through `sys.unraisablehook`) are
-  dropped; every other unraisable exception goes to the previous hook.
+  absl's handler is not installed. After a failed write, tensorstore's
+  "Event loop is closed" reports (dozens, through `sys.unraisablehook`) and
+  asyncio's reports of orbax's abandoned write tasks are dropped; every
+  other unraisable exception goes to the previous hook.
   """
   logger = logging.get_absl_logger()
   if _FILTER not in logger.filters:
     logger.addFilter(_FILTER)
+  asyncio_logger = pylogging.getLogger('asyncio')
+  if _ASYNCIO_FILTER not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_ASYNCIO_FILTER)
   if sys.unraisablehook is not _quiet_unraisable_hook:
     _quiet_unraisable_hook.chained = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable_hook

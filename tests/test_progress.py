@@ -178,3 +178,36 @@ def test_quiet_logs_drop_only_closed_loop_reports(monkeypatch):
       (RuntimeError, 'something else'), (ValueError, 'Event loop is closed')]
   cli.quiet_orbax_logs()  # Idempotent: not chained to itself.
   assert cli._quiet_unraisable_hook.chained == seen.append
+
+
+def test_quiet_logs_drop_only_orbax_abandoned_tasks(tmp_path, caplog,
+                                                    monkeypatch):
+  """asyncio's "Task exception was never retrieved" for real tasks that
+  failed unawaited: one whose coroutine lives under an 'orbax' folder is
+  dropped, another is still reported."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  import gc  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import cli  # pylint: disable=import-outside-toplevel
+  for folder in ('orbax', 'other'):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / f'{folder}_writer.py').write_text(
+        'async def write():\n  raise ValueError("RESOURCE_EXHAUSTED")\n')
+  monkeypatch.syspath_prepend(str(tmp_path / 'orbax'))
+  monkeypatch.syspath_prepend(str(tmp_path / 'other'))
+  import orbax_writer  # pylint: disable=import-outside-toplevel
+  import other_writer  # pylint: disable=import-outside-toplevel
+  cli.quiet_orbax_logs()
+
+  async def abandon(coroutine):
+    asyncio.ensure_future(coroutine)
+    await asyncio.sleep(0.01)  # It fails; nobody awaits it.
+
+  with caplog.at_level('ERROR', logger='asyncio'):
+    for writer in (orbax_writer, other_writer):
+      loop = asyncio.new_event_loop()
+      loop.run_until_complete(abandon(writer.write()))
+      loop.close()
+      gc.collect()  # The task is collected: asyncio reports it now.
+  reports = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith('Task exception was never')]
+  assert len(reports) == 1 and 'other_writer' in reports[0], reports
