@@ -245,3 +245,29 @@ def test_op_profile_times_the_onednn_custom_calls():
   ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
                            compiled, steps=2)
   assert calls <= {op.name for op in ops}, ops
+
+
+@needs_onednn
+def test_the_programs_platform_decides_not_the_default_backend():
+  """A program exported for a GPU or TPU from this CPU process (as
+  experiments.aot compiles) holds XLA's own convs and gradients, the same
+  convolutions as with the path off; the CPU program holds oneDNN's."""
+  x, w = _data(2, 8, 8, 3, 3, 4)
+
+  def grad(conv):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(conv(
+        x, w, (2, 2), 'SAME', dimension_numbers=NHWC) ** 2), (0, 1)))
+
+  def exported(platform, conv):
+    return jax.export.export(grad(conv), platforms=[platform])(
+        x, w).mlir_module()
+
+  for platform in ('cuda', 'tpu'):
+    ours = exported(platform, onednn_conv.conv_general_dilated)
+    assert onednn_conv.CUSTOM_CALL not in ours
+    assert onednn_dw.TARGET not in ours
+    stock = exported(platform, lax.conv_general_dilated)
+    assert (ours.count('stablehlo.convolution')
+            == stock.count('stablehlo.convolution') > 0)
+  assert onednn_conv.CUSTOM_CALL in grad(
+      onednn_conv.conv_general_dilated).lower(x, w).as_text()

@@ -34,12 +34,15 @@ batch shard with the weights replicated, as XLA does for its own conv
 (left to XLA's partitioner, an opaque custom call would all-gather the
 batch onto every device).
 
-Every other case (another backend, other dtypes or layouts, dilation,
-groups, `precision` or `preferred_element_type` set) calls
-`jax.lax.conv_general_dilated` unchanged, so GPU and TPU programs are the
-same as without this module. The oneDNN path is used only when
+Every other case (other dtypes or layouts, dilation, groups, `precision`
+or `preferred_element_type` set) calls `jax.lax.conv_general_dilated`
+unchanged. The choice between the two is made per program, by the platform
+it is compiled for (`jax.lax.platform_dependent`), not by the process's
+default backend: a GPU or TPU program (compiled on a CPU host ahead of
+time, or on a machine with both) is the same as without this module. The
+oneDNN path is used only when
 
-  * the default backend is the CPU and the machine is x86-64,
+  * the machine is x86-64 and the program is compiled for its CPU,
   * MIXMO_ONEDNN_CONV is '1' (on a jaxlib other than the tested ones
     below, with a warning), and
   * a probe conv through the custom call, at first use, equals XLA's
@@ -336,8 +339,6 @@ def enabled() -> bool:
   """Whether the oneDNN path is on in this process (see the module doc)."""
   if os.environ.get(ENV, '') != '1':
     return False
-  if jax.default_backend() != 'cpu':
-    return False
   if _host.machine().lower() not in ('x86_64', 'amd64'):
     return False
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -345,8 +346,12 @@ def enabled() -> bool:
     logging.warning('%s=1: jaxlib %s is not among the tested %s; trying '
                     'oneDNN (the probe checks it)', ENV, jaxlib.__version__,
                     TESTED_JAXLIB)
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:  # No CPU backend (JAX_PLATFORMS without cpu).
+    return False
   # Concrete values even when the first use is inside a jit trace.
-  with jax.ensure_compile_time_eval():
+  with jax.ensure_compile_time_eval(), jax.default_device(cpu):
     return _probe()
 
 
@@ -414,4 +419,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
       if usable else None
   if pads is None or not active():
     return lax.conv_general_dilated(*args, **kwargs)
-  return _onednn_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+  strides = tuple(int(s) for s in window_strides)
+  return lax.platform_dependent(
+      lhs, rhs, cpu=lambda x, w: _onednn_conv(x, w, strides, pads),
+      default=lambda x, w: lax.conv_general_dilated(x, w, *args[2:],
+                                                    **kwargs))
