@@ -149,16 +149,18 @@ def _disk_usage(folder):
 def uninterrupted(tmp_path_factory):
   """(final step, digest) of the run that meets no fault, and a tmpfs size
   that holds its workdir with one checkpoint but not with two: all but the
-  checkpoints (the final, largest, event file included) plus 1.5
-  checkpoints."""
+  checkpoints (the final, largest, event file included) plus 1.25 times
+  the smallest checkpoint. (The checkpoints' sizes differ by up to ~10%
+  from run to run, as orbax's OCDBT lays out its data files as the writes
+  finish; 1.25 leaves room for that on both sides.)"""
   workdir = str(tmp_path_factory.mktemp('clean') / 'run')
   code, errors, stderr = _train(workdir)
   assert code == 0 and not errors, stderr[-3000:]
   checkpoints = os.path.join(workdir, wd.CHECKPOINTS)
-  one = max(_disk_usage(os.path.join(checkpoints, str(s)))
+  one = min(_disk_usage(os.path.join(checkpoints, str(s)))
             for s in wd.available_steps(workdir))
   rest = _disk_usage(workdir) - _disk_usage(checkpoints)
-  return _final_digest(workdir), f'{(rest + 3 * one // 2) // 1024 + 64}k'
+  return _final_digest(workdir), f'{(rest + 5 * one // 4) // 1024 + 64}k'
 
 
 def test_full_disk_during_training_loses_only_the_unsaved_epoch(
