@@ -56,6 +56,11 @@ setuptools.setup(
         # into an XLA FFI call at first use.
         "cpu-onednn": _ONEDNN,
         "cuda12": ["jax[cuda12]>=0.10"],
+        # python -m experiments.aot: jax's CUDA and TPU plugins, pinned by
+        # jax itself to the installed jax, to compile for an H100 or a TPU
+        # slice on any machine. 'cuda12-local' leaves out NVIDIA's CUDA
+        # libraries (3 GB): compiling needs none of them, only running does.
+        "aot": ["jax[cuda12-local,tpu]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
         # The suite tests the contrib kernels too.
         # fake-gcs-server: the object store of tests/test_gcs.py.

@@ -133,12 +133,15 @@ def backend_started() -> bool:
   return bool(getattr(info, 'hits', 0) or getattr(info, 'misses', 0))
 
 
-def apply_defaults(environ: Optional[MutableMapping[str, str]] = None
-                   ) -> List[str]:
+def apply_defaults(environ: Optional[MutableMapping[str, str]] = None,
+                   platforms: Optional[Sequence[str]] = None) -> List[str]:
   """Adds the default XLA flags to environ['XLA_FLAGS']; returns the added.
 
   Args:
     environ: the environment to edit (default os.environ).
+    platforms: whose defaults ('cpu', 'gpu', 'tpu'; default:
+      `target_platforms(environ)`): a program compiled ahead of time for a
+      GPU on a CPU host (experiments.aot) names the GPU's.
 
   Returns:
     The '--name=value' strings added (empty if disabled, all user-set,
@@ -149,7 +152,8 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None
     return []
   user = environ.get('XLA_FLAGS', '')
   defaults = {name: value for name, value in
-              default_flags(sorted(target_platforms(environ))).items()
+              default_flags(sorted(platforms or target_platforms(environ))
+                            ).items()
               if f'--{name}' not in user}
   unknown = unknown_flags(list(defaults))
   if unknown:

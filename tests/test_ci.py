@@ -18,7 +18,8 @@ def test_ci_script_exit_codes(tmp_path, command, expected):
       f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
   out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
                        capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, CI_SECOND_PYTHON='0', CI_LINT='0'))
+                       env=dict(os.environ, CI_SECOND_PYTHON='0', CI_LINT='0',
+                                CI_AOT='0'))
   assert out.returncode == expected, out.stderr
   assert f'ci: {command}' in out.stdout
 
@@ -32,7 +33,7 @@ def test_ci_script_fails_when_the_second_python_fails(tmp_path):
       '# x\n\n<!-- ci:test -->\n```bash\ntrue\n```\n')
   out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
                        capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, CI_LINT='0'))
+                       env=dict(os.environ, CI_LINT='0', CI_AOT='0'))
   assert out.returncode != 0, out.stdout
   assert 'ci: Python 3.12 suite finished in' in out.stdout, out.stderr
   assert 'exit code 0' not in out.stdout.splitlines()[-1]
@@ -52,3 +53,19 @@ def test_ci_script_fails_on_lint_before_any_test(tmp_path):
   assert out.returncode == 1, out.stdout + out.stderr
   assert 'ci: lint failed' in out.stderr and 'F401' in out.stdout
   assert not (tmp_path / 'ran').exists()
+
+
+def test_ci_script_fails_when_the_accelerator_compiles_fail(tmp_path):
+  """The suite passes; the AOT stage cannot install this folder's `aot`
+  extra (no setup.py, no venv): CI fails there, before Python 3.12."""
+  (tmp_path / '.ci').mkdir()
+  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
+  (tmp_path / 'README.md').write_text(
+      '# x\n\n<!-- ci:test -->\n```bash\ntrue\n```\n')
+  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, CI_LINT='0'))
+  assert out.returncode == 1, out.stdout
+  assert 'ci: accelerator compiles finished in' in out.stdout
+  assert 'exit code 0' not in out.stdout.splitlines()[-2]
+  assert 'Python 3.12' not in out.stdout
