@@ -1,0 +1,2 @@
+"""Compile the train step for an accelerator that is not here: see
+__main__.py and docs/accelerators.md."""
