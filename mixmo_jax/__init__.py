@@ -36,13 +36,13 @@ def train(config, workdir, **kwargs):
   Sets up the console like the CLI (`progress.setup_logging`), makes
   `config.cpu_devices` CPU devices when jax has not started yet (and warns
   when it already runs with fewer, e.g. in a notebook that used jax before),
-  then validates, writes config.json and trains: see `mixmo_jax.api.train`.
+  then validates, writes config.json and trains: see
+  `mixmo_jax.training.train_and_evaluate`.
   """
   # pylint: disable=import-outside-toplevel
   from absl import logging
-  from mixmo_jax import api, progress
-  progress.setup_logging()
-  api.split_cpu(config)
+  from mixmo_jax import platform, training
+  platform.setup(config)
   import jax
   wanted = config.get('cpu_devices', 0)
   if (type(wanted) is int and wanted > 1 and jax.default_backend() == 'cpu'
@@ -52,4 +52,4 @@ def train(config, workdir, **kwargs):
         'device(s); training uses those (call mixmo_jax.train before any '
         'other jax use, or restart the runtime, to get %d).', wanted,
         jax.local_device_count(), wanted)
-  return api.train(config, workdir, **kwargs)
+  return training.train_and_evaluate(config, workdir, **kwargs)

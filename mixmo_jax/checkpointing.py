@@ -20,8 +20,6 @@ and `Checkpointer.best` / `step='best'` find it.
 import hashlib
 import os
 import re
-import signal
-import threading
 import time
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -33,10 +31,6 @@ import orbax.checkpoint as ocp
 from mixmo_jax import cli, storage, workdir as wd
 
 CHECKPOINT_DIR = wd.CHECKPOINTS
-# Test hook: 'save:STEP' SIGKILLs this process while the checkpoint of STEP
-# is being written (its temporary folder exists); 'eval:STEP' right after the
-# evaluation at STEP, before its history line (see `fault_hook`).
-FAULT_KILL_AT_ENV = 'MIXMO_FAULT_KILL_AT'
 CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
 BEST = 'best'  # The step name of the checkpoint of best test top-1.
 _SETTLE_S = 1.0  # After a failed write, for the writes still in flight.
@@ -51,29 +45,6 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteStateError(RuntimeError):
   """The state to save has NaN or inf values: it is never saved."""
-
-
-def fault_hook(point: str, step: int) -> bool:
-  """Whether MIXMO_FAULT_KILL_AT is `point:step`; for 'eval' it kills now."""
-  if os.environ.get(FAULT_KILL_AT_ENV, '') != f'{point}:{step}':
-    return False
-  if point != 'save':
-    os.kill(os.getpid(), signal.SIGKILL)
-  return True
-
-
-def _kill_once_writing(directory: str, step: int) -> None:
-  """SIGKILLs the process as soon as the temporary folder of `step` exists
-  (a kill in the middle of the write), or after 60 s."""
-  def watch():
-    deadline = time.time() + 60
-    while time.time() < deadline:
-      if os.path.isdir(directory) and any(
-          n.startswith(f'{step}.') for n in os.listdir(directory)):
-        break
-      time.sleep(0.0005)
-    os.kill(os.getpid(), signal.SIGKILL)
-  threading.Thread(target=watch, daemon=True).start()
 
 
 def first_nonfinite(tree: Any) -> Optional[str]:
@@ -255,8 +226,6 @@ class Checkpointer:
                      state, step, self.run_id, self.config)))
     if self.config is not None:
       items['config'] = ocp.args.JsonSave(self.config)
-    if fault_hook('save', step):
-      _kill_once_writing(self.directory, step)
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True,
                         metrics=dict(metrics or {}))

@@ -285,10 +285,11 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 
 def _check_augment(c: _Checks):
   from mixmo_jax.mixmo import batch as mixmo_batch  # jax only.
+  from mixmo_jax.mixmo import pixel_mix  # pylint: disable=import-outside-toplevel
   c.int_('augment.crop_padding', 0)
   from mixmo_jax.data import augmix  # pylint: disable=import-outside-toplevel
-  mix = c.choice('augment.pixel_mix', mixmo_batch.PIXEL_MIXES)
-  rule = c.choice('augment.pixel_mix_rule', mixmo_batch.PIXEL_MIX_RULES)
+  mix = c.choice('augment.pixel_mix', pixel_mix.PIXEL_MIXES)
+  rule = c.choice('augment.pixel_mix_rule', pixel_mix.PIXEL_MIX_RULES)
   members = c.get('num_members')
   if (rule == 'batch' and mix not in (None, 'none') and _is_int(members)
       and members > 1):

@@ -12,6 +12,12 @@ continues the uninterrupted one bit for bit:
                                                     permutations, in-pixel
                                                     mixing, AugMix) and its
                                                     mixing key (kappa, masks)
+    k_data, the step's data key, in `mixmo.batch.member_batch`:
+      split(k_data, 4)                              crop / flip, member
+                                                    permutations, in-pixel
+                                                    mixing, partner positions
+      fold_in(k_data, PIXEL_AUGMENT_KEY = 4)        AugMix (members, partners)
+      fold_in(k_data, PARTNER_CROP_KEY = 5)         crop of the host's partners
     data_key    = fold_in(key(config.seed), 0x5EEDDA7A)
     epoch_key   = fold_in(data_key, epoch)          the data order of an epoch
 

@@ -4,7 +4,8 @@ Validates the config before anything is compiled (bad fields exit with code
 2 and one line each, leaving the workdir untouched), takes the workdir's
 lock (a second trainer exits with code 2), refuses to resume a workdir with
 a different config, writes the resolved config to WORKDIR/config.json and
-trains (`mixmo_jax.api.train`, which does the same from Python).
+trains: `mixmo_jax.training.train_and_evaluate`, which `mixmo_jax.train`
+calls from Python too.
 
 Exit codes: 0 done (or already finished, or stopped by SIGTERM / SIGINT
 after saving); 2 a usage error (flags, config, a busy workdir); 3 NaN or
@@ -14,7 +15,7 @@ checkpoint that cannot be read or written.
 from absl import app, flags
 from ml_collections import config_flags
 
-from mixmo_jax import api, cli, config_validation, configs
+from mixmo_jax import cli, config_validation, configs, platform
 from mixmo_jax.cli import fail
 
 __doc__ += f"""
@@ -84,12 +85,13 @@ def main(argv):
   if workdir.url_problem(_WORKDIR.value):
     fail(f'--workdir={workdir.url_problem(_WORKDIR.value)}')
   config = FLAGS.config
-  api.split_cpu(config)  # XLA flags, before jax starts.
+  platform.setup(config)  # XLA flags, before jax starts.
   _initialize_distributed()
   cli.start_backend()
+  from mixmo_jax import training  # pylint: disable=import-outside-toplevel
   try:  # It validates first: a bad field fails in a second.
-    api.train(config, _WORKDIR.value,
-              allow_config_change=_ALLOW_CHANGE.value)
+    training.train_and_evaluate(config, _WORKDIR.value,
+                                allow_config_change=_ALLOW_CHANGE.value)
   except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:
     fail(e)
   except workdir.WorkdirError as e:  # The folder itself: the environment.
@@ -100,8 +102,8 @@ def main(argv):
          'command to resume', EXIT_INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     # Imported only now: a refused start stays quiet (no TensorFlow logs).
-    from mixmo_jax import checkpointing, data, loop  # Heavy: TF.
-    if isinstance(e, (loop.NonFiniteLossError,
+    from mixmo_jax import checkpointing, data, progress  # Heavy: TF.
+    if isinstance(e, (progress.NonFiniteLossError,
                       checkpointing.NonFiniteStateError)):
       fail(e, EXIT_NONFINITE)
     if isinstance(e, (data.DatasetUnavailableError,

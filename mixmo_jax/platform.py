@@ -173,3 +173,24 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None,
     return []
   environ['XLA_FLAGS'] = merged
   return added
+
+
+def setup(config) -> None:
+  """XLA's flags for this run, set once before jax starts its backend.
+
+  The library's XLA defaults (`apply_defaults`: CPU kernels, GPU
+  determinism; the user's XLA_FLAGS win), and `config.cpu_devices` XLA CPU
+  devices where XLA_FLAGS does not already set the host device count (GPUs
+  and TPUs are unaffected: the flag applies to the host platform).  Once
+  jax's backend is running (e.g. a notebook that already used jax) nothing
+  can change any more and the run uses the devices it has.
+  """
+  apply_defaults()
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  count = config.get('cpu_devices', 0)
+  if (type(count) is int and count > 0  # Bad values: reported by validate.
+      and not backend_started()
+      and 'xla_force_host_platform_device_count' not in xla_flags):
+    os.environ['XLA_FLAGS'] = (
+        f'{xla_flags} --xla_force_host_platform_device_count='
+        f'{count}').strip()

@@ -16,7 +16,8 @@ _SIGNAL = {'name': None}  # The signal received by this process, if any.
 
 
 def reset() -> None:
-  """Forgets a recorded signal (at the start and end of `api.train`)."""
+  """Forgets a recorded signal (at the start and end of
+  `training.train_and_evaluate`)."""
   _SIGNAL['name'] = None
 
 
@@ -25,8 +26,8 @@ class Preemption:
   and stop.
 
   The record is the process's, not the instance's: a signal caught by an
-  earlier instance (`api.train` installs one before its slow imports) is
-  seen by the loop's.
+  earlier instance (`training.train_and_evaluate` installs one before the
+  slow start) is seen by the loop's.
   """
 
   def __init__(self):

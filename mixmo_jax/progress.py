@@ -285,7 +285,7 @@ class Reporter:
 
   def evaluation(self, record: Dict[str, Any], member_logits=None,
                  labels=None) -> None:
-    """Writes an evaluation record (`loop.evaluate`'s) to TensorBoard and
+    """Writes an evaluation record (`training.evaluate_epoch`'s) to TensorBoard and
     the console; with the [N, M, C] `member_logits` and [N] `labels` also
     the reliability diagram (the member-vs-ensemble figure needs only the
     record)."""

@@ -1,29 +1,46 @@
-"""MixMo training: state, schedules, the jitted train step (Algorithm 1).
+"""MixMo training: the jitted train step (Algorithm 1) and the run that
+feeds it, as `python -m mixmo_jax.main` and `mixmo_jax.train` start it.
 
-`train_step` is a pure function `(state, images, labels) -> (state, metrics)`
-jitted over the device mesh with the state donated: a short piece of glue
-that calls the method (`mixmo_jax.mixmo`).  Everything random about a batch
-happens inside it, from the step's keys (`keys.step_keys(seed, step)`):
-batch repetition, pad-crop-flip, AugMix, member permutations, in-pixel
-CutMix/Mixup,
-kappa and masks, the mixing itself, the reweighted loss and the update.  The
-host only ships the step's unique samples, so resuming is exact.
+    training.train_and_evaluate(config, workdir)
+
+validates the config (before the workdir is touched), takes the workdir's
+lock, writes config.json and trains, resuming from the workdir's newest
+verified checkpoint: each step's unique samples come from `feed.Feeder` (a
+pure function of (seed, step)), `make_train_step` runs the step, the test
+set is evaluated every `eval_every_epochs` (`evaluate_epoch`), verified
+checkpoints are saved every `checkpoint_every_epochs`, at the end and at
+each evaluated epoch of best test top-1 so far (`keep_best_checkpoint`),
+SIGTERM / SIGINT save the current step and stop (`preemption`), and a
+non-finite loss stops the run (`progress.Reporter`).
+
+`train_step` is a pure function `(state, images, labels) -> (state,
+metrics)` jitted over the device mesh with the state donated: a short piece
+of glue that calls the method (`mixmo_jax.mixmo`). Everything random about
+a batch happens inside it, from the step's keys (`keys.step_keys(seed,
+step)`): batch repetition, pad-crop-flip, AugMix, member permutations,
+in-pixel CutMix / Mixup, kappa and masks, the mixing itself, the reweighted
+loss and the update. The host only ships the step's unique samples, so
+resuming is exact.
 """
+import contextlib
 import functools
+import signal
 from typing import Any, Callable, Dict, Tuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
-import optax
 from flax.training import train_state
 
-from mixmo_jax import keys, models, sharding
+from mixmo_jax import (config_validation, keys, models, optim, preemption,
+                       sharding, workdir as wd)
 from mixmo_jax.data import augment
 from mixmo_jax.data import augmix
 from mixmo_jax.data import pipeline
 from mixmo_jax.mixmo import batch as mixmo_batch
 from mixmo_jax.mixmo import loss as mixmo_loss
 from mixmo_jax.mixmo import registry
+from mixmo_jax.mixmo import schedule
 
 
 class TrainState(train_state.TrainState):
@@ -31,57 +48,11 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def peak_learning_rate(config) -> float:
-  """lr = base * (batch_size / b) / reference (0.1 / b * bs / 128, App. 6.4)."""
-  opt = config.optimizer
-  unique = config.batch_size / config.batch_repetitions
-  return opt.base_learning_rate * unique / opt.reference_batch_size
-
-
-def warmup_steps(config, steps_per_epoch: int) -> int:
-  """Linear warm-up length: `warmup_epochs` epochs, or 1000 * b steps (TIN)."""
-  per_rep = config.optimizer.warmup_steps_per_repetition
-  if per_rep > 0:
-    return per_rep * config.batch_repetitions
-  return int(round(config.optimizer.warmup_epochs * steps_per_epoch))
-
-
-def learning_rate_schedule(config, steps_per_epoch: int) -> Callable:
-  """lr(step) = peak * min(1, step / warmup) * factor^(#decay epochs passed).
-
-  Step decay after each epoch of `optimizer.decay_epochs` (x0.1 after 100,
-  200 and 225 of 300 on CIFAR); an epoch is |D| * b / batch_size steps.
-  """
-  peak = peak_learning_rate(config)
-  warmup = warmup_steps(config, steps_per_epoch)
-  boundaries = jnp.asarray(
-      [e * steps_per_epoch for e in config.optimizer.decay_epochs], jnp.int32)
-  factor = config.optimizer.decay_factor
-
-  def schedule(step):
-    step = jnp.asarray(step)
-    warm = jnp.minimum(1.0, step / warmup) if warmup > 0 else 1.0
-    num_decays = jnp.sum(step >= boundaries)
-    return peak * warm * factor ** num_decays
-
-  return schedule
-
-
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum; optional coupled weight decay first."""
-  opt = config.optimizer
-  sgd = optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                  momentum=opt.momentum, nesterov=opt.nesterov)
-  if opt.weight_decay > 0:
-    return optax.chain(optax.add_decayed_weights(opt.weight_decay), sgd)
-  return sgd
-
-
 def _init_state(config, model, steps_per_epoch: int, mesh):
   """The jitted, argument-free initialisation of the state on `mesh`."""
   init_key = keys.init_key(config.seed)
   size = config.image_size
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = optim.make_optimizer(config, steps_per_epoch)
 
   def init():
     variables = model.init(init_key, jnp.zeros((1, size, size, 3)), train=False)
@@ -124,9 +95,10 @@ def permutation_groups(config) -> int:
   return config.batch_size // rows if rows else 1
 
 
-def member_batch(key, images, labels, weights, config, partner_images=None,
-                 partner_labels=None):
-  """`mixmo.batch.member_batch` with the config's settings, normalised.
+def member_inputs(key, images, labels, weights, config, partner_images=None,
+                  partner_labels=None):
+  """The step's M member inputs and targets: `mixmo.batch.member_batch`
+  with the config's settings, normalised.
 
   Returns:
     xs float32 [B, M, H, W, 3] (normalised) and targets int32 [B, M] or
@@ -175,13 +147,13 @@ def train_step(state: TrainState, images, labels, partner_images=None,
   k_data, k_mix = keys.step_keys(config.seed, state.step)
   epoch = state.step // steps_per_epoch + 1  # 1-indexed, Algorithm 1.
   mix = config.mixing
-  p = mixmo_batch.patch_probability(epoch, config.num_epochs, mix.p,
+  p = schedule.patch_probability(epoch, config.num_epochs, mix.p,
                                     mix.p_decay_fraction)
   weights, kappa = registry.sample_mixing_weights(
       k_mix, config.batch_size, config.num_members, *stem_hw,
       method=mix.method, alpha=mix.alpha, p=p)
-  xs, targets = member_batch(k_data, images, labels, weights, config,
-                             partner_images, partner_labels)
+  xs, targets = member_inputs(k_data, images, labels, weights, config,
+                              partner_images, partner_labels)
   xs = jax.lax.with_sharding_constraint(xs, sharding.data_sharded(mesh))
   loss_weights = mixmo_loss.member_weights(kappa, mix.r)  # Eq. 5.
   l2 = config.optimizer.l2
@@ -201,7 +173,7 @@ def train_step(state: TrainState, images, labels, partner_images=None,
   hard = targets if targets.ndim == 2 else jnp.argmax(targets, -1)
   return state, {
       'loss': ce + l2 * penalty, 'cross_entropy': ce, 'l2': penalty,
-      'learning_rate': learning_rate_schedule(config, steps_per_epoch)(
+      'learning_rate': optim.learning_rate_schedule(config, steps_per_epoch)(
           state.step - 1),
       'patch_probability': p,
       'train_top1': jnp.mean(jnp.argmax(logits, -1) == hard),
@@ -218,3 +190,230 @@ def make_train_step(config, model, steps_per_epoch: int, mesh) -> Callable:
   inputs = (data,) * (4 if pipeline.needs_partners(config) else 2)
   return jax.jit(step, in_shardings=(rep,) + inputs,
                  out_shardings=(rep, rep), donate_argnums=0)
+
+
+def evaluate_epoch(config, state, predict, test, mesh, step: int,
+                   epoch: int, *, with_logits: bool = False
+                   ) -> Dict[str, Any]:
+  """The test-set evaluation during training, with the metrics and names
+  of `python -m mixmo_jax.evaluate` (which evaluates a saved checkpoint).
+
+  Returns:
+    {'step', 'epoch', **metrics.evaluation_metrics(...)}; with
+    `with_logits`, (that record, the [N, M, C] member logits).
+  """
+  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.evaluation import inference, metrics
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = inference.predict_member_logits(
+      predict, variables, test[0], config.eval_batch_size, mesh)
+  result = metrics.evaluation_metrics(
+      logits, test[1], ensemble=config.evaluation.ensemble,
+      calibration_seed=config.evaluation.calibration_seed)
+  record = {'step': step, 'epoch': epoch, **result}
+  return (record, logits) if with_logits else record
+
+
+def _top1(record: Dict[str, Any]):
+  """The ensemble test top-1 of an evaluation record, or None."""
+  top1 = (record.get('ensemble') or {}).get('top1')
+  return top1 if isinstance(top1, (int, float)) else None
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       allow_config_change: bool = False) -> Dict[str, Any]:
+  """Validates, locks the workdir, writes config.json and trains (resuming).
+
+  Set the XLA flags first (`platform.setup(config)`, as main and
+  `mixmo_jax.train` do). Every config field is validated before the workdir
+  is touched; then the workdir's lock is taken (one trainer per workdir,
+  `workdir.trainer_lock`), the config compared with the one stored with the
+  checkpoints, config.json written and the run trained. SIGINT / SIGTERM
+  save a checkpoint and stop; the previous signal handlers are restored on
+  return.
+
+  Args:
+    config: a ConfigDict, e.g. from `mixmo_jax.configs.get('digits')`.
+    workdir: the run's folder (created if needed).
+    allow_config_change: resume even though fields that change training
+      differ from the workdir's config (the change is recorded).
+
+  Returns:
+    The last evaluation record ({'step', 'epoch', 'ensemble', 'members',
+    'diversity', ...}), {'step': s, 'preempted': True} after SIGTERM /
+    SIGINT, or {'step': s, 'finished': True} when the run had finished.
+
+  Raises:
+    config_validation.ConfigError: see `prepare_workdir`; or a workdir named
+      by a URL this package cannot use (`workdir.url_problem`).
+    workdir.WorkdirBusyError: another trainer holds the workdir.
+    workdir.WorkdirError: the workdir (or its lock file) cannot be used.
+    data.DatasetUnavailableError, checkpointing.CheckpointError (also a
+    failed or impossible checkpoint write), checkpointing.NonFiniteStateError,
+    progress.NonFiniteLossError: from training.
+  """
+  if wd.url_problem(workdir):
+    raise config_validation.ConfigError(wd.url_problem(workdir))
+  config_validation.validate(config)  # Before the workdir is touched.
+  lock = (wd.trainer_lock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  from mixmo_jax import progress  # pylint: disable=import-outside-toplevel
+  progress.setup_logging()
+  preemption.reset()
+  stopper = preemption.Preemption()  # A Ctrl-C while starting stops too.
+  try:
+    with lock:
+      prepare_workdir(config, workdir, allow_config_change)
+      if jax.process_index() == 0:  # A read-only folder: now, not later.
+        _check_checkpoint_folder(workdir)
+      return _train(config, workdir, stopper)
+  finally:
+    preemption.reset()
+    for signum, handler in handlers.items():
+      if handler is not None:
+        signal.signal(signum, handler)
+
+
+def prepare_workdir(config, workdir: str,
+                    allow_config_change: bool = False) -> None:
+  """Compares a valid `config` (`train_and_evaluate` validates it first)
+  with the workdir's config and writes it, with the run id.
+
+  Raises:
+    config_validation.ConfigError: a resume with a changed config (unless
+      allow_config_change).
+  """
+  changes = config_validation.check_resume(workdir, config,
+                                           allow_config_change)
+  if jax.process_index() != 0:
+    return
+  if changes:
+    logging.warning('Config changed since the last run: %s', changes)
+    wd.record_config_changes(workdir, changes, allow_config_change)
+  wd.write_config(workdir, config)
+  wd.ensure_run_id(workdir)
+
+
+def _check_checkpoint_folder(workdir: str) -> None:
+  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  folder = wd.path(workdir, wd.CHECKPOINTS)
+  try:
+    wd.check_writable(folder)
+  except OSError as e:
+    raise checkpointing.CheckpointError(
+        f'cannot write checkpoints in {folder} ({e.strerror or e}); make it '
+        'writable or use another --workdir') from e
+
+
+def _train(config, workdir: str, stopper: preemption.Preemption
+           ) -> Dict[str, Any]:
+  """Trains (resuming from the workdir's checkpoint) and evaluates: the
+  run of `train_and_evaluate`, in a prepared and locked workdir."""
+  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import checkpointing, data, feed, progress  # TF: slow.
+  from mixmo_jax.evaluation import inference
+  mesh = sharding.make_mesh()
+  train_x, train_y = data.load_split(config, 'train')
+  if config.num_train_examples:
+    train_x = train_x[:config.num_train_examples]
+    train_y = train_y[:config.num_train_examples]
+  test = data.load_split(config, 'test')
+  spe = pipeline.steps_per_epoch(config, len(train_y))
+  total = spe * config.num_epochs
+  model = models.get_model(config)
+  feeder = feed.Feeder(config, train_x, train_y, mesh)
+
+  state = create_train_state(config, model, spe, mesh)
+  logging.info('%s, %d members: %s parameters.', config.model.name,
+               config.num_members, f'{models.num_params(state.params):,}')
+  ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints,
+                                    config=config)
+  restored, start = ckpt.restore_latest(state_to_tree(state))
+  if restored is not None:
+    state = tree_to_state(state, restored)
+    logging.info('Resumed from the checkpoint at step %d.', start)
+  if start >= total:
+    logging.warning('The run in %s already finished (step %d of %d): '
+                    'nothing to do.', workdir, start, total)
+    ckpt.close()
+    return {'step': start, 'finished': True}
+  if jax.process_index() == 0:
+    wd.truncate_history(workdir, start)
+  # Every process reads the same checkpoints: the same save decisions.
+  best_top1 = (ckpt.best() or (None,))[0]
+
+  reporter = progress.Reporter(workdir, total, config=config,
+                               steps_per_epoch=spe, start_step=start)
+  step_fn = make_train_step(config, model, spe, mesh)
+  predict = inference.make_predict_fn(model, mesh, config.image_mean,
+                                      config.image_std)
+  record = {'step': start}
+  last_good = (f'step {start} in {ckpt.directory}' if restored is not None
+               else f'none (no checkpoint in {ckpt.directory} yet)')
+  if stopper.requested and jax.process_count() == 1:  # While starting.
+    logging.warning('Stopped by %s before step %d.', stopper.signal_name,
+                    start + 1)
+    ckpt.close()
+    return {'step': start, 'preempted': True}
+  logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
+               jax.device_count())
+  # The next steps' batches are prepared and transferred while a step runs.
+  with feed.Prefetcher(feeder, start, total, depth=2) as batches:
+    for step in range(start, total):
+      batch, waited = batches.get(step)  # Prepared while the last step ran.
+      state, step_metrics = step_fn(state, *batch)
+      done = step + 1
+      if wd.lease_lost():  # A gs:// workdir taken over: write nothing more.
+        raise wd.WorkdirBusyError(
+            f'another trainer took over {workdir} (this one did not renew '
+            f'its lease in time); stopped at step {done} without saving')
+      reporter.step(done, step_metrics, data_wait=waited)
+      epoch_end, last = done % spe == 0, done == total
+      epoch = done // spe
+      top1 = None
+      if done % config.log_every_steps == 0 or epoch_end:
+        reporter.flush(done, last_good)
+      if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
+        error = None
+        try:
+          record, logits = evaluate_epoch(config, state, predict, test, mesh,
+                                          done, epoch, with_logits=True)
+          reporter.evaluation(record, logits, test[1])
+          if jax.process_index() == 0:
+            wd.append_history(workdir, record)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        # A failed evaluation or history line loses no training: every
+        # process learns of it (process 0 alone writes the history) and
+        # saves the epoch first (the top-1 ranks only evaluated saves).
+        if sharding.any_process(error is not None):
+          ckpt.save(done, state_to_tree(state))
+          saved = f'the checkpoint of step {done} was saved first'
+          if error is None:
+            raise wd.WorkdirError(f'another process failed to evaluate or '
+                                  f'record step {done} (see its log); '
+                                  f'{saved}')
+          if isinstance(error, wd.WorkdirError):
+            raise wd.WorkdirError(f'{error} ({saved})') from None
+          raise error
+        top1 = _top1(record) if config.keep_best_checkpoint else None
+      new_best = top1 is not None and (best_top1 is None
+                                       or top1 >= best_top1)
+      if new_best:
+        best_top1 = top1
+      stop = stopper.reached(ckpt, done)
+      save = epoch_end and epoch % config.checkpoint_every_epochs == 0
+      if save or last or stop or new_best:
+        reporter.flush(done, last_good)
+        ckpt.save(done, state_to_tree(state),
+                  metrics=None if top1 is None else {'top1': top1})
+        last_good = f'step {done} in {ckpt.directory}'
+      if stop:
+        logging.warning('Stopped by %s after step %d (checkpoint saved).',
+                        stopper.signal_name or 'preemption', done)
+        record = {'step': done, 'preempted': True}
+        break
+  reporter.close(wd.read_history(workdir))
+  ckpt.close()
+  return record

@@ -36,6 +36,19 @@ from mixmo_jax import configs  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def killed_main(kill=None, env=None):
+  """(argv, env) of `python -m mixmo_jax.main`, SIGKILLed at `kill`
+  ('step:15', 'eval:4', 'save:4': tests/fault_main.py) when given; append
+  main's flags to argv. `env`: the environment to start from (os.environ)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ if env is None else env)
+  env.pop("MIXMO_TEST_KILL", None)
+  if kill is None:
+    return [sys.executable, "-m", "mixmo_jax.main"], env
+  env["MIXMO_TEST_KILL"] = kill
+  return [sys.executable, os.path.join(REPO, "tests", "fault_main.py")], env
+
+
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test subprocess with `devices` CPU devices, compiled
   like this process's programs (the optimisation level above)."""
@@ -102,11 +115,10 @@ def digits_workdir(tmp_path_factory):
   Written as `python -m mixmo_jax.main` would: config.json, checkpoints at
   steps 10 and 20, eval_history.jsonl, TensorBoard events.
   """
-  from mixmo_jax import api, loop
+  from mixmo_jax import training
   workdir = str(tmp_path_factory.mktemp("digits_run"))
   config = tiny_digits_config()
-  api.prepare(config, workdir)
-  loop.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   return workdir
 
 

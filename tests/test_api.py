@@ -81,7 +81,7 @@ def test_train_warns_when_jax_has_fewer_cpu_devices(tmp_path):
   import jax
   config = tiny_digits_config()
   config.cpu_devices = jax.local_device_count() + 8
-  with mock.patch('mixmo_jax.api.train') as api_train, \
+  with mock.patch('mixmo_jax.training.train_and_evaluate') as api_train, \
       mock.patch('absl.logging.warning') as warn:
     mixmo_jax.train(config, str(tmp_path))
   api_train.assert_called_once()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mixmo_jax.data import augment
-from mixmo_jax.mixmo import batch as mixmo_batch
+from mixmo_jax.mixmo import pixel_mix
 from mixmo_jax.mixmo import masks
 
 MEAN = (0.4914, 0.4824, 0.4467)
@@ -141,9 +141,9 @@ def test_box_mask_hand_worked():
 
 def test_resize_nearest_repeats_cells():
   masks = np.random.default_rng(0).uniform(size=(2, 3, 4, 4)).astype(np.float32)
-  out = np.asarray(mixmo_batch.resize_nearest(jnp.asarray(masks), 8, 8))
+  out = np.asarray(pixel_mix.resize_nearest(jnp.asarray(masks), 8, 8))
   np.testing.assert_array_equal(out, masks.repeat(2, axis=-2).repeat(2, axis=-1))
-  same = np.asarray(mixmo_batch.resize_nearest(jnp.asarray(masks), 4, 4))
+  same = np.asarray(pixel_mix.resize_nearest(jnp.asarray(masks), 4, 4))
   np.testing.assert_array_equal(same, masks)
 
 
@@ -151,8 +151,8 @@ def test_resize_nearest_repeats_cells():
 
 # Jitted once per (dtype, per_sample), alpha and prob always passed as
 # traced scalars: few compilations (each Beta sampler costs seconds).
-_mixup = jax.jit(mixmo_batch.mixup, static_argnames=('per_sample',))
-_cutmix = jax.jit(mixmo_batch.cutmix, static_argnames=('per_sample',))
+_mixup = jax.jit(pixel_mix.mixup, static_argnames=('per_sample',))
+_cutmix = jax.jit(pixel_mix.cutmix, static_argnames=('per_sample',))
 
 
 def _pixel_mixing_setup(dtype=np.float32, n=16):
@@ -260,7 +260,7 @@ def test_apply_cutmix_for_mixmo_hand_worked():
   other_images = 2.0 * own_images
   own_targets = np.broadcast_to(np.eye(4)[0], (2, 2, 4))
   other_targets = np.broadcast_to(np.eye(4)[3], (2, 2, 4))
-  images, targets = mixmo_batch.apply_cutmix_for_mixmo(
+  images, targets = pixel_mix.apply_cutmix_for_mixmo(
       own_images, own_targets, other_images, other_targets, keep, visible,
       apply)
   np.testing.assert_array_equal(np.asarray(images)[..., 0], expected_images)
@@ -275,7 +275,7 @@ def test_apply_cutmix_for_mixmo_invisible_member_uses_mask_mean():
   keep = np.ones((1, 1, 8, 8), np.float32)
   keep[..., :2, :] = 0  # lam' = mean(1_m) = 0.75.
   visible = np.zeros((1, 1, 8, 8), np.float32)
-  _, targets = mixmo_batch.apply_cutmix_for_mixmo(
+  _, targets = pixel_mix.apply_cutmix_for_mixmo(
       np.zeros((1, 1, 8, 8, 3)), np.eye(2)[None, None, 0],
       np.ones((1, 1, 8, 8, 3)), np.eye(2)[None, None, 1], keep, visible,
       np.ones((1, 1), bool))
@@ -293,7 +293,7 @@ def _random_cut_weights(rng, batch_size, h):
 @functools.partial(jax.jit, static_argnames=('num_classes',))
 def _jitted_cutmix_for_mixmo(key, own, own_labels, other, other_labels,
                              weights, num_classes, prob):
-  return mixmo_batch.cutmix_for_mixmo(key, own, own_labels, other, other_labels,
+  return pixel_mix.cutmix_for_mixmo(key, own, own_labels, other, other_labels,
                                   weights, num_classes, prob=prob, alpha=1.0)
 
 

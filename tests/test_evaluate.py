@@ -220,13 +220,12 @@ def test_best_checkpoint_is_saved_off_the_checkpoint_epochs(tmp_path):
   last step; rotation keeps the newest keep_checkpoints of them and the
   best."""
   from conftest import tiny_digits_config
-  from mixmo_jax import api, loop
+  from mixmo_jax import training
   config = tiny_digits_config()
   config.num_epochs, config.checkpoint_every_epochs = 4, 10
   config.keep_checkpoints = 2
   workdir = str(tmp_path / 'run')
-  api.prepare(config, workdir)
-  loop.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   history = workdir_lib.read_history(workdir)
   assert [r['epoch'] for r in history] == [1, 2, 3, 4]
   saved, best = [], -1.0
@@ -730,14 +729,14 @@ def test_training_quarantines_a_renamed_folder_and_resumes(tmp_path,
   """A folder renamed to a huge step no longer makes the run 'finished':
   it is quarantined and the run resumes from its real latest checkpoint to
   the same bits."""
-  from mixmo_jax import api
+  from mixmo_jax import training
   run = _copy_run(digits_workdir, tmp_path / 'run')
   ckpts = os.path.join(run, 'checkpoints')
   with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:
     final = json.load(f)['sha256']
   os.rename(os.path.join(ckpts, '20'),
             os.path.join(ckpts, '99999999999999999999'))
-  api.train(workdir_lib.read_config(run), run)
+  training.train_and_evaluate(workdir_lib.read_config(run), run)
   assert workdir_lib.available_steps(run) == [10, 20]
   with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:
     assert json.load(f)['sha256'] == final

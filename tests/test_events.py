@@ -113,7 +113,8 @@ def test_failed_write_warns_once_and_training_goes_on(tmp_path, caplog):
 def test_the_training_loop_imports_no_tensorflow():
   """The training loop and its writer import without TensorFlow (only TFDS
   imports it, when a TFDS dataset is read)."""
-  code = ('import sys, mixmo_jax.loop, mixmo_jax.events; '
+  code = ('import sys, mixmo_jax.training, mixmo_jax.checkpointing, '
+          'mixmo_jax.feed, mixmo_jax.progress, mixmo_jax.events; '
           'print(sorted(m for m in ("tensorflow", "clu") if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], check=True,
                        capture_output=True, text=True).stdout

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_digits_config
-from mixmo_jax import api, checkpointing, predict, sharding
+from mixmo_jax import checkpointing, predict, progress, sharding, training
 from mixmo_jax import workdir as wd
 from mixmo_jax.evaluation import metrics
 from mixmo_jax.evaluation import runs as runs_lib
@@ -112,10 +112,9 @@ def test_diverging_run_saves_nothing_after_the_last_good(run):
   config.num_epochs = 3
   config.optimizer.base_learning_rate = 1e30
   before = _digests(run)
-  from mixmo_jax import loop
-  with pytest.raises((loop.NonFiniteLossError,
+  with pytest.raises((progress.NonFiniteLossError,
                       checkpointing.NonFiniteStateError)) as err:
-    api.train(config, run, allow_config_change=True)
+    training.train_and_evaluate(config, run, allow_config_change=True)
   assert '\n' not in str(err.value)
   assert 'step 20 in' in str(err.value)  # The last good checkpoint.
   assert _digests(run) == before
@@ -163,10 +162,9 @@ def test_read_only_checkpoint_folder_is_refused_at_start(run, monkeypatch):
     subprocess.run(['mount', '-o', 'remount,bind,ro', folder], check=True)
     config = tiny_digits_config()
     config.num_epochs = 3  # There would be work left.
-    from mixmo_jax import loop
-    monkeypatch.setattr(loop, 'train_and_evaluate', None)  # Never reached.
+    monkeypatch.setattr(training, '_train', None)  # Never reached.
     with pytest.raises(checkpointing.CheckpointError) as err:
-      api.train(config, run, allow_config_change=True)
+      training.train_and_evaluate(config, run, allow_config_change=True)
   finally:
     subprocess.run(['umount', folder], check=True)
   assert str(err.value) == (
@@ -181,7 +179,7 @@ def test_read_only_checkpoint_folder_is_refused_at_start(run, monkeypatch):
 def test_finished_run_says_so(run, caplog):
   before = _digests(run)
   history = wd.read_history(run)
-  result = api.train(tiny_digits_config(), run)
+  result = training.train_and_evaluate(tiny_digits_config(), run)
   assert result == {'step': 20, 'finished': True}
   assert any('already finished (step 20 of 20): nothing to do' in r.message
              for r in caplog.records)
@@ -199,11 +197,11 @@ def test_failed_start_leaves_the_workdir_fresh(tmp_path, monkeypatch):
   config.image_size, config.augment.crop_padding = 32, 4
   config.manual_dir = str(tmp_path / 'nowhere')
   with pytest.raises(data.DatasetUnavailableError):
-    api.train(config, workdir)
+    training.train_and_evaluate(config, workdir)
   assert os.path.exists(os.path.join(workdir, 'config.json'))
   other = tiny_digits_config()
   other.model.width = 2
-  api.prepare(other, workdir)  # Not refused as a "changed resume".
+  training.prepare_workdir(other, workdir)  # Not refused as a "changed resume".
   assert wd.read_config(workdir).model.width == 2
 
 
@@ -211,7 +209,7 @@ def test_busy_workdir_is_refused_before_anything(run):
   before = _digests(run)
   with wd.trainer_lock(run):
     with pytest.raises(wd.WorkdirBusyError, match='in use by another trainer'):
-      api.train(tiny_digits_config(), run)
+      training.train_and_evaluate(tiny_digits_config(), run)
   assert _digests(run) == before
 
 
@@ -223,7 +221,7 @@ def test_deleted_config_json_lets_no_changed_config_through(run):
   with pytest.raises(config_validation.ConfigError,
                      match=r'stored with the checkpoints.*mixing\.p: 0\.5 -> '
                      r'0\.6'):
-    api.train(config, run)
+    training.train_and_evaluate(config, run)
   assert not os.path.exists(os.path.join(run, 'config.json'))
 
 
@@ -338,21 +336,14 @@ EXPECTED_STEPS = ([], [], [], [2], [2], [2], [2], [2, 4], [2, 4], [2, 4])
 
 
 def _start(workdir, log_path, *extra, kill=None):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top
-  from conftest import REPO
-  from mixmo_jax import loop
-  env = {k: v for k, v in os.environ.items()
-         if k not in (loop.FAULT_KILL_ENV, checkpointing.FAULT_KILL_AT_ENV)}
-  if kill is not None:
-    point, step = kill
-    if point == 'step':
-      env[loop.FAULT_KILL_ENV] = str(step)
-    else:
-      env[checkpointing.FAULT_KILL_AT_ENV] = f'{point}:{step}'
+  """main on `workdir`, SIGKILLed at `kill` ((point, step), see
+  tests/fault_main.py) when given."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, killed_main
+  argv, env = killed_main(None if kill is None else '%s:%d' % kill)
   log = open(log_path, 'w')
-  proc = subprocess.Popen([sys.executable, '-m', 'mixmo_jax.main',
-                           f'--workdir={workdir}', *ARGS, *extra], cwd=REPO,
-                          env=env, stdout=log, stderr=log)
+  proc = subprocess.Popen([*argv, f'--workdir={workdir}', *ARGS, *extra],
+                          cwd=REPO, env=env, stdout=log, stderr=log)
   proc.log_path = log_path
   return proc
 

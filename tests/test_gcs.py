@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, xla_flags
+from conftest import REPO, killed_main, xla_flags
 from mixmo_jax import workdir as wd
 
 # A 3-epoch WRN-10-1 digits run, evaluated and saved every epoch.
@@ -72,8 +72,10 @@ def local_digest(tmp_path_factory):
 def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
                                                local_digest):
   url = f'{BUCKET}/kill/run'
-  killed = _run(gcs_emulator, 'mixmo_jax.main', *TINY, f'--workdir={url}',
-                cwd=tmp_path, MIXMO_FAULT_KILL_AFTER_STEP='15')
+  argv, env = killed_main('step:15', _env(gcs_emulator))
+  killed = subprocess.run([*argv, *TINY, f'--workdir={url}'], cwd=tmp_path,
+                          env=dict(env, PYTHONPATH=REPO), capture_output=True,
+                          text=True, timeout=600)
   assert killed.returncode == -9, killed.stderr[-3000:]
   names = _listing(gcs_emulator, url, tmp_path)
   assert {'config.json', 'run.json', 'eval_history.jsonl'} <= set(names)

@@ -240,7 +240,8 @@ def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(
 
 
 def test_the_config_is_validated_once_per_start(tmp_path):
-  """`python -m mixmo_jax.main` validates the config once (in api.train,
+  """`python -m mixmo_jax.main` validates the config once (in
+  training.train_and_evaluate,
   before the workdir is touched), counted in a real start."""
   code = (
       'import runpy, sys\n'

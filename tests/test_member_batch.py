@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_digits_config
-from mixmo_jax import keys, models, sharding, training
+from mixmo_jax import keys, models, optim, sharding, training
 from mixmo_jax.data import augment, pipeline
 from mixmo_jax.mixmo import batch as mixmo_batch
+from mixmo_jax.mixmo import pixel_mix
+from mixmo_jax.mixmo import schedule
 from mixmo_jax.mixmo import registry
 
 N, B_REP, M, C, HW = 8, 2, 2, 8, 8
@@ -204,21 +206,21 @@ def test_train_step_gradient_is_eq4_plus_l2():
   params0 = jax.device_get(state.params)
   stats0 = jax.device_get(state.batch_stats)
   new_state, _ = step_fn(state, *batch)
-  lr = float(training.learning_rate_schedule(config, spe)(0))
+  lr = float(optim.learning_rate_schedule(config, spe)(0))
   applied = jax.tree.map(lambda a, b: (a - b) / lr, params0,
                          jax.device_get(new_state.params))
 
   # Independent assembly of the loss on the step's own inputs.
   k_data, k_mix = keys.step_keys(config.seed, 0)
   mix = config.mixing
-  p = mixmo_batch.patch_probability(1, config.num_epochs, mix.p,
+  p = schedule.patch_probability(1, config.num_epochs, mix.p,
                                     mix.p_decay_fraction)
   # One jit each (op-by-op, the ~100 small ops each compile on a cold cache).
   weights, kappa = jax.jit(lambda k: registry.sample_mixing_weights(
       k, config.batch_size, config.num_members,
       *models.stem_resolution(config), method=mix.method, alpha=mix.alpha,
       p=p))(k_mix)
-  xs, targets = jax.jit(lambda *a: training.member_batch(
+  xs, targets = jax.jit(lambda *a: training.member_inputs(
       a[0], a[1], a[2], a[3], config, a[4], a[5]))(
           k_data, jnp.asarray(images), jnp.asarray(labels), weights,
           jnp.asarray(p_images), jnp.asarray(p_labels))
@@ -246,7 +248,7 @@ def test_train_step_gradient_is_eq4_plus_l2():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('fn', [mixmo_batch.mixup, mixmo_batch.cutmix])
+@pytest.mark.parametrize('fn', [pixel_mix.mixup, pixel_mix.cutmix])
 def test_per_sample_rule_distribution(fn):
   """Mixed with probability 0.5 per sample, lambda ~ Beta(1, 1) per sample."""
   from scipy import stats
@@ -261,7 +263,7 @@ def test_per_sample_rule_distribution(fn):
   np.testing.assert_allclose(share, np.asarray(soft)[:, 0], atol=1e-5)
   mixed = share < 1.0
   assert abs(mixed.mean() - 0.5) < 4 * np.sqrt(0.25 / size)
-  if fn is mixmo_batch.mixup:  # CutMix's lambda' is a clipped box share.
+  if fn is pixel_mix.mixup:  # CutMix's lambda' is a clipped box share.
     assert stats.kstest(share[mixed], 'uniform').pvalue > 1e-3
 
 
@@ -300,7 +302,7 @@ def test_mixup_for_mixmo_distribution():
   shape = (2000, 2)
   own = jnp.zeros(shape + (4, 4, 3))
   other = jnp.ones(shape + (4, 4, 3))
-  x, soft = mixmo_batch.mixup_for_mixmo(
+  x, soft = pixel_mix.mixup_for_mixmo(
       jax.random.PRNGKey(0), own, jnp.zeros(shape, jnp.int32), other,
       jnp.ones(shape, jnp.int32), 2, prob=0.5, alpha=1.0)
   lam = 1.0 - np.asarray(x).mean(axis=(2, 3, 4)).ravel()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mixmo_jax.evaluation import metrics
+from mixmo_jax.evaluation import calibration, metrics
 
 NUM_BINS = 15
 
@@ -250,7 +250,7 @@ def test_separable_half_keeps_unit_temperature_and_warns():
   perm = np.random.default_rng(0).permutation(len(labels))
   half_a, half_b = perm[:180], perm[180:]
   in_a = 0 in half_a  # The half holding the one error is not separable.
-  with mock.patch.object(metrics.logging, 'warning') as warn:
+  with mock.patch.object(calibration.logging, 'warning') as warn:
     result = metrics.calibrated_metrics(lp, labels, seed=0)
   assert result['separable'] == [not in_a, in_a]
   assert warn.call_count == 1

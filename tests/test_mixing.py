@@ -11,6 +11,7 @@ import pytest
 
 from mixmo_jax import mixmo
 from mixmo_jax.mixmo import batch, blocks
+from mixmo_jax.mixmo import schedule
 from mixmo_jax.mixmo import masks as masks_lib
 
 METHODS = ('sum', 'linear', 'cut')
@@ -389,7 +390,7 @@ def piecewise_reference(epoch, num_epochs, p, decay_fraction):
 class TestPatchProbability:
 
   def test_named_epochs(self):
-    fn = batch.patch_probability
+    fn = schedule.patch_probability
     np.testing.assert_allclose(fn(1, 300, 0.5), 0.5)
     np.testing.assert_allclose(fn(275, 300, 0.5), 0.5, rtol=1e-6)
     np.testing.assert_allclose(fn(276, 300, 0.5), 0.96 * 0.5, rtol=1e-6)
@@ -400,7 +401,7 @@ class TestPatchProbability:
   @pytest.mark.parametrize('num_epochs,decay_fraction',
                            [(300, 1 / 12), (12, 1 / 12), (50, 0.2)])
   def test_matches_algorithm_under_jit(self, num_epochs, decay_fraction):
-    fn = jax.jit(batch.patch_probability, static_argnums=(1,))
+    fn = jax.jit(schedule.patch_probability, static_argnums=(1,))
     call = lambda e: float(fn(jnp.int32(e), num_epochs, jnp.float32(0.6),
                               decay_fraction))
     call(1)
@@ -412,7 +413,7 @@ class TestPatchProbability:
     assert fn._cache_size() == cached  # a traced epoch does not recompile
 
   def test_no_decay(self):
-    np.testing.assert_allclose(batch.patch_probability(300, 300, 0.5, 0.0),
+    np.testing.assert_allclose(schedule.patch_probability(300, 300, 0.5, 0.0),
                                0.5)
 
 

@@ -84,7 +84,7 @@ def test_defaults_leave_xla_flags_alone_once_the_backend_runs(monkeypatch):
   """XLA_FLAGS stays what the running backend uses: jax's compilation cache
   keys programs by it, and test subprocesses inherit it."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mixmo_jax import api, configs  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import configs, platform  # pylint: disable=import-outside-toplevel
   jax.devices()  # The backend runs.
   assert platform.backend_started()
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -92,10 +92,10 @@ def test_defaults_leave_xla_flags_alone_once_the_backend_runs(monkeypatch):
   assert platform.apply_defaults() == []
   config = configs.get('digits')
   config.cpu_devices = 2
-  api.split_cpu(config)
+  platform.setup(config)
   assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
   monkeypatch.setenv('XLA_FLAGS', '')
-  api.split_cpu(config)
+  platform.setup(config)
   assert os.environ['XLA_FLAGS'] == ''
 
 

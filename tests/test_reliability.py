@@ -16,7 +16,7 @@ The `runs` fixture trains the tiny digits recipe (WRN-10-1, 320 examples:
   NaN  a copy of B after its checkpoint at step 10, resumed with
        --allow_config_change and an absurd learning rate.
 
-Kills are deterministic (loop.FAULT_KILL_ENV), not timed; the SIGTERM
+Kills are deterministic (tests/fault_main.py), not timed; the SIGTERM
 is handled at the next step boundary, whenever it comes. The runs share a
 JAX compilation cache; A and NaN run beside the B chain once the first run
 has compiled the train step.
@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import types
 
@@ -38,8 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, tiny_digits_config
-from mixmo_jax import checkpointing, loop, sharding
+from conftest import REPO, killed_main, tiny_digits_config
+from mixmo_jax import checkpointing, sharding, training
 from mixmo_jax import workdir as workdir_lib
 from mixmo_jax.evaluation import runs as runs_lib
 
@@ -59,15 +58,14 @@ TIMEOUT_S = 900
 
 
 def _start(workdir, *extra, env, log_path, kill_after=None):
-  """Starts main on `workdir`; stdout and stderr go to `log_path`."""
-  env = dict(env)
-  env.pop(loop.FAULT_KILL_ENV, None)
-  if kill_after is not None:
-    env[loop.FAULT_KILL_ENV] = str(kill_after)
+  """Starts main on `workdir` (SIGKILLed right after step `kill_after` when
+  given); stdout and stderr go to `log_path`."""
+  argv, env = killed_main(None if kill_after is None
+                          else f'step:{kill_after}', env)
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'mixmo_jax.main', f'--workdir={workdir}',
-         *ARGS, *extra], cwd=REPO, env=env, stdout=log, stderr=log)
+        [*argv, f'--workdir={workdir}', *ARGS, *extra], cwd=REPO, env=env,
+        stdout=log, stderr=log)
   proc.log_path = log_path
   return proc
 
@@ -479,7 +477,6 @@ def test_garbage_in_the_history_is_skipped_and_the_run_resumes(
     digits_workdir, tmp_path, caplog):
   """Every reader skips lines that are not records (one warning), and a
   resume drops them and continues bit for bit."""
-  from mixmo_jax import api
   from mixmo_jax.evaluation import report
   work = str(shutil.copytree(digits_workdir, tmp_path / 'run'))
   clean = workdir_lib.read_history(work)
@@ -496,7 +493,7 @@ def test_garbage_in_the_history_is_skipped_and_the_run_resumes(
   # the same last epoch is trained and evaluated again.
   last = clean[-1]['step']
   shutil.rmtree(os.path.join(work, workdir_lib.CHECKPOINTS, str(last)))
-  api.train(workdir_lib.read_config(work), work)
+  training.train_and_evaluate(workdir_lib.read_config(work), work)
   with open(workdir_lib.path(work, workdir_lib.HISTORY), 'rb') as f:
     lines = f.read().splitlines()
   assert [json.loads(line) for line in lines] == clean
@@ -532,7 +529,7 @@ def test_missing_dataset_fails_fast_before_training(tmp_path, monkeypatch):
   workdir = tmp_path / 'run'
   start = time.time()
   with pytest.raises(data.DatasetUnavailableError) as err:
-    loop.train_and_evaluate(config, str(workdir))
+    training.train_and_evaluate(config, str(workdir))
   assert time.time() - start < 10
   message = str(err.value)
   assert '\n' not in message

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, tiny_digits_config
-from mixmo_jax import data, feed, models, sharding, training
+from mixmo_jax import data, feed, models, optim, sharding, training
 from mixmo_jax.data import pipeline
 
 
@@ -19,7 +19,7 @@ class TestLearningRateSchedule:
     config = load_config('cifar100', 'cut_mixmo+b4')
     spe = pipeline.steps_per_epoch(config, 50_000)
     assert spe == 50_000 * 4 // 64
-    lr = training.learning_rate_schedule(config, spe)
+    lr = optim.learning_rate_schedule(config, spe)
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(spe // 2)), 0.0125 * (spe // 2) / spe,
                                rtol=1e-6)
@@ -34,13 +34,13 @@ class TestLearningRateSchedule:
   def test_peak_follows_b(self):
     for b, expected in ((1, 0.05), (2, 0.025), (4, 0.0125)):
       config = load_config('cifar100', f'cut_mixmo+b{b}')
-      assert training.peak_learning_rate(config) == pytest.approx(expected)
+      assert optim.peak_learning_rate(config) == pytest.approx(expected)
 
   def test_tiny_imagenet_recipe(self):
     config = load_config('tiny_imagenet', 'cut_mixmo+b2')
     spe = pipeline.steps_per_epoch(config, 100_000)
-    assert training.warmup_steps(config, spe) == 2000
-    lr = training.learning_rate_schedule(config, spe)
+    assert optim.warmup_steps(config, spe) == 2000
+    lr = optim.learning_rate_schedule(config, spe)
     np.testing.assert_allclose(float(lr(2000)), 0.2 / 2, rtol=1e-6)
     np.testing.assert_allclose(float(lr(600 * spe)), 0.01, rtol=1e-5)
 

@@ -213,7 +213,7 @@ def _one_step(config, mesh):
   state = training.create_train_state(config, model, 10, mesh)
   x, y = data.load_split(config, 'train')
   batch = feed.Feeder(config, x[:320], y[:320], mesh).batch(0)
-  member_batch = jax.jit(functools.partial(training.member_batch,
+  member_batch = jax.jit(functools.partial(training.member_inputs,
                                            config=config))
   xs, targets = member_batch(jax.random.key(3), *batch,
                              jnp.full((128, 3, 16, 16), 1 / 3))

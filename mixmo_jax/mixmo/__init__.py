@@ -5,8 +5,11 @@
                   PatchUp, FMix, CowMask
     blocks.py     kappa ~ Dir(alpha), mask weights (eqs. 2, 7), the linear
                   fallback with probability 1 - p; sum, linear, cut, Table 2
-    batch.py      batch repetition, member permutations (rho), the p
-                  schedule, in-pixel CutMix with MixMo (lambda'), member_batch
+    batch.py      batch repetition, member permutations (rho), partners,
+                  member_batch (Algorithm 1's member inputs)
+    pixel_mix.py  in-pixel CutMix / Mixup with MixMo (lambda') and the
+                  single-network baselines' Mixup / CutMix
+    schedule.py   the p schedule (Algorithm 1, lines 8-11)
     layers.py     the M stems with the mixing (M * sum_i w_i c_i(x_i)) and
                   the M heads
     loss.py       w_r (eq. 5), the MixMo loss (eq. 4), the l2 term
