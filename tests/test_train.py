@@ -155,10 +155,12 @@ def test_main_on_mock_cifar100(tmp_path, monkeypatch):
   main.parse_flags(argv)
   with tfds.testing.mock_data(num_examples=64):
     main.main(['main'])
-  config = json.load(open(os.path.join(workdir, 'config.json')))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
   assert config['dataset'] == 'cifar100' and config['model']['depth'] == 10
   assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
-  history = [json.loads(l) for l in open(os.path.join(workdir, 'eval_history.jsonl'))]
+  with open(os.path.join(workdir, 'eval_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
   assert [h['epoch'] for h in history] == [1, 2]
   assert history[-1]['step'] == 2 * 64 * 2 // 32
   assert len(history[-1]['members']) == 2
