@@ -20,6 +20,8 @@ import numpy as np
 
 from experiments import benchmark  # Applies mixmo_jax.platform defaults.
 from experiments import peak_flops
+from experiments.aot import case as aot_case
+from experiments.aot import targets as aot_targets
 
 import jax  # pylint: disable=g-bad-import-order
 from mixmo_jax import models, sharding, training
@@ -88,17 +90,28 @@ def main():
   timed = 2 if TINY else 20
   rows = []
   seconds = {}
+  # The AOT model's predictions (experiments/aot), beside each measurement:
+  # the first lent device calibrates it.
+  target = aot_targets.for_device_kind(device.device_kind)
+  predicted = {}
   for dtype in ('float32', 'bfloat16'):
     c = copy.deepcopy(config)
     c.model.dtype = dtype
+    predicted[dtype] = aot_case.predict(c, mesh, target)
     s, flops, _ = benchmark.bench_train(c, mesh, timed, 1 if TINY else 3)
     seconds[dtype] = s
     peak = peak_flops.peak_flops(device.device_kind, dtype)
     mfu = (f'{100 * flops / s / (peak * jax.device_count()):.1f} %' if peak
            else 'n/a')
+    bound = predicted[dtype].get('step_lower_bound_s')
     rows.append((f'train img/s {dtype}', f'{c.batch_size / s:.0f}'))
-    rows.append((f'step ms {dtype}', f'{s * 1e3:.1f}'))
+    rows.append((f'step ms {dtype}', f'{s * 1e3:.1f} (AOT lower bound: ' + (
+        f'{bound * 1e3:.2f}, {predicted[dtype]["bound_by"]}-bound)' if bound
+        else f'n/a, no target for {device.device_kind!r})')))
     rows.append((f'MFU {dtype}', mfu))
+    rows.append((f'AOT peak MB / kernels per step {dtype}',
+                 f'{predicted[dtype]["peak_bytes"] / 2**20:.0f} / '
+                 f'{predicted[dtype]["kernels_per_step"]}'))
   mimo = copy.deepcopy(config)
   mimo.mixing.method = 'sum'
   s_mimo, _, _ = benchmark.bench_train(mimo, mesh, timed, 1 if TINY else 3)
@@ -107,8 +120,10 @@ def main():
   rows.append(('eval img/s', f'{benchmark.bench_eval(config, mesh, timed):.0f}'))
   stats = device.memory_stats() or {}
   peak_mem = stats.get('peak_bytes_in_use')
-  rows.append(('peak device memory MB',
-               f'{peak_mem / 2**20:.0f}' if peak_mem else 'n/a (CPU)'))
+  rows.append(('peak device memory MB', (
+      f'{peak_mem / 2**20:.0f}' if peak_mem else 'n/a (CPU)') +
+      f' (AOT peak of the float32 step: '
+      f'{predicted["float32"]["peak_bytes"] / 2**20:.0f})'))
   # One jitted step (compiled once) for the reruns and the epoch.
   step = training.make_train_step(config, models.get_model(config), 100, mesh)
   a = short_run_digest(config, mesh, step, 3)

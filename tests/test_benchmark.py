@@ -1,5 +1,6 @@
 """CPU smoke tests of the speed scripts (they must not rot; no timings)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -19,9 +20,16 @@ def test_device_check_tiny_prints_the_table():
       env=_env(DEVICE_CHECK_TINY='1', DEVICE_CHECK_EPOCH_STEPS='2')).stdout
   for row in ('train img/s float32', 'train img/s bfloat16', 'MFU float32',
               'Cut-MixMo / MIMO step time', 'eval img/s',
-              'peak device memory MB', 'bit-identical reruns (3 steps)  yes',
-              'synthetic epoch (2 steps) s'):
+              'peak device memory MB', 'synthetic epoch (2 steps) s'):
     assert row in out, (row, out)
+  assert re.search(r'bit-identical reruns \(3 steps\) +yes', out), out
+  # The AOT model's prediction beside the measurement (no target for a CPU:
+  # it says so), and the compiled step's peak and kernels.
+  assert re.search(r"step ms float32 +[0-9.]+ \(AOT lower bound: n/a, no "
+                   r"target for 'cpu'\)", out), out
+  peak, kernels = re.search(r'AOT peak MB / kernels per step float32 +'
+                            r'([0-9]+) / ([0-9]+)', out).groups()
+  assert int(kernels) > 0 and int(peak) >= 0
 
 
 def test_op_profile_finds_the_forward_and_gradient_convolutions():

@@ -32,6 +32,7 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
+from experiments.aot import baseline as baseline_lib
 from experiments.aot import targets as targets_lib
 
 _CONFIG = flags.DEFINE_multi_string(
@@ -55,6 +56,12 @@ _LARGEST = flags.DEFINE_bool(
     'device\'s memory.')
 _EVAL = flags.DEFINE_bool('eval', True, 'Also compile the evaluation step '
                           '(at the config\'s eval_batch_size).')
+_BASELINE = flags.DEFINE_string(
+    'baseline', '', 'A baseline file (experiments/aot_baseline.json): each '
+    'case found in it fails when its peak memory or kernels per step grew '
+    'by more than 10%.')
+_WRITE_BASELINE = flags.DEFINE_string(
+    'write_baseline', '', 'Add the compiled cases to this baseline file.')
 _JSON = flags.DEFINE_bool('json', False, 'One JSON object per line and '
                           'case instead of the table.')
 _PRINT_TARGET = flags.DEFINE_bool(
@@ -184,6 +191,13 @@ def main(argv) -> None:
     for row in rows:
       if not row['compiled'] and 'traceback' in row:
         print(row['traceback'], file=sys.stderr)
+  if _WRITE_BASELINE.value:
+    baseline_lib.write(_WRITE_BASELINE.value, rows)
+  if _BASELINE.value:
+    lines, regressed = baseline_lib.compare(baseline_lib.read(_BASELINE.value),
+                                            rows)
+    print('\n'.join(lines), file=sys.stderr if _JSON.value else sys.stdout)
+    failed |= regressed
   sys.exit(1 if failed else 0)
 
 

@@ -114,6 +114,22 @@ def bound_s(target: targets_lib.Target, dtype: str, num_devices: int,
           'compute_s': compute, 'memory_s': memory, 'all_reduce_s': reduce}
 
 
+def predict(config, mesh, target=None) -> Dict[str, Any]:
+  """What the compiled train step of `config` on `mesh` (real devices or
+  not) predicts: its peak bytes per device, kernels per step and, with a
+  `target`, the step's lower bound. experiments/device_check.py prints it
+  beside the measured figures."""
+  compiled, counts, grad_bytes = compile_train(config, mesh)
+  entry = hlo.entry_stats(compiled.as_text())
+  out = {'peak_bytes': _memory(compiled)['peak_bytes'],
+         'kernels_per_step': entry.kernels}
+  if target is not None:
+    dtype = config.model.get('dtype', 'float32')
+    out.update(bound_s(target, dtype, mesh.devices.size, counts['total'],
+                       entry.kernel_io_bytes, grad_bytes))
+  return out
+
+
 def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
         label: str = '', with_eval: bool = True) -> Dict[str, Any]:
   """Compiles one case; a failure is reported in the result, not raised."""

@@ -129,3 +129,18 @@ def with_topology(target: Target, name: str) -> Target:
   for d in dims:
     count *= int(d)
   return dataclasses.replace(target, topologies={str(count): name})
+
+
+# jax's device_kind (lowercase substring) -> target, most specific first.
+_KINDS = (('h100 pcie', None), ('h100', 'h100'), ('tpu v5 lite', 'tpu-v5e'),
+          ('tpu v5e', 'tpu-v5e'), ('tpu v6 lite', 'tpu-v6e'),
+          ('tpu v6e', 'tpu-v6e'), ('tpu v5p', 'tpu-v5p'), ('tpu v5', 'tpu-v5p'))
+
+
+def for_device_kind(device_kind: str):
+  """The target describing a real device (jax's `device_kind`), or None."""
+  kind = device_kind.lower()
+  for pattern, key in _KINDS:
+    if pattern in kind:
+      return all_targets()[key] if key else None
+  return None

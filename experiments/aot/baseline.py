@@ -1,0 +1,66 @@
+"""The committed baseline of the compiled programs (experiments/aot_baseline.json).
+
+    {"h100 8 bfloat16 cifar100.py:ub_mimo 512": {"peak_bytes": ..., "kernels_per_step": ...,
+                                                "collectives": {...}}, ...}
+
+`.ci/run` compiles the headline cases on every commit and compares them
+with it: a case whose peak memory or kernels per step grew by more than
+`TOLERANCE` fails, with the comparison printed. A case missing from the
+baseline is only reported; `--write_baseline` adds it (after a deliberate
+change, commit the new file with the reason).
+"""
+import json
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+TOLERANCE = 0.10
+CHECKED = ('peak_bytes', 'kernels_per_step')
+
+
+def key(row: Dict[str, Any]) -> str:
+  return (f'{row["target"]} {row["devices"]} {row["dtype"]} {row["config"]} '
+          f'{row["batch_size"]}')
+
+
+def read(path: str) -> Dict[str, Dict[str, Any]]:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def write(path: str, rows: Sequence[Dict[str, Any]]) -> None:
+  """Adds (or replaces) the compiled rows' entries in the file at `path`."""
+  data = read(path) if os.path.exists(path) else {}
+  for row in rows:
+    if row['compiled']:
+      data[key(row)] = {'peak_bytes': row['peak_bytes'],
+                        'kernels_per_step': row['kernels_per_step'],
+                        'collectives': row['collectives']}
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(dict(sorted(data.items())), f, indent=1)
+    f.write('\n')
+
+
+def compare(baseline: Dict[str, Dict[str, Any]],
+            rows: Sequence[Dict[str, Any]]) -> Tuple[List[str], bool]:
+  """(a table of each case against the baseline, whether one regressed)."""
+  lines = [f'{"case against experiments/aot_baseline.json":48} '
+           f'{"peak GB":>15} {"kernels":>11} {"all-reduces":>11}']
+  regressed = False
+  for row in rows:
+    if not row['compiled']:
+      continue
+    base = baseline.get(key(row))
+    if base is None:
+      lines.append(f'{key(row):48} not in the baseline')
+      continue
+    bad = [name for name in CHECKED
+           if row[name] > (1 + TOLERANCE) * base[name]]
+    regressed |= bool(bad)
+    reduces = [r.get('collectives', {}).get('all-reduce', {}).get('count', 0)
+               for r in (base, row)]
+    lines.append(
+        f'{key(row):48} {base["peak_bytes"] / 1e9:6.2f} -> '
+        f'{row["peak_bytes"] / 1e9:5.2f} {base["kernels_per_step"]:>4} -> '
+        f'{row["kernels_per_step"]:<4} {reduces[0]:>4} -> {reduces[1]:<4}'
+        + (f' REGRESSED: {", ".join(bad)} > +{TOLERANCE:.0%}' if bad else ''))
+  return lines, regressed
