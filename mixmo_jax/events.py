@@ -244,8 +244,11 @@ class EventWriter:
   def flush(self) -> None:
     """Nothing to do: every write is flushed (clu's interface)."""
 
-  def close(self) -> None:
-    if self._remote and self.path is not None and not self._failed:
+  def close(self, upload: bool = True) -> None:
+    """Closes the file; in a bucket, first uploads what the last upload
+    missed, unless `upload` is False (the workdir is another trainer's)."""
+    if (upload and self._remote and self.path is not None
+        and not self._failed):
       try:
         self._upload()
       except OSError as e:

@@ -320,6 +320,14 @@ class Reporter:
                  f'--workdir={self.workdir}')
     return '\n'.join(lines)
 
+  def abort(self, upload: bool = True) -> None:
+    """Closes the progress bar and the event file of a run that failed,
+    without the summary (`upload`: see `events.EventWriter.close`)."""
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+    self.writer.close(upload=upload)
+
   def close(self, history: Optional[List[Dict[str, Any]]] = None) -> None:
     """Flushes the writers and prints the summary (`history`: every
     evaluation record of the run, also those before a resume)."""

@@ -148,7 +148,7 @@ def train_step(state: TrainState, images, labels, partner_images=None,
   epoch = state.step // steps_per_epoch + 1  # 1-indexed, Algorithm 1.
   mix = config.mixing
   p = schedule.patch_probability(epoch, config.num_epochs, mix.p,
-                                    mix.p_decay_fraction)
+                                 mix.p_decay_fraction)
   weights, kappa = registry.sample_mixing_weights(
       k_mix, config.batch_size, config.num_members, *stem_hw,
       method=mix.method, alpha=mix.alpha, p=p)
@@ -311,7 +311,7 @@ def _train(config, workdir: str, stopper: preemption.Preemption
   """Trains (resuming from the workdir's checkpoint) and evaluates: the
   run of `train_and_evaluate`, in a prepared and locked workdir."""
   # pylint: disable=import-outside-toplevel
-  from mixmo_jax import checkpointing, data, feed, progress  # TF: slow.
+  from mixmo_jax import checkpointing, data, feed, progress  # orbax: slow.
   from mixmo_jax.evaluation import inference
   mesh = sharding.make_mesh()
   train_x, train_y = data.load_split(config, 'train')
@@ -358,62 +358,70 @@ def _train(config, workdir: str, stopper: preemption.Preemption
     return {'step': start, 'preempted': True}
   logging.info('%d steps per epoch, %d steps, %d devices.', spe, total,
                jax.device_count())
-  # The next steps' batches are prepared and transferred while a step runs.
-  with feed.Prefetcher(feeder, start, total, depth=2) as batches:
-    for step in range(start, total):
-      batch, waited = batches.get(step)  # Prepared while the last step ran.
-      state, step_metrics = step_fn(state, *batch)
-      done = step + 1
-      if wd.lease_lost():  # A gs:// workdir taken over: write nothing more.
-        raise wd.WorkdirBusyError(
-            f'another trainer took over {workdir} (this one did not renew '
-            f'its lease in time); stopped at step {done} without saving')
-      reporter.step(done, step_metrics, data_wait=waited)
-      epoch_end, last = done % spe == 0, done == total
-      epoch = done // spe
-      top1 = None
-      if done % config.log_every_steps == 0 or epoch_end:
-        reporter.flush(done, last_good)
-      if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
-        error = None
-        try:
-          record, logits = evaluate_epoch(config, state, predict, test, mesh,
-                                          done, epoch, with_logits=True)
-          reporter.evaluation(record, logits, test[1])
-          if jax.process_index() == 0:
-            wd.append_history(workdir, record)
-        except Exception as e:  # pylint: disable=broad-except
-          error = e
-        # A failed evaluation or history line loses no training: every
-        # process learns of it (process 0 alone writes the history) and
-        # saves the epoch first (the top-1 ranks only evaluated saves).
-        if sharding.any_process(error is not None):
-          ckpt.save(done, state_to_tree(state))
-          saved = f'the checkpoint of step {done} was saved first'
-          if error is None:
-            raise wd.WorkdirError(f'another process failed to evaluate or '
-                                  f'record step {done} (see its log); '
-                                  f'{saved}')
-          if isinstance(error, wd.WorkdirError):
-            raise wd.WorkdirError(f'{error} ({saved})') from None
-          raise error
-        top1 = _top1(record) if config.keep_best_checkpoint else None
-      new_best = top1 is not None and (best_top1 is None
-                                       or top1 >= best_top1)
-      if new_best:
-        best_top1 = top1
-      stop = stopper.reached(ckpt, done)
-      save = epoch_end and epoch % config.checkpoint_every_epochs == 0
-      if save or last or stop or new_best:
-        reporter.flush(done, last_good)
-        ckpt.save(done, state_to_tree(state),
-                  metrics=None if top1 is None else {'top1': top1})
-        last_good = f'step {done} in {ckpt.directory}'
-      if stop:
-        logging.warning('Stopped by %s after step %d (checkpoint saved).',
-                        stopper.signal_name or 'preemption', done)
-        record = {'step': done, 'preempted': True}
-        break
+  try:
+    # The next steps' batches are prepared and transferred while a step runs.
+    with feed.Prefetcher(feeder, start, total, depth=2) as batches:
+      for step in range(start, total):
+        # Prepared while the last step ran.
+        batch, waited = batches.get(step)
+        state, step_metrics = step_fn(state, *batch)
+        done = step + 1
+        if wd.lease_lost():  # A gs:// workdir taken over: write no more.
+          raise wd.WorkdirBusyError(
+              f'another trainer took over {workdir} (this one did not renew '
+              f'its lease in time); stopped at step {done} without saving')
+        reporter.step(done, step_metrics, data_wait=waited)
+        epoch_end, last = done % spe == 0, done == total
+        epoch = done // spe
+        top1 = None
+        if done % config.log_every_steps == 0 or epoch_end:
+          reporter.flush(done, last_good)
+        if epoch_end and (epoch % config.eval_every_epochs == 0 or last):
+          error = None
+          try:
+            record, logits = evaluate_epoch(config, state, predict, test, mesh,
+                                            done, epoch, with_logits=True)
+            reporter.evaluation(record, logits, test[1])
+            if jax.process_index() == 0:
+              wd.append_history(workdir, record)
+          except Exception as e:  # pylint: disable=broad-except
+            error = e
+          # A failed evaluation or history line loses no training: every
+          # process learns of it (process 0 alone writes the history) and
+          # saves the epoch first (the top-1 ranks only evaluated saves).
+          if sharding.any_process(error is not None):
+            ckpt.save(done, state_to_tree(state))
+            saved = f'the checkpoint of step {done} was saved first'
+            if error is None:
+              raise wd.WorkdirError(f'another process failed to evaluate or '
+                                    f'record step {done} (see its log); '
+                                    f'{saved}')
+            if isinstance(error, wd.WorkdirError):
+              raise wd.WorkdirError(f'{error} ({saved})') from None
+            raise error
+          top1 = _top1(record) if config.keep_best_checkpoint else None
+        new_best = top1 is not None and (best_top1 is None
+                                         or top1 >= best_top1)
+        if new_best:
+          best_top1 = top1
+        stop = stopper.reached(ckpt, done)
+        save = epoch_end and epoch % config.checkpoint_every_epochs == 0
+        if save or last or stop or new_best:
+          reporter.flush(done, last_good)
+          ckpt.save(done, state_to_tree(state),
+                    metrics=None if top1 is None else {'top1': top1})
+          last_good = f'step {done} in {ckpt.directory}'
+        if stop:
+          logging.warning('Stopped by %s after step %d (checkpoint saved).',
+                          stopper.signal_name or 'preemption', done)
+          record = {'step': done, 'preempted': True}
+          break
+  except BaseException as e:
+    # Failed, or stopped at once: the event file is closed without the
+    # summary (every event is on disk already; in a bucket the rest is
+    # uploaded, unless another trainer took the workdir over).
+    reporter.abort(upload=not isinstance(e, wd.WorkdirBusyError))
+    raise
   reporter.close(wd.read_history(workdir))
   ckpt.close()
   return record

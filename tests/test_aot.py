@@ -237,6 +237,7 @@ def _aot(*args):
      '--devices=3 is not a slice of h100; allowed: 1, 2, 4, 8'),
     (['--dtype=float16'], "--dtype='float16' is not allowed"),
     (['--config=configs/nope.py'], '--config=configs/nope.py: config file'),
+    (['--baseline=nope.json'], '--baseline=nope.json: no such file'),
 ])
 def test_bad_flags_get_one_line(args, says):
   code, stdout, stderr = _aot(*args)

@@ -15,6 +15,11 @@ from conftest import REPO, tiny_digits_config
 import mixmo_jax
 
 
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _stripes():
   spec = importlib.util.spec_from_file_location(
       'stripes_block', os.path.join(REPO, 'examples', 'stripes_block.py'))
@@ -56,13 +61,13 @@ def test_script_recipe_workdir_opens_everywhere(tmp_path, m, capsys):
   out = capsys.readouterr().out
   assert 'eval epoch 1 step 10 | ensemble top1' in out
   assert 'final: epoch 1 step 10' in out
-  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  saved = _json(os.path.join(workdir, 'config.json'))
   assert saved['mixing']['method'] == 'stripes'
   if m == 2:  # The fresh processes once (they do not depend on M).
     # Evaluation and analysis in fresh processes, where 'stripes' is unknown.
     done = _run('mixmo_jax.evaluate', f'--workdir={workdir}')
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.load(open(os.path.join(workdir, 'eval.json')))
+    result = _json(os.path.join(workdir, 'eval.json'))
     assert len(result['members']) == m
     assert result['ensemble']['top1'] == pytest.approx(
         record['ensemble']['top1'])

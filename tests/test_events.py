@@ -11,6 +11,11 @@ import pytest
 from mixmo_jax import events
 
 
+def _read_bytes(path):
+  with open(path, 'rb') as f:
+    return f.read()
+
+
 def _read(path):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return list(tf.compat.v1.train.summary_iterator(path))
@@ -68,7 +73,7 @@ def test_corrupt_record_is_detected_by_the_reader(tmp_path):
   writer = events.EventWriter(str(tmp_path))
   writer.write_scalars(1, {'a': 1.0})
   writer.close()
-  data = bytearray(open(writer.path, 'rb').read())
+  data = bytearray(_read_bytes(writer.path))
   data[-6] ^= 1
   bad = tmp_path / 'events.out.tfevents.bad'
   bad.write_bytes(bytes(data))

@@ -29,6 +29,11 @@ pytestmark = pytest.mark.filterwarnings(
     'ignore::pytest.PytestUnraisableExceptionWarning')
 
 
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _digests(workdir):
   """{step: stored sha256} of every checkpoint, plus each file's bytes."""
   out = {}
@@ -118,6 +123,11 @@ def test_diverging_run_saves_nothing_after_the_last_good(run):
   assert '\n' not in str(err.value)
   assert 'step 20 in' in str(err.value)  # The last good checkpoint.
   assert _digests(run) == before
+  # The failed run closed its event file (this process's open files).
+  fds = '/proc/self/fd'
+  open_files = [os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)
+                if os.path.exists(os.path.join(fds, fd))]
+  assert not [f for f in open_files if 'tfevents' in f], open_files
 
 
 # ---------------------------------------------------------------- disk full
@@ -341,9 +351,9 @@ def _start(workdir, log_path, *extra, kill=None):
   import subprocess  # pylint: disable=g-import-not-at-top
   from conftest import REPO, killed_main
   argv, env = killed_main(None if kill is None else '%s:%d' % kill)
-  log = open(log_path, 'w')
-  proc = subprocess.Popen([*argv, f'--workdir={workdir}', *ARGS, *extra],
-                          cwd=REPO, env=env, stdout=log, stderr=log)
+  with open(log_path, 'w') as log:  # The child keeps its own descriptor.
+    proc = subprocess.Popen([*argv, f'--workdir={workdir}', *ARGS, *extra],
+                            cwd=REPO, env=env, stdout=log, stderr=log)
   proc.log_path = log_path
   return proc
 
@@ -475,5 +485,5 @@ def test_evaluate_cli_falls_back_or_refuses_the_step(run):
   assert code == 0, err[-3000:]
   warnings = [l for l in err.splitlines() if 'skipped' in l]
   assert len(warnings) == 1 and 'using step 10' in warnings[0], err[-3000:]
-  assert json.load(open(os.path.join(workdir, wd.EVAL)))['step'] == 10
+  assert _json(os.path.join(workdir, wd.EVAL))['step'] == 10
   assert _digests(workdir) == before

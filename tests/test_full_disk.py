@@ -30,6 +30,11 @@ TINY = ('--config=configs/digits.py', '--config.model.width=1',
         '--config.optimizer.decay_epochs=()')
 
 
+def _read_bytes(path):
+  with open(path, 'rb') as f:
+    return f.read()
+
+
 @contextlib.contextmanager
 def tmpfs(folder, size):
   """A tmpfs of `size` (e.g. '1200k') mounted on `folder` while inside."""
@@ -95,7 +100,7 @@ def test_history_eval_json_and_config_on_a_full_disk(tmp_path):
     wd.append_history(disk, record)
     eval_json = os.path.join(disk, wd.EVAL)
     wd.write_json({'step': 10}, eval_json)
-    before = {n: open(os.path.join(disk, n), 'rb').read()
+    before = {n: _read_bytes(os.path.join(disk, n))
               for n in (wd.HISTORY, wd.EVAL)}
     fill(disk)
     big = dict(record, step=20, padding='x' * 8192)  # Over a page.
@@ -108,7 +113,7 @@ def test_history_eval_json_and_config_on_a_full_disk(tmp_path):
       assert '\n' not in str(err.value)
       assert '(No space left on device)' in str(err.value)
     for name, content in before.items():  # All or nothing: no partial line.
-      assert open(os.path.join(disk, name), 'rb').read() == content, name
+      assert _read_bytes(os.path.join(disk, name)) == content, name
     assert wd.read_history(disk) == [record]
     assert _leftovers(disk) == []
 

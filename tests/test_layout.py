@@ -13,6 +13,11 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), PACKAGE)
 
 
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
 def _module_name(path):
   rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, '.')
   return rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
@@ -29,7 +34,7 @@ def _modules():
 
 def _imports(path, modules):
   """The package modules imported by the file at `path`."""
-  tree = ast.parse(open(path).read())
+  tree = ast.parse(_read(path))
   found = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -127,7 +132,7 @@ def test_importing_the_package_starts_no_backend():
 def _private_jax_imports(path):
   """The `jax._src...` modules a file imports (at any depth)."""
   found = []
-  for node in ast.walk(ast.parse(open(path).read())):
+  for node in ast.walk(ast.parse(_read(path))):
     names = ([a.name for a in node.names] if isinstance(node, ast.Import)
              else [node.module or ''] if isinstance(node, ast.ImportFrom)
              else [])
@@ -187,7 +192,7 @@ def test_the_validator_declares_no_vocabulary_of_its_own():
   from the module that implements it, never a literal written twice."""
   path = _modules()[f'{PACKAGE}.config_validation']
   literals, choices = [], 0
-  for node in ast.walk(ast.parse(open(path).read())):
+  for node in ast.walk(ast.parse(_read(path))):
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
         and node.func.attr == 'choice' and len(node.args) == 2):
       choices += 1

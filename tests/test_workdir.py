@@ -14,6 +14,16 @@ import pytest
 from mixmo_jax import workdir as wd
 
 
+def _write(path, text):
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def test_second_trainer_is_refused_naming_the_holder(tmp_path):
   workdir = str(tmp_path / 'run')
   with wd.trainer_lock(workdir):
@@ -25,7 +35,7 @@ def test_second_trainer_is_refused_naming_the_holder(tmp_path):
     assert f'"pid": {os.getpid()}' in message
     assert 'in use by another trainer' in message
   with wd.trainer_lock(workdir):  # Released on exit: free again.
-    holder = json.load(open(os.path.join(workdir, wd.LOCK)))
+    holder = _json(os.path.join(workdir, wd.LOCK))
     assert holder['pid'] == os.getpid() and holder['host']
 
 
@@ -182,14 +192,14 @@ def _step(workdir, step, *, digest=True, state=True, commit=True, config=None):
   os.makedirs(folder)
   if digest:
     os.makedirs(os.path.join(folder, 'digest'))
-    open(os.path.join(folder, 'digest', 'metadata'), 'w').write('{}')
+    _write(os.path.join(folder, 'digest', 'metadata'), '{}')
   if state:
     os.makedirs(os.path.join(folder, 'state'))
   if commit:
-    open(os.path.join(folder, 'commit_success.txt'), 'w').write('ok')
+    _write(os.path.join(folder, 'commit_success.txt'), 'ok')
   if config is not None:
     os.makedirs(os.path.join(folder, 'config'))
-    json.dump(config, open(os.path.join(folder, 'config', 'metadata'), 'w'))
+    _write(os.path.join(folder, 'config', 'metadata'), json.dumps(config))
 
 
 def test_available_steps_and_stored_config(tmp_path):

@@ -85,7 +85,8 @@ def _print_target_config() -> None:
 
 
 def _cases():
-  """(config label, config, device count) for each case, checked first."""
+  """(target, device counts, [(config label, config)]) from the flags,
+  each checked first (one line and exit 2 for a bad one)."""
   from mixmo_jax import configs  # pylint: disable=import-outside-toplevel
   target = targets_lib.get(_TARGET.value)
   for dtype in _DTYPE.value:
@@ -155,6 +156,8 @@ def main(argv) -> None:
     target, counts, loaded = _cases()
   except targets_lib.TargetError as e:
     _fail(str(e))
+  if _BASELINE.value and not os.path.isfile(_BASELINE.value):
+    _fail(f'--baseline={_BASELINE.value}: no such file')
   missing = targets_lib.missing_plugin(target)
   if missing:
     _fail(missing)
