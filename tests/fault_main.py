@@ -8,6 +8,12 @@
   save:N   while the checkpoint of step N is being written: as soon as its
            temporary folder exists (a local workdir)
 
+    MIXMO_TEST_FILL_DISK=10:262144:/mnt/disk python tests/fault_main.py ...
+
+  fills the disk holding /mnt/disk right after the checkpoint of step 10 is
+  saved, leaving 262144 bytes free (a file `filler` there): the next
+  checkpoint then meets a real full disk, whatever its size.
+
 The kill is real (SIGKILL: no handler, no cleanup) and deterministic (at a
 step, not after a time); the production code has no hook for it: this
 wraps the package's own functions before running main.
@@ -20,6 +26,7 @@ import threading
 import time
 
 KILL_ENV = 'MIXMO_TEST_KILL'
+FILL_ENV = 'MIXMO_TEST_FILL_DISK'
 POINTS = ('step', 'eval', 'save')
 
 
@@ -74,8 +81,35 @@ def install(spec: str) -> None:
     checkpointing.Checkpointer.save = save_and_kill
 
 
+def fill_disk(folder: str, leave: int) -> None:
+  """Writes `folder`/filler until `leave` bytes of its disk are free."""
+  stats = os.statvfs(folder)
+  size = stats.f_bavail * stats.f_frsize - leave
+  chunk = b'\0' * (1 << 20)
+  with open(os.path.join(folder, 'filler'), 'wb') as f:
+    while size > 0:
+      f.write(chunk[:min(size, len(chunk))])
+      size -= len(chunk)
+
+
+def install_fill(spec: str) -> None:
+  """Fills the disk after the save of a step ('10:262144:/mnt/disk')."""
+  step, leave, folder = spec.split(':', 2)
+  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  save = checkpointing.Checkpointer.save
+
+  def save_then_fill(self, at, *args, **kwargs):
+    result = save(self, at, *args, **kwargs)
+    if at == int(step):
+      fill_disk(folder, int(leave))
+    return result
+  checkpointing.Checkpointer.save = save_then_fill
+
+
 if __name__ == '__main__':
   if os.environ.get(KILL_ENV):
     install(os.environ[KILL_ENV])
+  if os.environ.get(FILL_ENV):
+    install_fill(os.environ[FILL_ENV])
   sys.argv = ['mixmo_jax.main'] + sys.argv[1:]
   runpy.run_module('mixmo_jax.main', run_name='__main__')

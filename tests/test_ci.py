@@ -9,17 +9,23 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _ci(folder, command, timeout=300, **env):
+  """Runs a copy of .ci/run in `folder`, whose README's test command is
+  `command`; `env`: the stages' switches (CI_LINT=0, ...)."""
+  (folder / '.ci').mkdir()
+  shutil.copy(os.path.join(REPO, '.ci', 'run'), folder / '.ci' / 'run')
+  (folder / 'README.md').write_text(
+      f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
+  return subprocess.run(['bash', str(folder / '.ci' / 'run')],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, **env))
+
+
 @pytest.mark.parametrize('command, expected', [
     ('true', 0), ('exit 3', 3), ('exit 5', 1)])
 def test_ci_script_exit_codes(tmp_path, command, expected):
-  (tmp_path / '.ci').mkdir()
-  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
-  (tmp_path / 'README.md').write_text(
-      f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
-  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
-                       capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, CI_SECOND_PYTHON='0', CI_LINT='0',
-                                CI_AOT='0'))
+  out = _ci(tmp_path, command, timeout=60, CI_SECOND_PYTHON='0',
+            CI_LINT='0', CI_AOT='0')
   assert out.returncode == expected, out.stderr
   assert f'ci: {command}' in out.stdout
 
@@ -27,13 +33,7 @@ def test_ci_script_exit_codes(tmp_path, command, expected):
 def test_ci_script_fails_when_the_second_python_fails(tmp_path):
   """The first suite passes; the Python 3.12 venv cannot install this
   folder (no setup.py): CI fails, saying which stage did."""
-  (tmp_path / '.ci').mkdir()
-  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
-  (tmp_path / 'README.md').write_text(
-      '# x\n\n<!-- ci:test -->\n```bash\ntrue\n```\n')
-  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, CI_LINT='0', CI_AOT='0'))
+  out = _ci(tmp_path, 'true', CI_LINT='0', CI_AOT='0')
   assert out.returncode != 0, out.stdout
   assert 'ci: Python 3.12 suite finished in' in out.stdout, out.stderr
   assert 'exit code 0' not in out.stdout.splitlines()[-1]
@@ -42,14 +42,9 @@ def test_ci_script_fails_when_the_second_python_fails(tmp_path):
 def test_ci_script_fails_on_lint_before_any_test(tmp_path):
   """A Python file with an unused import under the repository's ruff rules:
   CI stops at the lint stage, before the README's command runs."""
-  (tmp_path / '.ci').mkdir()
-  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
   shutil.copy(os.path.join(REPO, 'pyproject.toml'), tmp_path)
-  (tmp_path / 'README.md').write_text(
-      '# x\n\n<!-- ci:test -->\n```bash\ntouch ran\n```\n')
   (tmp_path / 'bad.py').write_text('import os\n')
-  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
-                       capture_output=True, text=True, timeout=300)
+  out = _ci(tmp_path, 'touch ran')
   assert out.returncode == 1, out.stdout + out.stderr
   assert 'ci: lint failed' in out.stderr and 'F401' in out.stdout
   assert not (tmp_path / 'ran').exists()
@@ -58,13 +53,7 @@ def test_ci_script_fails_on_lint_before_any_test(tmp_path):
 def test_ci_script_fails_when_the_accelerator_compiles_fail(tmp_path):
   """The suite passes; the AOT stage cannot install this folder's `aot`
   extra (no setup.py, no venv): CI fails there, before Python 3.12."""
-  (tmp_path / '.ci').mkdir()
-  shutil.copy(os.path.join(REPO, '.ci', 'run'), tmp_path / '.ci' / 'run')
-  (tmp_path / 'README.md').write_text(
-      '# x\n\n<!-- ci:test -->\n```bash\ntrue\n```\n')
-  out = subprocess.run(['bash', str(tmp_path / '.ci' / 'run')],
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, CI_LINT='0'))
+  out = _ci(tmp_path, 'true', CI_LINT='0')
   assert out.returncode == 1, out.stdout
   assert 'ci: accelerator compiles finished in' in out.stdout
   assert 'exit code 0' not in out.stdout.splitlines()[-2]

@@ -129,10 +129,18 @@ def test_start_on_a_full_disk_is_one_line(tmp_path):
     assert 'No space left on device' in str(err.value)
 
 
-def _train(workdir, timeout=600):
-  out = subprocess.run([sys.executable, '-m', 'mixmo_jax.main', *TINY,
-                        f'--workdir={workdir}'], cwd=REPO,
-                       capture_output=True, text=True, timeout=timeout)
+def _train(workdir, timeout=600, fill=None):
+  """main on `workdir` (with `fill`, 'STEP:BYTES:FOLDER', the disk is
+  filled after the save of STEP: tests/fault_main.py); (exit code, error
+  lines, stderr)."""
+  command = [sys.executable, '-m', 'mixmo_jax.main']
+  env = dict(os.environ)
+  if fill is not None:
+    command = [sys.executable, os.path.join(REPO, 'tests', 'fault_main.py')]
+    env['MIXMO_TEST_FILL_DISK'] = fill
+  out = subprocess.run([*command, *TINY, f'--workdir={workdir}'], cwd=REPO,
+                       env=env, capture_output=True, text=True,
+                       timeout=timeout)
   errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
   return out.returncode, errors, out.stderr
 
@@ -144,39 +152,26 @@ def _final_digest(workdir):
     return steps[-1], json.load(f)['sha256']
 
 
-def _disk_usage(folder):
-  """Bytes of the disk blocks the files below `folder` use."""
-  return sum(os.lstat(os.path.join(root, name)).st_blocks * 512
-             for root, _, names in os.walk(folder) for name in names)
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
-  """(final step, digest) of the run that meets no fault, and a tmpfs size
-  that holds its workdir with one checkpoint but not with two: all but the
-  checkpoints (the final, largest, event file included) plus 1.25 times
-  the smallest checkpoint. (The checkpoints' sizes differ by up to ~10%
-  from run to run, as orbax's OCDBT lays out its data files as the writes
-  finish; 1.25 leaves room for that on both sides.)"""
+  """(final step, digest) of the run that meets no fault."""
   workdir = str(tmp_path_factory.mktemp('clean') / 'run')
   code, errors, stderr = _train(workdir)
   assert code == 0 and not errors, stderr[-3000:]
-  checkpoints = os.path.join(workdir, wd.CHECKPOINTS)
-  one = min(_disk_usage(os.path.join(checkpoints, str(s)))
-            for s in wd.available_steps(workdir))
-  rest = _disk_usage(workdir) - _disk_usage(checkpoints)
-  return _final_digest(workdir), f'{(rest + 5 * one // 4) // 1024 + 64}k'
+  return _final_digest(workdir)
 
 
 def test_full_disk_during_training_loses_only_the_unsaved_epoch(
     tmp_path, uninterrupted):
-  """The second checkpoint does not fit: exit 1, one line, no temporary
-  folder, the first checkpoint intact; once the disk grows, the same
-  command resumes and ends on the uninterrupted run's bits."""
-  digest, size = uninterrupted
-  with tmpfs(tmp_path / 'disk', size) as disk:
+  """The disk fills up right after the first checkpoint (a real tmpfs,
+  256 KB left: the history line and the events fit, the second checkpoint
+  does not): exit 1, one line, no temporary folder, the first checkpoint
+  intact; once there is space again, the same command resumes and ends on
+  the uninterrupted run's bits."""
+  digest = uninterrupted
+  with tmpfs(tmp_path / 'disk', '16m') as disk:
     workdir = os.path.join(disk, 'run')
-    code, errors, stderr = _train(workdir)
+    code, errors, stderr = _train(workdir, fill=f'10:262144:{disk}')
     assert code == 1, stderr[-3000:]
     assert len(errors) == 1, stderr[-3000:]
     assert errors[0].startswith('error: cannot write the checkpoint at step '
@@ -189,7 +184,7 @@ def test_full_disk_during_training_loses_only_the_unsaved_epoch(
     assert 'Traceback' not in stderr, stderr[-3000:]
     assert _leftovers(workdir) == []
     assert wd.available_steps(workdir) == [10]
-    subprocess.run(['mount', '-o', 'remount,size=16m', disk], check=True)
+    os.remove(os.path.join(disk, 'filler'))  # Space again.
     code, errors, stderr = _train(workdir)
     assert code == 0 and not errors, stderr[-3000:]
     assert _final_digest(workdir) == digest
@@ -219,7 +214,7 @@ def test_unwritable_history_saves_the_epoch_first(tmp_path, uninterrupted):
   assert wd.available_steps(str(workdir)) == [10]
   code, errors, stderr = _train(str(workdir))
   assert code == 0 and not errors, stderr[-3000:]
-  assert _final_digest(str(workdir)) == uninterrupted[0]
+  assert _final_digest(str(workdir)) == uninterrupted
 
 
 def _train_two_processes(workdir, *args):
