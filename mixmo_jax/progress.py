@@ -285,10 +285,10 @@ class Reporter:
 
   def evaluation(self, record: Dict[str, Any], member_logits=None,
                  labels=None) -> None:
-    """Writes an evaluation record (`training.evaluate_epoch`'s) to TensorBoard and
-    the console; with the [N, M, C] `member_logits` and [N] `labels` also
-    the reliability diagram (the member-vs-ensemble figure needs only the
-    record)."""
+    """Writes an evaluation record (`training.evaluate_epoch`'s) to
+    TensorBoard and the console; with the [N, M, C] `member_logits` and [N]
+    `labels` also the reliability diagram (the member-vs-ensemble figure
+    needs only the record)."""
     self.evaluations.append(record)
     self.writer.write_scalars(record['step'], scalar_eval_metrics(record))
     if self.images and self.lead:
@@ -321,8 +321,8 @@ class Reporter:
     return '\n'.join(lines)
 
   def abort(self, upload: bool = True) -> None:
-    """Closes the progress bar and the event file of a run that failed,
-    without the summary (`upload`: see `events.EventWriter.close`)."""
+    """Closes the progress bar and the event file without the summary (a
+    run that failed; `upload`: see `events.EventWriter.close`)."""
     if self.bar is not None:
       self.bar.close()
       self.bar = None
@@ -331,8 +331,5 @@ class Reporter:
   def close(self, history: Optional[List[Dict[str, Any]]] = None) -> None:
     """Flushes the writers and prints the summary (`history`: every
     evaluation record of the run, also those before a resume)."""
-    if self.bar is not None:
-      self.bar.close()
-      self.bar = None
-    self.writer.close()
+    self.abort()
     self._print(self.summary(history))

@@ -48,7 +48,7 @@ def train_inputs(config, mesh):
   """Shapes of the train step's batch arguments, sharded over 'data'."""
   shard = sharding.data_sharded(mesh)
   size, m = config.image_size, config.num_members
-  unique = config.batch_size // config.batch_repetitions
+  unique = pipeline.unique_per_step(config)
   args = [jax.ShapeDtypeStruct((unique, size, size, 3), jnp.uint8,
                                sharding=shard),
           jax.ShapeDtypeStruct((unique,), jnp.int32, sharding=shard)]
@@ -114,20 +114,30 @@ def bound_s(target: targets_lib.Target, dtype: str, num_devices: int,
           'compute_s': compute, 'memory_s': memory, 'all_reduce_s': reduce}
 
 
+def _train_figures(compiled, counts, grad_bytes, target, dtype: str,
+                   num_devices: int) -> Dict[str, Any]:
+  """Memory, work, kernels, collectives and (with a target) the bound of a
+  compiled train step (`compile_train`'s results)."""
+  entry = hlo.entry_stats(compiled.as_text())
+  out = dict(_memory(compiled), flops_per_step=counts['total'],
+             conv_flops_per_step=counts['conv'],
+             kernels_per_step=entry.kernels,
+             kernel_io_bytes=entry.kernel_io_bytes,
+             collectives=entry.collectives, gradient_bytes=grad_bytes)
+  if target is not None:
+    out.update(bound_s(target, dtype, num_devices, counts['total'],
+                       entry.kernel_io_bytes, grad_bytes))
+  return out
+
+
 def predict(config, mesh, target=None) -> Dict[str, Any]:
   """What the compiled train step of `config` on `mesh` (real devices or
   not) predicts: its peak bytes per device, kernels per step and, with a
   `target`, the step's lower bound. experiments/device_check.py prints it
   beside the measured figures."""
-  compiled, counts, grad_bytes = compile_train(config, mesh)
-  entry = hlo.entry_stats(compiled.as_text())
-  out = {'peak_bytes': _memory(compiled)['peak_bytes'],
-         'kernels_per_step': entry.kernels}
-  if target is not None:
-    dtype = config.model.get('dtype', 'float32')
-    out.update(bound_s(target, dtype, mesh.devices.size, counts['total'],
-                       entry.kernel_io_bytes, grad_bytes))
-  return out
+  return _train_figures(*compile_train(config, mesh), target,
+                        config.model.get('dtype', 'float32'),
+                        mesh.devices.size)
 
 
 def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
@@ -153,18 +163,8 @@ def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
     return result
   result['compile_s'] = round(time.perf_counter() - start, 1)
   result['compiled'] = True
-  result.update(_memory(compiled))
-  entry = hlo.entry_stats(compiled.as_text())
-  result.update({
-      'flops_per_step': counts['total'],
-      'conv_flops_per_step': counts['conv'],
-      'kernels_per_step': entry.kernels,
-      'kernel_io_bytes': entry.kernel_io_bytes,
-      'collectives': entry.collectives,
-      'gradient_bytes': grad_bytes,
-  })
-  result.update(bound_s(target, dtype, num_devices, counts['total'],
-                        entry.kernel_io_bytes, grad_bytes))
+  result.update(_train_figures(compiled, counts, grad_bytes, target, dtype,
+                               num_devices))
   steps = _steps_per_epoch(config) * config.num_epochs
   result['run_steps'] = steps
   result['run_lower_bound_h'] = result['step_lower_bound_s'] * steps / 3600
