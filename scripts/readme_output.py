@@ -104,6 +104,9 @@ def main(argv=None) -> int:
       eval_text = f.read()
   else:
     if args.train:
+      if os.path.exists(args.workdir):  # A resumed run would time nothing.
+        raise SystemExit(f'readme_output: {args.workdir} exists: remove it '
+                         'to train from scratch, or pass --no-train')
       start = time.perf_counter()
       _run([sys.executable, '-m', 'mixmo_jax.main',
             '--config=configs/digits.py', f'--workdir={args.workdir}'])
