@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from mixmo_jax import platform  # pylint: disable=g-bad-import-order
+from mixmo_jax import platform
 
 platform.apply_defaults()  # XLA flags: before the backend starts.
 
@@ -163,7 +163,7 @@ def _peer(c, separate):
   if separate:
     return peer_process.PeerProcess('experiments.torch_peer:TorchStep',
                                     **kwargs)
-  from experiments import torch_peer  # pylint: disable=g-import-not-at-top
+  from experiments import torch_peer
   return torch_peer.TorchStep(**kwargs)
 
 
@@ -213,7 +213,7 @@ def largest_batch(config, mesh, cap):
     try:
       step, _ = _train_step_runner(c, mesh)
       jax.block_until_ready(step())
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
         break
       raise

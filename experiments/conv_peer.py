@@ -28,14 +28,14 @@ import time
 from absl import app, flags
 import numpy as np
 
-from mixmo_jax import platform  # pylint: disable=g-bad-import-order
+from mixmo_jax import platform
 
 platform.apply_defaults()  # XLA flags: before the backend starts.
 
-import jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
 
-from mixmo_jax.models import common  # pylint: disable=g-import-not-at-top
+from mixmo_jax.models import common
 
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
@@ -78,7 +78,7 @@ def jax_step(batch, size, channels):
 
 def torch_step(batch, size, channels):
   """The same computation in PyTorch (NCHW, its native layout)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   x = torch.randn(batch, channels, size, size, requires_grad=True)
   conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
@@ -107,7 +107,7 @@ def jax_parts(batch, size, channels, stride):
 
 def torch_parts(batch, size, channels, stride):
   """The same three computations in PyTorch (NCHW, no autograd)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   conv_input = torch.nn.grad.conv2d_input
   conv_weight = torch.nn.grad.conv2d_weight
   x = torch.randn(batch, channels, size, size)
@@ -149,7 +149,7 @@ def _interleaved(j, t):
 
 def main(argv):
   del argv
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   print(f'3x3 conv, forward + both gradients, batch {_BATCH.value}; torch '

@@ -23,7 +23,7 @@ from experiments import peak_flops
 from experiments.aot import case as aot_case
 from experiments.aot import targets as aot_targets
 
-import jax  # pylint: disable=g-bad-import-order
+import jax
 from mixmo_jax import models, sharding, training
 from mixmo_jax.data import pipeline
 
@@ -54,7 +54,7 @@ def short_run_digest(config, mesh, step, steps: int) -> str:
   """Parameter digest after `steps` steps from the seed on fixed data."""
   state = training.create_train_state(config, models.get_model(config), 100, mesh)
   batch = sharding.global_batch(
-      benchmark._random_batch(config, np.random.default_rng(0)), mesh)  # pylint: disable=protected-access
+      benchmark._random_batch(config, np.random.default_rng(0)), mesh)
   for _ in range(steps):
     state, _ = step(state, *batch)
   return _digest(state.params)

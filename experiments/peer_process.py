@@ -99,7 +99,7 @@ class PeerProcess:
 
 def _serve() -> None:
   """The child: builds the object, then answers 'step' / 'time N' lines."""
-  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib
   # Replies own stdout; whatever the peer prints goes to stderr instead.
   out, sys.stdout = sys.stdout, sys.stderr
 

@@ -94,7 +94,7 @@ def read_paper(path: str) -> Dict[Tuple, Dict[str, PaperValue]]:
 def _read_json(path: str) -> Optional[dict]:
   """The JSON at a local path or URL (gs://, via tf.io.gfile); None if absent."""
   if '://' in path:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf
     if not tf.io.gfile.exists(path):
       return None
     with tf.io.gfile.GFile(path) as f:

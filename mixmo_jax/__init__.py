@@ -39,7 +39,7 @@ def train(config, workdir, **kwargs):
   then validates, writes config.json and trains: see
   `mixmo_jax.training.train_and_evaluate`.
   """
-  # pylint: disable=import-outside-toplevel
+
   from absl import logging
   from mixmo_jax import platform, training
   platform.setup(config)

@@ -208,7 +208,7 @@ def plot(reports: Sequence[dict], labels: Sequence[str], path: str) -> str:
   ax_b.set_ylim(0, 101)
   ax_b.legend(fontsize=8, loc='lower left')
   fig.tight_layout()
-  from mixmo_jax import storage  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import storage
   storage.save_figure(fig, os.fspath(path), 'png')
   return os.fspath(path)
 
@@ -249,9 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: --thresholds={args.thresholds!r}: comma-separated numbers',
           file=sys.stderr)
     return 2
-  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  from mixmo_jax import workdir as wd  # pylint: disable=import-outside-toplevel
-  from mixmo_jax.evaluation import runs  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import checkpointing
+  from mixmo_jax import workdir as wd
+  from mixmo_jax.evaluation import runs
   workdirs = [w for w in args.workdir.split(',') if w]
   for workdir in workdirs:
     if wd.url_problem(workdir):

@@ -230,7 +230,7 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True,
                         metrics=dict(metrics or {}))
       self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       # OSError from orbax, ValueError('RESOURCE_EXHAUSTED: ...') and the
       # like from tensorstore: any storage error is the same one line. The
       # writes still in flight fail within moments and tensorstore's threads
@@ -301,7 +301,7 @@ class Checkpointer:
     for candidate in reversed(steps):
       try:
         state = self._restore_step(candidate, abstract_state)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.warning('Checkpoint at step %d does not restore or verify: '
                         '%s', candidate, e)
         failures.append((candidate, e))
@@ -330,7 +330,7 @@ class Checkpointer:
     if wait is not None:
       try:
         wait()
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.warning('Cleaning temporary folders in %s failed: %s',
                         self.directory, e)
     self.manager.close()
@@ -400,7 +400,7 @@ def restore_variables(workdir: str, abstract_variables: Any,
     if step is not None:
       try:
         return _restore_variables_at(ckpt, step, abstract_variables), step
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         raise CheckpointError(
             f'the checkpoint at step {step} in {ckpt.directory} does not '
             f'restore or verify ({_one_line(e)}); other steps: '
@@ -409,7 +409,7 @@ def restore_variables(workdir: str, abstract_variables: Any,
     for candidate in reversed(steps):
       try:
         variables = _restore_variables_at(ckpt, candidate, abstract_variables)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         failures.append(f'step {candidate}: {_one_line(e)}')
         continue
       if failures:

@@ -20,7 +20,7 @@ def fail(message, code: int = EXIT_USAGE):
   sys.stderr.flush()
   # At once: interpreter shutdown would print orbax's leftover coroutines of a
   # failed restore ('Event loop is closed') after the one line.
-  os._exit(code)  # pylint: disable=protected-access
+  os._exit(code)
 
 
 # orbax's warnings when a reader opens checkpoints read-only, as evaluate
@@ -33,10 +33,10 @@ def start_backend() -> None:
   """Starts jax's backend, or exits with one line (code 1) when it cannot
   start, e.g. JAX_PLATFORMS naming a platform this machine lacks (jax then
   fails with a bare AssertionError)."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
   try:
     jax.devices()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     reason = ' '.join(str(e).split())[:200] or type(e).__name__
     fail(f'jax cannot start a backend with JAX_PLATFORMS='
          f'{os.environ.get("JAX_PLATFORMS") or "(unset)"} ({reason}): name '
@@ -121,7 +121,7 @@ def _config_path(argv):
 
 def _load_config_file(spec: str):
   """get_config([variant]) of the file in 'PATH[:variant]', as config_flags."""
-  from mixmo_jax import configs  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import configs
   return configs.load(spec)
 
 
@@ -157,7 +157,7 @@ def describe_flag_error(argv, error: Exception) -> str:
       config = _load_config_file(path)
       problems = [p for p in (_override_problem(config, a) for a in argv
                               if a.startswith('--config.')) if p]
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       problems = []
     if problems:
       return f'unknown config field: {"; ".join(problems)}'
@@ -170,6 +170,6 @@ def describe_flag_error(argv, error: Exception) -> str:
         default = default[part]
       message += (f' ({flag} takes a {type(default).__name__}, like its '
                   f'default {default!r})')
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       pass
   return f'{type(error).__name__}: {message}'

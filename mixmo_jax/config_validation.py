@@ -203,8 +203,8 @@ def _check_model(c: _Checks):
   width = c.int_('model.width', 1)
   dtype = c.choice('model.dtype', tuple(models.DTYPES))
   # Every allowed value below is declared by the module that implements it.
-  from mixmo_jax.mixmo import layers  # pylint: disable=import-outside-toplevel
-  from mixmo_jax.models import wide_resnet  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.mixmo import layers
+  from mixmo_jax.models import wide_resnet
   if name == 'wide_resnet':
     depth = c.int_('model.depth', 10)
     if depth is not None and wide_resnet.depth_problem(depth):
@@ -285,9 +285,9 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
 
 def _check_augment(c: _Checks):
   from mixmo_jax.mixmo import batch as mixmo_batch  # jax only.
-  from mixmo_jax.mixmo import pixel_mix  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.mixmo import pixel_mix
   c.int_('augment.crop_padding', 0)
-  from mixmo_jax.data import augmix  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.data import augmix
   mix = c.choice('augment.pixel_mix', pixel_mix.PIXEL_MIXES)
   rule = c.choice('augment.pixel_mix_rule', pixel_mix.PIXEL_MIX_RULES)
   members = c.get('num_members')
@@ -358,13 +358,13 @@ def _check_schedule(c: _Checks):
   for field in SEED_FIELDS:
     c.int_(field, 0, MAX_SEED)
   c.int_('cpu_devices', 0)
-  from mixmo_jax.evaluation import metrics  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.evaluation import metrics
   c.choice('evaluation.ensemble', metrics.ENSEMBLE_MODES)
 
 
 def problems(config, num_devices: int) -> List[str]:
   """Every problem of `config`, one line each (empty when valid)."""
-  from mixmo_jax.configs import base  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.configs import base
   c = _Checks(config)
   c.key_tree(_leaves(base.base_config()))
   spec = _check_data(c)

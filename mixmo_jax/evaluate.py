@@ -191,7 +191,7 @@ def parse_step(value: Optional[str]) -> checkpointing.Step:
 def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     cli.fail(f'{type(e).__name__}: {e}')
 
 
@@ -252,7 +252,7 @@ def main(argv):
   # cannot print "Event loop is closed" tracebacks at interpreter shutdown.
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)  # pylint: disable=protected-access
+  os._exit(0)
 
 
 if __name__ == '__main__':

@@ -140,7 +140,7 @@ def scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
 
 def png_bytes(image: np.ndarray) -> bytes:
   """A uint8 [H, W, 3] (or [H, W]) array as PNG."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image
   out = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(out, format='PNG')
   return out.getvalue()
@@ -195,7 +195,7 @@ class EventWriter:
             self.logdir, f'events.out.tfevents.{int(time.time())}.'
             f'{socket.gethostname()}.{os.getpid()}.{next(_FILE_NUMBER)}')
         if not self._remote:
-          self._file = open(self.path, 'ab')  # pylint: disable=consider-using-with
+          self._file = open(self.path, 'ab')
         self._append(record(event_pb2.Event(
             wall_time=time.time(),
             file_version='brain.Event:2').SerializeToString()))

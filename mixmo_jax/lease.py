@@ -67,11 +67,11 @@ class GcsStore:
     self.fs = fs
 
   def _upload(self, path: str, data: bytes, generation: int) -> Optional[int]:
-    from urllib.parse import quote  # pylint: disable=import-outside-toplevel
+    from urllib.parse import quote
     bucket, key, _ = self.fs.split_path(path)
     try:
       out = self.fs.call(
-          'POST', f'{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o',  # pylint: disable=protected-access
+          'POST', f'{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o',
           uploadType='media', name=key, ifGenerationMatch=str(generation),
           data=data, json_out=True)
     except FileExistsError:  # HTTP 412: the precondition failed.
@@ -228,7 +228,7 @@ class Lease:
         try:
           if not self.renew():
             return
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:
           logging.warning('Could not renew the lease %s (%s); retrying.',
                           self.path, e)
     self._thread = threading.Thread(target=loop, name='lease', daemon=True)

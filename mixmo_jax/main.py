@@ -62,7 +62,7 @@ def parse_flags(argv):
     if FLAGS.config is not None:
       FLAGS.config.keys()  # A config file that failed to load raises here.
     return remaining
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     fail(cli.describe_flag_error(argv, e))
 
 
@@ -81,14 +81,14 @@ def main(argv):
     fail(f'unexpected arguments {argv[1:]}')
   if not _WORKDIR.value or FLAGS.config is None:
     fail('--config and --workdir are required')
-  from mixmo_jax import workdir  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import workdir
   if workdir.url_problem(_WORKDIR.value):
     fail(f'--workdir={workdir.url_problem(_WORKDIR.value)}')
   config = FLAGS.config
   platform.setup(config)  # XLA flags, before jax starts.
   _initialize_distributed()
   cli.start_backend()
-  from mixmo_jax import training  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import training
   try:  # It validates first: a bad field fails in a second.
     training.train_and_evaluate(config, _WORKDIR.value,
                                 allow_config_change=_ALLOW_CHANGE.value)
@@ -100,7 +100,7 @@ def main(argv):
     fail('stopped at once by a second Ctrl-C, without saving the current '
          'step; the checkpoints already written are kept: rerun the same '
          'command to resume', EXIT_INTERRUPTED)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     # Imported only now: a refused start stays quiet (no TensorFlow logs).
     from mixmo_jax import checkpointing, data, progress  # Heavy: TF.
     if isinstance(e, (progress.NonFiniteLossError,

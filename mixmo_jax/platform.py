@@ -125,7 +125,7 @@ def backend_started() -> bool:
   changes, this says False (the defaults are then written, harmlessly,
   after the start).
   """
-  import jax.extend.backend  # pylint: disable=import-outside-toplevel
+  import jax.extend.backend
   cache_info = getattr(jax.extend.backend.get_backend, 'cache_info', None)
   if cache_info is None:
     return False

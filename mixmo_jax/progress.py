@@ -57,7 +57,7 @@ def setup_logging() -> None:
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  from mixmo_jax import cli  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import cli
   cli.quiet_orbax_logs()
   logging.set_verbosity(logging.INFO)
   # "Unable to initialize backend 'tpu'" and similar probes at INFO.
@@ -100,8 +100,8 @@ def hparams(config) -> Dict[str, Any]:
 
 def _figure_images(record, member_logits, labels) -> Dict[str, np.ndarray]:
   """The evaluation figures as uint8 [1, H, W, 3] arrays (TensorBoard)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from mixmo_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+  from PIL import Image
+  from mixmo_jax.evaluation import plots
   images = {}
   with tempfile.TemporaryDirectory() as tmp:
     paths = {'eval/member_vs_ensemble': plots.member_vs_ensemble(
@@ -171,7 +171,7 @@ class Reporter:
       progress_bar = bool(getattr(self.stream, 'isatty', lambda: False)())
     self.bar = None
     if self.lead and progress_bar:
-      import tqdm  # pylint: disable=import-outside-toplevel
+      import tqdm
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                            file=self.stream, dynamic_ncols=True, leave=False)
     if config is not None and self.lead:
@@ -295,7 +295,7 @@ class Reporter:
       try:
         self.writer.write_images(
             record['step'], _figure_images(record, member_logits, labels))
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.warning('Evaluation figures not written to TensorBoard: %s',
                         e)
     self._print(format_evaluation(record))

@@ -72,6 +72,6 @@ def any_process(flag: bool) -> bool:
   processes: every process must call it at the same point)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils
   flags = multihost_utils.process_allgather(np.array(flag, np.int32))
   return bool(np.asarray(flags).any())

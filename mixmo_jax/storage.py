@@ -46,7 +46,7 @@ def url_problem(path: str) -> Optional[str]:
     return (f'{path}: {found}:// is not supported (supported: a local path, '
             f'{", ".join(s + "://" for s in SCHEMES)}; or mount the store '
             'as a folder and pass the mounted path)')
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  import importlib.util
   if importlib.util.find_spec(SCHEMES[found]) is None:
     return (f'{path}: {found}:// needs the package {SCHEMES[found]} '
             f'(pip install {SCHEMES[found]})')
@@ -56,7 +56,7 @@ def url_problem(path: str) -> Optional[str]:
 def filesystem(path: str):
   """The fsspec filesystem of a URL (listings never cached: orbax writes
   through tensorstore, behind fsspec's back)."""
-  import fsspec  # pylint: disable=import-outside-toplevel
+  import fsspec
   return fsspec.filesystem(scheme(path), use_listings_cache=False,
                            skip_instance_cache=False)
 
@@ -88,7 +88,7 @@ def exists(path: str) -> bool:
     return os.path.exists(path)
   try:
     return filesystem(path).exists(path)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(path, e) from None
 
 
@@ -97,7 +97,7 @@ def isdir(path: str) -> bool:
     return os.path.isdir(path)
   try:
     return filesystem(path).isdir(path)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(path, e) from None
 
 
@@ -106,7 +106,7 @@ def isfile(path: str) -> bool:
     return os.path.isfile(path)
   try:
     return filesystem(path).isfile(path)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(path, e) from None
 
 
@@ -119,7 +119,7 @@ def listdir(path: str) -> List[str]:
     entries = fs.ls(path, detail=False) if fs.isdir(path) else []
   except FileNotFoundError:
     return []
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(path, e) from None
   return sorted({e.rstrip('/').rsplit('/', 1)[-1] for e in entries})
 
@@ -133,7 +133,7 @@ def read_bytes(path: str) -> bytes:
     return filesystem(path).cat_file(path)
   except FileNotFoundError:
     raise
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(path, e) from None
 
 
@@ -146,7 +146,7 @@ def write_bytes(path: str, data: bytes) -> None:
   if is_url(path):
     try:
       filesystem(path).pipe_file(path, data)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise _store_error(path, e) from None
     return
   tmp = f'{path}.tmp{os.getpid()}'
@@ -189,25 +189,25 @@ def makedirs(path: str) -> None:
 def remove_tree(path: str) -> None:
   """Removes a folder and everything below it; errors are ignored."""
   if not is_url(path):
-    import shutil  # pylint: disable=import-outside-toplevel
+    import shutil
     shutil.rmtree(path, ignore_errors=True)
     return
   try:
     filesystem(path).rm(path, recursive=True)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     pass
 
 
 def move(source: str, target: str) -> None:
   """Moves a folder (objects are copied, then deleted)."""
   if not is_url(source):
-    import shutil  # pylint: disable=import-outside-toplevel
+    import shutil
     os.makedirs(os.path.dirname(target), exist_ok=True)
     shutil.move(source, target)
     return
   try:
     filesystem(source).mv(source, target, recursive=True)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _store_error(source, e) from None
 
 

@@ -152,6 +152,11 @@ def train_step(state: TrainState, images, labels, partner_images=None,
   weights, kappa = registry.sample_mixing_weights(
       k_mix, config.batch_size, config.num_members, *stem_hw,
       method=mix.method, alpha=mix.alpha, p=p)
+  # Drawn whole on every device: a draw split over devices would agree on
+  # each trip of the Dirichlet's rejection loop by an all-reduce. The same
+  # values either way (jax's random bits do not depend on the sharding).
+  weights, kappa = jax.lax.with_sharding_constraint(
+      (weights, kappa), sharding.replicated(mesh))
   xs, targets = member_inputs(k_data, images, labels, weights, config,
                               partner_images, partner_labels)
   xs = jax.lax.with_sharding_constraint(xs, sharding.data_sharded(mesh))
@@ -202,7 +207,7 @@ def evaluate_epoch(config, state, predict, test, mesh, step: int,
     {'step', 'epoch', **metrics.evaluation_metrics(...)}; with
     `with_logits`, (that record, the [N, M, C] member logits).
   """
-  # pylint: disable=import-outside-toplevel
+
   from mixmo_jax.evaluation import inference, metrics
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits = inference.predict_member_logits(
@@ -258,7 +263,7 @@ def train_and_evaluate(config, workdir: str, *,
   lock = (wd.trainer_lock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  from mixmo_jax import progress  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import progress
   progress.setup_logging()
   preemption.reset()
   stopper = preemption.Preemption()  # A Ctrl-C while starting stops too.
@@ -296,7 +301,7 @@ def prepare_workdir(config, workdir: str,
 
 
 def _check_checkpoint_folder(workdir: str) -> None:
-  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import checkpointing
   folder = wd.path(workdir, wd.CHECKPOINTS)
   try:
     wd.check_writable(folder)
@@ -310,7 +315,7 @@ def _train(config, workdir: str, stopper: preemption.Preemption
            ) -> Dict[str, Any]:
   """Trains (resuming from the workdir's checkpoint) and evaluates: the
   run of `train_and_evaluate`, in a prepared and locked workdir."""
-  # pylint: disable=import-outside-toplevel
+
   from mixmo_jax import checkpointing, data, feed, progress  # orbax: slow.
   from mixmo_jax.evaluation import inference
   mesh = sharding.make_mesh()
@@ -384,7 +389,7 @@ def _train(config, workdir: str, stopper: preemption.Preemption
             reporter.evaluation(record, logits, test[1])
             if jax.process_index() == 0:
               wd.append_history(workdir, record)
-          except Exception as e:  # pylint: disable=broad-except
+          except Exception as e:
             error = e
           # A failed evaluation or history line loses no training: every
           # process learns of it (process 0 alone writes the history) and

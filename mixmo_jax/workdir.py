@@ -133,7 +133,7 @@ def read_config_dict(workdir: str) -> Optional[Dict[str, Any]]:
 
 def read_config(workdir: str):
   """config.json as a ConfigDict (FileNotFoundError when missing)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  import ml_collections
   tree = read_config_dict(workdir)
   if tree is None:
     raise FileNotFoundError(f'{path(workdir, CONFIG)} is missing: not a '
@@ -391,7 +391,7 @@ def lease_lost() -> bool:
 
 @contextlib.contextmanager
 def _lease(workdir: str) -> Iterator[None]:
-  from mixmo_jax import lease  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import lease
   target = path(workdir, LOCK)
   held = lease.Lease(lease.GcsStore(storage.filesystem(target)), target)
   try:
@@ -399,7 +399,7 @@ def _lease(workdir: str) -> Iterator[None]:
   except lease.BusyError as e:
     raise WorkdirBusyError(f'{workdir} is {e}; wait for it to finish or '
                            'stop it, or train in another --workdir') from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise WorkdirError(f'cannot take the lease {target} '
                        f'({storage.store_reason(e)})') from None
   _LEASE_LOST.clear()

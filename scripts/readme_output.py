@@ -43,7 +43,7 @@ def machine_description() -> str:
   except OSError:
     pass
   try:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     version = f', jax {jax.__version__}'
   except ImportError:
     version = ''

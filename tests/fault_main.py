@@ -54,7 +54,7 @@ def install(spec: str) -> None:
   if point not in POINTS or not step.isdigit():
     raise SystemExit(f'{KILL_ENV}={spec!r}: POINT:STEP, POINT in {POINTS}')
   step = int(step)
-  from mixmo_jax import checkpointing, progress  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import checkpointing, progress
   if point == 'step':
     reported = progress.Reporter.step
 
@@ -95,7 +95,7 @@ def fill_disk(folder: str, leave: int) -> None:
 def install_fill(spec: str) -> None:
   """Fills the disk after the save of a step ('10:262144:/mnt/disk')."""
   step, leave, folder = spec.split(':', 2)
-  from mixmo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import checkpointing
   save = checkpointing.Checkpointer.save
 
   def save_then_fill(self, at, *args, **kwargs):

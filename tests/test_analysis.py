@@ -207,7 +207,7 @@ def test_report_plot_and_cli(fabricated_params, tmp_path, monkeypatch, capsys):
 def test_labels_name_the_workdir():
   from mixmo_jax import analysis, configs
   config = configs.get('digits:cut_mixmo')
-  labels = {analysis._label(config, f'/runs/{name}/')  # pylint: disable=protected-access
+  labels = {analysis._label(config, f'/runs/{name}/')
             for name in ('seed0', 'seed1', 'seed2')}
   assert len(labels) == 3
   assert all(label.startswith('seed') and 'cut_mixmo' in label

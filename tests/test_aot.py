@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO
 from experiments.aot import case, flops, hlo, largest
+from experiments.aot import baseline as baseline_lib
 from experiments.aot import targets as targets_lib
 from mixmo_jax import configs, models, sharding, training
 
@@ -79,7 +80,7 @@ def _conv_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'conv_general_dilated':
       out.append(eqn)
-    for sub in flops._sub_jaxprs(eqn):  # pylint: disable=protected-access
+    for sub in flops._sub_jaxprs(eqn):
       out.extend(_conv_eqns(sub))
   return out
 
@@ -148,7 +149,7 @@ def test_a_case_compiled_for_eight_devices():
   assert result['alias_bytes'] > 0  # The donated state.
   bound = max(result['flops_per_step'] / 8 / 1e12,
               result['kernel_io_bytes'] / 1e11)
-  reduce = 2 * 7 / 8 * result['gradient_bytes'] / 1e10
+  reduce = 2 * 7 / 8 * result['collectives']['all-reduce']['bytes'] / 1e10
   assert math.isclose(result['step_lower_bound_s'], bound + reduce)
   assert math.isclose(result['run_lower_bound_h'],
                       result['step_lower_bound_s'] * result['run_steps']
@@ -172,6 +173,59 @@ def test_batchnorm_groups_follow_the_mesh():
   assert reduces[8]['bytes'] < min(reduces[0]['bytes'], reduces[16]['bytes'])
   # The one left is the gradients' (and the step's scalar metrics).
   assert reduces[8]['bytes'] >= runs[8]['gradient_bytes']
+
+
+def test_member_permutations_by_device_gather_nothing():
+  """Member inputs and CutMix partners permuted within one group of rows
+  per device (permutation_group_rows = B / 8, as ub_mimo on 8 cores) are
+  gathered from the device's own rows: no all-gather in the step, while
+  permutations of the global batch must collect it."""
+  runs = {}
+  for rows in (0, 8):
+    config = _tiny(rows=8)
+    config.mixing.permutation_group_rows = rows
+    runs[rows] = case.run(config, CPU8, 8, 'float32', with_eval=False)
+  assert all(r['compiled'] for r in runs.values())
+  assert 'all-gather' not in runs[8]['collectives']
+  assert runs[0]['collectives']['all-gather']['count'] >= 1
+
+
+def test_no_collective_runs_inside_a_loop():
+  """The mixing ratios' Dirichlet draw is a rejection loop; drawn whole on
+  each device, its trips need no agreement between devices (an all-reduce
+  per trip when the draw is split over them)."""
+  result = case.run(_tiny(), CPU8, 8, 'float32', with_eval=False)
+  assert result['compiled'] and result['loop_collectives'] == 0, result
+
+
+def test_the_baseline_fails_growth_and_new_collectives(tmp_path):
+  """Written, read back and compared: within 10% passes; more peak or
+  kernels, a new kind of collective, or collectives in a loop fail; a case
+  the baseline lacks is only reported."""
+  row = {'target': 'h100', 'devices': 8, 'dtype': 'bfloat16',
+         'config': 'c', 'batch_size': 64, 'compiled': True,
+         'peak_bytes': 1000, 'kernels_per_step': 100, 'loop_collectives': 0,
+         'collectives': {'all-reduce': {'count': 4, 'bytes': 10}}}
+  path = str(tmp_path / 'baseline.json')
+  baseline_lib.write(path, [row])
+  base = baseline_lib.read(path)
+
+  def verdict(**change):
+    lines, regressed = baseline_lib.compare(base, [dict(row, **change)])
+    return regressed, lines[-1]
+
+  assert not verdict(peak_bytes=1100, kernels_per_step=110)[0]
+  assert 'REGRESSED' not in verdict(kernels_per_step=90)[1]
+  for change, says in [({'peak_bytes': 1101}, 'peak_bytes'),
+                       ({'kernels_per_step': 111}, 'kernels_per_step'),
+                       ({'loop_collectives': 2}, '2 collectives in loops'),
+                       ({'collectives': dict(row['collectives'], **{
+                           'all-gather': {'count': 1, 'bytes': 8}})},
+                        'new collectives all-gather')]:
+    regressed, line = verdict(**change)
+    assert regressed and says in line, line
+  lines, regressed = baseline_lib.compare(base, [dict(row, devices=1)])
+  assert not regressed and 'not in the baseline' in lines[-1]
 
 
 def test_an_invalid_case_is_a_row_with_its_error():
@@ -238,6 +292,11 @@ def _aot(*args):
     (['--dtype=float16'], "--dtype='float16' is not allowed"),
     (['--config=configs/nope.py'], '--config=configs/nope.py: config file'),
     (['--baseline=nope.json'], '--baseline=nope.json: no such file'),
+    (['--set=model.nope=1'], "--set=model.nope=1: FIELD=VALUE with FIELD a "
+     "config field; config.model has no 'nope'"),
+    (['--set=model.depth=deep'], "--set=model.depth=deep: model.depth takes "
+     "an integer, not 'deep'"),
+    (['--set=model.bn_group_rows'], "--set=model.bn_group_rows: FIELD=VALUE"),
 ])
 def test_bad_flags_get_one_line(args, says):
   code, stdout, stderr = _aot(*args)

@@ -81,13 +81,15 @@ def test_eight_gpus_all_reduce_the_gradients_once(programs):
   """ub_mimo on 8 GPUs: BatchNorm stays on each GPU, so the all-reduces
   are the gradients' (XLA combines them into a few large ones, in the
   compute dtype: at least half the float32 gradient bytes, at most all of
-  them) and the step's scalars; no floating-point activation is
-  all-gathered."""
+  them) and the step's scalars; the member permutations stay within each
+  GPU's rows, so nothing is all-gathered; no collective runs in a loop."""
   compiled, _, gradient_bytes = programs['ub_mimo']
   stats = hlo.entry_stats(compiled.as_text())
   reduces = stats.collectives['all-reduce']
   assert reduces['count'] <= 6
   assert gradient_bytes / 2 <= reduces['bytes'] <= gradient_bytes * 1.05
+  assert set(stats.collectives) == {'all-reduce'}, stats.collectives
+  assert stats.loop_collectives == 0
   gathered = [line for line in hlo.entry_lines(compiled.as_text())
               if 'all-gather-start(' in line or ' all-gather(' in line]
   for line in gathered:

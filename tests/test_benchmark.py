@@ -36,9 +36,9 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   """A conv layer's gradient step: its forward convolution (named by jax)
   and its weight-gradient convolution appear with opcode 'convolution', and
   the table prints."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from experiments import op_profile  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from experiments import op_profile
 
   def loss(w, x):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
@@ -67,8 +67,8 @@ def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   """experiments/conv_peer.py: the jax step's gradients have the layer's
   shapes; with torch installed (`.[bench]`), torch's weight gradient of the
   same loss on the same data equals jax's."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from experiments import conv_peer  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from experiments import conv_peer
   gx, gw = conv_peer.jax_step(2, 4, 3)()
   assert gx.shape == (2, 4, 4, 3) and gw.shape == (3, 3, 3, 3)
   parts = conv_peer.jax_parts(2, 4, 3, 2)  # --parts, the stride-2 layer.
@@ -76,7 +76,7 @@ def test_conv_peer_computes_the_same_gradients_in_both_frameworks():
   assert parts['dx']().shape == (2, 4, 4, 3)
   assert parts['dw']().shape == (3, 3, 3, 3)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError:
     return
   rng = np.random.default_rng(0)
@@ -94,8 +94,8 @@ def test_peer_process_steps_the_peer_in_a_child_and_reports_its_errors():
   """experiments/peer_process.py: the peer is built from the kwargs in
   another process, its step count persists between calls, time() returns
   the child's value, and a failing step raises with the child's traceback."""
-  import pytest  # pylint: disable=import-outside-toplevel
-  from experiments import peer_process  # pylint: disable=import-outside-toplevel
+  import pytest
+  from experiments import peer_process
   env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
   with peer_process.PeerProcess('peer_stub:CountingStep', cwd=REPO, env=env,
                                 scale=0.25) as peer:

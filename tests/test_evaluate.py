@@ -334,7 +334,7 @@ def test_a_config_json_nothing_vouches_for_is_checked(tmp_path,
   """Checkpoints of an older version store no config: config.json is the
   only source, so a hand-edited wrong type in it is one line naming the
   field, in evaluate and in analysis, before anything is built."""
-  from mixmo_jax import analysis  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import analysis
   old = _copy_run(digits_workdir, tmp_path / 'old', num_members='2')
   for step in workdir_lib.checkpoint_steps(old):
     folder = os.path.join(old, workdir_lib.CHECKPOINTS, str(step))

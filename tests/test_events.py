@@ -17,7 +17,7 @@ def _read_bytes(path):
 
 
 def _read(path):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   return list(tf.compat.v1.train.summary_iterator(path))
 
 
@@ -40,7 +40,7 @@ def test_record_framing():
 
 
 def test_tensorflow_reads_scalars_images_hparams(tmp_path):
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   writer = events.EventWriter(str(tmp_path))
   writer.write_hparams({'optimizer.base_learning_rate': 0.1, 'model.depth': 10,
                         'mixing.method': 'cut_mixmo', 'flag': True})
@@ -69,7 +69,7 @@ def test_tensorflow_reads_scalars_images_hparams(tmp_path):
 
 def test_corrupt_record_is_detected_by_the_reader(tmp_path):
   """TensorFlow verifies the checksums we write: a flipped byte is caught."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   writer = events.EventWriter(str(tmp_path))
   writer.write_scalars(1, {'a': 1.0})
   writer.close()

@@ -240,7 +240,7 @@ def test_deleted_config_json_lets_no_changed_config_through(run):
 
 @pytest.mark.parametrize('damage', ['not_gzip', 'truncated', 'bad_pickle'])
 def test_corrupt_cifar_archive_is_one_line(tmp_path, monkeypatch, damage):
-  import io, pickle, tarfile  # pylint: disable=g-import-not-at-top
+  import io, pickle, tarfile
   from mixmo_jax import data
   from mixmo_jax.data import cifar
   monkeypatch.setattr(cifar, '_try_prepared', lambda *a: None)
@@ -348,7 +348,7 @@ EXPECTED_STEPS = ([], [], [], [2], [2], [2], [2], [2, 4], [2, 4], [2, 4])
 def _start(workdir, log_path, *extra, kill=None):
   """main on `workdir`, SIGKILLed at `kill` ((point, step), see
   tests/fault_main.py) when given."""
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import subprocess
   from conftest import REPO, killed_main
   argv, env = killed_main(None if kill is None else '%s:%d' % kill)
   with open(log_path, 'w') as log:  # The child keeps its own descriptor.
@@ -429,7 +429,7 @@ def test_close_waits_for_the_temporary_folder_cleanup(tmp_path):
 
 def test_sigint_saves_and_exits_0(tmp_path):
   """Ctrl-C is handled like SIGTERM: a checkpoint of the current step."""
-  import signal, time  # pylint: disable=g-import-not-at-top
+  import signal, time
   workdir = str(tmp_path / 'run')
   proc = _start(workdir, str(tmp_path / 'log'), '--config.num_epochs=40',
                 '--config.eval_every_epochs=40',
@@ -451,7 +451,7 @@ def test_sigint_saves_and_exits_0(tmp_path):
 
 
 def test_evaluate_cli_falls_back_or_refuses_the_step(run):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top
+  import subprocess, sys
   from conftest import REPO
   workdir = run
   _damage(workdir, 20, 'truncated_blob')

@@ -124,8 +124,8 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lease_taken_over(
   it. Killed, it leaves its lease; once that has expired (rewritten here
   with a past expiry, as TTL seconds would make it) the next start takes it
   over, saying so."""
-  import signal  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
+  import signal
+  import time
   url = f'{BUCKET}/busy/run'
   args = [*TINY, '--config.num_epochs=40', f'--workdir={url}']
   first = subprocess.Popen(

@@ -177,9 +177,9 @@ def test_the_core_does_not_import_contrib(graph):
 def test_one_version_number():
   """mixmo_jax.__version__ is the version setup.py installs and the one
   CITATION.cff names."""
-  import importlib.metadata  # pylint: disable=import-outside-toplevel
-  import re  # pylint: disable=import-outside-toplevel
-  import mixmo_jax  # pylint: disable=import-outside-toplevel
+  import importlib.metadata
+  import re
+  import mixmo_jax
   root = os.path.dirname(ROOT)
   with open(os.path.join(root, 'CITATION.cff')) as f:
     cited = re.search(r'^version: (\S+)$', f.read(), re.M).group(1)
@@ -200,3 +200,17 @@ def test_the_validator_declares_no_vocabulary_of_its_own():
         literals.append(ast.literal_eval(node.args[0]))
   assert choices >= 8, choices  # The check sees the calls.
   assert not literals, literals
+
+
+def test_no_pragmas_for_a_linter_nobody_runs():
+  """The lint is ruff's (pyproject.toml); pylint runs nowhere, so its
+  pragmas would only be noise."""
+  pragma = '# ' + 'pylint' + ':'
+  repo = os.path.dirname(ROOT)
+  found = []
+  for top in (PACKAGE, 'experiments', 'scripts', 'tests', 'configs'):
+    for folder, _, files in os.walk(os.path.join(repo, top)):
+      found += [os.path.join(folder, f) for f in files
+                if f.endswith('.py') and pragma in _read(os.path.join(folder,
+                                                                      f))]
+  assert not found, found

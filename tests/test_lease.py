@@ -150,10 +150,10 @@ def test_the_renewing_thread_keeps_it_and_stops_on_release():
 def test_a_dead_process_of_this_machine_holds_nothing():
   """A lease of this host whose pid is gone (a real process that exited) is
   taken over at once; a live one's is not, nor another host's."""
-  import os  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
+  import os
+  import socket
+  import subprocess
+  import sys
   gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                         capture_output=True, text=True, check=True)
   dead_pid = int(gone.stdout)

@@ -212,8 +212,8 @@ def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(
   """s3:// (a URL of a store other than gs://) is not a local path: every
   program says so in one line instead of writing into a local folder named
   's3:'."""
-  from mixmo_jax import analysis, predict  # pylint: disable=import-outside-toplevel
-  from mixmo_jax import workdir as wd  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import analysis, predict
+  from mixmo_jax import workdir as wd
   url = 's3://bucket/mixmo/run'
   expected = wd.url_problem(url)
   assert expected and 's3:// is not supported' in expected
@@ -232,7 +232,7 @@ def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(
   assert analysis.main([f'--workdir={url}']) == 2
   with pytest.raises(ValueError, match='not supported'):
     predict.load(url)
-  import mixmo_jax  # pylint: disable=import-outside-toplevel
+  import mixmo_jax
   with pytest.raises(ValueError, match='not supported'):
     mixmo_jax.train(tiny_digits_config(), url)
   assert os.listdir(tmp_path) == []

@@ -35,7 +35,7 @@ def test_each_platform_gets_its_own_flags_only():
   assert platform.apply_defaults({'JAX_PLATFORMS': 'cuda'}) == [
       '--xla_gpu_deterministic_ops=true']
   # Unset: the accelerator plugins installed decide, else the CPU.
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  import importlib.util
   plugins = {p for m, p in platform._PLUGINS.items()
              if importlib.util.find_spec(m) is not None}
   assert platform.target_platforms({}) == (plugins or {'cpu'})
@@ -83,8 +83,8 @@ def test_an_unknown_default_does_not_stop_a_start():
 def test_defaults_leave_xla_flags_alone_once_the_backend_runs(monkeypatch):
   """XLA_FLAGS stays what the running backend uses: jax's compilation cache
   keys programs by it, and test subprocesses inherit it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from mixmo_jax import configs, platform  # pylint: disable=import-outside-toplevel
+  import jax
+  from mixmo_jax import configs, platform
   jax.devices()  # The backend runs.
   assert platform.backend_started()
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')

@@ -12,7 +12,7 @@ from mixmo_jax import configs, progress
 
 def _events(workdir):
   """{tag: [(step, value or plugin name)]} of every event file under workdir."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   tags = {}
   for path in glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
                         recursive=True):
@@ -158,7 +158,7 @@ def test_quiet_logs_drop_only_closed_loop_reports(monkeypatch):
   """Unraisable exceptions from objects that really fail in `__del__`: the
   'Event loop is closed' report tensorstore leaves after a failed write is
   dropped; any other reaches the previous hook."""
-  from mixmo_jax import cli  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import cli
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
   cli.quiet_orbax_logs()
@@ -185,17 +185,17 @@ def test_quiet_logs_drop_only_orbax_abandoned_tasks(tmp_path, caplog,
   """asyncio's "Task exception was never retrieved" for real tasks that
   failed unawaited: one whose coroutine lives under an 'orbax' folder is
   dropped, another is still reported."""
-  import asyncio  # pylint: disable=import-outside-toplevel
-  import gc  # pylint: disable=import-outside-toplevel
-  from mixmo_jax import cli  # pylint: disable=import-outside-toplevel
+  import asyncio
+  import gc
+  from mixmo_jax import cli
   for folder in ('orbax', 'other'):
     (tmp_path / folder).mkdir()
     (tmp_path / folder / f'{folder}_writer.py').write_text(
         'async def write():\n  raise ValueError("RESOURCE_EXHAUSTED")\n')
   monkeypatch.syspath_prepend(str(tmp_path / 'orbax'))
   monkeypatch.syspath_prepend(str(tmp_path / 'other'))
-  import orbax_writer  # pylint: disable=import-outside-toplevel
-  import other_writer  # pylint: disable=import-outside-toplevel
+  import orbax_writer
+  import other_writer
   cli.quiet_orbax_logs()
 
   async def abandon(coroutine):

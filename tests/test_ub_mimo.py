@@ -177,6 +177,28 @@ def test_row_groups_hold_their_own_samples_b_times():
                                 np.tile(np.arange(n), b))
 
 
+def test_take_rows_is_the_plain_gather():
+  """Group by group, the same values as x[idx] and x[idx, cols], for
+  indices drawn within each row's group (member inputs and partners)."""
+  from mixmo_jax.mixmo import batch
+  n, b, m, groups = 16, 4, 3, 8
+  rows = n * b // groups
+  key = jax.random.key(5)
+  x = jax.random.normal(key, (n * b, 2, 3))
+  idx = batch.member_indices(key, n * b, m, 0.25, groups)
+  q = batch.partner_positions(jax.random.key(6), idx, n, n * b, groups)
+  assert np.all(np.asarray(idx) // rows == np.arange(n * b)[:, None] // rows)
+  for i in (idx, q, idx[:, :1]):
+    np.testing.assert_array_equal(batch.take_rows(x, i, groups), x[i])
+    cols = jnp.arange(i.shape[1])[None, :]
+    per_member = jax.random.normal(key, (n * b, i.shape[1], 5))
+    np.testing.assert_array_equal(
+        batch.take_rows(per_member, i, groups, cols), per_member[i, cols])
+  labels = jnp.arange(n * b)
+  np.testing.assert_array_equal(batch.take_rows(labels, q, groups),
+                                labels[q])
+
+
 def test_permutation_groups_reproduce_ubs_repetition_rate():
   """Two members see the same image at a row with probability b / R: 4 / 64
   = 6.25% with UB's per-core groups of 64 rows, 4 / 512 = 0.78% with the

@@ -23,6 +23,7 @@ Needs the `aot` extra (jax's CUDA and TPU plugins at the core's jax
 version): pip install -e ".[aot]". Targets are data: targets.json and the
 H100's h100.textproto beside this file.
 """
+import ast
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ import sys
 # Compile-only: the accelerators are described, never started.
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags
 
 from experiments.aot import baseline as baseline_lib
 from experiments.aot import targets as targets_lib
@@ -46,6 +47,9 @@ _DEVICES = flags.DEFINE_list('devices', ['1'], 'Device counts (slices of '
 _TOPOLOGY = flags.DEFINE_string(
     'topology', '', 'A topology name for one device count instead of '
     'targets.json\'s (e.g. v5e:2x4, 1x1x8); implies its device count.')
+_SET = flags.DEFINE_multi_string(
+    'set', [], 'FIELD=VALUE: set a config field in every --config, e.g. '
+    '--set=model.bn_group_rows=8 (repeatable); the case\'s label names it.')
 _DTYPE = flags.DEFINE_list('dtype', ['float32', 'bfloat16'],
                            'Compute dtypes (config.model.dtype).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch size (0: the '
@@ -76,18 +80,48 @@ def _fail(message: str) -> None:
 
 def _print_target_config() -> None:
   os.environ.pop('JAX_PLATFORMS', None)
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.lib import xla_client  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax.lib import xla_client
   if jax.default_backend() != 'gpu':
     _fail(f'--print_target_config needs a GPU; this machine runs '
           f'{jax.default_backend()}')
   print(xla_client.get_topology_for_devices(jax.devices()).target_config)
 
 
+def _set_field(config, assignment: str) -> None:
+  """Applies one --set=FIELD=VALUE, VALUE read as the field's type."""
+  field, sep, text = assignment.partition('=')
+  node, parts = config, field.split('.')
+  for i, part in enumerate(parts):
+    if not sep or not hasattr(node, 'keys') or part not in node:
+      where = '.'.join(['config'] + parts[:i])
+      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
+      _fail(f'--set={assignment}: FIELD=VALUE with FIELD a config field; '
+            f'{where} has no {part!r} (fields: {known})')
+    if i < len(parts) - 1:
+      node = node[part]
+  old = node[parts[-1]]
+  kinds = {bool: 'true or false', int: 'an integer', float: 'a number',
+           str: 'a string'}
+  try:
+    if isinstance(old, bool):
+      if text.lower() not in ('true', 'false'):
+        raise ValueError(text)
+      value = text.lower() == 'true'
+    elif type(old) in kinds:
+      value = type(old)(text)
+    else:
+      value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    _fail(f'--set={assignment}: {field} takes '
+          f'{kinds.get(type(old), "a Python literal")}, not {text!r}')
+  node[parts[-1]] = value
+
+
 def _cases():
   """(target, device counts, [(config label, config)]) from the flags,
   each checked first (one line and exit 2 for a bad one)."""
-  from mixmo_jax import configs  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import configs
   target = targets_lib.get(_TARGET.value)
   for dtype in _DTYPE.value:
     if dtype not in targets_lib.DTYPES:
@@ -108,14 +142,18 @@ def _cases():
       config = configs.load(spec)
     except (ValueError, FileNotFoundError) as e:
       _fail(f'--config={spec}: {e}')
+    for assignment in _SET.value:
+      _set_field(config, assignment)
     if _BATCH.value:
       config.batch_size = _BATCH.value
-    loaded.append((spec.rpartition('/')[2], config))
+    loaded.append((' '.join([spec.rpartition('/')[2]] + _SET.value), config))
   return target, counts, loaded
 
 
 def _table(rows) -> str:
-  head = (f'{"target":8} {"dev":>3} {"dtype":8} {"config":26} {"batch":>6} '
+  width = max([26] + [len(r['config']) for r in rows])
+  head = (f'{"target":8} {"dev":>3} {"dtype":8} {"config":{width}} '
+          f'{"batch":>6} '
           f'{"peak GB":>7} {"temp MB":>8} {"TFLOP":>7} {"IO GB":>6} '
           f'{"kernels":>7} {"all-red":>7} {"bound ms":>8} {"by":7} '
           f'{"run h":>6} {"eval GB":>7} {"compile s":>9}')
@@ -123,7 +161,7 @@ def _table(rows) -> str:
   for r in rows:
     if not r['compiled']:
       lines.append(f'{r["target"]:8} {r["devices"]:>3} {r["dtype"]:8} '
-                   f'{r["config"]:26} {r["batch_size"]:>6} '
+                   f'{r["config"]:{width}} {r["batch_size"]:>6} '
                    f'FAILED: {r["error"]}')
       continue
     reduce = r['collectives'].get('all-reduce', {}).get('count', 0)
@@ -131,7 +169,7 @@ def _table(rows) -> str:
                   else f'{"-" if "eval_compiled" not in r else "FAILED":>7}')
     lines.append(
         f'{r["target"]:8} {r["devices"]:>3} {r["dtype"]:8} '
-        f'{r["config"]:26} {r["batch_size"]:>6} '
+        f'{r["config"]:{width}} {r["batch_size"]:>6} '
         f'{r["peak_bytes"] / 1e9:7.2f} {r["temp_bytes"] / 1e6:8.0f} '
         f'{r["flops_per_step"] / 1e12:7.3f} '
         f'{r["kernel_io_bytes"] / 1e9:6.1f} {r["kernels_per_step"]:>7} '
@@ -161,12 +199,12 @@ def main(argv) -> None:
   missing = targets_lib.missing_plugin(target)
   if missing:
     _fail(missing)
-  from mixmo_jax import platform  # pylint: disable=import-outside-toplevel
+  from mixmo_jax import platform
   # The target's XLA flag defaults (deterministic GPU kernels), not this
   # host's: XLA_FLAGS is read when the first backend starts, just below.
   platform.apply_defaults(platforms=(
       'cpu', 'gpu' if target.platform == 'cuda' else target.platform))
-  from experiments.aot import case, largest  # pylint: disable=import-outside-toplevel
+  from experiments.aot import case, largest
   if _TOPOLOGY.value:
     target = targets_lib.with_topology(target, _TOPOLOGY.value)
     counts = [int(next(iter(target.topologies)))]

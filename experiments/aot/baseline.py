@@ -5,7 +5,9 @@
 
 `.ci/run` compiles the headline cases on every commit and compares them
 with it: a case whose peak memory or kernels per step grew by more than
-`TOLERANCE` fails, with the comparison printed. A case missing from the
+`TOLERANCE`, or that has a kind of collective the baseline's lacks (an
+all-gather of the batch, say) or more collectives inside loops, fails,
+with the comparison printed. A case missing from the
 baseline is only reported; `--write_baseline` adds it (after a deliberate
 change, commit the new file with the reason).
 """
@@ -34,7 +36,8 @@ def write(path: str, rows: Sequence[Dict[str, Any]]) -> None:
     if row['compiled']:
       data[key(row)] = {'peak_bytes': row['peak_bytes'],
                         'kernels_per_step': row['kernels_per_step'],
-                        'collectives': row['collectives']}
+                        'collectives': row['collectives'],
+                        'loop_collectives': row['loop_collectives']}
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(dict(sorted(data.items())), f, indent=1)
     f.write('\n')
@@ -53,8 +56,13 @@ def compare(baseline: Dict[str, Dict[str, Any]],
     if base is None:
       lines.append(f'{key(row):48} not in the baseline')
       continue
-    bad = [name for name in CHECKED
+    bad = [f'{name} > +{TOLERANCE:.0%}' for name in CHECKED
            if row[name] > (1 + TOLERANCE) * base[name]]
+    new = sorted(set(row['collectives']) - set(base['collectives']))
+    if new:
+      bad.append(f'new collectives {", ".join(new)}')
+    if row['loop_collectives'] > base.get('loop_collectives', 0):
+      bad.append(f'{row["loop_collectives"]} collectives in loops')
     regressed |= bool(bad)
     reduces = [r.get('collectives', {}).get('all-reduce', {}).get('count', 0)
                for r in (base, row)]
@@ -62,5 +70,5 @@ def compare(baseline: Dict[str, Dict[str, Any]],
         f'{key(row):48} {base["peak_bytes"] / 1e9:6.2f} -> '
         f'{row["peak_bytes"] / 1e9:5.2f} {base["kernels_per_step"]:>4} -> '
         f'{row["kernels_per_step"]:<4} {reduces[0]:>4} -> {reduces[1]:<4}'
-        + (f' REGRESSED: {", ".join(bad)} > +{TOLERANCE:.0%}' if bad else ''))
+        + (f' REGRESSED: {"; ".join(bad)}' if bad else ''))
   return lines, regressed

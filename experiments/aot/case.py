@@ -12,7 +12,7 @@ not exist.
 The step's lower bound (seconds) is
 
   max(FLOPs / n / peak_flops[dtype],  kernel I/O bytes / HBM bandwidth)
-  + 2 (n - 1) / n * gradient bytes / link bandwidth   (ring all-reduce)
+  + 2 (n - 1) / n * all-reduced bytes / link bandwidth   (ring all-reduce)
 
 for n devices: the work spread evenly, each kernel reading and writing HBM
 once, the gradient all-reduce not overlapped; launch latencies, the
@@ -103,11 +103,15 @@ def compile_eval(config, mesh):
 
 def bound_s(target: targets_lib.Target, dtype: str, num_devices: int,
             step_flops: float, kernel_io_bytes: float,
-            grad_bytes: float) -> Dict[str, Any]:
-  """The step's lower bound (module docstring) and what limits it."""
+            reduce_bytes: float) -> Dict[str, Any]:
+  """The step's lower bound (module docstring) and what limits it.
+
+  `reduce_bytes`: what the compiled step all-reduces per device (the
+  gradients, in the compute dtype where XLA reduces them before casting
+  them back to the float32 parameters, and the BatchNorm moments)."""
   compute = step_flops / num_devices / target.peak_flops[dtype]
   memory = kernel_io_bytes / target.hbm_bytes_per_s
-  reduce = (2 * (num_devices - 1) / num_devices * grad_bytes
+  reduce = (2 * (num_devices - 1) / num_devices * reduce_bytes
             / target.link_bytes_per_s)
   return {'step_lower_bound_s': max(compute, memory) + reduce,
           'bound_by': 'compute' if compute >= memory else 'memory',
@@ -122,11 +126,15 @@ def _train_figures(compiled, counts, grad_bytes, target, dtype: str,
   out = dict(_memory(compiled), flops_per_step=counts['total'],
              conv_flops_per_step=counts['conv'],
              kernels_per_step=entry.kernels,
+             kernel_kinds=entry.kernel_kinds,
+             loop_collectives=entry.loop_collectives,
              kernel_io_bytes=entry.kernel_io_bytes,
              collectives=entry.collectives, gradient_bytes=grad_bytes)
   if target is not None:
     out.update(bound_s(target, dtype, num_devices, counts['total'],
-                       entry.kernel_io_bytes, grad_bytes))
+                       entry.kernel_io_bytes,
+                       entry.collectives.get('all-reduce', {}).get('bytes',
+                                                                   0)))
   return out
 
 
@@ -157,7 +165,7 @@ def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
   try:
     mesh = sharding.make_mesh(targets_lib.devices(target, num_devices))
     compiled, counts, grad_bytes = compile_train(config, mesh)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     result['error'] = (f'{type(e).__name__}: {e}'.splitlines() or [''])[0]
     result['traceback'] = traceback.format_exc(limit=-3)
     return result
@@ -176,7 +184,7 @@ def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
       result['eval_peak_bytes'] = _memory(compile_eval(config, mesh))[
           'peak_bytes']
       result['eval_compiled'] = True
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       result['eval_compiled'] = False
       result['eval_error'] = (f'{type(e).__name__}: {e}'.splitlines()
                               or [''])[0]

@@ -4,6 +4,8 @@
     stats.kernels        # kernels per step
     stats.kernel_io_bytes   # bytes the kernels read and write (HBM traffic)
     stats.collectives    # {'all-reduce': {'count': 54, 'bytes': ...}, ...}
+    stats.kernel_kinds   # {'fusion': 484, 'convolution': 83, 'copy': 56, ...}
+    stats.loop_collectives  # collectives inside loops (run on every trip)
 
 The entry computation of an SPMD program is what one device runs, so every
 shape is per device. A kernel is an instruction of the entry computation
@@ -61,7 +63,26 @@ class EntryStats:
   kernel_io_bytes: int = 0
   collectives: Dict[str, Dict[str, int]] = dataclasses.field(
       default_factory=dict)
+  kernel_kinds: Dict[str, int] = dataclasses.field(default_factory=dict)
+  loop_collectives: int = 0
   opcodes: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def kernel_kind(opcode: str) -> str:
+  """What a launching instruction is: 'convolution' (a library call such as
+  cuDNN's, or XLA's own), 'gemm', 'fusion', 'copy' (a layout change, or a
+  buffer XLA duplicates around an in-place update), 'collective', 'while'
+  (a loop: on a GPU each trip reads its condition back to the host), or
+  'other'."""
+  if 'conv' in opcode:
+    return 'convolution'
+  if 'gemm' in opcode or 'cublas' in opcode or opcode == 'dot':
+    return 'gemm'
+  if opcode.removesuffix('-start') in COLLECTIVES:
+    return 'collective'
+  if opcode in ('fusion', 'copy', 'while'):
+    return opcode
+  return 'copy' if opcode == 'copy-start' else 'other'
 
 
 def entry_lines(text: str) -> List[str]:
@@ -77,10 +98,26 @@ def entry_lines(text: str) -> List[str]:
   return lines
 
 
+def _loop_collectives(text: str) -> int:
+  """Collectives outside the entry computation: in a while loop's body or
+  condition (collectives are never fused), where each trip runs them."""
+  count, inside_entry = 0, False
+  for line in text.splitlines():
+    if line.startswith('ENTRY '):
+      inside_entry = True
+    elif inside_entry and line.startswith('}'):
+      inside_entry = False
+    match = _INSTRUCTION.match(line)
+    if match and not inside_entry:
+      opcode = _split_shape(match.group(2))[1].partition('(')[0]
+      count += opcode.removesuffix('-start') in COLLECTIVES
+  return count
+
+
 def entry_stats(text: str) -> EntryStats:
   """Kernels, their I/O bytes and the collectives of one device's step."""
   sizes: Dict[str, int] = {}
-  stats = EntryStats()
+  stats = EntryStats(loop_collectives=_loop_collectives(text))
   for line in entry_lines(text):
     match = _INSTRUCTION.match(line)
     if not match:
@@ -99,6 +136,8 @@ def entry_stats(text: str) -> EntryStats:
     if opcode in _FREE or opcode.endswith('-done'):
       continue
     stats.kernels += 1
+    launched = kernel_kind(opcode)
+    stats.kernel_kinds[launched] = stats.kernel_kinds.get(launched, 0) + 1
     stats.kernel_io_bytes += result + sum(sizes.get(o, 0) for o in operands)
     kind = opcode.removesuffix('-start')
     if kind in COLLECTIVES:

@@ -74,7 +74,7 @@ def get(key: str) -> Target:
 def missing_plugin(target: Target) -> str:
   """'' when jax can compile for `target` here, else one line saying what
   to install."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  import importlib.util
   if target.platform not in PLUGINS:  # This host's CPU (tests).
     return ''
   module, package = PLUGINS[target.platform]
@@ -94,10 +94,10 @@ def topology_name(target: Target, num_devices: int) -> str:
 
 def devices(target: Target, num_devices: int) -> Sequence:
   """`num_devices` compile-only devices of `target` (jax.Device objects)."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies
   name = topology_name(target, num_devices)
   if target.platform == 'cpu':  # This process's own devices (tests).
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     topology = jax.devices('cpu')[:num_devices]
     if len(topology) != num_devices:
       raise TargetError(f'{num_devices} CPU devices wanted, '

@@ -73,7 +73,7 @@ def _read_tfds(builder, split, chunk=10000):
   Reads in chunks: `as_dataset(batch_size=-1)` pads to the split size from
   the metadata, which is empty under `mock_data` (TFDS 4.9.10 then aborts).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   ds = builder.as_dataset(split=split, shuffle_files=False)
   ds = ds.map(lambda ex: (ex['image'], ex['label'])).batch(chunk)
   parts = list(tfds.as_numpy(ds))
@@ -189,7 +189,7 @@ def _unavailable_message(name, builder, data_dir, manual_dir):
 
 def load(name, split, data_dir='', manual_dir=''):
   """(uint8 [N, 32, 32, 3], int32 [N]) of CIFAR `name`, see the module doc."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir or None)
   arrays = _try_prepared(builder, split)
   if arrays is not None:

@@ -25,7 +25,7 @@ def resize_bilinear(images, size):
   Returns:
     float32 [N, S, S].
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   out = np.empty((images.shape[0], size, size), np.float32)
   for n, image in enumerate(images):
     pil = Image.fromarray(np.asarray(image, np.float32), mode='F')
@@ -44,8 +44,8 @@ def to_uint8_rgb(images, size):
 @functools.lru_cache(maxsize=4)
 def _splits(image_size, data_seed):
   """Both splits at once, cached so train and test do not redo the work."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
   digits = sk_datasets.load_digits()
   index = np.arange(len(digits.target))
   train_idx, test_idx = model_selection.train_test_split(

@@ -30,7 +30,7 @@ FILES = {'train': 'train_32x32.mat', 'test': 'test_32x32.mat'}
 
 def read_mat(path):
   """(uint8 [N, 32, 32, 3], int32 [N]) from an SVHN `*_32x32.mat` file."""
-  from scipy import io as sio  # pylint: disable=g-import-not-at-top
+  from scipy import io as sio
   mat = sio.loadmat(path)
   images = np.transpose(np.asarray(mat['X'], np.uint8), (3, 0, 1, 2))
   labels = np.asarray(mat['y']).reshape(-1).astype(np.int32) % 10
@@ -39,9 +39,8 @@ def read_mat(path):
 
 def load(split, data_dir='', manual_dir=''):
   """(uint8 [N, 32, 32, 3], int32 [N]) of SVHN `split`, see the module doc."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
   builder = tfds.builder(NAME, data_dir=data_dir or None)
-  # pylint: disable-next=protected-access
   arrays = cifar._try_prepared(builder, split)
   if arrays is not None:
     return arrays
@@ -53,7 +52,7 @@ def load(split, data_dir='', manual_dir=''):
     logging.info('Downloading and preparing %s into %s', NAME,
                  builder.data_dir)
     builder.download_and_prepare()
-    return cifar._read_tfds(builder, split)  # pylint: disable=protected-access
+    return cifar._read_tfds(builder, split)
   where = (os.path.abspath(manual_dir) if manual_dir
            else '<a folder you name in config.manual_dir>')
   raise DatasetUnavailableError(

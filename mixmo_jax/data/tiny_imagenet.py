@@ -143,7 +143,7 @@ def list_split(source, names, split):
 
 def _decode(data):
   """JPEG bytes -> uint8 [64, 64, 3] (grey images repeated to RGB)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   image = Image.open(io.BytesIO(data)).convert('RGB')
   if image.size != (IMAGE_SIZE, IMAGE_SIZE):
     image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)

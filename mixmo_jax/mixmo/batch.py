@@ -10,6 +10,8 @@ the M member inputs and their targets:
                       group, with MIMO's input repetition rho (line 6)
   partner_positions   the partner x_k of in-pixel CutMix, never a copy of
                       the member's own sample
+  take_rows           x[idx] group by group (no all-gather when the
+                      groups are the devices' rows)
   member_batch        all of the above in the order of Algorithm 1, with
                       the in-pixel mixing of `pixel_mix` (CutMix / Mixup
                       with MixMo, or the single-network baselines')
@@ -165,6 +167,38 @@ def partner_positions(key: Array, idx: Array, num_unique: int,
   return start + (idx - start + reps * unique + shift) % rows
 
 
+def take_rows(x: Array, idx: Array, groups: int = 1,
+              cols: Optional[Array] = None) -> Array:
+  """x[idx] (or x[idx, cols]) where each row's indices lie in its group.
+
+  The same values as the plain gather, taken group by group: x's G groups
+  of R = B / G rows against idx's, with indices local to the group. A
+  batch sharded over devices by groups (G a multiple of the device count)
+  then gathers on each device from its own rows; the plain gather's
+  indices could point anywhere, so the compiled program first collects
+  the whole batch on every device (an all-gather per step).
+
+  Args:
+    x: [B, ...], or [B, M', ...] with cols.
+    idx: int [B, M'], every entry of row r in r's group of rows.
+    groups: G, a divisor of B (static).
+    cols: int [1, M'] or None: take x[idx, cols].
+
+  Returns:
+    [B, M', ...] (x's trailing dimensions after idx's).
+  """
+  if groups == 1:
+    return x[idx] if cols is None else x[idx, cols]
+  rows = x.shape[0] // groups
+  grouped = x.reshape((groups, rows) + x.shape[1:])
+  local = (idx % rows).reshape((groups, rows) + idx.shape[1:])
+  if cols is None:
+    out = jax.vmap(lambda a, i: a[i])(grouped, local)
+  else:
+    out = jax.vmap(lambda a, i: a[i, cols])(grouped, local)
+  return out.reshape(idx.shape + out.shape[1 + idx.ndim:])
+
+
 # ----------------------------------------------------------------------------
 # The member batch of a training step.
 # ----------------------------------------------------------------------------
@@ -271,7 +305,8 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     """Draw ids [B, M'] of the member inputs idx [B, M'] and their number."""
     cols = jnp.arange(member_idx.shape[1], dtype=jnp.int32)[None, :]
     if pixel_augment_draws == 'per_sample':
-      return (sample_of_row[member_idx] * member_idx.shape[1] + cols,
+      return (take_rows(sample_of_row, member_idx, groups)
+              * member_idx.shape[1] + cols,
               num_unique * member_idx.shape[1])
     return (jnp.arange(member_idx.size, dtype=jnp.int32).reshape(
         member_idx.shape), member_idx.size)
@@ -281,8 +316,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
       return v.astype(jnp.float32)
     return pixel_augment(k, v, *draws_of(member_idx)).astype(jnp.float32)
 
-  xs = augment_pixels(k_member_aug, x[idx], idx)  # Shape: [B, M, H, W, 3].
-  targets = y[idx]  # Shape: [B, M].
+  xs = augment_pixels(k_member_aug, take_rows(x, idx, groups),
+                      idx)  # Shape: [B, M, H, W, 3].
+  targets = take_rows(y, idx, groups)  # Shape: [B, M].
   # The partners' draws: those of their input's sample ('per_sample'),
   # else their own key.
   k_partner_draw = (k_member_aug if pixel_augment_draws == 'per_sample'
@@ -291,11 +327,11 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
     """(augmented x_k float, y_k) for member inputs idx [B, M']."""
     if partner_images is None:
       q = partner_positions(k_partner, member_idx, num_unique, batch, groups)
-      px, py = x[q], y[q]
+      px, py = take_rows(x, q, groups), take_rows(y, q, groups)
     else:
       cols = jnp.arange(member_idx.shape[1])[None, :]
-      px = partner_images[member_idx, cols]
-      py = partner_labels[member_idx, cols]
+      px = take_rows(partner_images, member_idx, groups, cols)
+      py = take_rows(partner_labels, member_idx, groups, cols)
       px = crop(jax.random.fold_in(key, PARTNER_CROP_KEY), px)
     return augment_pixels(k_partner_draw, px, member_idx), py
 

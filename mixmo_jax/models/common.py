@@ -98,7 +98,7 @@ def onednn() -> ModuleType | None:
   if os.environ.get(ONEDNN_ENV, '') != '1':
     return None
   try:
-    from mixmo_jax.contrib.onednn import conv as onednn_conv  # pylint: disable=import-outside-toplevel
+    from mixmo_jax.contrib.onednn import conv as onednn_conv
   except ImportError as e:  # The folder removed, or a jax name it needs.
     if not _WARNED:
       _WARNED.append(e)

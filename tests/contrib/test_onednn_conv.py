@@ -219,7 +219,7 @@ def test_op_profile_times_the_onednn_custom_calls():
   """The oneDNN conv's custom calls: their trace events carry the target in
   the name, event_names() maps them back and the profile times them (the
   weight gradient's FFI call, where onednn_dw builds it, too)."""
-  from experiments import op_profile  # pylint: disable=import-outside-toplevel
+  from experiments import op_profile
 
   def loss(w, x):
     y = onednn_conv.conv_general_dilated(

@@ -83,7 +83,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from jax.extend.core import Primitive  # pylint: disable=g-bad-import-order
+from jax.extend.core import Primitive
 from jax.interpreters import mlir
 # custom_call has no public home (jax.ffi builds FFI calls, not this legacy
 # XLA target); the probe below turns the path off if it moves.
@@ -341,7 +341,7 @@ def enabled() -> bool:
     return False
   if _host.machine().lower() not in ('x86_64', 'amd64'):
     return False
-  import jaxlib  # pylint: disable=g-import-not-at-top
+  import jaxlib
   if not jaxlib.__version__.startswith(TESTED_JAXLIB):
     logging.warning('%s=1: jaxlib %s is not among the tested %s; trying '
                     'oneDNN (the probe checks it)', ENV, jaxlib.__version__,
@@ -372,7 +372,7 @@ def _probe() -> bool:
         if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                            atol=1e-4):
           raise ValueError('result differs from XLA conv')
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     logging.warning('%s: the oneDNN conv probe failed (%s); using XLA convs',
                     ENV, str(e).splitlines()[0] if str(e) else type(e))
     return False

@@ -271,7 +271,7 @@ def enabled() -> bool:
     load()
     with jax.ensure_compile_time_eval():
       _probe()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     logging.warning('%s: oneDNN weight gradient unavailable (%s); using '
                     "XLA's", ENV, str(e).splitlines()[0] if str(e) else
                     type(e).__name__)

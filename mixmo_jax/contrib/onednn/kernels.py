@@ -42,7 +42,7 @@ def register(prim, *, xla: Lowering, one_device: Lowering,
   mlir.register_lowering(prim, cpu, platform='cpu')
   batching.primitive_batchers[prim] = batch
   try:  # As jax registers custom_partitioning itself (a private registry).
-    from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+    from jax._src import dispatch
     dispatch.prim_requires_devices_during_lowering.add(prim)
   except (ImportError, AttributeError):
     pass
