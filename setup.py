@@ -21,7 +21,7 @@ setuptools.setup(
     description=("MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep "
                  "Subnetworks (Rame, Sun & Cord, ICCV 2021) in JAX/Flax."),
     packages=setuptools.find_packages(include=["mixmo_jax", "mixmo_jax.*"]),
-    # The C++ source mixmo_jax/contrib/onednn/dw.py compiles at first use.
+    # The C++ source mixmo_jax/contrib/onednn/library.py compiles at first use.
     package_data={"mixmo_jax.contrib.onednn": ["csrc/*.cc"]},
     # Tested on Python 3.11 with jax 0.10.2 (the lower bounds below) and on
     # Python 3.12 with the newest jax / flax / optax / orbax pip resolves

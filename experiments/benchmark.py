@@ -65,6 +65,10 @@ _PEER_PROCESS = flags.DEFINE_enum(
     'peer_process', 'same', ['same', 'own'], 'With --peer: run the peer in '
     'this process (default) or in its own (experiments/peer_process.py), so '
     'that neither framework\'s thread pool can slow the other\'s rounds.')
+_PEER_PYTHON = flags.DEFINE_string(
+    'peer_python', '', 'With --peer: the Python interpreter that runs the '
+    'peer in its own process (implies --peer_process=own), e.g. a venv '
+    'with torch while this one has a jax without it.')
 _PROFILE = flags.DEFINE_integer(
     'profile', 0, 'Also print the N most expensive HLO ops of the Cut-MixMo '
     'train step (jax.profiler trace of --steps steps; experiments/'
@@ -139,7 +143,7 @@ def _train_step_runner(config, mesh):
       state, *batch).compile()
   flops = _flops(compiled.cost_analysis())
   onednn = model_common.onednn()
-  if onednn and onednn.CUSTOM_CALL in compiled.as_text():
+  if onednn and onednn.active():
     with onednn.disabled():
       flops = _flops(training.make_train_step(config, model, 100, mesh).lower(
           state, *batch).cost_analysis())
@@ -153,25 +157,27 @@ def _train_step_runner(config, mesh):
   return step, compiled
 
 
-def _peer(c, separate):
-  """The torch peer of config `c`: in a child process or in this one."""
+def _peer(c, separate, python=''):
+  """The torch peer of config `c`: in a child process (of `python`, else
+  this interpreter) or in this one."""
   threads = len(os.sched_getaffinity(0))
   kwargs = dict(depth=c.model.depth, width=c.model.width,
                 num_classes=c.num_classes, num_members=c.num_members,
                 batch_size=c.batch_size, image_size=c.image_size,
                 threads=threads)
-  if separate:
+  if separate or python:
     return peer_process.PeerProcess('experiments.torch_peer:TorchStep',
-                                    **kwargs)
+                                    python=python or None, **kwargs)
   from experiments import torch_peer
   return torch_peer.TorchStep(**kwargs)
 
 
-def bench_peer(config, mesh, nets, rounds, steps, separate=False):
+def bench_peer(config, mesh, nets, rounds, steps, separate=False,
+               python=''):
   """Interleaved MIMO steps of mixmo_jax and the torch peer; prints ratios.
 
   separate: the peer runs in its own process (experiments/peer_process.py),
-  else in this one.
+  else in this one; python: that process's interpreter (default: this one).
   """
   ratios = {}
   for i, net in enumerate(nets):
@@ -179,10 +185,11 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False):
     c = copy.deepcopy(config)
     c.model.depth, c.model.width, c.mixing.method = depth, width, 'sum'
     jax_step, _ = _train_step_runner(c, mesh)
-    peer = _peer(c, separate)
+    peer = _peer(c, separate, python)
     if i == 0:
-      where = 'own' if separate else 'this'
-      print(f'peer: {peer.about()}, {where} process, vs '
+      where = (f'own process ({python})' if python else
+               'own process' if separate else 'this process')
+      print(f'peer: {peer.about()}, {where}, vs '
             f'mixmo_jax (convs: {model_common.conv_kernels()}; '
             f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
             f'MIMO, batch {config.batch_size}, b {config.batch_repetitions}, '
@@ -195,7 +202,7 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False):
     for _ in range(rounds):
       jax_times.append(_time(jax_step, steps))
       torch_times.append(peer.time(steps))
-    if separate:
+    if separate or python:
       peer.close()
     j, t = float(np.median(jax_times)), float(np.median(torch_times))
     ratios[net] = t / j
@@ -263,7 +270,8 @@ def main(argv):
   device = jax.devices()[0]
   if _PEER.value:
     bench_peer(config, mesh, _PEER_NETS.value, _ROUNDS.value, _STEPS.value,
-               separate=_PEER_PROCESS.value == 'own')
+               separate=_PEER_PROCESS.value == 'own',
+               python=_PEER_PYTHON.value)
     if _PEER_ONLY.value:
       return
   print(f'{config.model.name} depth {config.model.depth} width '

@@ -11,8 +11,8 @@ the convolution kernels from everything else of a training step: if a
 single layer is slower in jax, the whole network is too, whatever the model
 code does. The conv is the models' (mixmo_jax.models.common: XLA's, or
 with MIXMO_ONEDNN_CONV=1 and the cpu-onednn extra, oneDNN's kernels for
-the forward, the input gradient and the weight gradient on x86 CPUs;
-MIXMO_ONEDNN_DW=0 then times XLA's weight gradient), and the XLA flag defaults of mixmo_jax.platform apply.
+the forward, the input gradient and the weight gradient on x86 CPUs), and
+the XLA flag defaults of mixmo_jax.platform apply.
 
   python -m experiments.conv_peer --parts
 

@@ -73,8 +73,8 @@ def event_names(hlo_text: str) -> Dict[str, str]:
   """{trace event name: instruction name} where the two differ.
 
   XLA's CPU runtime names a custom call's event after the instruction and
-  its target ('conv.3' calling '__onednn$convolution' ->
-  'conv.3__onednn$convolution').
+  its target ('ffi_call.1' calling 'mixmo_onednn_conv' ->
+  'ffi_call.1mixmo_onednn_conv').
   """
   out = {}
   for line in hlo_text.splitlines():

@@ -1,6 +1,8 @@
 """A benchmark peer stepped in a child process, interleaved with ours.
 
     peer = PeerProcess('experiments.torch_peer:TorchStep', depth=16, ...)
+    # python=PATH: another interpreter (e.g. a venv with torch, while this
+    # one runs a newer jax); the child imports only the peer's module.
     print(peer.about())        # e.g. 'torch 2.14.1 (2 threads)'
     peer.step()                # one untimed step (warm-up)
     seconds = peer.time(2)     # seconds per step over 2 steps
@@ -37,11 +39,13 @@ class PeerProcess:
   """A `factory(**kwargs)` object in a child process (see module doc)."""
 
   def __init__(self, factory: str, cwd: Optional[str] = None,
-               env: Optional[dict] = None, **kwargs: Any):
+               env: Optional[dict] = None, python: Optional[str] = None,
+               **kwargs: Any):
     # stderr goes to a file, so a chatty peer can never fill a pipe and block.
     self._stderr = tempfile.TemporaryFile(mode='w+')
     self._proc = subprocess.Popen(
-        [sys.executable, '-m', 'experiments.peer_process'], cwd=cwd, env=env,
+        [python or sys.executable, '-m', 'experiments.peer_process'],
+        cwd=cwd, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
         text=True)
     reply = self._ask(json.dumps({'factory': factory, 'kwargs': kwargs}))
@@ -69,6 +73,7 @@ class PeerProcess:
     self._proc.wait()
     self._stderr.seek(0)
     err = self._stderr.read()[-2000:]
+    self.close()
     raise RuntimeError(f'benchmark peer: {what}; its stderr:\n{err}')
 
   def step(self) -> None:
@@ -85,10 +90,12 @@ class PeerProcess:
       self._fail(f'expected seconds, got {reply!r}')
 
   def close(self) -> None:
+    """Ends the child (end of its input) and closes every file of it."""
     if self._proc.poll() is None:
       self._proc.stdin.close()
       self._proc.wait(timeout=60)
-    self._stderr.close()
+    for f in (self._proc.stdin, self._proc.stdout, self._stderr):
+      f.close()
 
   def __enter__(self):
     return self

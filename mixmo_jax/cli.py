@@ -152,6 +152,10 @@ def describe_flag_error(argv, error: Exception) -> str:
     last = [l for l in message.splitlines() if l.strip()][-1]
     message = f'{head.strip()} {last.strip()}'
   path = _config_path(argv)
+  from mixmo_jax import configs
+  problem = configs.unknown_field(error)
+  if problem and path:
+    return f'--config={path}: the config file {problem}'
   if isinstance(error, (AttributeError, KeyError)) and path:
     try:
       config = _load_config_file(path)

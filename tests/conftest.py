@@ -61,8 +61,7 @@ def xla_flags(devices: int) -> str:
 def onednn_conv_on():
   """The opt-in oneDNN conv path on inside (where this machine has it);
   yields whether it is (mixmo_jax/contrib/onednn/conv.py). Outside, the
-  suite runs XLA's convs: jax's persistent compilation cache cannot store a
-  program holding the oneDNN custom call."""
+  suite runs XLA's convs, the default."""
   from mixmo_jax.contrib.onednn import conv
   old = os.environ.get(conv.ENV)
   os.environ[conv.ENV] = "1"

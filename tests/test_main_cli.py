@@ -38,6 +38,30 @@ def test_mistyped_field_is_one_line_exit_2(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_config_file_setting_an_unknown_field_is_one_line_exit_2(
+    tmp_path):
+  """The base config is locked: ml_collections refuses the typo where the
+  file makes it, and main says so in one line with its "did you mean"."""
+  path = tmp_path / 'exp.py'
+  path.write_text('from mixmo_jax.configs import digits\n'
+                  'def get_config(arg=None):\n'
+                  '  config = digits.get_config(arg)\n'
+                  '  config.optimizer.base_learing_rate = 0.2\n'
+                  '  return config\n')
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'mixmo_jax.main', f'--config={path}:mimo',
+         f'--workdir={workdir}']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.splitlines() == [
+      f"error: --config={path}:mimo: the config file sets config field "
+      "'base_learing_rate', which does not exist (did you mean "
+      "'base_learning_rate'?); every field must exist in "
+      "mixmo_jax/configs/base.py"]
+  assert not workdir.exists()
+
+
 def test_wrong_type_is_one_line_exit_2(tmp_path):
   workdir = tmp_path / 'run'
   code, lines = _main(workdir, '--config.mixing.p=abc')

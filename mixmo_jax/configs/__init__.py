@@ -13,12 +13,30 @@ under the repository's configs/ folder, used on the command line as
 import importlib
 import importlib.util
 import os
+import re
+from typing import Optional
 
 from mixmo_jax.configs.base import METHODS, MODIFIERS
 
 DATASET_CONFIGS = ('cifar10', 'cifar100', 'digits', 'tiny_imagenet')
 
-__all__ = ['DATASET_CONFIGS', 'METHODS', 'MODIFIERS', 'get', 'load']
+__all__ = ['DATASET_CONFIGS', 'METHODS', 'MODIFIERS', 'get', 'load',
+           'unknown_field']
+_LOCKED = re.compile(r'Key "([^"]+)" does not exist and cannot be added since '
+                     r'the config is locked')
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)"')
+
+
+def unknown_field(error: BaseException) -> Optional[str]:
+  """One line for ml_collections' refusal of a field the locked base
+  config lacks (a typo in a config file), else None."""
+  found = _LOCKED.search(str(error))
+  if not found:
+    return None
+  close = _DID_YOU_MEAN.search(str(error))
+  hint = f' (did you mean {close.group(1)!r}?)' if close else ''
+  return (f'sets config field {found.group(1)!r}, which does not exist{hint}; '
+          'every field must exist in mixmo_jax/configs/base.py')
 
 
 def get(name: str):
@@ -47,4 +65,10 @@ def load(spec: str):
       f'mixmo_config_{abs(hash(os.path.abspath(path)))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(*([variant] if sep else []))
+  try:
+    return module.get_config(*([variant] if sep else []))
+  except (AttributeError, KeyError) as e:
+    problem = unknown_field(e)
+    if problem is None:
+      raise
+    raise ValueError(f'config file {path} {problem}') from None

@@ -140,6 +140,9 @@ def base_config():
   config.keep_checkpoints = 3
   config.log_every_steps = 100
   config.variant = 'cut_mixmo'
+  # Locked: setting a field that does not exist (a typo in a config file or
+  # on the command line) fails at once, with ml_collections' "did you mean".
+  config.lock()
   return config
 
 

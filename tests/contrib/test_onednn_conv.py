@@ -14,10 +14,11 @@ import pytest
 
 from conftest import REPO, onednn_conv_on
 from mixmo_jax.contrib.onednn import conv as onednn_conv
-from mixmo_jax.contrib.onednn import dw as onednn_dw
+from mixmo_jax.contrib.onednn import library
 from mixmo_jax.models import common
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
+TARGETS = library.TARGETS
 with onednn_conv_on() as ON:  # The other test files run with it off.
   pass
 needs_onednn = pytest.mark.skipif(
@@ -75,32 +76,106 @@ def test_value_and_gradients_equal_xla(k, strides, padding):
                           padding)
   ref = _value_and_grads(lax.conv_general_dilated, x, w, strides, padding)
   _assert_close(ours, ref)
-  assert onednn_conv.CUSTOM_CALL in _hlo(
+  assert TARGETS['conv'] in _hlo(
       onednn_conv.conv_general_dilated, x, w, strides, padding)
 
 
 @needs_onednn
-@pytest.mark.parametrize('k,strides,calls', [
-    (3, (1, 1), 2),   # Forward, dx.
-    (3, (2, 2), 5),   # Forward, dx as 4 phase convs.
-    (1, (2, 2), 2),   # Forward, the one phase with a tap (3 are zero).
-])
-def test_input_gradient_goes_through_onednn_too(k, strides, calls):
-  """dL/dx is the oneDNN conv with the flipped kernel (stride 1) or one
-  per phase of the stride (`_strided_input_grad`); dL/dw is oneDNN's
-  weight-gradient FFI call (onednn_dw.py) where it builds, else XLA's."""
+@pytest.mark.parametrize('k,strides', [(3, (1, 1)), (3, (2, 2)), (1, (2, 2))])
+def test_both_gradients_go_through_onednn_too(k, strides):
+  """The train step's conv is three FFI calls of our own, whatever the
+  stride: the forward conv, dL/dx (oneDNN's backward-data kernel) and
+  dL/dw (its backward-weights kernel); no XLA convolution is left, and
+  oneDNN's threads are the cores shared among this process's CPU devices
+  (8 in the suite)."""
   x, w = _data(2, 8, 8, 3, k, 4)
   grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
       onednn_conv.conv_general_dilated(x, w, strides, 'SAME',
                                        dimension_numbers=NHWC) ** 2),
                           (0, 1)))
   text = grad.lower(x, w).compile().as_text()
-  assert text.count(f'custom_call_target="{onednn_conv.CUSTOM_CALL}"') == calls
-  dw_calls = text.count(f'custom_call_target="{onednn_dw.TARGET}"')
-  if onednn_dw.enabled():
-    assert dw_calls == 1 and ' convolution(' not in text
-  else:
-    assert dw_calls == 0 and ' convolution(' in text
+  for target in TARGETS.values():
+    assert text.count(f'custom_call_target="{target}"') == 1, target
+  assert ' convolution(' not in text
+  assert library.threads() == max(
+      1, len(os.sched_getaffinity(0)) // jax.local_device_count())
+  assert f'threads = {library.threads()} : i64' in text
+
+
+def _numpy_grads(x, w, dy, strides, pads):
+  """(dx, dw) of y = conv(x, w) for the output gradient dy, term by term in
+  float64: dw[p, q, c, o] = sum_{b, i, j} x_pad[b, s_h i + p, s_w j + q, c]
+  dy[b, i, j, o], and dx_pad[b, s_h i + p, s_w j + q, c] accumulates
+  dy[b, i, j, o] w[p, q, c, o]."""
+  x_pad = np.pad(np.asarray(x, np.float64),
+                 ((0, 0), pads[0], pads[1], (0, 0)))
+  dy, w = np.asarray(dy, np.float64), np.asarray(w, np.float64)
+  kh, kw = w.shape[:2]
+  _, ho, wo, _ = dy.shape
+  dw, dx_pad = np.zeros(w.shape), np.zeros(x_pad.shape)
+  for p in range(kh):
+    for q in range(kw):
+      rows = slice(p, p + strides[0] * ho, strides[0])
+      cols = slice(q, q + strides[1] * wo, strides[1])
+      dw[p, q] = np.einsum('bijc,bijo->co', x_pad[:, rows, cols], dy)
+      dx_pad[:, rows, cols] += np.einsum('bijo,co->bijc', dy, w[p, q])
+  h, w_ = x.shape[1:3]
+  return dx_pad[:, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + w_], dw
+
+
+def _onednn_grads(x, w, dy, strides, pads):
+  _, vjp = jax.vjp(lambda x, w: onednn_conv.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=NHWC), x, w)
+  return jax.jit(vjp)(dy)
+
+
+@needs_onednn
+@pytest.mark.parametrize('k,strides,pads', [
+    (3, (1, 1), ((1, 1), (1, 1))),   # WRN's 3x3 conv.
+    (3, (2, 2), ((0, 1), (0, 1))),   # Its strided first conv ('SAME').
+    (1, (2, 2), ((0, 0), (0, 0))),   # The strided shortcut.
+    (3, (1, 2), ((0, 2), (1, 0))),   # Unequal strides, asymmetric pads.
+    (2, (3, 3), ((1, 0), (2, 1))),   # Even kernel, stride 3.
+])
+def test_gradients_equal_the_formula(k, strides, pads):
+  """dL/dx and dL/dw against an independent float64 sum over the taps."""
+  rng = np.random.default_rng(1)
+  x, w = _data(3, 9, 8, 5, k, 6)
+  ho = (9 + sum(pads[0]) - k) // strides[0] + 1
+  wo = (8 + sum(pads[1]) - k) // strides[1] + 1
+  dy = jnp.asarray(rng.standard_normal((3, ho, wo, 6)), jnp.float32)
+  ours = _onednn_grads(x, w, dy, strides, pads)
+  for a, b in zip(ours, _numpy_grads(x, w, dy, strides, pads)):
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_a_planted_product_lands_at_its_tap_and_channels():
+  """x = 1 at one pixel and input channel, dy = 1 at one output position and
+  channel: dw is 1 exactly at the tap linking them, (p, q) = (padded row -
+  s_h*i, padded col - s_w*j), for the channels planted, and 0 elsewhere
+  (catches swapped H/W, Ci/Co or a wrong padding offset); dx is w's column
+  at that tap, at that pixel."""
+  strides, pads = (2, 1), ((1, 0), (0, 1))
+  x = np.zeros((2, 7, 6, 3), np.float32)
+  dy = np.zeros((2, 3, 5, 5), np.float32)  # Ho = (7+1-3)//2+1, Wo = 6+1-3+1.
+  x[1, 4, 2, 2] = 1.0                      # b 1, row 4, col 2, c 2.
+  dy[1, 2, 1, 3] = 1.0                     # b 1, i 2, j 1, o 3.
+  w = np.arange(3 * 3 * 3 * 5, dtype=np.float32).reshape(3, 3, 3, 5)
+  dx, dw = _onednn_grads(jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy),
+                         strides, pads)
+  # Padded row 4 + 1 = 2*i + p -> p = 1; padded col 2 = 1*j + q -> q = 1.
+  expected = np.zeros((3, 3, 3, 5), np.float32)
+  expected[1, 1, 2, 3] = 1.0
+  np.testing.assert_array_equal(np.asarray(dw), expected)
+  # dy's one entry reaches x_pad[1, 2*2 + p, 1 + q, c] with w[p, q, c, 3].
+  dx_expected = np.zeros_like(x)
+  for p in range(3):
+    for q in range(3):
+      row, col = 4 + p - 1, 1 + q
+      if 0 <= row < 7 and 0 <= col < 6:
+        dx_expected[1, row, col] = w[p, q, :, 3]
+  np.testing.assert_array_equal(np.asarray(dx), dx_expected)
 
 
 @pytest.mark.parametrize('case', ['bfloat16', 'groups', 'dilation', 'nchw',
@@ -125,7 +200,8 @@ def test_other_cases_are_xla_convs_unchanged(case):
   ref = fn(lax.conv_general_dilated)
   np.testing.assert_array_equal(np.asarray(ours(x, w), np.float32),
                                 np.asarray(ref(x, w), np.float32))
-  assert onednn_conv.CUSTOM_CALL not in ours.lower(x, w).compile().as_text()
+  text = ours.lower(x, w).compile().as_text()
+  assert not any(target in text for target in TARGETS.values())
 
 
 def test_vmap_and_eager_calls_equal_xla():
@@ -146,8 +222,9 @@ def test_vmap_and_eager_calls_equal_xla():
 
 @needs_onednn
 def test_batch_sharded_conv_runs_per_shard_without_gathering():
-  """Over a 4-device batch-sharded mesh: one custom call per shard (its
-  shapes are the shard's), no all-gather, and XLA's values and gradients."""
+  """Over a 4-device batch-sharded mesh: each FFI call once per shard (the
+  conv's and dx's shapes are the shard's), the per-shard weight gradients
+  added by an all-reduce, no all-gather, and XLA's values and gradients."""
   mesh = Mesh(np.array(jax.devices()[:4]), ('data',))
   x, w = _data(8, 6, 6, 3, 3, 4)
   shard = NamedSharding(mesh, P('data'))
@@ -161,10 +238,13 @@ def test_batch_sharded_conv_runs_per_shard_without_gathering():
 
   compiled = loss(onednn_conv.conv_general_dilated).lower(x, w).compile()
   text = compiled.as_text()
-  calls = [line for line in text.splitlines()
-           if f'custom_call_target="{onednn_conv.CUSTOM_CALL}"' in line]
-  assert len(calls) == 2 and all('f32[2,6,6,' in c for c in calls), calls
-  assert 'all-gather' not in text
+  calls = {kind: [line for line in text.splitlines()
+                  if f'custom_call_target="{target}"' in line]
+           for kind, target in TARGETS.items()}
+  assert all(len(found) == 1 for found in calls.values()), calls
+  assert 'f32[2,6,6,4]' in calls['conv'][0]  # y of the shard's 2 images.
+  assert 'f32[2,6,6,3]' in calls['dx'][0]    # dx of the same.
+  assert 'all-reduce' in text and 'all-gather' not in text
   _assert_close(compiled(x, w), loss(lax.conv_general_dilated)(x, w))
 
 
@@ -173,7 +253,7 @@ def test_disabled_context_traces_xla_convs():
   with onednn_conv.disabled():
     assert not onednn_conv.active()
     text = _hlo(onednn_conv.conv_general_dilated, x, w, (1, 1), 'SAME')
-  assert onednn_conv.CUSTOM_CALL not in text
+  assert TARGETS['conv'] not in text
   assert onednn_conv.active() == ON
 
 
@@ -189,7 +269,7 @@ def test_the_path_is_opt_in():
           'f = jax.jit(lambda x, w: common.conv_general_dilated(x, w, (1, 1), '
           '"SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))\n'
           'x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))\n'
-          'print("__onednn$convolution" in f.lower(x, w).compile().as_text(),'
+          'print("mixmo_onednn_conv" in f.lower(x, w).compile().as_text(),'
           ' "mixmo_jax.contrib.onednn.conv" in sys.modules)\n')
   out = {}
   for value, case in (('0', ''), ('', ''), ('1', ''), ('1', 'gone')):
@@ -212,13 +292,12 @@ def test_the_models_conv_layers_go_through_onednn():
   x = jnp.ones((2, 8, 8, 4), jnp.float32)
   params = layer.init(jax.random.key(0), x)
   text = jax.jit(layer.apply).lower(params, x).compile().as_text()
-  assert onednn_conv.CUSTOM_CALL in text
+  assert TARGETS['conv'] in text
 
 
 def test_op_profile_times_the_onednn_custom_calls():
-  """The oneDNN conv's custom calls: their trace events carry the target in
-  the name, event_names() maps them back and the profile times them (the
-  weight gradient's FFI call, where onednn_dw builds it, too)."""
+  """The oneDNN conv's FFI calls: their trace events carry the target in
+  the name, event_names() maps them back and the profile times them."""
   from experiments import op_profile
 
   def loss(w, x):
@@ -227,7 +306,7 @@ def test_op_profile_times_the_onednn_custom_calls():
     return jnp.sum(jax.nn.relu(y) ** 2)
 
   w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
-  with onednn_conv_on() as on:  # Traced inside: the custom calls.
+  with onednn_conv_on() as on:  # Traced inside: the FFI calls.
     if not on:
       pytest.skip('no oneDNN conv on this machine')
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
@@ -235,13 +314,11 @@ def test_op_profile_times_the_onednn_custom_calls():
   text = compiled.as_text()
   known = op_profile.instructions(text)
   calls = {name for name, (op, _) in known.items() if op == 'custom-call'}
-  # Forward and input gradient, and the weight gradient's FFI call.
-  assert len(calls) == 2 + onednn_dw.enabled(), known
+  assert len(calls) == 3, known  # The conv, dx and dw.
   aliases = op_profile.event_names(text)
   assert sorted(aliases.values()) == sorted(calls)
   targets = sorted(event[len(name):] for event, name in aliases.items())
-  assert targets == sorted([onednn_conv.CUSTOM_CALL] * 2
-                           + [onednn_dw.TARGET] * onednn_dw.enabled())
+  assert targets == sorted(TARGETS.values())
   ops = op_profile.profile(lambda: jax.block_until_ready(compiled(w, x)),
                            compiled, steps=2)
   assert calls <= {op.name for op in ops}, ops
@@ -264,10 +341,9 @@ def test_the_programs_platform_decides_not_the_default_backend():
 
   for platform in ('cuda', 'tpu'):
     ours = exported(platform, onednn_conv.conv_general_dilated)
-    assert onednn_conv.CUSTOM_CALL not in ours
-    assert onednn_dw.TARGET not in ours
+    assert not any(target in ours for target in TARGETS.values())
     stock = exported(platform, lax.conv_general_dilated)
     assert (ours.count('stablehlo.convolution')
             == stock.count('stablehlo.convolution') > 0)
-  assert onednn_conv.CUSTOM_CALL in grad(
+  assert TARGETS['conv'] in grad(
       onednn_conv.conv_general_dilated).lower(x, w).as_text()

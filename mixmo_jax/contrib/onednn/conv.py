@@ -1,4 +1,4 @@
-"""2-D convolutions through oneDNN on x86 CPUs (forward and input gradient).
+"""2-D convolutions through oneDNN on x86 CPUs, gradients included.
 
     from mixmo_jax.contrib.onednn import conv as onednn_conv
     y = onednn_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
@@ -11,28 +11,22 @@ or 'SAME'/'VALID' padding, no dilation and no groups, it computes
 
     y[b, i, j, o] = sum_{p, q, c} x_pad[b, s*i + p, s*j + q, c] w[p, q, c, o]
 
-with oneDNN's convolution kernel (the one PyTorch uses on CPUs), which
-jaxlib ships and XLA can call as the custom call `__onednn$convolution`,
-but which this jaxlib's XLA never selects itself (its rewriter is compiled
-out of the pip builds; convolutions go to Eigen or YNNPACK). The gradients
-(a `jax.custom_vjp`):
+and its gradients (a `jax.custom_vjp`) with oneDNN's kernels, the ones
+PyTorch uses on CPUs: the forward convolution, the input gradient
+(`convolution_backward_data`, any stride) and the weight gradient
+(`convolution_backward_weights`, which reads x and dy where they lie; XLA
+transposes both first). Each is an XLA FFI handler of our own
+(`csrc/onednn_conv.cc`, built and registered by `library.py`) called
+through `jax.ffi.ffi_call`: public jax APIs only, so the path works on
+every jax the package supports.
 
-    dL/dx, stride 1:  conv(dy, w') with w'[p, q, o, c] = w[kh-1-p, kw-1-q,
-            c, o] and padding (k-1-lo, k-1-hi): the same oneDNN kernel;
-    dL/dx, stride s > 1:  s_h * s_w stride-1 oneDNN convs of dy, one per
-            output phase u = s*t + a, each with the sub-kernel w[a::s]
-            flipped, interleaved and cropped (`_strided_input_grad` derives
-            it); XLA's own is a dilated conv, 2-3x slower here;
-    dL/dw:  oneDNN's backward-weights kernel, through an FFI call that
-            `onednn_dw` builds at first use (jaxlib's custom call runs only
-            oneDNN's forward kernel, ~3x slower than XLA's on the weight
-            gradient's shapes); XLA's own where that library is missing.
-
-Under a device mesh (jit with a batch-sharded input), the custom call is a
-`jax.experimental.custom_partitioning` op: one call per device on its
-batch shard with the weights replicated, as XLA does for its own conv
-(left to XLA's partitioner, an opaque custom call would all-gather the
-batch onto every device).
+Under a device mesh (jit with a batch-sharded input) each call is a
+`jax.experimental.custom_partitioning` op: one call per device on its batch
+shard with the weights replicated (the weight gradient's per-shard sums
+then added by a psum over the batch's mesh axes), as XLA does for its own
+conv; left to XLA's partitioner, an opaque call would all-gather the batch
+onto every device. Under `jax.vmap` the ops are XLA's
+(`jax.custom_batching.custom_vmap`).
 
 Every other case (other dtypes or layouts, dilation, groups, `precision`
 or `preferred_element_type` set) calls `jax.lax.conv_general_dilated`
@@ -43,33 +37,19 @@ time, or on a machine with both) is the same as without this module. The
 oneDNN path is used only when
 
   * the machine is x86-64 and the program is compiled for its CPU,
-  * MIXMO_ONEDNN_CONV is '1' (on a jaxlib other than the tested ones
-    below, with a warning), and
-  * a probe conv through the custom call, at first use, equals XLA's
-    within float32 rounding, gradients included (the config encoding is
-    an XLA internal that can change between jaxlib releases; a mismatch or
-    an error turns the path off with one warning).
+  * MIXMO_ONEDNN_CONV is '1',
+  * the library, a C++ compiler and jax's FFI headers are found and the
+    build succeeds (`library.build`), and
+  * a probe at first use, a strided and an unstrided conv with both
+    gradients, equals XLA's within float32 rounding;
+
+otherwise (with one warning saying why) the convs are XLA's.
 
 Measured with `python -m experiments.conv_peer --parts` and `python -m
-experiments.benchmark --peer=torch` (README, Performance): on a 2-core Xeon
-(Sapphire Rapids) per WRN layer the oneDNN forward and stride-1 input
-gradient take 65-95% of XLA's time, the stride-2 input gradient a third to
-a half (26.1 -> 8.0 ms at 32x32x64 -> 128), a training step 8-15% less;
-on a 2-core AMD EPYC (Zen 4) the oneDNN weight gradient takes 50-85% of
-XLA's.
-
-Caveats of the custom call, both outside training itself:
-  * jax's persistent compilation cache cannot store a program that holds
-    it: jax logs "Error writing persistent compilation cache entry ...
-    std::bad_alloc" and compiles the program again in the next process
-    (correct, only the cache is missed);
-  * `jax.export` of such a program would carry an x86-only custom call.
-Leave MIXMO_ONEDNN_CONV unset (or '0') where either
-matters.
+experiments.benchmark --peer=torch` (docs/performance.md).
 """
 import contextlib
 import functools
-import json
 import logging
 import os
 import platform as _host
@@ -83,30 +63,32 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from jax.extend.core import Primitive
-from jax.interpreters import mlir
-# custom_call has no public home (jax.ffi builds FFI calls, not this legacy
-# XLA target); the probe below turns the path off if it moves.
-from jax._src.interpreters import mlir as mlir_internal
-
-from mixmo_jax.contrib.onednn import kernels as cpu_kernels
-from mixmo_jax.contrib.onednn import dw as onednn_dw
+from mixmo_jax.contrib.onednn import library
 
 ENV = 'MIXMO_ONEDNN_CONV'
-# jaxlib releases whose custom-call config encoding this module was checked
-# against (window dilations stored as value + 1; pads, strides and
-# dimension indices as they are).
-TESTED_JAXLIB = ('0.10.',)
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-CUSTOM_CALL = '__onednn$convolution'  # XLA's custom-call target.
 
-Pads = onednn_dw.Pads
+Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _xla_conv(x, w, strides: tuple[int, int], pads: Pads):
-  """XLA's NHWC/HWIO conv, the reference and the fallback."""
+  """XLA's NHWC/HWIO conv y [B, Ho, Wo, Co]: the reference and fallback."""
   return lax.conv_general_dilated(x, w, strides, pads,
                                   dimension_numbers=_NHWC)
+
+
+def _xla_input_grad(dy, w, x_shape, strides, pads):
+  """XLA's dx [B, H, W, Ci] of y = conv(x, w)."""
+  _, vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, pads),
+                   jnp.zeros(x_shape, dy.dtype))
+  return vjp(dy)[0]
+
+
+def _xla_weight_grad(x, dy, w_shape, strides, pads):
+  """XLA's dw [kh, kw, Ci, Co] of y = conv(x, w)."""
+  _, vjp = jax.vjp(lambda w: _xla_conv(x, w, strides, pads),
+                   jnp.zeros(w_shape, x.dtype))
+  return vjp(dy)[0]
 
 
 def _out_shape(x_shape, w_shape, strides, pads):
@@ -118,180 +100,108 @@ def _out_shape(x_shape, w_shape, strides, pads):
   return (b, ho, wo, co)
 
 
-def _config(strides, pads) -> str:
-  """The custom call's backend config (XLA's OneDnnConvolutionConfig) as JSON.
-
-  Dimension indices: x [B, H, W, Ci] (batch 0, feature 3, spatial 1, 2),
-  w [kh, kw, Ci, Co] (input feature 2, output feature 3, spatial 0, 1).
-  """
-  nhwc = {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}
-  return json.dumps({'onednn_conv_config': {
-      'dims': 4, 'feature_groups': 1,
-      'input': {'dims': 4, 'data': nhwc},
-      'kernel': {'dims': 4, 'filter': {
-          'input_feature_dim': 2, 'output_feature_dim': 3,
-          'spatial_dims': [0, 1]}},
-      'output': {'dims': 4, 'data': nhwc},
-      'window': {'pad_left': [pads[0][0], pads[1][0]],
-                 'pad_right': [pads[0][1], pads[1][1]],
-                 'strides': list(strides),
-                 'window_dilations': [1, 1]}}})
+def _ffi(kind: str, out_shape, a, b, strides, pads):
+  """One FFI call of `library.TARGETS[kind]` on operands (a, b)."""
+  (top, bottom), (left, right) = pads
+  return jax.ffi.ffi_call(
+      library.TARGETS[kind], jax.ShapeDtypeStruct(out_shape, jnp.float32))(
+          a, b, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+          pad_top=np.int64(top), pad_bottom=np.int64(bottom),
+          pad_left=np.int64(left), pad_right=np.int64(right),
+          threads=np.int64(library.threads()))
 
 
-def _abstract_eval(x, w, *, strides, pads):
-  return jax.core.ShapedArray(_out_shape(x.shape, w.shape, strides, pads),
-                              x.dtype)
+def _batch_axes(sharding):
+  """The mesh axes of an operand's batch dimension (None: replicated)."""
+  spec = getattr(sharding, 'spec', None)
+  return spec[0] if spec else None
 
 
-def _xla_lowering(ctx, x, w, *, strides, pads):
-  return mlir.lower_fun(lambda x, w: _xla_conv(x, w, strides, pads),
-                        multiple_results=False)(ctx, x, w)
-
-
-# Two primitives, both y = conv(x, w) [B, Ho, Wo, Co]:
-#  * _conv_p, what the model binds: eager calls, vmap and non-CPU lowerings
-#    are XLA's conv; its CPU lowering is _partitioned() below;
-#  * _call_p, the custom call itself, on one device's shard.
-_call_p = Primitive('mixmo_onednn_conv')
-_call_p.def_abstract_eval(_abstract_eval)
-
-
-def _lower_custom_call(ctx, x, w, *, strides, pads):
-  out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
-  return mlir_internal.custom_call(
-      CUSTOM_CALL, result_types=[out_type], operands=[x, w],
-      backend_config=_config(strides, pads), api_version=1).results
-
-
-mlir.register_lowering(_call_p, _xla_lowering)
-mlir.register_lowering(_call_p, _lower_custom_call, platform='cpu')
+# What each call reads and writes, as (operand a, operand b) -> result:
+#   conv: (x, w) -> y    dx: (dy, w) -> dx    dw: (x, dy) -> dw
+# Einsum-like rules for the partitioner: b is the batch.
+_RULES = {'conv': 'b h w c, p q c o -> b i j o',
+          'dx': 'b i j o, p q c o -> b h w c',
+          'dw': 'b h w c, b i j o -> p q c o'}
 
 
 @functools.cache
-def _partitioned(strides: tuple[int, int], pads: Pads):
-  """_call_p as a `custom_partitioning` op: batch-sharded x -> batch-sharded
-  y, one custom call per shard, w replicated (XLA's SPMD partitioner cannot
-  split an opaque custom call: it would all-gather the batch onto every
-  device)."""
-  def conv(x, w):
-    return _call_p.bind(x, w, strides=strides, pads=pads)
-
-  def batch_sharding(mesh, x_sharding):
-    spec = getattr(x_sharding, 'spec', None)
-    return NamedSharding(mesh, P(spec[0] if spec else None))
+def _op(kind: str, out_shape: tuple[int, ...], strides: tuple[int, int],
+        pads: Pads):
+  """The FFI call of `kind` (above) split over a batch-sharded mesh and,
+  under vmap, XLA's equivalent."""
+  def call(a, b):
+    return _ffi(kind, out_shape, a, b, strides, pads)
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    out = batch_sharding(mesh, arg_shapes[0].sharding)
-    return mesh, conv, out, (out, NamedSharding(mesh, P()))
+    axes = _batch_axes(arg_shapes[0].sharding)
+    batch, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
+    if kind != 'dw':
+      local = (arg_shapes[0].shape[0] // _size(mesh, axes),) + out_shape[1:]
+      return mesh, lambda a, b: _ffi(kind, local, a, b, strides, pads), \
+          batch, (batch, replicated)
+    def per_shard(a, b):
+      dw = _ffi(kind, out_shape, a, b, strides, pads)
+      return lax.psum(dw, axes) if axes is not None else dw
+    return mesh, per_shard, replicated, (batch, batch)
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
-    return batch_sharding(mesh, arg_shapes[0].sharding)
+    if kind == 'dw':
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P(_batch_axes(arg_shapes[0].sharding)))
 
-  fn = custom_partitioning(conv)
-  fn.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                   sharding_rule='b h w c, p q c o -> b i j o')
-  return fn
+  partitioned = custom_partitioning(call)
+  partitioned.def_partition(partition=partition,
+                            infer_sharding_from_operands=infer,
+                            sharding_rule=_RULES[kind])
+
+  @jax.custom_batching.custom_vmap
+  def op(a, b):
+    return partitioned(a, b)
+
+  @op.def_vmap
+  def _vmapped(axis_size, in_batched, a, b):
+    del axis_size
+    def xla(a, b):
+      if kind == 'conv':
+        return _xla_conv(a, b, strides, pads)
+      if kind == 'dx':
+        return _xla_input_grad(a, b, out_shape, strides, pads)
+      return _xla_weight_grad(a, b, out_shape, strides, pads)
+    axes = tuple(0 if batched else None for batched in in_batched)
+    return jax.vmap(xla, in_axes=axes)(a, b), True
+
+  return op
 
 
-_conv_p = Primitive('mixmo_conv')
-_conv_p.def_abstract_eval(_abstract_eval)
-_conv_p.def_impl(lambda x, w, *, strides, pads: jax.jit(
-    _xla_conv, static_argnums=(2, 3))(x, w, strides, pads))
+def _size(mesh, axes) -> int:
+  """Devices along mesh axes `axes` (a name, a tuple of names or None)."""
+  if axes is None:
+    return 1
+  names = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[name] for name in names]))
 
 
-def _lower_partitioned(ctx, x, w, *, strides, pads):
-  return mlir.lower_fun(lambda x, w: _partitioned(strides, pads)(x, w),
-                        multiple_results=False)(ctx, x, w)
-
-
-def _batch(args, dims, *, strides, pads):
-  conv = functools.partial(_xla_conv, strides=strides, pads=pads)
-  return jax.vmap(conv, in_axes=dims)(*args), 0
-
-
-cpu_kernels.register(_conv_p, xla=_xla_lowering, one_device=_lower_custom_call,
-                     mesh=_lower_partitioned, batch=_batch)
-
-
-def _call(x, w, strides: tuple[int, int], pads: Pads):
-  return _conv_p.bind(x, w, strides=strides, pads=pads)
+def _conv(x, w, strides, pads):
+  return _op('conv', _out_shape(x.shape, w.shape, strides, pads), strides,
+             pads)(x, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _onednn_conv(x, w, strides, pads):
-  return _call(x, w, strides, pads)
+  return _conv(x, w, strides, pads)
 
 
 def _onednn_conv_fwd(x, w, strides, pads):
-  return _onednn_conv(x, w, strides, pads), (x, w)
-
-
-def _input_grad_pads(w_shape, pads) -> Pads | None:
-  """Padding of the stride-1 input-gradient conv, None if it would be < 0."""
-  k = w_shape[:2]
-  grad = tuple((k[d] - 1 - pads[d][0], k[d] - 1 - pads[d][1])
-               for d in range(2))
-  return grad if min(min(p) for p in grad) >= 0 else None
-
-
-def _flipped(w):
-  """w'[p, q, o, c] = w[kh-1-p, kw-1-q, c, o]: the input-gradient kernel."""
-  return jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
-
-
-def _strided_input_grad(dy, w, x_shape, strides, pads: Pads):
-  """dL/dx [B, H, W, Ci] of a strided conv as s_h * s_w stride-1 convs.
-
-  Per dimension, with x_pad = x padded by (lo, hi) to length Hp and
-  y[i] = sum_p x_pad[s*i + p] w[p]: the padded input gradient at
-  u = s*t + a (phase a in [0, s)) collects the taps p = a + s*r,
-  r < R_a = ceil((k - a) / s), at i = t - r:
-
-      dx_pad[s*t + a] = sum_r dy[t - r] w[a + s*r],
-
-  a stride-1 correlation of dy (padded by R_a - 1 below and up to
-  T = ceil(Hp / s) outputs) with the flipped sub-kernel w[a::s][::-1]
-  (features swapped). The s_h * s_w phases interleave into dx_pad
-  [B, T*s_h, T*s_w, Ci], of which dx is rows lo .. lo + H - 1; a phase with
-  no tap (k <= a, e.g. a 1x1 kernel of stride 2) is zero.
-  """
-  b, _, _, ci = x_shape
-  k = w.shape[:2]
-  t = [-(-(x_shape[1 + d] + sum(pads[d])) // strides[d]) for d in range(2)]
-  rows = []
-  for a in range(strides[0]):
-    cols = []
-    for c in range(strides[1]):
-      taps = [-(-(k[d] - phase) // strides[d]) if phase < k[d] else 0
-              for d, phase in enumerate((a, c))]
-      if min(taps) == 0:
-        cols.append(jnp.zeros((b, t[0], t[1], ci), dy.dtype))
-        continue
-      phase_pads = tuple((taps[d] - 1, t[d] - dy.shape[1 + d])
-                         for d in range(2))
-      cols.append(_call(dy, _flipped(w[a::strides[0], c::strides[1]]),
-                        (1, 1), phase_pads))
-    rows.append(jnp.stack(cols, 3))            # [B, T0, T1, s_w, Ci]
-  full = jnp.stack(rows, 2).reshape(           # [B, T0, s_h, T1, s_w, Ci]
-      b, t[0] * strides[0], t[1] * strides[1], ci)
-  (lo_h, _), (lo_w, _) = pads
-  return full[:, lo_h:lo_h + x_shape[1], lo_w:lo_w + x_shape[2]]
+  return _conv(x, w, strides, pads), (x, w)
 
 
 def _onednn_conv_bwd(strides, pads, res, dy):
   x, w = res
-  dw = onednn_dw.weight_grad(x, dy, w.shape, strides, pads)
-  grad_pads = _input_grad_pads(w.shape, pads)
-  if strides != (1, 1):
-    dx = _strided_input_grad(dy, w, x.shape, strides, pads)
-  elif grad_pads is not None:
-    # Correlation with the flipped kernel, input/output features swapped.
-    dx = _call(dy, _flipped(w), (1, 1), grad_pads)
-  else:
-    _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, pads), x)
-    (dx,) = x_vjp(dy)
+  dx = _op('dx', tuple(x.shape), strides, pads)(dy, w)
+  dw = _op('dw', tuple(w.shape), strides, pads)(x, dy)
   return dx, dw
 
 
@@ -325,13 +235,11 @@ def active() -> bool:
 
 def describe() -> str:
   """Which conv kernels a float32 NHWC conv traced now runs, for logs and
-  benchmark headers: 'XLA', 'oneDNN fwd/dx, XLA dw' or 'oneDNN fwd/dx/dw'
-  (with the release of the oneDNN library the weight gradient links)."""
+  benchmark headers: 'XLA' or 'oneDNN 3.2.0 fwd/dx/dw' (the release of the
+  library the handlers link)."""
   if not active():
     return 'XLA'
-  if not onednn_dw.enabled():
-    return 'oneDNN fwd/dx, XLA dw'
-  return f'oneDNN fwd/dx/dw (dw: oneDNN {onednn_dw.onednn_version()})'
+  return f'oneDNN {library.onednn_version()} fwd/dx/dw'
 
 
 @functools.cache
@@ -341,14 +249,16 @@ def enabled() -> bool:
     return False
   if _host.machine().lower() not in ('x86_64', 'amd64'):
     return False
-  import jaxlib
-  if not jaxlib.__version__.startswith(TESTED_JAXLIB):
-    logging.warning('%s=1: jaxlib %s is not among the tested %s; trying '
-                    'oneDNN (the probe checks it)', ENV, jaxlib.__version__,
-                    TESTED_JAXLIB)
   try:
     cpu = jax.local_devices(backend='cpu')[0]
   except RuntimeError:  # No CPU backend (JAX_PLATFORMS without cpu).
+    return False
+  try:
+    library.load()
+  except Exception as e:
+    logging.warning('%s=1 but the oneDNN kernels are unavailable (%s); '
+                    "using XLA's convs", ENV, str(e).splitlines()[0]
+                    if str(e) else type(e).__name__)
     return False
   # Concrete values even when the first use is inside a jit trace.
   with jax.ensure_compile_time_eval(), jax.default_device(cpu):
@@ -373,8 +283,9 @@ def _probe() -> bool:
                            atol=1e-4):
           raise ValueError('result differs from XLA conv')
   except Exception as e:
-    logging.warning('%s: the oneDNN conv probe failed (%s); using XLA convs',
-                    ENV, str(e).splitlines()[0] if str(e) else type(e))
+    logging.warning("%s: the oneDNN conv probe failed (%s); using XLA's "
+                    'convs', ENV, str(e).splitlines()[0] if str(e) else
+                    type(e).__name__)
     return False
   return True
 
