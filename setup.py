@@ -34,6 +34,9 @@ setuptools.setup(
         "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10",
         "ml-collections>=1.1",
+        # clu.parameter_overview: the parameter table and count (no
+        # TensorFlow: clu's metric writers, which import it, are not used).
+        "clu>=0.0.12",
         # TFDS prepares and reads CIFAR, Tiny ImageNet and SVHN with
         # TensorFlow; nothing else imports it (the CPU build is enough; it
         # has no macOS wheels, where the regular build is used).

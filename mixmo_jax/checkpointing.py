@@ -398,6 +398,7 @@ def restore_variables(workdir: str, abstract_variables: Any,
       raise CheckpointError(f'no checkpoint at step {step} in '
                             f'{ckpt.directory}; available: {steps}')
     if step is not None:
+      step = int(step)  # An int here: BEST was resolved above.
       try:
         return _restore_variables_at(ckpt, step, abstract_variables), step
       except Exception as e:

@@ -2,13 +2,14 @@
 import logging as pylogging
 import os
 import sys
+from typing import NoReturn
 
 from absl import flags, logging
 
 EXIT_USAGE = 2
 
 
-def fail(message, code: int = EXIT_USAGE):
+def fail(message, code: int = EXIT_USAGE) -> NoReturn:
   """Prints `error: ...` to stderr and exits with `code`.
 
   One line, or one line per problem for a `ConfigError` (its `problems`).
@@ -86,9 +87,13 @@ def _closed_loop_callback(unraisable) -> bool:
           and str(error) == 'Event loop is closed')
 
 
+# The hook `_quiet_unraisable_hook` passes every other report to.
+_chained_unraisable_hook = sys.unraisablehook
+
+
 def _quiet_unraisable_hook(unraisable) -> None:
   if not _closed_loop_callback(unraisable):
-    _quiet_unraisable_hook.chained(unraisable)
+    _chained_unraisable_hook(unraisable)
 
 
 def quiet_orbax_logs() -> None:
@@ -106,8 +111,9 @@ def quiet_orbax_logs() -> None:
   asyncio_logger = pylogging.getLogger('asyncio')
   if _ASYNCIO_FILTER not in asyncio_logger.filters:
     asyncio_logger.addFilter(_ASYNCIO_FILTER)
+  global _chained_unraisable_hook
   if sys.unraisablehook is not _quiet_unraisable_hook:
-    _quiet_unraisable_hook.chained = sys.unraisablehook
+    _chained_unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_unraisable_hook
 
 

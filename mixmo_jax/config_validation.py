@@ -207,8 +207,9 @@ def _check_model(c: _Checks):
   from mixmo_jax.models import wide_resnet
   if name == 'wide_resnet':
     depth = c.int_('model.depth', 10)
-    if depth is not None and wide_resnet.depth_problem(depth):
-      c.fail('model.depth', depth, wide_resnet.depth_problem(depth))
+    problem = None if depth is None else wide_resnet.depth_problem(depth)
+    if problem:
+      c.fail('model.depth', depth, problem)
   c.choice('model.stem', layers.STEM_INITS)
   for field, default in (('model.stride_on', 'second'),
                          ('model.bn_group_rows', 0)):

@@ -29,7 +29,8 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import (Any, BinaryIO, Dict, Iterator, List, Mapping, Optional,
+                    Tuple)
 
 from absl import logging
 import numpy as np
@@ -179,7 +180,7 @@ class EventWriter:
   def __init__(self, logdir: Optional[str]):
     self.logdir = logdir
     self.path: Optional[str] = None
-    self._file = None
+    self._file: Optional[BinaryIO] = None
     self._failed = logdir is None
     self._remote = logdir is not None and storage.is_url(logdir)
     self._content = bytearray()  # In a bucket: the whole file so far.
@@ -188,6 +189,7 @@ class EventWriter:
   def _write(self, event: event_pb2.Event) -> None:
     if self._failed:
       return
+    assert self.logdir is not None  # Else _failed from the start.
     try:
       if self.path is None:
         storage.makedirs(self.logdir)
@@ -208,6 +210,7 @@ class EventWriter:
 
   def _append(self, data: bytes) -> None:
     if not self._remote:
+      assert self._file is not None  # Opened by the first write.
       self._file.write(data)
       self._file.flush()  # A kill loses no written event.
       return
@@ -216,6 +219,7 @@ class EventWriter:
       self._upload()
 
   def _upload(self) -> None:
+    assert self.path is not None  # Set by the first write.
     storage.write_bytes(self.path, bytes(self._content))
     self._uploaded = time.time()
 

@@ -71,7 +71,7 @@ class Prefetcher:
   def __init__(self, feeder, start: int, stop: int, depth: int = 2):
     if depth < 1:
       raise ValueError(f'prefetch depth must be >= 1, got {depth}.')
-    self._queue = queue.Queue(maxsize=depth)
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._next = start
     self._thread = threading.Thread(

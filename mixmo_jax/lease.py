@@ -202,6 +202,8 @@ class Lease:
 
   def renew(self) -> bool:
     """Extends the lease; False (and `lost`) when it was taken over."""
+    if self.generation is None:
+      raise RuntimeError('renew() before acquire()')
     generation = self.store.replace(self.path, self._content(),
                                     self.generation)
     if generation is None:

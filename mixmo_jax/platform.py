@@ -99,6 +99,8 @@ def unknown_flags(names: Sequence[str],
   unknown (no default is risked).
   """
   library = _jaxlib_library() if library is None else library
+  if library is None:
+    return list(names)
   try:
     with open(library, 'rb') as f, mmap.mmap(f.fileno(), 0,
                                             access=mmap.ACCESS_READ) as data:

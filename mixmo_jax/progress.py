@@ -59,7 +59,8 @@ def setup_logging() -> None:
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   from mixmo_jax import cli
   cli.quiet_orbax_logs()
-  logging.set_verbosity(logging.INFO)
+  # At least INFO; --verbosity=1 also logs the parameter table (training).
+  logging.set_verbosity(max(logging.get_verbosity(), logging.INFO))
   # "Unable to initialize backend 'tpu'" and similar probes at INFO.
   pylogging.getLogger('jax._src.xla_bridge').setLevel(pylogging.WARNING)
 

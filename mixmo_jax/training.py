@@ -198,8 +198,7 @@ def make_train_step(config, model, steps_per_epoch: int, mesh) -> Callable:
 
 
 def evaluate_epoch(config, state, predict, test, mesh, step: int,
-                   epoch: int, *, with_logits: bool = False
-                   ) -> Dict[str, Any]:
+                   epoch: int, *, with_logits: bool = False) -> Any:
   """The test-set evaluation during training, with the metrics and names
   of `python -m mixmo_jax.evaluate` (which evaluates a saved checkpoint).
 
@@ -332,6 +331,8 @@ def _train(config, workdir: str, stopper: preemption.Preemption
   state = create_train_state(config, model, spe, mesh)
   logging.info('%s, %d members: %s parameters.', config.model.name,
                config.num_members, f'{models.num_params(state.params):,}')
+  if logging.vlog_is_on(1):  # --verbosity=1
+    logging.vlog(1, 'Parameters:\n%s', models.parameter_table(state.params))
   ckpt = checkpointing.Checkpointer(workdir, config.keep_checkpoints,
                                     config=config)
   restored, start = ckpt.restore_latest(state_to_tree(state))

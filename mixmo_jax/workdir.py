@@ -265,7 +265,7 @@ def to_json(result: Dict[str, Any]) -> str:
   return json.dumps(result, sort_keys=True, indent=2, allow_nan=False) + '\n'
 
 
-def write_json(result: Dict[str, Any], target: str) -> str:
+def write_json(result: Any, target: str) -> str:
   """Writes `to_json(result)` atomically at `target`; returns the path."""
   _atomic_write(target, to_json(result))
   return target

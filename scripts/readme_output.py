@@ -115,9 +115,8 @@ def main(argv=None) -> int:
                       f'--workdir={args.workdir}'])
   with open(os.path.join(args.workdir, 'config.json')) as f:
     config = json.load(f)
-  history = [json.loads(line) for line in
-             open(os.path.join(args.workdir, 'eval_history.jsonl'))
-             if line.strip()]
+  with open(os.path.join(args.workdir, 'eval_history.jsonl')) as f:
+    history = [json.loads(line) for line in f if line.strip()]
   steps = history[-1]['step'] if history else 0
   if seconds is None:
     parser.error('--seconds is needed when nothing is trained')

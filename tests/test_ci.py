@@ -25,7 +25,7 @@ def _ci(folder, command, timeout=300, **env):
     ('true', 0), ('exit 3', 3), ('exit 5', 1)])
 def test_ci_script_exit_codes(tmp_path, command, expected):
   out = _ci(tmp_path, command, timeout=60, CI_SECOND_PYTHON='0',
-            CI_LINT='0', CI_AOT='0')
+            CI_LINT='0', CI_TYPES='0', CI_AOT='0')
   assert out.returncode == expected, out.stderr
   assert f'ci: {command}' in out.stdout
 
@@ -33,7 +33,7 @@ def test_ci_script_exit_codes(tmp_path, command, expected):
 def test_ci_script_fails_when_the_second_python_fails(tmp_path):
   """The first suite passes; the Python 3.12 venv cannot install this
   folder (no setup.py): CI fails, saying which stage did."""
-  out = _ci(tmp_path, 'true', CI_LINT='0', CI_AOT='0')
+  out = _ci(tmp_path, 'true', CI_LINT='0', CI_TYPES='0', CI_AOT='0')
   assert out.returncode != 0, out.stdout
   assert 'ci: Python 3.12 suite finished in' in out.stdout, out.stderr
   assert 'exit code 0' not in out.stdout.splitlines()[-1]
@@ -53,8 +53,23 @@ def test_ci_script_fails_on_lint_before_any_test(tmp_path):
 def test_ci_script_fails_when_the_accelerator_compiles_fail(tmp_path):
   """The suite passes; the AOT stage cannot install this folder's `aot`
   extra (no setup.py, no venv): CI fails there, before Python 3.12."""
-  out = _ci(tmp_path, 'true', CI_LINT='0')
+  out = _ci(tmp_path, 'true', CI_LINT='0', CI_TYPES='0')
   assert out.returncode == 1, out.stdout
   assert 'ci: accelerator compiles finished in' in out.stdout
   assert 'exit code 0' not in out.stdout.splitlines()[-2]
   assert 'Python 3.12' not in out.stdout
+
+
+def test_ci_script_fails_on_a_type_error_after_the_suite(tmp_path):
+  """The suite passes (its command makes the venv); mypy, with the
+  repository's settings, finds a str assigned to an int in the package:
+  CI fails there, before the accelerator compiles."""
+  shutil.copy(os.path.join(REPO, 'pyproject.toml'), tmp_path)
+  (tmp_path / 'mixmo_jax').mkdir()
+  (tmp_path / 'mixmo_jax' / '__init__.py').write_text(
+      "count: int = 'three'\n")
+  out = _ci(tmp_path, 'python3 -m venv .venv', CI_LINT='0')
+  assert out.returncode == 1, out.stdout + out.stderr
+  assert 'ci: type check failed' in out.stderr
+  assert 'Incompatible types in assignment' in out.stdout
+  assert 'accelerator compiles' not in out.stdout

@@ -121,6 +121,7 @@ def test_member_ce_absent_falls_back_to_mixmo_loss(tmp_path):
   reporter.step(1, step)
   reporter.step(2, step)
   reporter.flush(2, 'none')
+  reporter.abort()
   assert 'train loss (mixmo ce) 2.5000' in out.getvalue()
 
 
@@ -177,7 +178,7 @@ def test_quiet_logs_drop_only_closed_loop_reports(monkeypatch):
   assert [(type(u.exc_value), str(u.exc_value)) for u in seen] == [
       (RuntimeError, 'something else'), (ValueError, 'Event loop is closed')]
   cli.quiet_orbax_logs()  # Idempotent: not chained to itself.
-  assert cli._quiet_unraisable_hook.chained == seen.append
+  assert cli._chained_unraisable_hook == seen.append
 
 
 def test_quiet_logs_drop_only_orbax_abandoned_tasks(tmp_path, caplog,

@@ -130,6 +130,7 @@ def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
   finally:
     holder.kill()
     holder.wait()
+    holder.stdout.close()
   message = str(err.value)
   assert '\n' not in message
   assert f'pid {holder.pid} (' in message, message

@@ -63,6 +63,7 @@ def load(spec: str):
     raise FileNotFoundError(f'config file {path} does not exist')
   module_spec = importlib.util.spec_from_file_location(
       f'mixmo_config_{abs(hash(os.path.abspath(path)))}', path)
+  assert module_spec is not None and module_spec.loader is not None
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   try:

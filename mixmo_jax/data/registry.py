@@ -121,6 +121,8 @@ def load_split(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
   if not spec.resizable and size != spec.image_size:
     raise ValueError(f'{config.dataset} images are {spec.image_size}x'
                      f'{spec.image_size}; got config.image_size={size}')
+  if spec.load is None:
+    raise ValueError(f'dataset {config.dataset!r} registers no loader')
   try:
     images, labels = spec.load(config, split)
   except _CORRUPT_ERRORS as e:

@@ -9,7 +9,7 @@ per-cell statistics, exact).
 """
 import math
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -65,7 +65,8 @@ def cell_statistics(log_probs: np.ndarray, labels: np.ndarray,
   }
 
 
-def scores_from_statistics(sums: Dict[str, np.ndarray]) -> Dict[str, float]:
+def scores_from_statistics(
+    sums: Dict[str, np.ndarray]) -> Dict[str, Optional[float]]:
   """{top1, top5, nll, ece} from (summed) `cell_statistics`:
   top-k = correct_k / n, NLL = summed NLL / n and
   ECE = sum_b |acc mass_b - conf mass_b| / n (= sum_b |B_b|/n |acc_b - conf_b|).
@@ -97,13 +98,15 @@ def cell_scores(log_probs: np.ndarray, labels: np.ndarray,
   return scores, sums
 
 
-def _mean(cells: Sequence[Dict[str, float]]) -> Dict[str, float]:
+def _mean(cells: Sequence[Dict[str, Optional[float]]]
+          ) -> Dict[str, Optional[float]]:
   """Unweighted mean over cells of each metric (None if any cell's is)."""
-  out = {}
+  out: Dict[str, Optional[float]] = {}
   for k in cells[0]:
     values = [c[k] for c in cells]
-    out[k] = (None if any(v is None for v in values)
-              else _json_float(np.mean(values)))
+    known = [v for v in values if v is not None]
+    out[k] = (None if len(known) < len(values)
+              else _json_float(np.mean(known)))
   return out
 
 
@@ -142,7 +145,9 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
     logging.warning('%d of the %d CIFAR-C corruptions are missing from %s: %s',
                     len(missing), len(corruptions.CORRUPTIONS), folder,
                     ', '.join(missing))
-  per_corruption, cells, total = {}, [], None
+  per_corruption: Dict[str, Any] = {}
+  cells: List[Dict[str, Optional[float]]] = []
+  total: Any = None
   for name in present:
     images = corruptions.open_corruption(folder, name, len(labels),
                                          config.image_size)

@@ -12,6 +12,7 @@ h, w mask size.
 import contextlib
 import math
 import os
+from typing import List
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -37,7 +38,7 @@ def _new_figure(figsize):
 
 
 # Formats written beside each PNG (same name, other suffix); `extra_formats`.
-_EXTRA_FORMATS = []
+_EXTRA_FORMATS: List[str] = []
 EXTRA_FORMATS_ALLOWED = ('pdf', 'svg')
 
 

@@ -73,7 +73,10 @@ class MetricSpec:
   def summary_decimals(self) -> int:
     if self.decimals is not None:
       return self.decimals
-    digits = int(_FORMAT.match(self.fmt).group(1))
+    found = _FORMAT.match(self.fmt)
+    if found is None:
+      raise ValueError(f'format {self.fmt!r} has no precision')
+    digits = int(found.group(1))
     return max(digits - 2, 0) if self.percent else digits
 
 

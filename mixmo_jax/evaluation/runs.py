@@ -8,7 +8,7 @@ average all N x M predictions.
 """
 import dataclasses
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from absl import logging
 import jax
@@ -75,6 +75,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not wd.checkpoint_steps(workdir):
     raise EvaluationError(f'no checkpoint in {ckpt_dir}')
   config_json = wd.path(workdir, wd.CONFIG)
+  on_disk: Union[Dict[str, Any], None, OSError, ValueError]
   try:
     on_disk = wd.read_config_dict(workdir)
   except (OSError, ValueError) as e:
@@ -135,7 +136,7 @@ def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
   (see `check_compatible`); nothing is restored yet."""
   if not workdirs:
     raise EvaluationError('no workdir given')
-  seen = {}
+  seen: Dict[str, str] = {}
   for workdir in workdirs:
     real = storage.absolute(workdir) if storage.is_url(workdir) else (
         os.path.realpath(workdir))

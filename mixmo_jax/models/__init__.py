@@ -21,9 +21,7 @@ The module must follow the calls above and have a method
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mixmo_jax.models.preact_resnet import PreActResNet18
 from mixmo_jax.models.wide_resnet import WideResNet
@@ -32,6 +30,7 @@ __all__ = [
     "PreActResNet18", "WideResNet", "MODEL_NAMES", "DTYPES", "register_model",
     "model_names", "get_model", "stem_resolution", "check_image_size", "compute_dtype",
     "num_params",
+    "parameter_table",
 ]
 
 Builder = Callable[[Any], nn.Module]
@@ -80,8 +79,17 @@ def bn_groups(config) -> int:
 def num_params(params: Any) -> int:
   """The number of parameters: the sum of the sizes of the leaves of `params`
   (arrays or `jax.ShapeDtypeStruct`s), e.g. 36,601,416 for WRN-28-10, M = 2,
-  CIFAR-100."""
-  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)))
+  CIFAR-100 (`clu.parameter_overview.count_parameters`)."""
+  from clu import parameter_overview  # On use: importing clu takes seconds.
+  return int(parameter_overview.count_parameters(params))
+
+
+def parameter_table(params: Any) -> str:
+  """clu's table of `params`: each leaf's name, shape, dtype and size, and
+  the total (what `training` logs at the start of a run)."""
+  from clu import parameter_overview
+  return parameter_overview.get_parameter_overview(params,
+                                                   include_stats=False)
 
 
 def _image_hw(config) -> tuple[int, int]:

@@ -302,7 +302,8 @@ def _explicit_pads(x, w, strides, padding) -> Pads | None:
   pads = tuple(tuple(int(v) for v in p) for p in padding)
   if len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
     return None
-  return pads
+  (top, bottom), (left, right) = pads
+  return (top, bottom), (left, right)
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
