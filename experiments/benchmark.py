@@ -54,17 +54,19 @@ from experiments import op_profile, peak_flops, peer_process
 config_flags.DEFINE_config_file('config', None, 'Config file to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per measurement.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
-_PEER = flags.DEFINE_enum('peer', '', ['', 'torch'], 'Also time this peer '
-                          'implementation of the MIMO step, interleaved.')
-_PEER_NETS = flags.DEFINE_list('peer_nets', ['16-4'], 'WRN depth-width pairs '
-                               'for --peer (e.g. 16-4,28-10).')
+_PEER = flags.DEFINE_enum(
+    'peer', '', ['', 'torch'], 'Also time this peer '
+    'implementation of the MIMO step, interleaved.')
+_PEER_NETS = flags.DEFINE_list(
+    'peer_nets', ['16-4'], 'WRN depth-width pairs '
+    'for --peer (e.g. 16-4,28-10).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds for --peer.')
 _PEER_ONLY = flags.DEFINE_bool('peer_only', False, 'With --peer: skip the '
                                'other measurements.')
 _PEER_PROCESS = flags.DEFINE_enum(
     'peer_process', 'same', ['same', 'own'], 'With --peer: run the peer in '
     'this process (default) or in its own (experiments/peer_process.py), so '
-    'that neither framework\'s thread pool can slow the other\'s rounds.')
+    "that neither framework's thread pool can slow the other's rounds.")
 _PEER_PYTHON = flags.DEFINE_string(
     'peer_python', '', 'With --peer: the Python interpreter that runs the '
     'peer in its own process (implies --peer_process=own), e.g. a venv '
@@ -98,8 +100,8 @@ def _random_batch(config, rng):
   if not pipeline.needs_partners(config):
     return images, labels
   rows = (n * config.batch_repetitions, config.num_members)
-  return (images, labels, rng.integers(0, 256, rows + images.shape[1:],
-                                       dtype=np.uint8),
+  return (images, labels,
+          rng.integers(0, 256, rows + images.shape[1:], dtype=np.uint8),
           rng.integers(0, config.num_classes, rows, dtype=np.int32))
 
 
@@ -137,16 +139,17 @@ def _train_step_runner(config, mesh):
   """
   model = models.get_model(config)
   state = training.create_train_state(config, model, 100, mesh)
-  batch = sharding.global_batch(_random_batch(config, np.random.default_rng(0)),
-                                mesh)
-  compiled = training.make_train_step(config, model, 100, mesh).lower(
-      state, *batch).compile()
+  batch = sharding.global_batch(
+      _random_batch(config, np.random.default_rng(0)), mesh)
+  compiled = training.make_train_step(config, model, 100,
+                                      mesh).lower(state, *batch).compile()
   flops = _flops(compiled.cost_analysis())
   onednn = model_common.onednn()
   if onednn and onednn.active():
     with onednn.disabled():
-      flops = _flops(training.make_train_step(config, model, 100, mesh).lower(
-          state, *batch).cost_analysis())
+      flops = _flops(
+          training.make_train_step(config, model, 100,
+                                   mesh).lower(state, *batch).cost_analysis())
   holder = {'state': state}
 
   def step():
@@ -172,8 +175,7 @@ def _peer(c, separate, python=''):
   return torch_peer.TorchStep(**kwargs)
 
 
-def bench_peer(config, mesh, nets, rounds, steps, separate=False,
-               python=''):
+def bench_peer(config, mesh, nets, rounds, steps, separate=False, python=''):
   """Interleaved MIMO steps of mixmo_jax and the torch peer; prints ratios.
 
   separate: the peer runs in its own process (experiments/peer_process.py),
@@ -187,8 +189,8 @@ def bench_peer(config, mesh, nets, rounds, steps, separate=False,
     jax_step, _ = _train_step_runner(c, mesh)
     peer = _peer(c, separate, python)
     if i == 0:
-      where = (f'own process ({python})' if python else
-               'own process' if separate else 'this process')
+      where = (f'own process ({python})'
+               if python else 'own process' if separate else 'this process')
       print(f'peer: {peer.about()}, {where}, vs '
             f'mixmo_jax (convs: {model_common.conv_kernels()}; '
             f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}); '
@@ -235,8 +237,7 @@ def bench_eval(config, mesh, steps):
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
   size, n = config.image_size, config.eval_batch_size
-  images = sharding.global_batch(
-      np.zeros((n, size, size, 3), np.uint8), mesh)
+  images = sharding.global_batch(np.zeros((n, size, size, 3), np.uint8), mesh)
   jax.block_until_ready(predict(variables, images))
   return n / _time(lambda: predict(variables, images), steps)
 
@@ -270,8 +271,7 @@ def main(argv):
   device = jax.devices()[0]
   if _PEER.value:
     bench_peer(config, mesh, _PEER_NETS.value, _ROUNDS.value, _STEPS.value,
-               separate=_PEER_PROCESS.value == 'own',
-               python=_PEER_PYTHON.value)
+               separate=_PEER_PROCESS.value == 'own', python=_PEER_PYTHON.value)
     if _PEER_ONLY.value:
       return
   print(f'{config.model.name} depth {config.model.depth} width '
@@ -292,8 +292,8 @@ def main(argv):
     temp = _mb(mem.temp_size_in_bytes) if mem else float('nan')
     args = _mb(mem.argument_size_in_bytes) if mem else float('nan')
     # cost_analysis counts the whole (global) program's FLOPs.
-    mfu = (100 * flops / seconds / (peak * jax.device_count()) if peak
-           else float('nan'))
+    mfu = (100 * flops / seconds /
+           (peak * jax.device_count()) if peak else float('nan'))
     print(f'{name:14s} {seconds * 1e3:9.1f} {config.batch_size / seconds:9.1f} '
           f'{flops / 1e9:11.2f} {flops / seconds / 1e9:9.2f} {mfu:6.1f} '
           f'{temp:9.1f} {args:9.1f}')
@@ -306,8 +306,8 @@ def main(argv):
                              _STEPS.value)
     print(f'profile of the cut_mixmo step ({_STEPS.value} steps traced; '
           'concurrent ops can sum past 100%):')
-    print(op_profile.format_table(ops, 1e3 * times['cut_mixmo'],
-                                  _PROFILE.value))
+    print(
+        op_profile.format_table(ops, 1e3 * times['cut_mixmo'], _PROFILE.value))
   eval_rate = bench_eval(config, mesh, _STEPS.value)
   print(f'eval: {eval_rate:.1f} img/s (batch {config.eval_batch_size})')
   num_test = data.get_dataset(config.dataset).num_test

@@ -42,24 +42,24 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls per round.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 # (spatial size, channels) of WRN-16-4's three stages.
 LAYERS = ((32, 64), (16, 128), (8, 256))
-_PARTS = flags.DEFINE_bool('parts', False, 'Time forward, input gradient '
-                           'and weight gradient separately.')
+_PARTS = flags.DEFINE_bool(
+    'parts', False, 'Time forward, input gradient '
+    'and weight gradient separately.')
 # (spatial size, channels, stride) for --parts.
 PART_LAYERS = ((32, 64, 1), (16, 128, 1), (8, 256, 1), (32, 128, 2))
 
 
 def _conv(x, w, stride=1):
   """3x3 conv of x [B, S, S, C] with w [3, 3, C, C], one pixel of padding."""
-  return common.conv_general_dilated(
-      x, w, (stride, stride), ((1, 1), (1, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return common.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def _jax_inputs(batch, size, channels):
   """Seeded float32 x [B, S, S, C] and w [3, 3, C, C]."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)),
-                  jnp.float32)
+  x = jnp.asarray(
+      rng.standard_normal((batch, size, size, channels)), jnp.float32)
   w = jnp.asarray(0.01 * rng.standard_normal((3, 3, channels, channels)),
                   jnp.float32)
   return x, w
@@ -67,6 +67,7 @@ def _jax_inputs(batch, size, channels):
 
 def jax_step(batch, size, channels):
   """A blocking call of the jitted forward + both gradients."""
+
   def loss(x, w):
     y = _conv(x, w)
     return 0.5 * jnp.sum(y * y)
@@ -92,6 +93,7 @@ def torch_step(batch, size, channels):
 
 def jax_parts(batch, size, channels, stride):
   """{'fwd', 'dx', 'dw'}: blocking calls of the three jitted programs."""
+
   def conv(x, w):
     return _conv(x, w, stride)
 
@@ -100,9 +102,11 @@ def jax_parts(batch, size, channels, stride):
   fwd = jax.jit(conv)
   dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
   dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
-  return {'fwd': lambda: jax.block_until_ready(fwd(x, w)),
-          'dx': lambda: jax.block_until_ready(dx(x, w, dy)),
-          'dw': lambda: jax.block_until_ready(dw(x, w, dy))}
+  return {
+      'fwd': lambda: jax.block_until_ready(fwd(x, w)),
+      'dx': lambda: jax.block_until_ready(dx(x, w, dy)),
+      'dw': lambda: jax.block_until_ready(dw(x, w, dy))
+  }
 
 
 def torch_parts(batch, size, channels, stride):
@@ -112,22 +116,26 @@ def torch_parts(batch, size, channels, stride):
   conv_weight = torch.nn.grad.conv2d_weight
   x = torch.randn(batch, channels, size, size)
   w = 0.01 * torch.randn(channels, channels, 3, 3)
-  dy = torch.ones_like(torch.nn.functional.conv2d(x, w, stride=stride,
-                                                  padding=1))
+  dy = torch.ones_like(
+      torch.nn.functional.conv2d(x, w, stride=stride, padding=1))
 
   def no_grad(fn):
+
     def call():
       with torch.no_grad():
         fn()
+
     return call
 
   return {
-      'fwd': no_grad(lambda: torch.nn.functional.conv2d(
-          x, w, stride=stride, padding=1)),
-      'dx': no_grad(lambda: conv_input(x.shape, w, dy, stride=stride,
-                                       padding=1)),
-      'dw': no_grad(lambda: conv_weight(x, w.shape, dy, stride=stride,
-                                        padding=1))}
+      'fwd':
+          no_grad(lambda: torch.nn.functional.conv2d(x, w, stride=stride,
+                                                     padding=1)),
+      'dx':
+          no_grad(lambda: conv_input(x.shape, w, dy, stride=stride, padding=1)),
+      'dw':
+          no_grad(lambda: conv_weight(x, w.shape, dy, stride=stride, padding=1))
+  }
 
 
 def _seconds(fn, steps):

@@ -31,8 +31,9 @@ TINY = os.environ.get('DEVICE_CHECK_TINY', '0') == '1'
 
 
 def _config():
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))), 'configs', 'cifar100.py')
+  path = os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+      'cifar100.py')
   spec = importlib.util.spec_from_file_location('device_check_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -52,7 +53,8 @@ def _digest(tree) -> str:
 
 def short_run_digest(config, mesh, step, steps: int) -> str:
   """Parameter digest after `steps` steps from the seed on fixed data."""
-  state = training.create_train_state(config, models.get_model(config), 100, mesh)
+  state = training.create_train_state(config, models.get_model(config), 100,
+                                      mesh)
   batch = sharding.global_batch(
       benchmark._random_batch(config, np.random.default_rng(0)), mesh)
   for _ in range(steps):
@@ -66,7 +68,8 @@ def synthetic_epoch(config, mesh, step, steps: int) -> float:
   rng = np.random.default_rng(0)
   data = rng.integers(0, 256, (50_000, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, config.num_classes, 50_000).astype(np.int32)
-  state = training.create_train_state(config, models.get_model(config), 100, mesh)
+  state = training.create_train_state(config, models.get_model(config), 100,
+                                      mesh)
   n = pipeline.unique_per_step(config)
 
   def batch(i):
@@ -101,13 +104,13 @@ def main():
     s, flops, _ = benchmark.bench_train(c, mesh, timed, 1 if TINY else 3)
     seconds[dtype] = s
     peak = peak_flops.peak_flops(device.device_kind, dtype)
-    mfu = (f'{100 * flops / s / (peak * jax.device_count()):.1f} %' if peak
-           else 'n/a')
+    mfu = (f'{100 * flops / s / (peak * jax.device_count()):.1f} %'
+           if peak else 'n/a')
     bound = predicted[dtype].get('step_lower_bound_s')
     rows.append((f'train img/s {dtype}', f'{c.batch_size / s:.0f}'))
-    rows.append((f'step ms {dtype}', f'{s * 1e3:.1f} (AOT lower bound: ' + (
-        f'{bound * 1e3:.2f}, {predicted[dtype]["bound_by"]}-bound)' if bound
-        else f'n/a, no target for {device.device_kind!r})')))
+    rows.append((f'step ms {dtype}', f'{s * 1e3:.1f} (AOT lower bound: ' +
+                 (f'{bound * 1e3:.2f}, {predicted[dtype]["bound_by"]}-bound)'
+                  if bound else f'n/a, no target for {device.device_kind!r})')))
     rows.append((f'MFU {dtype}', mfu))
     rows.append((f'AOT peak MB / kernels per step {dtype}',
                  f'{predicted[dtype]["peak_bytes"] / 2**20:.0f} / '
@@ -115,24 +118,26 @@ def main():
   mimo = copy.deepcopy(config)
   mimo.mixing.method = 'sum'
   s_mimo, _, _ = benchmark.bench_train(mimo, mesh, timed, 1 if TINY else 3)
-  rows.append(('Cut-MixMo / MIMO step time',
-               f'{seconds["float32"] / s_mimo:.3f}'))
-  rows.append(('eval img/s', f'{benchmark.bench_eval(config, mesh, timed):.0f}'))
+  rows.append(
+      ('Cut-MixMo / MIMO step time', f'{seconds["float32"] / s_mimo:.3f}'))
+  rows.append(
+      ('eval img/s', f'{benchmark.bench_eval(config, mesh, timed):.0f}'))
   stats = device.memory_stats() or {}
   peak_mem = stats.get('peak_bytes_in_use')
-  rows.append(('peak device memory MB', (
-      f'{peak_mem / 2**20:.0f}' if peak_mem else 'n/a (CPU)') +
-      f' (AOT peak of the float32 step: '
-      f'{predicted["float32"]["peak_bytes"] / 2**20:.0f})'))
+  rows.append(('peak device memory MB',
+               (f'{peak_mem / 2**20:.0f}' if peak_mem else 'n/a (CPU)') +
+               f' (AOT peak of the float32 step: '
+               f'{predicted["float32"]["peak_bytes"] / 2**20:.0f})'))
   # One jitted step (compiled once) for the reruns and the epoch.
   step = training.make_train_step(config, models.get_model(config), 100, mesh)
   a = short_run_digest(config, mesh, step, 3)
   b = short_run_digest(config, mesh, step, 3)
   rows.append(('bit-identical reruns (3 steps)',
                f'{"yes" if a == b else "NO"} ({a} vs {b})'))
-  steps = int(os.environ.get(
-      'DEVICE_CHECK_EPOCH_STEPS',
-      3 if TINY else 50_000 * config.batch_repetitions // config.batch_size))
+  steps = int(
+      os.environ.get(
+          'DEVICE_CHECK_EPOCH_STEPS', 3 if TINY else 50_000 *
+          config.batch_repetitions // config.batch_size))
   epoch = synthetic_epoch(config, mesh, step, steps)
   rows.append((f'synthetic epoch ({steps} steps) s', f'{epoch:.1f}'))
   print(f'device check: {config.model.name}-{config.model.depth}-'

@@ -26,7 +26,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Callable, Dict, List, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import jax
 
@@ -39,13 +40,13 @@ _TARGET = re.compile(r'custom_call_target="(?P<target>[^"]*)"')
 
 
 class Op(NamedTuple):
-  name: str       # HLO instruction name.
-  opcode: str     # e.g. 'convolution', 'fusion(kLoop)'.
-  phase: str      # 'fwd', 'bwd' or '-' (no metadata).
-  ms: float       # Milliseconds per step (summed over its executions).
+  name: str  # HLO instruction name.
+  opcode: str  # e.g. 'convolution', 'fusion(kLoop)'.
+  phase: str  # 'fwd', 'bwd' or '-' (no metadata).
+  ms: float  # Milliseconds per step (summed over its executions).
 
 
-def instructions(hlo_text: str) -> Dict[str, tuple]:
+def instructions(hlo_text: str) -> dict[str, tuple]:
   """{instruction name: (opcode, phase)} of an optimized HLO module."""
   out = {}
   for line in hlo_text.splitlines():
@@ -69,7 +70,7 @@ def instructions(hlo_text: str) -> Dict[str, tuple]:
   return out
 
 
-def event_names(hlo_text: str) -> Dict[str, str]:
+def event_names(hlo_text: str) -> dict[str, str]:
   """{trace event name: instruction name} where the two differ.
 
   XLA's CPU runtime names a custom call's event after the instruction and
@@ -84,9 +85,9 @@ def event_names(hlo_text: str) -> Dict[str, str]:
   return out
 
 
-def _trace_events(folder: str) -> List[dict]:
-  paths = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'),
-                    recursive=True)
+def _trace_events(folder: str) -> list[dict]:
+  paths = glob.glob(
+      os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
   if not paths:
     raise RuntimeError(f'jax.profiler wrote no *.trace.json.gz under {folder}')
   with gzip.open(paths[0]) as f:
@@ -94,8 +95,8 @@ def _trace_events(folder: str) -> List[dict]:
   return data['traceEvents'] if isinstance(data, dict) else data
 
 
-def _durations(events: List[dict], known,
-               aliases: Dict[str, str] | None = None) -> Dict[str, List[float]]:
+def _durations(events: list[dict], known,
+               aliases: dict[str, str] | None = None) -> dict[str, list[float]]:
   """{op name: [microseconds of each execution]}, launch to completion."""
   aliases = aliases or {}
   starts = collections.defaultdict(list)
@@ -126,7 +127,7 @@ def _durations(events: List[dict], known,
   return out
 
 
-def profile(step: Callable[[], None], compiled, steps: int = 3) -> List[Op]:
+def profile(step: Callable[[], None], compiled, steps: int = 3) -> list[Op]:
   """Per-instruction milliseconds per step, largest first."""
   text = compiled.as_text()
   known = instructions(text)
@@ -138,15 +139,18 @@ def profile(step: Callable[[], None], compiled, steps: int = 3) -> List[Op]:
   total_us = collections.Counter()
   for name, spans in _durations(events, known, event_names(text)).items():
     total_us[name] += sum(spans)
-  ops = [Op(name, *known[name], us / 1e3 / steps)
-         for name, us in total_us.items()]
+  ops = [
+      Op(name, *known[name], us / 1e3 / steps) for name, us in total_us.items()
+  ]
   return sorted(ops, key=lambda op: -op.ms)
 
 
-def format_table(ops: List[Op], step_ms: float, top: int = 15) -> str:
+def format_table(ops: list[Op], step_ms: float, top: int = 15) -> str:
   """The `top` instructions and the totals per opcode, as % of `step_ms`."""
-  lines = [f'{"HLO op":34s} {"opcode":22s} {"pass":4s} {"ms/step":>8s} '
-           f'{"% step":>7s}']
+  lines = [
+      f'{"HLO op":34s} {"opcode":22s} {"pass":4s} {"ms/step":>8s} '
+      f'{"% step":>7s}'
+  ]
   for op in ops[:top]:
     lines.append(f'{op.name[:34]:34s} {op.opcode[:22]:22s} '
                  f'{op.phase:4s} {op.ms:8.1f} '

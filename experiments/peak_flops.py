@@ -13,7 +13,6 @@ Numbers are per chip, dense (no 2:4 sparsity), from the vendors' spec sheets:
     bf16 passes; no fp32 peak is quoted).
 None = not quoted by the vendor (MFU is then not reported).
 """
-from typing import Optional
 
 # (substring of jax's device_kind, lowercase) -> (bf16, fp32) FLOP/s.
 # More specific entries first (H100 PCIe before H100).
@@ -35,7 +34,7 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
+def peak_flops(device_kind: str, dtype: str) -> float | None:
   """Peak FLOP/s of one chip for 'bfloat16' or 'float32'; None if unknown."""
   kind = device_kind.lower()
   for key, (bf16, fp32) in PEAK_FLOPS:

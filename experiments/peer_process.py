@@ -32,22 +32,21 @@ import json
 import subprocess
 import sys
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 
 class PeerProcess:
   """A `factory(**kwargs)` object in a child process (see module doc)."""
 
-  def __init__(self, factory: str, cwd: Optional[str] = None,
-               env: Optional[dict] = None, python: Optional[str] = None,
+  def __init__(self, factory: str, cwd: str | None = None,
+               env: dict | None = None, python: str | None = None,
                **kwargs: Any):
     # stderr goes to a file, so a chatty peer can never fill a pipe and block.
     self._stderr = tempfile.TemporaryFile(mode='w+')
     self._proc = subprocess.Popen(
-        [python or sys.executable, '-m', 'experiments.peer_process'],
-        cwd=cwd, env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-        text=True)
+        [python or sys.executable, '-m', 'experiments.peer_process'], cwd=cwd,
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=self._stderr, text=True)
     reply = self._ask(json.dumps({'factory': factory, 'kwargs': kwargs}))
     if not reply.startswith('ready '):
       self._fail(f'expected "ready", got {reply!r}')
@@ -116,8 +115,8 @@ def _serve() -> None:
   spec = json.loads(sys.stdin.readline())
   module, name = spec['factory'].split(':')
   obj = getattr(importlib.import_module(module), name)(**spec['kwargs'])
-  reply('ready ' + json.dumps(
-      obj.about() if hasattr(obj, 'about') else spec['factory']))
+  reply('ready ' +
+        json.dumps(obj.about() if hasattr(obj, 'about') else spec['factory']))
   for line in sys.stdin:
     words = line.split()
     if words == ['step']:

@@ -55,7 +55,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from experiments import tables
 
@@ -76,9 +76,9 @@ class Job:
     rows: labels ('<table>/<name>') of the selected rows that need it.
   """
   kind: str
-  argv: List[str]
+  argv: list[str]
   output: str
-  rows: List[str] = dataclasses.field(default_factory=list)
+  rows: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def command(self) -> str:
@@ -104,23 +104,23 @@ def eval_path(root: str, entry: tables.Entry, repetition: int) -> str:
   (entry.corruptions): eval_cifar_c.json / eval_ensemble<N>_cifar_c.json.
   """
   first = workdir(root, entry, entry.member_seeds(repetition)[0])
-  stem = ('eval' if entry.n_networks == 1
-          else f'eval_ensemble{entry.n_networks}')
+  stem = ('eval'
+          if entry.n_networks == 1 else f'eval_ensemble{entry.n_networks}')
   suffix = CORRUPTIONS_SUFFIX if entry.corruptions else ''
   return os.path.join(first, f'{stem}{suffix}.json')
 
 
 def train_argv(entry: tables.Entry, seed: int, root: str,
-               python: str = 'python') -> List[str]:
+               python: str = 'python') -> list[str]:
   """python -m mixmo_jax.main --config=... --config.seed=K --workdir=..."""
   home = tables.owner(entry)
-  return ([python, '-m', 'mixmo_jax.main'] + home.config_args()
-          + [f'--config.seed={seed}', f'--workdir={workdir(root, entry, seed)}'])
+  return ([python, '-m', 'mixmo_jax.main'] + home.config_args() +
+          [f'--config.seed={seed}', f'--workdir={workdir(root, entry, seed)}'])
 
 
 def eval_argv(entry: tables.Entry, repetition: int, root: str,
               python: str = 'python',
-              corruptions_dir: Optional[str] = None) -> List[str]:
+              corruptions_dir: str | None = None) -> list[str]:
   """python -m mixmo_jax.evaluate --workdir=W0 [--ensemble=W1,..]
   [--corruptions=DIR (CIFAR-100-C rows)] --output=..."""
   dirs = [workdir(root, entry, s) for s in entry.member_seeds(repetition)]
@@ -132,9 +132,10 @@ def eval_argv(entry: tables.Entry, repetition: int, root: str,
   return argv + [f'--output={eval_path(root, entry, repetition)}']
 
 
-def plan(entries: Sequence[tables.Entry], root: str,
-         python: str = 'python', corruptions_dir: Optional[str] = None
-         ) -> Tuple[List[Job], List[Job], List[Job]]:
+def plan(
+    entries: Sequence[tables.Entry], root: str, python: str = 'python',
+    corruptions_dir: str | None = None
+) -> tuple[list[Job], list[Job], list[Job]]:
   """(trainings, single evaluations, ensemble and CIFAR-100-C evaluations),
   deduplicated.
 
@@ -143,9 +144,9 @@ def plan(entries: Sequence[tables.Entry], root: str,
   second list pairs one to one with the first; ensemble evaluations and
   the corruption evaluations (entry.corruptions) follow.
   """
-  trains: Dict[str, Job] = {}
-  singles: Dict[str, Job] = {}
-  ensembles: Dict[str, Job] = {}
+  trains: dict[str, Job] = {}
+  singles: dict[str, Job] = {}
+  ensembles: dict[str, Job] = {}
   for entry in entries:
     for k in entry.seeds:
       for seed in entry.member_seeds(k):
@@ -158,11 +159,13 @@ def plan(entries: Sequence[tables.Entry], root: str,
         if entry.label not in trains[wd].rows:
           trains[wd].rows.append(entry.label)
       out = eval_path(root, entry, k)
-      target = (singles if entry.n_networks == 1 and not entry.corruptions
-                else ensembles)
+      target = (
+          singles
+          if entry.n_networks == 1 and not entry.corruptions else ensembles)
       if out not in target:
-        target[out] = Job('eval', eval_argv(entry, k, root, python,
-                                            corruptions_dir), out)
+        target[out] = Job('eval',
+                          eval_argv(entry, k, root, python, corruptions_dir),
+                          out)
       if entry.label not in target[out].rows:
         target[out].rows.append(entry.label)
   return list(trains.values()), list(singles.values()), list(ensembles.values())
@@ -174,7 +177,7 @@ def _unique(items):
 
 def format_plan(entries: Sequence[tables.Entry], root: str,
                 python: str = 'python',
-                corruptions_dir: Optional[str] = None) -> str:
+                corruptions_dir: str | None = None) -> str:
   """The print mode's text: commented trainings, then evaluations."""
   trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
   lines = [
@@ -182,25 +185,29 @@ def format_plan(entries: Sequence[tables.Entry], root: str,
       f'(tables {", ".join(_unique(e.table for e in entries))}), '
       f'{len(trains)} trainings, {len(singles) + len(ensembles)} evaluations.',
       '# Run from the repository root. Rerunning a training resumes it from '
-      'its last checkpoint.',
-      '', '# --- training ---']
+      'its last checkpoint.', '', '# --- training ---'
+  ]
   for job in trains:
     lines.append(f'# rows: {" ".join(_unique(job.rows))}')
     lines.append(job.command)
-  lines += ['', '# --- evaluation of the final checkpoints (after training) ---']
+  lines += [
+      '', '# --- evaluation of the final checkpoints (after training) ---'
+  ]
   lines += [job.command for job in singles]
   if ensembles:
-    lines += ['', '# --- ensembles of independently trained networks and '
-              'CIFAR-100-C evaluations ---']
+    lines += [
+        '', '# --- ensembles of independently trained networks and '
+        'CIFAR-100-C evaluations ---'
+    ]
     for job in ensembles:
       lines.append(f'# rows: {" ".join(job.rows)}')
       lines.append(job.command)
   return '\n'.join(lines) + '\n'
 
 
-def jobs_lines(entries: Sequence[tables.Entry], root: str,
-               python: str = 'python', corruptions_dir: Optional[str] = None
-               ) -> Tuple[List[str], List[str]]:
+def jobs_lines(
+    entries: Sequence[tables.Entry], root: str, python: str = 'python',
+    corruptions_dir: str | None = None) -> tuple[list[str], list[str]]:
   """(one `train && evaluate` line per training, ensemble and CIFAR-100-C
   evaluation lines)."""
   trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
@@ -214,7 +221,7 @@ def ensembles_file(jobs_file: str) -> str:
 
 
 def write_jobs(entries, root, jobs_file: str, python: str = 'python',
-               corruptions_dir: Optional[str] = None) -> List[str]:
+               corruptions_dir: str | None = None) -> list[str]:
   """Writes the jobs file(s); returns the paths written."""
   first, second = jobs_lines(entries, root, python, corruptions_dir)
   written = []
@@ -230,7 +237,7 @@ def write_jobs(entries, root, jobs_file: str, python: str = 'python',
   return written
 
 
-def _outputs(entries, root: str, python: str) -> Tuple[List[str], List[str]]:
+def _outputs(entries, root: str, python: str) -> tuple[list[str], list[str]]:
   """The files whose existence marks each jobs line done (same order)."""
   trains, _, ensembles = plan(entries, root, python)
   return ([os.path.join(t.output, 'eval.json') for t in trains],
@@ -275,8 +282,8 @@ echo "submitted trainings: job array $JOB ({first})"
 {second}"""
 
 
-def sbatch_script(jobs_file: str, outputs_file: str, count: int,
-                  log_dir: str, options: str = '') -> str:
+def sbatch_script(jobs_file: str, outputs_file: str, count: int, log_dir: str,
+                  options: str = '') -> str:
   """The text of a job-array script over `count` lines of `jobs_file`."""
   lines = [f'#SBATCH {opt}' for opt in shlex.split(options)]
   name = os.path.splitext(os.path.basename(jobs_file))[0]
@@ -289,7 +296,7 @@ def sbatch_script(jobs_file: str, outputs_file: str, count: int,
 
 def write_slurm(entries, root, jobs_file: str, python: str = 'python',
                 options: str = '',
-                corruptions_dir: Optional[str] = None) -> List[str]:
+                corruptions_dir: str | None = None) -> list[str]:
   """Jobs files, their outputs files, array scripts and the submit script.
 
   Returns:
@@ -309,8 +316,7 @@ def write_slurm(entries, root, jobs_file: str, python: str = 'python',
       f.write('\n'.join(outputs) + '\n')
     script = f'{os.path.splitext(path)[0]}.sbatch'
     with open(script, 'w') as f:
-      f.write(sbatch_script(path, outputs_file, len(outputs), log_dir,
-                            options))
+      f.write(sbatch_script(path, outputs_file, len(outputs), log_dir, options))
     written += [outputs_file, script]
     scripts.append(script)
   second = ''
@@ -321,25 +327,28 @@ def write_slurm(entries, root, jobs_file: str, python: str = 'python',
               f'$JOB"\n')
   submit = f'{stem}_submit.sh'
   with open(submit, 'w') as f:
-    f.write(SUBMIT_TEMPLATE.format(log_dirs=shlex.quote(log_dir),
-                                   first=shlex.quote(scripts[0]),
-                                   second=second))
+    f.write(
+        SUBMIT_TEMPLATE.format(
+            log_dirs=shlex.quote(log_dir), first=shlex.quote(scripts[0]),
+            second=second))
   os.chmod(submit, 0o755)
   return written + [submit]
 
 
 def run_plan(entries, root, skip_done: bool = True,
              python: str = sys.executable,
-             corruptions_dir: Optional[str] = None) -> int:
+             corruptions_dir: str | None = None) -> int:
   """Runs trainings, then evaluations, sequentially; returns an exit code."""
   if corruptions_dir is None and any(e.corruptions for e in entries):
-    print('note: no --corruptions_dir (the CIFAR-100-C folder): Table 4\'s '
-          'CIFAR-100-C evaluations are left out', file=sys.stderr)
+    print(
+        "note: no --corruptions_dir (the CIFAR-100-C folder): Table 4's "
+        'CIFAR-100-C evaluations are left out', file=sys.stderr)
     entries = [e for e in entries if not e.corruptions]
   trains, singles, ensembles = plan(entries, root, python, corruptions_dir)
   for job in trains + singles + ensembles:
-    marker = (os.path.join(job.output, 'eval.json') if job.kind == 'train'
-              else job.output)
+    marker = (
+        os.path.join(job.output, 'eval.json')
+        if job.kind == 'train' else job.output)
     if skip_done and os.path.exists(marker):
       print(f'[skip, {marker} exists] {job.command}', flush=True)
       continue
@@ -351,11 +360,11 @@ def run_plan(entries, root, skip_done: bool = True,
   return 0
 
 
-def _list(text: Optional[str]):
+def _list(text: str | None):
   return None if not text else [t for t in text.split(',') if t]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m experiments.run',
       description='Training and evaluation commands for the paper tables.')
@@ -367,28 +376,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='method names as in results.csv (comma-separated)')
   parser.add_argument('--width', default=None, help='widths (comma-separated)')
   parser.add_argument('--seeds', default=None,
-                      help='repetitions, e.g. 0,1,2 (default: the rows\' own)')
+                      help="repetitions, e.g. 0,1,2 (default: the rows' own)")
   parser.add_argument('--root', default=DEFAULT_ROOT,
                       help='folder (or gs:// URL) of the workdirs')
   parser.add_argument('--mode', default='print',
                       choices=('print', 'run', 'jobs', 'slurm'))
   parser.add_argument('--jobs_file', default='jobs.txt')
-  parser.add_argument('--corruptions_dir', default=None,
-                      help='CIFAR-100-C folder for Table 4\'s evaluations '
-                      f'(print/jobs default: {CORRUPTIONS_PLACEHOLDER})')
-  parser.add_argument('--sbatch_options', default='',
-                      help="slurm mode: #SBATCH options of every task, e.g. "
-                      "'--gres=gpu:1 --time=24:00:00 --partition=gpu'")
-  parser.add_argument('--python', default=None,
-                      help='interpreter in the commands (default: python; '
-                      'run mode: this interpreter)')
+  parser.add_argument(
+      '--corruptions_dir', default=None,
+      help="CIFAR-100-C folder for Table 4's evaluations "
+      f'(print/jobs default: {CORRUPTIONS_PLACEHOLDER})')
+  parser.add_argument(
+      '--sbatch_options', default='',
+      help="slurm mode: #SBATCH options of every task, e.g. "
+      "'--gres=gpu:1 --time=24:00:00 --partition=gpu'")
+  parser.add_argument(
+      '--python', default=None,
+      help='interpreter in the commands (default: python; '
+      'run mode: this interpreter)')
   parser.add_argument('--skip_done', default=True,
                       action=argparse.BooleanOptionalAction)
   parser.add_argument('--noskip_done', dest='skip_done', action='store_false')
   return parser.parse_args(argv)
 
 
-def selected_entries(args: argparse.Namespace) -> List[tables.Entry]:
+def selected_entries(args: argparse.Namespace) -> list[tables.Entry]:
   tabs = None if args.table in (None, '', 'all') else _list(args.table)
   seeds = _list(args.seeds)
   entries = tables.select(
@@ -398,7 +410,7 @@ def selected_entries(args: argparse.Namespace) -> List[tables.Entry]:
   return entries
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     entries = selected_entries(args)
@@ -410,20 +422,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   root = resolve_root(args.root)
   if args.mode == 'print':
-    sys.stdout.write(format_plan(entries, root, args.python or 'python',
-                                 args.corruptions_dir))
+    sys.stdout.write(
+        format_plan(entries, root, args.python or 'python',
+                    args.corruptions_dir))
     return 0
   if args.mode == 'jobs':
-    for path in write_jobs(entries, root, args.jobs_file,
-                           args.python or 'python', args.corruptions_dir):
+    for path in write_jobs(entries, root, args.jobs_file, args.python or
+                           'python', args.corruptions_dir):
       with open(path) as f:
         count = sum(1 for _ in f)
       print(f'wrote {path} ({count} lines)')
     return 0
   if args.mode == 'slurm':
-    paths = write_slurm(entries, root, args.jobs_file,
-                        args.python or 'python', args.sbatch_options,
-                        args.corruptions_dir)
+    paths = write_slurm(entries, root, args.jobs_file, args.python or 'python',
+                        args.sbatch_options, args.corruptions_dir)
     for path in paths:
       print(f'wrote {path}')
     print(f'submit with: bash {paths[-1]}')

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from experiments import run as run_lib
 from experiments import tables
@@ -47,14 +47,27 @@ METRIC_ORDER = ('top1', 'top5', 'nll_c', 'nll', 'ece') + tuple(
         'member_top1',)
 PERCENT = ('member_top1',) + tuple(
     n for n, m in _REGISTERED.items() if m.percent)
-DECIMALS = {'member_top1': 2, 'nll_c': 3,
-            **{n: m.summary_decimals() for n, m in _REGISTERED.items()}}
-TITLES = {**{n: m.title for n, m in _REGISTERED.items()},
-          'top1': 'Top-1 %', 'top5': 'Top-5 %', 'nll_c': 'NLL_c',
-          'nll': 'NLL', 'ece': 'ECE', 'member_top1': 'member Top-1 %',
-          # The two TACE definitions, named for their sources.
-          'tace_mixmo': 'TACE (MixMo code)',
-          'tace_um': 'TACE (uncertainty-metrics)'}
+DECIMALS = {
+    'member_top1': 2,
+    'nll_c': 3,
+    **{
+        n: m.summary_decimals() for n, m in _REGISTERED.items()
+    }
+}
+TITLES = {
+    **{
+        n: m.title for n, m in _REGISTERED.items()
+    },
+    'top1': 'Top-1 %',
+    'top5': 'Top-5 %',
+    'nll_c': 'NLL_c',
+    'nll': 'NLL',
+    'ece': 'ECE',
+    'member_top1': 'member Top-1 %',
+    # The two TACE definitions, named for their sources.
+    'tace_mixmo': 'TACE (MixMo code)',
+    'tace_um': 'TACE (uncertainty-metrics)'
+}
 TABLE_TITLES = {
     '1': 'Table 1: WRN-28-10 on CIFAR (paper: best epoch)',
     '2': 'Table 2: mixing blocks, Cut-MixMo b=2, WRN-28-10 CIFAR-100 '
@@ -76,22 +89,22 @@ TABLE_TITLES = {
 
 FINAL_MARK = ' (f)'  # Best-epoch column, value of the final checkpoint.
 
-PaperValue = Tuple[float, str, int]  # (value, text as in the csv, best_epoch)
+PaperValue = tuple[float, str, int]  # (value, text as in the csv, best_epoch)
 
 
-def read_paper(path: str) -> Dict[Tuple, Dict[str, PaperValue]]:
+def read_paper(path: str) -> dict[tuple, dict[str, PaperValue]]:
   """results.csv -> {(table, *row_key): {metric: (value, text, best_epoch)}}."""
-  out: Dict[Tuple, Dict[str, PaperValue]] = {}
+  out: dict[tuple, dict[str, PaperValue]] = {}
   with open(path, newline='') as f:
     for r in csv.DictReader(f):
       key = (r['table'], r['dataset'], r['network'], int(r['width']),
              r['method'], int(r['cutmix']), int(r['b']), int(r['n_networks']))
-      out.setdefault(key, {})[r['metric']] = (
-          float(r['value']), r['value'], int(r['best_epoch']))
+      out.setdefault(key, {})[r['metric']] = (float(r['value']), r['value'],
+                                              int(r['best_epoch']))
   return out
 
 
-def _read_json(path: str) -> Optional[dict]:
+def _read_json(path: str) -> dict | None:
   """The JSON at a local path or URL (gs://, via tf.io.gfile); None if absent."""
   if '://' in path:
     import tensorflow as tf
@@ -106,7 +119,7 @@ def _read_json(path: str) -> Optional[dict]:
 
 
 def our_value(result: dict, metric: str, best: bool = False,
-              corruptions: bool = False) -> Tuple[Optional[float], bool]:
+              corruptions: bool = False) -> tuple[float | None, bool]:
   """One metric of an eval.json in the paper's units, and whether it is the
   final checkpoint's (value None if absent).
 
@@ -135,21 +148,22 @@ def our_value(result: dict, metric: str, best: bool = False,
   return (100.0 * value if metric in PERCENT else float(value)), final
 
 
-def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
   """Mean and sample standard deviation (ddof = 1; None for one value)."""
   n = len(values)
   mean = sum(values) / n
   if n < 2:
     return mean, None
-  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return mean, math.sqrt(sum((v - mean)**2 for v in values) / (n - 1))
 
 
-def table_metrics(table: str, paper) -> List[str]:
+def table_metrics(table: str, paper) -> list[str]:
   """The metrics results.csv has for a table, in METRIC_ORDER."""
   if table == 'fig9':
     return ['top1', 'member_top1']
-  found = {m for key, metrics in paper.items() if key[0] == table
-           for m in metrics}
+  found = {
+      m for key, metrics in paper.items() if key[0] == table for m in metrics
+  }
   return [m for m in METRIC_ORDER if m in found] or ['top1', 'nll_c']
 
 
@@ -157,7 +171,7 @@ def collect(entry: tables.Entry, root: str, metrics: Sequence[str],
             best: bool = False):
   """({metric: [value per repetition found]}, repetitions found,
   {metrics where some value is the final checkpoint's although best=True})."""
-  values: Dict[str, List[float]] = {m: [] for m in metrics}
+  values: dict[str, list[float]] = {m: [] for m in metrics}
   found, fallback = 0, set()
   for k in entry.seeds:
     result = _read_json(run_lib.eval_path(root, entry, k))
@@ -173,7 +187,7 @@ def collect(entry: tables.Entry, root: str, metrics: Sequence[str],
   return values, found, fallback
 
 
-def _fmt(value: float, metric: str, text: Optional[str] = None) -> str:
+def _fmt(value: float, metric: str, text: str | None = None) -> str:
   """Fixed decimals per metric; a paper value keeps its own extra digits."""
   decimals = DECIMALS[metric]
   if text is not None and '.' in text:
@@ -195,13 +209,17 @@ def _paper_cell(paper, key, metric) -> str:
   return '-' if value is None else _fmt(value[0], metric, value[1])
 
 
-def _row_label(entry: tables.Entry) -> List[str]:
+def _row_label(entry: tables.Entry) -> list[str]:
   net = ('WRN-28' if entry.network == 'wrn28' else 'PreActResNet-18')
   method = entry.method
   if entry.table == 'fig9':
     method += f' (M={entry.num_members})'
-  return [entry.dataset, f'{net}-{entry.width}', method,
-          'yes' if entry.cutmix else '-', str(entry.b), str(entry.n_networks)]
+  return [
+      entry.dataset, f'{net}-{entry.width}', method,
+      'yes' if entry.cutmix else '-',
+      str(entry.b),
+      str(entry.n_networks)
+  ]
 
 
 def _fig9_paper(entry: tables.Entry, metric: str) -> str:
@@ -218,25 +236,26 @@ def render_table(table: str, entries: Sequence[tables.Entry], root: str,
   best = table not in ('8', 'fig9', 'ub')
   header = ['dataset', 'network', 'method', 'CutMix', 'b', 'N', 'runs']
   for m in metrics:
-    header.append(f'{TITLES[m]} ours (' + ('best epoch' if best else 'final')
-                  + ')')
+    header.append(f'{TITLES[m]} ours (' + ('best epoch' if best else 'final') +
+                  ')')
     if table == 'fig9':
       header.append(f'{TITLES[m]} paper (text)')
       continue
-    header.append(f'{TITLES[m]} paper ('
-                  + ('best epoch' if best else 'final') + ')')
+    header.append(f'{TITLES[m]} paper (' + ('best epoch' if best else 'final') +
+                  ')')
     if with_t8:
       header.append(f'{TITLES[m]} paper (final, T8)')
-  lines = [f'## {TABLE_TITLES[table]}', '',
-           '| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join(['---'] * len(header)) + '|']
+  lines = [
+      f'## {TABLE_TITLES[table]}', '', '| ' + ' | '.join(header) + ' |',
+      '|' + '|'.join(['---'] * len(header)) + '|'
+  ]
   footer = []
   for entry in entries:
     values, found, fallback = collect(entry, root, metrics, best)
     cells = _row_label(entry) + [f'{found}/{len(entry.seeds)}']
     for m in metrics:
-      cells.append(format_ours(values[m], m)
-                   + (FINAL_MARK if m in fallback else ''))
+      cells.append(
+          format_ours(values[m], m) + (FINAL_MARK if m in fallback else ''))
       if table == 'fig9':
         cells.append(_fig9_paper(entry, m))
         continue
@@ -245,13 +264,15 @@ def render_table(table: str, entries: Sequence[tables.Entry], root: str,
         cells.append(_paper_cell(paper, ('8',) + entry.row_key, m))
     lines.append('| ' + ' | '.join(cells) + ' |')
     if any(FINAL_MARK in c for c in cells) and not footer:
-      footer = ['', f'{FINAL_MARK.strip()} final checkpoint (no best_on_test '
-                'for this metric: ensembles of N networks, top-5, members, '
-                'CIFAR-100-C, or runs without eval_history.jsonl).']
+      footer = [
+          '', f'{FINAL_MARK.strip()} final checkpoint (no best_on_test '
+          'for this metric: ensembles of N networks, top-5, members, '
+          'CIFAR-100-C, or runs without eval_history.jsonl).'
+      ]
   return '\n'.join(lines + footer) + '\n'
 
 
-def find_eval_files(root: str) -> List[str]:
+def find_eval_files(root: str) -> list[str]:
   """Every eval.json / eval_ensemble<N>.json under a local root, sorted
   (a URL root: none, the paper rows are still read)."""
   if '://' in root or not os.path.isdir(root):
@@ -259,9 +280,9 @@ def find_eval_files(root: str) -> List[str]:
   found = []
   for folder, _, names in os.walk(root):
     for name in names:
-      if name == wd.EVAL or (name.startswith('eval_ensemble')
-                             and name.endswith('.json') and not name.endswith(
-                                 run_lib.CORRUPTIONS_SUFFIX + '.json')):
+      if name == wd.EVAL or (
+          name.startswith('eval_ensemble') and name.endswith('.json') and
+          not name.endswith(run_lib.CORRUPTIONS_SUFFIX + '.json')):
         found.append(os.path.join(folder, name))
   return sorted(found)
 
@@ -269,12 +290,13 @@ def find_eval_files(root: str) -> List[str]:
 RUN_COLUMNS = ('top1', 'nll', 'nll_c', 'ece')
 
 
-def _run_cells(result: Optional[dict], metric_source: Optional[dict]):
+def _run_cells(result: dict | None, metric_source: dict | None):
   cells = []
   for m in RUN_COLUMNS:
     value = None if metric_source is None else metric_source.get(m)
-    cells.append('-' if value is None else _fmt(
-        100.0 * value if m in PERCENT else float(value), m))
+    cells.append('-' if value is
+                 None else _fmt(100.0 *
+                                value if m in PERCENT else float(value), m))
   return cells
 
 
@@ -289,14 +311,16 @@ def render_runs(root: str, paths: Sequence[str]) -> str:
   """
   results = [(p, _read_json(p)) for p in paths]
   with_best = any(r and r.get('best_on_test') for _, r in results)
-  header = ['run', 'method', 'M', 'b'] + [
-      f'{TITLES[m]} (final)' for m in RUN_COLUMNS] + ['ratio-error']
+  header = ['run', 'method', 'M', 'b'
+           ] + [f'{TITLES[m]} (final)' for m in RUN_COLUMNS] + ['ratio-error']
   if with_best:
-    header += ['best epoch'] + [f'{TITLES[m]} (best epoch)'
-                                for m in RUN_COLUMNS]
-  lines = [f'## Runs under `{root}` (no paper row matched)', '',
-           '| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join(['---'] * len(header)) + '|']
+    header += ['best epoch'
+              ] + [f'{TITLES[m]} (best epoch)' for m in RUN_COLUMNS]
+  lines = [
+      f'## Runs under `{root}` (no paper row matched)', '',
+      '| ' + ' | '.join(header) + ' |',
+      '|' + '|'.join(['---'] * len(header)) + '|'
+  ]
   for path, result in results:
     if result is None:
       continue
@@ -312,8 +336,12 @@ def render_runs(root: str, paths: Sequence[str]) -> str:
     method = config.get('variant') or mixing or '-'
     members = result.get('num_members', config.get('num_members', '-'))
     ratio = (result.get('diversity') or {}).get('ratio_error')
-    cells = [name, str(method), str(members),
-             str(config.get('batch_repetitions', '-'))]
+    cells = [
+        name,
+        str(method),
+        str(members),
+        str(config.get('batch_repetitions', '-'))
+    ]
     cells += _run_cells(result, result.get('ensemble'))
     cells.append('-' if ratio is None else f'{ratio:.3f}')
     if with_best:
@@ -324,7 +352,7 @@ def render_runs(root: str, paths: Sequence[str]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
+def summarize(root: str, table_ids: Sequence[str] | None = None,
               results_csv: str = DEFAULT_RESULTS_CSV) -> str:
   """The whole markdown summary for the selected tables (default: all).
 
@@ -335,20 +363,27 @@ def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
   paper = read_paper(results_csv) if os.path.exists(results_csv) else {}
   root = run_lib.resolve_root(root)
   ids = tables.TABLES if not table_ids else [
-      tables.normalize_table(t) for t in table_ids]
+      tables.normalize_table(t) for t in table_ids
+  ]
   selected = [e for t in ids for e in tables.ENTRIES if e.table == t]
-  matched = any(_read_json(run_lib.eval_path(root, e, k)) is not None
-                for e in selected for k in e.seeds)
+  matched = any(
+      _read_json(run_lib.eval_path(root, e, k)) is not None
+      for e in selected
+      for k in e.seeds)
   if not matched:
     found = find_eval_files(root)
-    parts = ['# MixMo runs', '',
-             f'No run under `{root}` matches a row of the paper tables '
-             f'{", ".join(ids)} (experiments/tables.py names).', '']
+    parts = [
+        '# MixMo runs', '',
+        f'No run under `{root}` matches a row of the paper tables '
+        f'{", ".join(ids)} (experiments/tables.py names).', ''
+    ]
     if found:
       parts.append(render_runs(root, found))
     else:
-      parts += [f'No eval.json or eval_ensemble<N>.json found under '
-                f'`{root}`.', '']
+      parts += [
+          f'No eval.json or eval_ensemble<N>.json found under '
+          f'`{root}`.', ''
+      ]
     return '\n'.join(parts)
   parts = [
       '# MixMo reproduction: ours vs the paper', '',
@@ -357,7 +392,8 @@ def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
       'Table 8; mean ± sample std '
       '(ddof=1) over the repetitions found ("runs"). Top-1/Top-5 in %, '
       'NLL, NLL_c and ECE in natural units (results.csv units; the paper '
-      'prints several x100).', '']
+      'prints several x100).', ''
+  ]
   if not paper:
     parts += [f'(paper numbers unavailable: {results_csv} not found)', '']
   for t in ids:
@@ -366,10 +402,10 @@ def summarize(root: str, table_ids: Optional[Sequence[str]] = None,
   return '\n'.join(parts)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m experiments.summarize',
-      description='Markdown tables of our results beside the paper\'s.')
+      description="Markdown tables of our results beside the paper's.")
   parser.add_argument('--root', default=run_lib.DEFAULT_ROOT)
   parser.add_argument('--table', default='all',
                       help='1,2,5,6,8,9,fig9 (comma-separated) or all')
@@ -378,10 +414,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  ids = None if args.table in ('', 'all') else [
-      t for t in args.table.split(',') if t]
+  ids = None if args.table in (
+      '', 'all') else [t for t in args.table.split(',') if t]
   try:
     text = summarize(args.root, ids, args.results_csv)
   except ValueError as e:

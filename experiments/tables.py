@@ -46,7 +46,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 from mixmo_jax import configs
 
@@ -54,9 +55,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEEDS = (0, 1, 2)
 TABLES = ('1', '2', '4', '5', '6', '8', '9', 'fig9', 'ub')
 
-CIFAR_CONFIGS = {'cifar100': 'configs/cifar100.py',
-                 'cifar10': 'configs/cifar10.py',
-                 'cifar100_c': 'configs/cifar100.py'}  # Trained on CIFAR-100.
+CIFAR_CONFIGS = {
+    'cifar100': 'configs/cifar100.py',
+    'cifar10': 'configs/cifar10.py',
+    'cifar100_c': 'configs/cifar100.py'
+}  # Trained on CIFAR-100.
 TINY_CONFIG = 'configs/tiny_imagenet.py'
 CIFAR_WIDTHS = (2, 3, 4, 5, 7, 10, 14)  # Table 9, WRN-28-w.
 TINY_WIDTHS = (1, 2, 3)  # Table 5, PreActResNet-18-w.
@@ -74,8 +77,12 @@ TABLE2_BLOCKS = {
 
 # Figure 9 has no numbers in results.csv; Section 4.3.4 quotes the members'
 # (individual) top-1 in percent: (method, M) -> value.
-FIG9_PAPER_TEXT = {('cut_mixmo', 2): 82.3, ('cut_mixmo', 3): 79.5,
-                   ('mimo', 2): 79.8, ('mimo', 3): 77.7}
+FIG9_PAPER_TEXT = {
+    ('cut_mixmo', 2): 82.3,
+    ('cut_mixmo', 3): 79.5,
+    ('mimo', 2): 79.8,
+    ('mimo', 3): 77.7
+}
 
 # Methods that train a single-member network (M = 1, b = 1).
 SINGLE_MEMBER_METHODS = ('vanilla', 'mixup', 'cutmix', 'deep_ensemble')
@@ -106,19 +113,19 @@ class Entry:
   b: int
   n_networks: int
   config: str
-  overrides: Tuple[Tuple[str, Any], ...] = ()
+  overrides: tuple[tuple[str, Any], ...] = ()
   num_members: int = 2
-  seeds: Tuple[int, ...] = DEFAULT_SEEDS
-  best_epoch: Optional[int] = 1
+  seeds: tuple[int, ...] = DEFAULT_SEEDS
+  best_epoch: int | None = 1
   corruptions: bool = False
 
   @property
-  def key(self) -> Tuple:
+  def key(self) -> tuple:
     """(table, dataset, network, width, method, cutmix, b, n_networks)."""
     return (self.table,) + self.row_key
 
   @property
-  def row_key(self) -> Tuple:
+  def row_key(self) -> tuple:
     """The key without the table: the same row in another table."""
     return (self.dataset, self.network, self.width, self.method,
             int(self.cutmix), self.b, self.n_networks)
@@ -141,16 +148,17 @@ class Entry:
     """'<table>/<name>', unique over the registry."""
     return f'{self.table}/{self.name}'
 
-  def member_seeds(self, repetition: int) -> Tuple[int, ...]:
+  def member_seeds(self, repetition: int) -> tuple[int, ...]:
     """Training seeds of repetition k: (k*N, ..., k*N + N - 1); N = 1: (k,)."""
     n = self.n_networks
     return tuple(range(repetition * n, repetition * n + n))
 
-  def config_args(self) -> List[str]:
+  def config_args(self) -> list[str]:
     """Command-line flags selecting the config: --config=... --config.x=v."""
     return [f'--config={self.config}'] + [
         f'--config.{field}={format_value(value)}'
-        for field, value in self.overrides]
+        for field, value in self.overrides
+    ]
 
 
 def format_value(value: Any) -> str:
@@ -163,7 +171,6 @@ def format_value(value: Any) -> str:
 # ----------------------------------------------------------------------------
 # The registry.
 # ----------------------------------------------------------------------------
-
 
 AUGMIX_SUFFIX = '_augmix'  # Table 4's AugMix columns: method + suffix.
 
@@ -195,23 +202,24 @@ def _entry(table, dataset, width, method, cutmix, b, n_networks=1,
     member_method = 'cut_mixmo'
   config_file = TINY_CONFIG if tiny else CIFAR_CONFIGS[dataset]
   variant = _variant(member_method, cutmix, b, num_members)
-  return Entry(
-      table=table, dataset=dataset,
-      network='preact_resnet18' if tiny else 'wrn28', width=width,
-      method=method, cutmix=bool(cutmix), b=b, n_networks=n_networks,
-      config=f'{config_file}:{variant}',
-      overrides=(('model.width', width),) + tuple(extra),
-      num_members=num_members, best_epoch=best_epoch,
-      corruptions=dataset.endswith('_c'))
+  return Entry(table=table, dataset=dataset,
+               network='preact_resnet18' if tiny else 'wrn28', width=width,
+               method=method, cutmix=bool(cutmix), b=b, n_networks=n_networks,
+               config=f'{config_file}:{variant}',
+               overrides=(('model.width', width),) + tuple(extra),
+               num_members=num_members, best_epoch=best_epoch,
+               corruptions=dataset.endswith('_c'))
 
 
-def _cifar_main_rows(table: str, best_epoch: int) -> List[Entry]:
+def _cifar_main_rows(table: str, best_epoch: int) -> list[Entry]:
   """Tables 1 and 8: WRN-28-10 on CIFAR-100 and CIFAR-10."""
   rows = []
   for dataset in ('cifar100', 'cifar10'):
+
     def add(*args, **kwargs):
-      rows.append(_entry(table, dataset, 10, *args, best_epoch=best_epoch,
-                         **kwargs))
+      rows.append(
+          _entry(table, dataset, 10, *args, best_epoch=best_epoch, **kwargs))
+
     add('vanilla', 0, 1)
     add('mixup', 0, 1)
     add('cutmix', 0, 1)
@@ -225,14 +233,16 @@ def _cifar_main_rows(table: str, best_epoch: int) -> List[Entry]:
   return rows
 
 
-def _table2() -> List[Entry]:
+def _table2() -> list[Entry]:
   """Table 2: Cut-MixMo (b = 2) with the mixing block of each column."""
-  return [_entry('2', 'cifar100', 10, method, 0, 2,
-                 extra=(('mixing.method', block),))
-          for method, block in TABLE2_BLOCKS.items()]
+  return [
+      _entry('2', 'cifar100', 10, method, 0, 2,
+             extra=(('mixing.method', block),))
+      for method, block in TABLE2_BLOCKS.items()
+  ]
 
 
-def _table4() -> List[Entry]:
+def _table4() -> list[Entry]:
   """Table 4: WRN-28-10 trained on CIFAR-100, tested on CIFAR-100-C.
 
   The paper's table lost its layout in our transcription; reconstructed as
@@ -261,72 +271,78 @@ def _table4() -> List[Entry]:
   return rows
 
 
-def _table5() -> List[Entry]:
+def _table5() -> list[Entry]:
   """Table 5: PreActResNet-18-w on Tiny ImageNet, w in {1, 2, 3}."""
   rows = []
   for w in TINY_WIDTHS:
     for method in ('vanilla', 'mixup', 'cutmix'):
       rows.append(_entry('5', 'tiny_imagenet', w, method, 0, 1))
     for n in (2, 3, 4):
-      rows.append(_entry('5', 'tiny_imagenet', w, 'deep_ensemble', 0, 1,
-                         n_networks=n))
+      rows.append(
+          _entry('5', 'tiny_imagenet', w, 'deep_ensemble', 0, 1, n_networks=n))
     for b in (2, 4):
       for method in ('linear_mixmo', 'cut_mixmo'):
         rows.append(_entry('5', 'tiny_imagenet', w, method, 0, b))
   return rows
 
 
-def _table6() -> List[Entry]:
+def _table6() -> list[Entry]:
   """Table 6: N independently trained Cut-MixMo + CutMix, b = 4."""
-  return [_entry('6', 'cifar100', 10, 'cut_mixmo', 1, 4, n_networks=n)
-          for n in (1, 2, 3)]
+  return [
+      _entry('6', 'cifar100', 10, 'cut_mixmo', 1, 4, n_networks=n)
+      for n in (1, 2, 3)
+  ]
 
 
-def _table9() -> List[Entry]:
+def _table9() -> list[Entry]:
   """Table 9: WRN-28-w on CIFAR-100, b = 4, with and without CutMix."""
   rows = []
   for w in CIFAR_WIDTHS:
     for cutmix in (0, 1):
       rows.append(_entry('9', 'cifar100', w, 'vanilla', cutmix, 1))
-      rows.append(_entry('9', 'cifar100', w, 'deep_ensemble', cutmix, 1,
-                         n_networks=2))
+      rows.append(
+          _entry('9', 'cifar100', w, 'deep_ensemble', cutmix, 1, n_networks=2))
       rows.append(_entry('9', 'cifar100', w, 'linear_mixmo', cutmix, 4))
       rows.append(_entry('9', 'cifar100', w, 'cut_mixmo', cutmix, 4))
-      rows.append(_entry('9', 'cifar100', w, 'cut_mixmo', cutmix, 4,
-                         n_networks=2))
+      rows.append(
+          _entry('9', 'cifar100', w, 'cut_mixmo', cutmix, 4, n_networks=2))
   return rows
 
 
-def _figure9() -> List[Entry]:
+def _figure9() -> list[Entry]:
   """Figure 9: M in {2, 3} for MIMO and Cut-MixMo, WRN-28-10, b = 2."""
-  return [_entry('fig9', 'cifar100', 10, method, 0, 2, num_members=m,
-                 best_epoch=None)
-          for method in ('mimo', 'cut_mixmo') for m in (2, 3)]
+  return [
+      _entry('fig9', 'cifar100', 10, method, 0, 2, num_members=m,
+             best_epoch=None)
+      for method in ('mimo', 'cut_mixmo')
+      for m in (2, 3)
+  ]
 
 
-def _ub() -> List[Entry]:
+def _ub() -> list[Entry]:
   """uncertainty-baselines' MIMO (baselines/cifar/mimo.py, default flags:
   M = 3, b = 4, WRN-28-10), its published final-epoch numbers (table 'ub';
   its CIFAR-100-C row is the CIFAR-100 training on the corruptions)."""
-  return [Entry(table='ub', dataset=dataset, network='wrn28', width=10,
-                method='ub_mimo', cutmix=False, b=4, n_networks=1,
-                config=f'{CIFAR_CONFIGS[dataset]}:ub_mimo', num_members=3,
-                best_epoch=0, corruptions=dataset.endswith('_c'))
-          for dataset in ('cifar100', 'cifar10', 'cifar100_c')]
+  return [
+      Entry(table='ub', dataset=dataset, network='wrn28', width=10,
+            method='ub_mimo', cutmix=False, b=4, n_networks=1,
+            config=f'{CIFAR_CONFIGS[dataset]}:ub_mimo', num_members=3,
+            best_epoch=0, corruptions=dataset.endswith('_c'))
+      for dataset in ('cifar100', 'cifar10', 'cifar100_c')
+  ]
 
 
-def _build() -> Tuple[Entry, ...]:
-  entries = (_cifar_main_rows('1', 1) + _table2() + _table5() + _table6()
-             + _cifar_main_rows('8', 0) + _table9() + _figure9() + _ub()
-             + _table4())
+def _build() -> tuple[Entry, ...]:
+  entries = (
+      _cifar_main_rows('1', 1) + _table2() + _table5() + _table6() +
+      _cifar_main_rows('8', 0) + _table9() + _figure9() + _ub() + _table4())
   labels = [e.label for e in entries]
   assert len(set(labels)) == len(labels), 'duplicate entry labels'
   return tuple(entries)
 
 
-ENTRIES: Tuple[Entry, ...] = _build()
-TABLE4_ENTRIES: Tuple[Entry, ...] = tuple(e for e in ENTRIES
-                                          if e.table == '4')
+ENTRIES: tuple[Entry, ...] = _build()
+TABLE4_ENTRIES: tuple[Entry, ...] = tuple(e for e in ENTRIES if e.table == '4')
 
 
 def normalize_table(table: Any) -> str:
@@ -341,11 +357,11 @@ def normalize_table(table: Any) -> str:
   return text
 
 
-def select(tables: Optional[Iterable[Any]] = None,
-           datasets: Optional[Iterable[str]] = None,
-           methods: Optional[Iterable[str]] = None,
-           widths: Optional[Iterable[int]] = None,
-           seeds: Optional[Sequence[int]] = None) -> List[Entry]:
+def select(tables: Iterable[Any] | None = None,
+           datasets: Iterable[str] | None = None,
+           methods: Iterable[str] | None = None,
+           widths: Iterable[int] | None = None,
+           seeds: Sequence[int] | None = None) -> list[Entry]:
   """Entries matching every given filter (None: any), registry order.
 
   `seeds` replaces the entries' seeds (repetitions) when given.
@@ -356,12 +372,13 @@ def select(tables: Optional[Iterable[Any]] = None,
   widths = None if widths is None else {int(w) for w in widths}
   out = []
   for e in ENTRIES:
-    if ((tables is None or e.table in tables)
-        and (datasets is None or e.dataset in datasets)
-        and (methods is None or e.method in methods)
-        and (widths is None or e.width in widths)):
-      out.append(e if seeds is None else
-                 dataclasses.replace(e, seeds=tuple(int(s) for s in seeds)))
+    if ((tables is None or e.table in tables) and
+        (datasets is None or e.dataset in datasets) and
+        (methods is None or e.method in methods) and
+        (widths is None or e.width in widths)):
+      out.append(
+          e if seeds is
+          None else dataclasses.replace(e, seeds=tuple(int(s) for s in seeds)))
   return out
 
 
@@ -381,7 +398,7 @@ def set_field(config, field: str, value: Any) -> None:
   node[leaf] = value
 
 
-def load_config(entry: Entry, seed: Optional[int] = None):
+def load_config(entry: Entry, seed: int | None = None):
   """The ConfigDict that `entry.config_args()` (+ --config.seed) selects."""
   path, sep, variant = entry.config.partition(':')
   config = configs.load(os.path.join(REPO, path) + sep + variant)
@@ -403,15 +420,15 @@ def training_key(config) -> str:
   return json.dumps(tree, sort_keys=True, default=list)
 
 
-@functools.lru_cache(maxsize=None)
-def _owners() -> Dict[str, Entry]:
+@functools.cache
+def _owners() -> dict[str, Entry]:
   """training_key -> the entry whose workdir holds that training.
 
   The first single-network entry (registry order: tables 1, 2, 5, 6, 8, 9,
   fig9) with the config; ensemble-only configs belong to their first
   ensemble entry.
   """
-  owners: Dict[str, Entry] = {}
+  owners: dict[str, Entry] = {}
   for single in (True, False):
     for entry in ENTRIES:
       if (entry.n_networks == 1) == single:

@@ -76,10 +76,9 @@ class MimoWideResNet(nn.Module):
 class TorchStep:
   """One MIMO training step (forward, summed CE, backward, SGD Nesterov)."""
 
-  def __init__(self, depth: int, width: int, num_classes: int,
-               num_members: int, batch_size: int, image_size: int = 32,
-               channels_last: bool = False, seed: int = 0,
-               threads: int = 0):
+  def __init__(self, depth: int, width: int, num_classes: int, num_members: int,
+               batch_size: int, image_size: int = 32,
+               channels_last: bool = False, seed: int = 0, threads: int = 0):
     if threads:
       torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -102,8 +101,9 @@ class TorchStep:
     """Runs one update; returns the loss."""
     self.optimizer.zero_grad(set_to_none=True)
     logits = self.model(self.xs)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                           self.targets.reshape(-1), reduction='sum')
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), self.targets.reshape(-1),
+        reduction='sum')
     loss = loss / logits.shape[0]  # Sum over members, mean over the batch.
     loss.backward()
     self.optimizer.step()

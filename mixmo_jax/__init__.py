@@ -45,8 +45,8 @@ def train(config, workdir, **kwargs):
   platform.setup(config)
   import jax
   wanted = config.get('cpu_devices', 0)
-  if (type(wanted) is int and wanted > 1 and jax.default_backend() == 'cpu'
-      and jax.local_device_count() < wanted):
+  if (type(wanted) is int and wanted > 1 and jax.default_backend() == 'cpu' and
+      jax.local_device_count() < wanted):
     logging.warning(
         'config.cpu_devices = %d but jax already started with %d CPU '
         'device(s); training uses those (call mixmo_jax.train before any '

@@ -44,7 +44,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,19 +63,20 @@ def stem_filter_norms(params) -> np.ndarray:
   """
   kernel = np.asarray(params[STEMS]['kernel'], dtype=np.float64)
   if kernel.ndim != 5:
-    raise ValueError(f'stems kernel must be [M,kh,kw,in,C0], got {kernel.shape}')
+    raise ValueError(
+        f'stems kernel must be [M,kh,kw,in,C0], got {kernel.shape}')
   return np.abs(kernel).sum(axis=(1, 2, 3))
 
 
-def core_kernels(params) -> Dict[str, np.ndarray]:
+def core_kernels(params) -> dict[str, np.ndarray]:
   """Every 4-D 'kernel' leaf outside the stems, by '/'-joined path.
 
   Returns:
     {path: float64 [kh, kw, n_in, n_out]} in tree order.
   """
-  found: Dict[str, np.ndarray] = {}
+  found: dict[str, np.ndarray] = {}
 
-  def walk(node, path: Tuple[str, ...]):
+  def walk(node, path: tuple[str, ...]):
     for name, child in node.items():
       if isinstance(child, Mapping):
         if not (not path and name == STEMS):
@@ -100,8 +101,9 @@ def active_mask(norms: np.ndarray, threshold: float) -> np.ndarray:
   return norms >= threshold * top
 
 
-def active_filter_share(params, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                        average: str = 'filter') -> Dict[float, float]:
+def active_filter_share(params,
+                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                        average: str = 'filter') -> dict[float, float]:
   """Percentage of active core filters per threshold (Figure 4b, Table 7).
 
   Args:
@@ -129,10 +131,12 @@ def active_filter_share(params, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
   return share
 
 
-def layer_shares(params, threshold: float = 0.4) -> Dict[str, float]:
+def layer_shares(params, threshold: float = 0.4) -> dict[str, float]:
   """{layer path: percentage of its filters active at t_a}."""
-  return {path: 100.0 * float(active_mask(filter_l1_norms(k), threshold).mean())
-          for path, k in core_kernels(params).items()}
+  return {
+      path: 100.0 * float(active_mask(filter_l1_norms(k), threshold).mean())
+      for path, k in core_kernels(params).items()
+  }
 
 
 def report(params, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
@@ -143,10 +147,14 @@ def report(params, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
       'thresholds': [float(t) for t in thresholds],
       'stem_filter_l1': stems.tolist(),  # [M][C0]
       'active_share_percent': {
-          'filter': {str(t): v for t, v in
-                     active_filter_share(params, thresholds, 'filter').items()},
-          'layer': {str(t): v for t, v in
-                    active_filter_share(params, thresholds, 'layer').items()},
+          'filter': {
+              str(t): v for t, v in active_filter_share(params, thresholds,
+                                                        'filter').items()
+          },
+          'layer': {
+              str(t): v for t, v in active_filter_share(params, thresholds,
+                                                        'layer').items()
+          },
       },
       'num_core_layers': len(kernels),
       'num_core_filters': int(sum(k.shape[-1] for k in kernels.values())),
@@ -164,14 +172,16 @@ def format_report(rep: dict, title: str = '') -> str:
   if stems.shape[0] > 1:
     # Separation: per filter, the share of the largest member's norm.
     dominant = stems.max(0) / np.maximum(stems.sum(0), 1e-12)
-    lines.append(f'  dominant member share per filter: mean {dominant.mean():.3f}'
-               f' (1/M = {1 / stems.shape[0]:.3f} if not separated)')
+    lines.append(
+        f'  dominant member share per filter: mean {dominant.mean():.3f}'
+        f' (1/M = {1 / stems.shape[0]:.3f} if not separated)')
   lines.append(f'active core filters, % of {rep["num_core_filters"]} filters in'
                f' {rep["num_core_layers"]} layers (Figure 4b, Table 7):')
   for t in rep['thresholds']:
-    lines.append(f'  t_a={t:.2f}: {rep["active_share_percent"]["filter"][str(t)]:6.2f}'
-                 f' % of filters, {rep["active_share_percent"]["layer"][str(t)]:6.2f}'
-                 ' % per-layer mean')
+    lines.append(
+        f'  t_a={t:.2f}: {rep["active_share_percent"]["filter"][str(t)]:6.2f}'
+        f' % of filters, {rep["active_share_percent"]["layer"][str(t)]:6.2f}'
+        ' % per-layer mean')
   return '\n'.join(lines)
 
 
@@ -217,15 +227,16 @@ def _label(config, workdir: str) -> str:
   """'WORKDIR_NAME (variant net-depth-width)': runs differ by their name."""
   name = os.path.basename(os.path.normpath(workdir)) or workdir
   try:
-    detail = (f'{config.get("variant", "")} {config.model.name}-'
-              f'{config.model.depth if config.model.name == "wide_resnet" else 18}'
-              f'-{config.model.width}').strip()
+    detail = (
+        f'{config.get("variant", "")} {config.model.name}-'
+        f'{config.model.depth if config.model.name == "wide_resnet" else 18}'
+        f'-{config.model.width}').strip()
   except (AttributeError, KeyError):
     return name
   return f'{name} ({detail})'
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog='python -m mixmo_jax.analysis',
       description='Network utilisation: stem filter norms and active core '
@@ -236,12 +247,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='checkpoint step (default: the latest)')
   parser.add_argument('--thresholds', default='0.2,0.3,0.4,0.5')
   parser.add_argument('--plot', default=None, help='PNG path')
-  parser.add_argument('--output', default=None,
-                      help='JSON path (default: <first workdir>/utilisation.json)')
+  parser.add_argument(
+      '--output', default=None,
+      help='JSON path (default: <first workdir>/utilisation.json)')
   return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     thresholds = [float(t) for t in args.thresholds.split(',') if t]
@@ -261,17 +273,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for flag, target in (('--output', output), ('--plot', args.plot)):
     owned = target and wd.owned_input(workdirs, target)
     if owned:  # Before any work: never replace what runs read.
-      print(f'error: {flag}={target} would overwrite {owned}, which the '
-            'workdir reads; write it elsewhere', file=sys.stderr)
+      print(
+          f'error: {flag}={target} would overwrite {owned}, which the '
+          'workdir reads; write it elsewhere', file=sys.stderr)
       return 2
-  reports: List[dict] = []
-  labels: List[str] = []
+  reports: list[dict] = []
+  labels: list[str] = []
   for workdir in workdirs:
     try:
       run = runs.restore_run(workdir, step=args.step)
       config, variables, step = run.config, run.variables, run.step
-    except (OSError, checkpointing.CheckpointError,
-            runs.EvaluationError) as e:
+    except (OSError, checkpointing.CheckpointError, runs.EvaluationError) as e:
       print(f'error: {workdir}: {e}', file=sys.stderr)
       return 1
     params = _to_numpy(variables['params'])

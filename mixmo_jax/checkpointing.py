@@ -21,7 +21,7 @@ import hashlib
 import os
 import re
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 from absl import logging
 import jax
@@ -35,7 +35,7 @@ CORRUPT_DIR = wd.CORRUPT_CHECKPOINTS
 BEST = 'best'  # The step name of the checkpoint of best test top-1.
 _SETTLE_S = 1.0  # After a failed write, for the writes still in flight.
 # A checkpoint step: a number, BEST, or None for the newest that verifies.
-Step = Union[int, str, None]
+Step = int | str | None
 
 
 class CheckpointError(RuntimeError):
@@ -47,15 +47,15 @@ class NonFiniteStateError(RuntimeError):
   """The state to save has NaN or inf values: it is never saved."""
 
 
-def first_nonfinite(tree: Any) -> Optional[str]:
+def first_nonfinite(tree: Any) -> str | None:
   """The path of the first floating leaf with a NaN or inf, or None."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       leaf = leaf.addressable_data(0)
     array = np.asarray(leaf)
-    if (np.issubdtype(array.dtype, np.inexact)
-        and not np.isfinite(array).all()):
+    if (np.issubdtype(array.dtype, np.inexact) and
+        not np.isfinite(array).all()):
       return jax.tree_util.keystr(path)
   return None
 
@@ -74,8 +74,8 @@ def tree_digest(tree: Any) -> str:
   return digest.hexdigest()
 
 
-def _digest_record(state: Any, step: int, run_id: Optional[str],
-                   config: Optional[Dict[str, Any]]) -> dict:
+def _digest_record(state: Any, step: int, run_id: str | None,
+                   config: dict[str, Any] | None) -> dict:
   """The stored digest: of the whole state and of each top-level part, with
   what it belongs to: its step, the run id and the SHA-256 of the config
   stored beside it (`check_binding`)."""
@@ -88,7 +88,7 @@ def _digest_record(state: Any, step: int, run_id: Optional[str],
   return record
 
 
-def check_binding(workdir: str, step: int, record: Dict[str, Any]) -> None:
+def check_binding(workdir: str, step: int, record: dict[str, Any]) -> None:
   """A restored digest record belongs to this folder, run and config
   (`workdir.binding_problem`).
 
@@ -123,7 +123,7 @@ def storage_reason(error: Exception) -> str:
   return ' '.join(str(error).split())[:200] or type(error).__name__
 
 
-def _top1(metrics: Optional[Dict[str, float]]) -> float:
+def _top1(metrics: dict[str, float] | None) -> float:
   """A checkpoint's rank: its ensemble test top-1, -inf without one."""
   top1 = (metrics or {}).get('top1')
   return float(top1) if isinstance(top1, (int, float)) else -float('inf')
@@ -176,13 +176,12 @@ class Checkpointer:
     # run's manager); the policy alone decides what is kept.
     keep = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=max(max_to_keep, 2)),
-        ocp.checkpoint_managers.BestN(get_metric_fn=_top1, n=1)])
+        ocp.checkpoint_managers.BestN(get_metric_fn=_top1, n=1)
+    ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=keep, best_fn=_top1, best_mode='max',
-        enable_async_checkpointing=False,
-        cleanup_tmp_directories=not read_only,
-        create=not read_only,
-        read_only=read_only)
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only,
+        create=not read_only, read_only=read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self):
@@ -190,10 +189,10 @@ class Checkpointer:
 
   def _last_good(self) -> str:
     steps = self.all_steps()
-    return (f'step {steps[-1]} in {self.directory}' if steps
-            else f'none (no checkpoint in {self.directory} yet)')
+    return (f'step {steps[-1]} in {self.directory}'
+            if steps else f'none (no checkpoint in {self.directory} yet)')
 
-  def best(self) -> Optional[Tuple[float, int]]:
+  def best(self) -> tuple[float, int] | None:
     """(top1, step) of the best test top-1 among the checkpoints saved with
     metrics (the latest on ties), or None."""
     scored = [(_top1(self.manager.metrics(s)), s) for s in self.all_steps()]
@@ -201,7 +200,7 @@ class Checkpointer:
     return max(scored) if scored else None
 
   def save(self, step: int, state: Any,
-           metrics: Optional[Dict[str, float]] = None) -> None:
+           metrics: dict[str, float] | None = None) -> None:
     """Saves `state` at `step` with its digest (every process must call).
 
     `metrics` ({'top1': ensemble test top-1}, when the step was evaluated;
@@ -221,9 +220,9 @@ class Checkpointer:
           f'non-finite values (nan or inf) in the state{bad} at step {step}: '
           f'not saved; the last good checkpoint is {self._last_good()} '
           '(lower optimizer.base_learning_rate, then resume from it)')
-    items = dict(state=ocp.args.StandardSave(state),
-                 digest=ocp.args.JsonSave(_digest_record(
-                     state, step, self.run_id, self.config)))
+    items = dict(
+        state=ocp.args.StandardSave(state), digest=ocp.args.JsonSave(
+            _digest_record(state, step, self.run_id, self.config)))
     if self.config is not None:
       items['config'] = ocp.args.JsonSave(self.config)
     try:
@@ -269,9 +268,9 @@ class Checkpointer:
     return restored['state']
 
   def _quarantine(self, step: int, reason: Exception) -> None:
-    logging.warning('Checkpoint at step %d is unusable (%s); moving it to %s; '
-                    'resuming from the previous one.', step, reason,
-                    CORRUPT_DIR)
+    logging.warning(
+        'Checkpoint at step %d is unusable (%s); moving it to %s; '
+        'resuming from the previous one.', step, reason, CORRUPT_DIR)
     if jax.process_index() == 0:
       target = storage.join(self.workdir, CORRUPT_DIR,
                             f'{step}-{int(time.time())}')
@@ -279,7 +278,7 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_latest(self, abstract_state: Any,
-                     step: Optional[int] = None) -> Tuple[Optional[Any], int]:
+                     step: int | None = None) -> tuple[Any | None, int]:
     """Restores the newest verified checkpoint (or exactly `step`).
 
     Args:
@@ -302,8 +301,9 @@ class Checkpointer:
       try:
         state = self._restore_step(candidate, abstract_state)
       except Exception as e:
-        logging.warning('Checkpoint at step %d does not restore or verify: '
-                        '%s', candidate, e)
+        logging.warning(
+            'Checkpoint at step %d does not restore or verify: '
+            '%s', candidate, e)
         failures.append((candidate, e))
         continue
       # Only once an older one is good: the newer ones are moved aside (a
@@ -312,8 +312,8 @@ class Checkpointer:
         self._quarantine(bad, reason)
       return state, candidate
     if steps:
-      reasons = '; '.join(f'step {s}: {" ".join(str(e).split())[:200]}'
-                          for s, e in failures)
+      reasons = '; '.join(
+          f'step {s}: {" ".join(str(e).split())[:200]}' for s, e in failures)
       raise CheckpointError(
           f'none of the checkpoints {steps} in {self.directory} restores and '
           f'verifies ({reasons}); refusing to start from scratch over an '
@@ -360,7 +360,7 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 
 
 def restore_variables(workdir: str, abstract_variables: Any,
-                      step: Step = None) -> Tuple[Any, int]:
+                      step: Step = None) -> tuple[Any, int]:
   """Reads only {'params', 'batch_stats'} of a checkpoint, verified.
 
   Read-only (for evaluation and prediction, possibly while the run trains):
@@ -414,9 +414,10 @@ def restore_variables(workdir: str, abstract_variables: Any,
         failures.append(f'step {candidate}: {_one_line(e)}')
         continue
       if failures:
-        logging.warning('Checkpoint(s) in %s skipped (%s); using step %d, '
-                        'the newest that verifies.', ckpt.directory,
-                        '; '.join(failures), candidate)
+        logging.warning(
+            'Checkpoint(s) in %s skipped (%s); using step %d, '
+            'the newest that verifies.', ckpt.directory, '; '.join(failures),
+            candidate)
       return variables, candidate
     raise CheckpointError(f'none of the checkpoints {steps} in '
                           f'{ckpt.directory} restores and verifies '

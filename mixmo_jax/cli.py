@@ -39,10 +39,11 @@ def start_backend() -> None:
     jax.devices()
   except Exception as e:
     reason = ' '.join(str(e).split())[:200] or type(e).__name__
-    fail(f'jax cannot start a backend with JAX_PLATFORMS='
-         f'{os.environ.get("JAX_PLATFORMS") or "(unset)"} ({reason}): name '
-         'a platform this machine has (e.g. cpu), or install the jax '
-         'plugin of the one it names', 1)
+    fail(
+        f'jax cannot start a backend with JAX_PLATFORMS='
+        f'{os.environ.get("JAX_PLATFORMS") or "(unset)"} ({reason}): name '
+        'a platform this machine has (e.g. cpu), or install the jax '
+        'plugin of the one it names', 1)
 
 
 class _QuietOrbax(pylogging.Filter):
@@ -71,8 +72,8 @@ class _AbandonedOrbaxTasks(pylogging.Filter):
 
   def filter(self, record):
     message = record.getMessage()
-    return not (message.startswith('Task exception was never retrieved')
-                and '/orbax/' in message)
+    return not (message.startswith('Task exception was never retrieved') and
+                '/orbax/' in message)
 
 
 _ASYNCIO_FILTER = _AbandonedOrbaxTasks()
@@ -83,8 +84,8 @@ def _closed_loop_callback(unraisable) -> bool:
   orbax has given up on it: the future's callback finds orbax's asyncio loop
   closed. It follows a failed save, which raises its own one-line error."""
   error = unraisable.exc_value
-  return (isinstance(error, RuntimeError)
-          and str(error) == 'Event loop is closed')
+  return (isinstance(error, RuntimeError) and
+          str(error) == 'Event loop is closed')
 
 
 # The hook `_quiet_unraisable_hook` passes every other report to.
@@ -165,15 +166,18 @@ def describe_flag_error(argv, error: Exception) -> str:
   if isinstance(error, (AttributeError, KeyError)) and path:
     try:
       config = _load_config_file(path)
-      problems = [p for p in (_override_problem(config, a) for a in argv
-                              if a.startswith('--config.')) if p]
+      problems = [
+          p for p in (_override_problem(config, a)
+                      for a in argv
+                      if a.startswith('--config.')) if p
+      ]
     except Exception:
       problems = []
     if problems:
       return f'unknown config field: {"; ".join(problems)}'
   flag = message.split('=', 1)[0].replace('flag --', '')
-  if (isinstance(error, flags.IllegalFlagValueError) and path
-      and flag.startswith('config.')):
+  if (isinstance(error, flags.IllegalFlagValueError) and path and
+      flag.startswith('config.')):
     try:  # Wrong type: say which type the field takes.
       default = _load_config_file(path)
       for part in flag.split('.')[1:]:

@@ -9,19 +9,25 @@ value and what is allowed, e.g.
 """
 import difflib
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from mixmo_jax import workdir as wd
 
 # Fields that do not change the training trajectory: they may differ when a
 # workdir is resumed (the change is logged and recorded in the workdir).
 RESUME_ALLOWED_CHANGES = (
-    'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
+    'eval_every_epochs',
+    'checkpoint_every_epochs',
+    'keep_checkpoints',
     'keep_best_checkpoint',
-    'log_every_steps', 'eval_batch_size', 'data_dir', 'manual_dir',
-    'evaluation.ensemble', 'evaluation.calibration_seed', 'cpu_devices',
+    'log_every_steps',
+    'eval_batch_size',
+    'data_dir',
+    'manual_dir',
+    'evaluation.ensemble',
+    'evaluation.calibration_seed',
+    'cpu_devices',
 )
-
 
 
 class ConfigError(ValueError):
@@ -51,7 +57,7 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _leaves(tree, prefix: str = '') -> Dict[str, Any]:
+def _leaves(tree, prefix: str = '') -> dict[str, Any]:
   """{dotted field: value} of a ConfigDict or dict tree."""
   out = {}
   for key in tree.keys():
@@ -69,7 +75,7 @@ class _Checks:
   def __init__(self, config):
     self.config = config
     self.values = _leaves(config)
-    self.problems: List[str] = []
+    self.problems: list[str] = []
     self.bad = set()  # Fields already reported: dependent checks skip them.
 
   def fail(self, field: str, value: Any, allowed: str) -> None:
@@ -85,21 +91,26 @@ class _Checks:
 
   # ------------------------------------------------------------ the tree
 
-  def key_tree(self, defaults: Dict[str, Any]) -> None:
+  def key_tree(self, defaults: dict[str, Any]) -> None:
     """Unknown fields (a typo in a config file), missing fields, and the type
     of every field against mixmo_jax.configs.base.base_config()."""
     for field in sorted(set(self.values) - set(defaults)):
       parent, _, name = field.rpartition('.')
-      siblings = [f.rpartition('.')[2] for f in defaults
-                  if f.rpartition('.')[0] == parent]
+      siblings = [
+          f.rpartition('.')[2]
+          for f in defaults
+          if f.rpartition('.')[0] == parent
+      ]
       close = difflib.get_close_matches(name, siblings, n=1)
       hint = f'did you mean {close[0]!r}? ' if close else ''
-      self.fail(field, self.values[field],
-                f'unknown field ({hint}every field must exist in '
-                'mixmo_jax/configs/base.py base_config())')
+      self.fail(
+          field, self.values[field],
+          f'unknown field ({hint}every field must exist in '
+          'mixmo_jax/configs/base.py base_config())')
     for field in sorted(set(defaults) - set(self.values)):
-      self.fail(field, None, 'missing field (start from a config of '
-                'mixmo_jax/configs, which sets every field)')
+      self.fail(
+          field, None, 'missing field (start from a config of '
+          'mixmo_jax/configs, which sets every field)')
     for field, default in defaults.items():
       if field in self.values:
         self.type_of(field, default)
@@ -132,15 +143,14 @@ class _Checks:
 
   # ------------------------------------------------------------ values
 
-  def int_(self, field: str, minimum: int, maximum: Optional[int] = None):
+  def int_(self, field: str, minimum: int, maximum: int | None = None):
     value = self.get(field)
     if value is _MISSING:
       return None
-    if (not _is_int(value) or value < minimum
-        or (maximum is not None and value > maximum)):
+    if (not _is_int(value) or value < minimum or
+        (maximum is not None and value > maximum)):
       allowed = (f'must be an integer in [{minimum}, {maximum}]'
-                 if maximum is not None else
-                 f'must be an integer >= {minimum}')
+                 if maximum is not None else f'must be an integer >= {minimum}')
       self.fail(field, value, allowed)
       return None
     return value
@@ -185,8 +195,9 @@ def _check_data(c: _Checks):
            f'dataset {dataset} has {spec.num_classes} classes')
   size = c.int_('image_size', 8)
   if size is not None and not spec.resizable and size != spec.image_size:
-    c.fail('image_size', size, f'dataset {dataset} has {spec.image_size}x'
-           f'{spec.image_size} images')
+    c.fail(
+        'image_size', size, f'dataset {dataset} has {spec.image_size}x'
+        f'{spec.image_size} images')
   for field in ('image_mean', 'image_std'):
     value = c.get(field)
     if value is _MISSING:
@@ -211,16 +222,17 @@ def _check_model(c: _Checks):
     if problem:
       c.fail('model.depth', depth, problem)
   c.choice('model.stem', layers.STEM_INITS)
-  for field, default in (('model.stride_on', 'second'),
-                         ('model.bn_group_rows', 0)):
+  for field, default in (('model.stride_on', 'second'), ('model.bn_group_rows',
+                                                         0)):
     # Read by the WideResNet only.
     if name is not None and name != 'wide_resnet' and c.get(field) != default:
-      c.fail(field, c.get(field), f'only with model.name=wide_resnet (it '
-             f'must stay {default!r} for {name})')
+      c.fail(
+          field, c.get(field), f'only with model.name=wide_resnet (it '
+          f'must stay {default!r} for {name})')
   c.choice('model.stride_on', wide_resnet.WideResNet.STRIDE_ON)
   model_ok = not any(f.startswith('model.') for f in c.bad)
-  if (model_ok and None not in (name, width, dtype)
-      and c.get('image_size') is not _MISSING):
+  if (model_ok and None not in (name, width, dtype) and
+      c.get('image_size') is not _MISSING):
     try:
       models.check_image_size(c.config)
     except ValueError as e:
@@ -238,7 +250,7 @@ def _check_mixing(c: _Checks):
   c.number('mixing.input_repetition', 0.0, 1.0)
 
 
-def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
+def _check_batches(c: _Checks, num_devices: int, spec) -> int | None:
   """Returns the steps per epoch when batch and dataset size are valid."""
   batch_size = c.int_('batch_size', 1)
   b = c.int_('batch_repetitions', 1)
@@ -255,31 +267,35 @@ def _check_batches(c: _Checks, num_devices: int, spec) -> Optional[int]:
   unique = batch_size // b
   for field in ('mixing.permutation_group_rows', 'model.bn_group_rows'):
     rows = c.int_(field, 0)
-    if rows and (batch_size % rows or (field.startswith('mixing')
-                                       and rows % b)):
-      c.fail(field, rows, f'must be 0 (the global batch) or divide '
-             f'batch_size={batch_size}'
-             + (f' and be a multiple of batch_repetitions={b}'
-                if field.startswith('mixing') else ''))
+    if rows and (batch_size % rows or
+                 (field.startswith('mixing') and rows % b)):
+      c.fail(
+          field, rows, f'must be 0 (the global batch) or divide '
+          f'batch_size={batch_size}' +
+          (f' and be a multiple of batch_repetitions={b}'
+           if field.startswith('mixing') else ''))
   if unique % num_devices:
-    c.fail('batch_size', batch_size,
-           f'batch_size / batch_repetitions = {unique} unique samples '
-           f'per step must be divisible by the device count {num_devices}')
+    c.fail(
+        'batch_size', batch_size,
+        f'batch_size / batch_repetitions = {unique} unique samples '
+        f'per step must be divisible by the device count {num_devices}')
   num_train = c.get('num_train_examples')
   if num_train is _MISSING:
     return None
   if num_train and num_train < unique:
-    c.fail('num_train_examples', num_train,
-           f'must be 0 (all) or >= batch_size / batch_repetitions = '
-           f'{unique} (one step)')
+    c.fail(
+        'num_train_examples', num_train,
+        f'must be 0 (all) or >= batch_size / batch_repetitions = '
+        f'{unique} (one step)')
     return None
   if spec is None:
     return None
   available = min(num_train, spec.num_train) if num_train else spec.num_train
   if available < unique:
-    c.fail('batch_size', batch_size,
-           f'batch_size / batch_repetitions = {unique} is more than the '
-           f'{available} training examples (no step would run)')
+    c.fail(
+        'batch_size', batch_size,
+        f'batch_size / batch_repetitions = {unique} is more than the '
+        f'{available} training examples (no step would run)')
     return None
   return available * b // batch_size
 
@@ -292,11 +308,12 @@ def _check_augment(c: _Checks):
   mix = c.choice('augment.pixel_mix', pixel_mix.PIXEL_MIXES)
   rule = c.choice('augment.pixel_mix_rule', pixel_mix.PIXEL_MIX_RULES)
   members = c.get('num_members')
-  if (rule == 'batch' and mix not in (None, 'none') and _is_int(members)
-      and members > 1):
-    c.fail('augment.pixel_mix_rule', rule, 'the batch-level rule is the '
-           'single-network baseline (num_members=1); with MixMo each member '
-           'input is mixed on its own (per_sample)')
+  if (rule == 'batch' and mix not in (None, 'none') and _is_int(members) and
+      members > 1):
+    c.fail(
+        'augment.pixel_mix_rule', rule, 'the batch-level rule is the '
+        'single-network baseline (num_members=1); with MixMo each member '
+        'input is mixed on its own (per_sample)')
   c.number('augment.pixel_mix_prob', 0.0, 1.0)
   c.number('augment.cutmix_alpha', 0.0, lo_open=True)
   c.number('augment.mixup_alpha', 0.0, lo_open=True)
@@ -304,18 +321,21 @@ def _check_augment(c: _Checks):
   # The authors' rule scales each range by severity / 30; AugMix's draws a
   # level in U(0.1, severity) on a 0..10 scale.
   if rule is not None:
-    c.number('augment.augmix_severity', *{'mixmo': (0.0, 30.0),
-                                          'augmix': (0.1, 10.0)}[rule])
+    c.number('augment.augmix_severity', *{
+        'mixmo': (0.0, 30.0),
+        'augmix': (0.1, 10.0)
+    }[rule])
   c.int_('augment.augmix_width', 1)
   c.choice('augment.augmix_draws', mixmo_batch.PIXEL_AUGMENT_DRAWS)
   depth = c.get('augment.augmix_depth')
-  if depth is not _MISSING and (not _is_int(depth) or (depth < 1
-                                                       and depth != -1)):
-    c.fail('augment.augmix_depth', depth, 'must be -1 (uniform in 1..4, the '
-           'authors\' rule; 1..3 for the augmix rule) or an integer >= 1')
+  if depth is not _MISSING and (not _is_int(depth) or
+                                (depth < 1 and depth != -1)):
+    c.fail(
+        'augment.augmix_depth', depth, 'must be -1 (uniform in 1..4, the '
+        "authors' rule; 1..3 for the augmix rule) or an integer >= 1")
 
 
-def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):
+def _check_optimizer(c: _Checks, steps_per_epoch: int | None):
   epochs = c.int_('num_epochs', 1)
   c.number('optimizer.base_learning_rate', 0.0, lo_open=True)
   c.number('optimizer.reference_batch_size', 0.0, lo_open=True)
@@ -326,11 +346,12 @@ def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):
     c.number('optimizer.warmup_epochs', 0.0, epochs)
   warmup_steps = c.int_('optimizer.warmup_steps_per_repetition', 0)
   b = c.get('batch_repetitions')
-  if (warmup_steps and epochs is not None and steps_per_epoch is not None
-      and warmup_steps * b > steps_per_epoch * epochs):
-    c.fail('optimizer.warmup_steps_per_repetition', warmup_steps,
-           f'the warm-up ({warmup_steps} x b={b} steps) must not be longer '
-           f'than the run ({steps_per_epoch * epochs} steps)')
+  if (warmup_steps and epochs is not None and steps_per_epoch is not None and
+      warmup_steps * b > steps_per_epoch * epochs):
+    c.fail(
+        'optimizer.warmup_steps_per_repetition', warmup_steps,
+        f'the warm-up ({warmup_steps} x b={b} steps) must not be longer '
+        f'than the run ({steps_per_epoch * epochs} steps)')
   c.number('optimizer.decay_factor', 0.0, 1.0, lo_open=True)
   decays = c.get('optimizer.decay_epochs')
   if decays is _MISSING:
@@ -342,13 +363,15 @@ def _check_optimizer(c: _Checks, steps_per_epoch: Optional[int]):
     c.fail('optimizer.decay_epochs', tuple(decays),
            'must be strictly increasing')
   elif decays and epochs is not None and decays[-1] >= epochs:
-    scaled = sorted({max(1, e * epochs // max(decays[-1] + 1, epochs))
-                     for e in decays} - {epochs})
-    c.fail('optimizer.decay_epochs', tuple(decays),
-           f'must all be < num_epochs={epochs}; shorten them with the run, '
-           f"e.g. '--config.optimizer.decay_epochs="
-           f"({','.join(map(str, scaled))},)', or "
-           "'--config.optimizer.decay_epochs=()' for none")
+    scaled = sorted(
+        {max(1, e * epochs // max(decays[-1] + 1, epochs)) for e in decays} -
+        {epochs})
+    c.fail(
+        'optimizer.decay_epochs', tuple(decays),
+        f'must all be < num_epochs={epochs}; shorten them with the run, '
+        f"e.g. '--config.optimizer.decay_epochs="
+        f"({','.join(map(str, scaled))},)', or "
+        "'--config.optimizer.decay_epochs=()' for none")
 
 
 def _check_schedule(c: _Checks):
@@ -363,7 +386,7 @@ def _check_schedule(c: _Checks):
   c.choice('evaluation.ensemble', metrics.ENSEMBLE_MODES)
 
 
-def problems(config, num_devices: int) -> List[str]:
+def problems(config, num_devices: int) -> list[str]:
   """Every problem of `config`, one line each (empty when valid)."""
   from mixmo_jax.configs import base
   c = _Checks(config)
@@ -378,7 +401,7 @@ def problems(config, num_devices: int) -> List[str]:
   return c.problems
 
 
-def validate(config, num_devices: Optional[int] = None) -> None:
+def validate(config, num_devices: int | None = None) -> None:
   """Raises one `ConfigError` listing every field that is not allowed.
 
   All checks run in one pass (nothing is compiled, nothing written): the
@@ -400,7 +423,7 @@ def validate(config, num_devices: Optional[int] = None) -> None:
     raise ConfigError(found)
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
@@ -410,14 +433,17 @@ def _flatten(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
   return flat
 
 
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """Fields whose values differ, as 'field: old -> new' lines."""
   a, b = _flatten(old), _flatten(new)
-  return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}'
-          for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return [
+      f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+      if a.get(k) != b.get(k)
+  ]
 
 
-def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]:
+def check_resume(workdir: str, config,
+                 allow_changes: bool = False) -> list[str]:
   """Compares `config` with the workdir's before resuming.
 
   The reference is the config stored with the newest checkpoint (so that a
@@ -442,8 +468,9 @@ def check_resume(workdir: str, config, allow_changes: bool = False) -> List[str]
   if old is None:
     return []
   changes = config_changes(old, wd.config_to_dict(config))
-  blocked = [c for c in changes
-             if c.split(':')[0] not in RESUME_ALLOWED_CHANGES]
+  blocked = [
+      c for c in changes if c.split(':')[0] not in RESUME_ALLOWED_CHANGES
+  ]
   if blocked and not allow_changes:
     raise ConfigError(
         f'config differs from {path} in fields that change training: '

@@ -57,7 +57,8 @@ batch size is rounded up to a multiple of it).
 """
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Sequence
 
 from absl import app, flags
 import jax
@@ -74,25 +75,23 @@ from mixmo_jax.evaluation.runs import EvaluationError
 EXIT_USAGE, EXIT_DATA = 2, 1
 
 
-def run_evaluation(workdirs: Sequence[str], step: checkpointing.Step = None, *,
-                   corruptions_dir: Optional[str] = None,
-                   eval_batch_size: Optional[int] = None,
-                   ood: Sequence[str] = ()
-                   ) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
+def run_evaluation(
+    workdirs: Sequence[str], step: checkpointing.Step = None, *,
+    corruptions_dir: str | None = None, eval_batch_size: int | None = None,
+    ood: Sequence[str] = ()
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """`evaluate_workdirs`, also returning the test logits [N, sum M, C] and
   labels [N] (for plots)."""
   workdirs = list(workdirs)
   if corruptions_dir is not None:  # A bad folder fails before any restore.
     config = runs_lib.read_configs(workdirs)[0]
-    cifar_c.check_folder(
-        corruptions_dir, config.num_classes, config.image_size,
-        cifar_c.find_corruptions(corruptions_dir)[0])
+    cifar_c.check_folder(corruptions_dir, config.num_classes, config.image_size,
+                         cifar_c.find_corruptions(corruptions_dir)[0])
   if ood:  # Bad names fail before any restore.
     ood_lib.check_names(ood, runs_lib.read_configs(workdirs)[0])
   runs = runs_lib.load_runs(workdirs, step)
   mesh = sharding.local_mesh()
-  result, logits, labels = report.evaluate_test_set(runs, mesh,
-                                                    eval_batch_size)
+  result, logits, labels = report.evaluate_test_set(runs, mesh, eval_batch_size)
   if corruptions_dir is not None:
     result['corruptions'] = corruptions.evaluate_corruptions(
         runs, corruptions_dir, mesh, eval_batch_size)
@@ -102,11 +101,10 @@ def run_evaluation(workdirs: Sequence[str], step: checkpointing.Step = None, *,
   return result, logits, labels
 
 
-def evaluate_workdirs(workdirs: Sequence[str],
-                      step: checkpointing.Step = None, *,
-                      corruptions_dir: Optional[str] = None,
-                      eval_batch_size: Optional[int] = None,
-                      ood: Sequence[str] = ()) -> Dict[str, Any]:
+def evaluate_workdirs(
+    workdirs: Sequence[str], step: checkpointing.Step = None, *,
+    corruptions_dir: str | None = None, eval_batch_size: int | None = None,
+    ood: Sequence[str] = ()) -> dict[str, Any]:
   """Evaluates one run, or the ensemble of several, on the whole test set.
 
   Args:
@@ -126,7 +124,7 @@ def evaluate_workdirs(workdirs: Sequence[str],
                         eval_batch_size=eval_batch_size, ood=ood)[0]
 
 
-def output_path(output: Optional[str], workdir: str) -> str:
+def output_path(output: str | None, workdir: str) -> str:
   """--output as a file path; a folder (existing, or ending in '/') gets
   eval.json inside; default WORKDIR/eval.json."""
   if not output:
@@ -136,48 +134,55 @@ def output_path(output: Optional[str], workdir: str) -> str:
   return output
 
 
-def write_plots(result: Dict[str, Any], logits: np.ndarray, labels: np.ndarray,
-                out_dir: str,
-                history_workdir: Optional[str] = None) -> List[str]:
+def write_plots(result: dict[str, Any], logits: np.ndarray, labels: np.ndarray,
+                out_dir: str, history_workdir: str | None = None) -> list[str]:
   """reliability.png, member_vs_ensemble.png and (when `history_workdir` has
   an eval_history.jsonl) training_curves.png in `out_dir`."""
   from mixmo_jax.evaluation import plots  # matplotlib only when asked for.
-  log_probs = metrics.ensemble_log_probs(np.asarray(logits, np.float64),
-                                         result['ensemble_mode'])
+  log_probs = metrics.ensemble_log_probs(
+      np.asarray(logits, np.float64), result['ensemble_mode'])
   paths = plots.write_evaluation_plots(result, log_probs, labels, out_dir)
   if history_workdir is not None:
     if storage.isfile(wd.path(history_workdir, wd.HISTORY)):
-      paths.append(plots.training_curves(
-          history_workdir, os.path.join(out_dir, 'training_curves.png')))
+      paths.append(
+          plots.training_curves(history_workdir,
+                                os.path.join(out_dir, 'training_curves.png')))
   return paths
 
 
 # ---------------------------------------------------------------- CLI
 
+
 def define_flags() -> None:
   """Defines the CLI flags (only when run as a script: importing the module
   as a library defines none, so it coexists with `mixmo_jax.main`)."""
   flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
-  flags.DEFINE_string('step', None, 'Checkpoint step of every run: a number, '
-                      'or best (the checkpoint of best ensemble test top-1, '
-                      'kept by keep_best_checkpoint); default: the latest.')
-  flags.DEFINE_list('ensemble', [], 'More workdirs whose members join the '
-                    'ensemble (comma separated).')
-  flags.DEFINE_string('corruptions', None, 'CIFAR-10-C / CIFAR-100-C folder '
-                      '(<corruption>.npy + labels.npy).')
-  flags.DEFINE_list('ood', [], 'Registered datasets to detect as out-of-'
-                    'distribution, e.g. svhn_cropped,cifar10 (their test '
-                    'split); writes eval.json["ood"][name].')
+  flags.DEFINE_string(
+      'step', None, 'Checkpoint step of every run: a number, '
+      'or best (the checkpoint of best ensemble test top-1, '
+      'kept by keep_best_checkpoint); default: the latest.')
+  flags.DEFINE_list(
+      'ensemble', [], 'More workdirs whose members join the '
+      'ensemble (comma separated).')
+  flags.DEFINE_string(
+      'corruptions', None, 'CIFAR-10-C / CIFAR-100-C folder '
+      '(<corruption>.npy + labels.npy).')
+  flags.DEFINE_list(
+      'ood', [], 'Registered datasets to detect as out-of-'
+      'distribution, e.g. svhn_cropped,cifar10 (their test '
+      'split); writes eval.json["ood"][name].')
   flags.DEFINE_bool('plots', False, 'Write PNG figures next to eval.json.')
-  flags.DEFINE_list('plot_formats', ['png'], 'With --plots: formats of each '
-                    'figure, png plus pdf and/or svg (e.g. png,pdf).')
-  flags.DEFINE_string('output', None, 'eval.json path (or folder); default '
-                      'WORKDIR/eval.json.')
+  flags.DEFINE_list(
+      'plot_formats', ['png'], 'With --plots: formats of each '
+      'figure, png plus pdf and/or svg (e.g. png,pdf).')
+  flags.DEFINE_string(
+      'output', None, 'eval.json path (or folder); default '
+      'WORKDIR/eval.json.')
   flags.DEFINE_integer('eval_batch_size', None, 'Override of '
                        'config.eval_batch_size.')
 
 
-def parse_step(value: Optional[str]) -> checkpointing.Step:
+def parse_step(value: str | None) -> checkpointing.Step:
   """--step as an int, `checkpointing.BEST` or None; anything else exits
   with one line."""
   if value is None or value == checkpointing.BEST:
@@ -225,8 +230,7 @@ def main(argv):
   try:
     result, logits, labels = run_evaluation(
         workdirs, step, corruptions_dir=args.corruptions,
-        eval_batch_size=args.eval_batch_size,
-        ood=[n for n in args.ood if n])
+        eval_batch_size=args.eval_batch_size, ood=[n for n in args.ood if n])
   except (EvaluationError, cifar_c.CorruptionDataError,
           checkpointing.CheckpointError) as e:
     cli.fail(e)
@@ -245,8 +249,8 @@ def main(argv):
         for png in write_plots(result, logits, labels,
                                os.path.dirname(storage.absolute(path)),
                                history):
-          print(f'wrote {png}' + ''.join(
-              f' and {os.path.splitext(png)[0]}.{e}' for e in extra))
+          print(f'wrote {png}' +
+                ''.join(f' and {os.path.splitext(png)[0]}.{e}' for e in extra))
   # Done, every file closed: exit now, as cli.fail does, so that what a
   # failed restore of a skipped checkpoint left in tensorstore's event loop
   # cannot print "Event loop is closed" tracebacks at interpreter shutdown.

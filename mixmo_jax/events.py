@@ -29,8 +29,8 @@ import os
 import socket
 import struct
 import time
-from typing import (Any, BinaryIO, Dict, Iterator, List, Mapping, Optional,
-                    Tuple)
+from typing import (Any, BinaryIO)
+from collections.abc import Iterator, Mapping
 
 from absl import logging
 import numpy as np
@@ -79,8 +79,8 @@ def masked_crc32c(data: bytes) -> int:
 def record(data: bytes) -> bytes:
   """One TFRecord: length, its masked CRC, the data, the data's masked CRC."""
   length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', masked_crc32c(length)) + data
-          + struct.pack('<I', masked_crc32c(data)))
+  return (length + struct.pack('<I', masked_crc32c(length)) + data +
+          struct.pack('<I', masked_crc32c(data)))
 
 
 def read_records(data: bytes) -> Iterator[bytes]:
@@ -101,25 +101,24 @@ def read_records(data: bytes) -> Iterator[bytes]:
     offset = end
 
 
-def read_scalars(logdir: str, tags) -> Dict[str, Tuple[List[int],
-                                                         List[float]]]:
+def read_scalars(logdir: str, tags) -> dict[str, tuple[list[int], list[float]]]:
   """{tag: ([step], [value])} of the scalars `tags` in the event files of
   `logdir` (local or gs://), files in name order."""
-  out: Dict[str, Tuple[List[int], List[float]]] = {}
-  names = sorted(n for n in storage.listdir(logdir)
-                 if n.startswith('events.out.tfevents.'))
+  out: dict[str, tuple[list[int], list[float]]] = {}
+  names = sorted(
+      n for n in storage.listdir(logdir)
+      if n.startswith('events.out.tfevents.'))
   for name in names:
-    for payload in read_records(storage.read_bytes(storage.join(logdir,
-                                                                name))):
+    for payload in read_records(storage.read_bytes(storage.join(logdir, name))):
       event = event_pb2.Event.FromString(payload)
       for value in event.summary.value:
         if value.tag in tags and value.HasField('tensor'):
           steps, values = out.setdefault(value.tag, ([], []))
           steps.append(int(event.step))
           tensor = value.tensor
-          values.append(float(tensor.float_val[0]) if tensor.float_val
-                        else float(np.frombuffer(tensor.tensor_content,
-                                                 '<f4')[0]))
+          values.append(
+              float(tensor.float_val[0]) if tensor.float_val else float(
+                  np.frombuffer(tensor.tensor_content, '<f4')[0]))
   return out
 
 
@@ -132,11 +131,12 @@ def _metadata(plugin: str, data_class) -> summary_pb2.SummaryMetadata:
 def scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
   """A scalar as TF2's `tf.summary.scalar` writes it: a float32 [] tensor."""
   tensor = tensor_pb2.TensorProto(
-      dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+      dtype=types_pb2.DT_FLOAT,
+      tensor_shape=tensor_shape_pb2.TensorShapeProto(),
       float_val=[float(value)])
   return summary_pb2.Summary.Value(
-      tag=tag, tensor=tensor,
-      metadata=_metadata('scalars', summary_pb2.DATA_CLASS_SCALAR))
+      tag=tag, tensor=tensor, metadata=_metadata('scalars',
+                                                 summary_pb2.DATA_CLASS_SCALAR))
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -157,8 +157,7 @@ def image_value(tag: str, images: np.ndarray) -> summary_pb2.Summary.Value:
   blobs = [str(width).encode(), str(height).encode()]
   blobs += [png_bytes(image) for image in images]
   tensor = tensor_pb2.TensorProto(
-      dtype=types_pb2.DT_STRING,
-      tensor_shape=tensor_shape_pb2.TensorShapeProto(
+      dtype=types_pb2.DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(
           dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(blobs))]),
       string_val=blobs)
   return summary_pb2.Summary.Value(
@@ -177,10 +176,10 @@ class EventWriter:
   """
   UPLOAD_EVERY_S = 30.0
 
-  def __init__(self, logdir: Optional[str]):
+  def __init__(self, logdir: str | None):
     self.logdir = logdir
-    self.path: Optional[str] = None
-    self._file: Optional[BinaryIO] = None
+    self.path: str | None = None
+    self._file: BinaryIO | None = None
     self._failed = logdir is None
     self._remote = logdir is not None and storage.is_url(logdir)
     self._content = bytearray()  # In a bucket: the whole file so far.
@@ -198,15 +197,18 @@ class EventWriter:
             f'{socket.gethostname()}.{os.getpid()}.{next(_FILE_NUMBER)}')
         if not self._remote:
           self._file = open(self.path, 'ab')
-        self._append(record(event_pb2.Event(
-            wall_time=time.time(),
-            file_version='brain.Event:2').SerializeToString()))
+        self._append(
+            record(
+                event_pb2.Event(
+                    wall_time=time.time(),
+                    file_version='brain.Event:2').SerializeToString()))
       self._append(record(event.SerializeToString()))
     except OSError as e:
       self._failed = True
-      logging.warning('TensorBoard event file %s: %s; no more TensorBoard '
-                      'events are written this run (checkpoints and '
-                      'eval_history.jsonl are unaffected).', self.path, e)
+      logging.warning(
+          'TensorBoard event file %s: %s; no more TensorBoard '
+          'events are written this run (checkpoints and '
+          'eval_history.jsonl are unaffected).', self.path, e)
 
   def _append(self, data: bytes) -> None:
     if not self._remote:
@@ -225,25 +227,25 @@ class EventWriter:
 
   def write_summary(self, step: int, values) -> None:
     """One Event at `step` holding the Summary.Value protos `values`."""
-    self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                summary=summary_pb2.Summary(value=values)))
+    self._write(
+        event_pb2.Event(wall_time=time.time(), step=int(step),
+                        summary=summary_pb2.Summary(value=values)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """{tag: number} at `step`."""
     if scalars:
-      self.write_summary(step, [scalar_value(k, float(v))
-                                for k, v in scalars.items()])
+      self.write_summary(
+          step, [scalar_value(k, float(v)) for k, v in scalars.items()])
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """{tag: uint8 [N, H, W, C]} at `step`."""
     if images and not self._failed:
       self.write_summary(step, [image_value(k, v) for k, v in images.items()])
 
-  def write_hparams(self, hparams: Dict[str, Any]) -> None:
+  def write_hparams(self, hparams: dict[str, Any]) -> None:
     """{name: bool, int, float or str} for TensorBoard's HParams tab."""
     summary = hparams_summary.hparams_pb(hparams)
-    self._write(event_pb2.Event(wall_time=time.time(), step=0,
-                                summary=summary))
+    self._write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
 
   def flush(self) -> None:
     """Nothing to do: every write is flushed (clu's interface)."""
@@ -251,8 +253,7 @@ class EventWriter:
   def close(self, upload: bool = True) -> None:
     """Closes the file; in a bucket, first uploads what the last upload
     missed, unless `upload` is False (the workdir is another trainer's)."""
-    if (upload and self._remote and self.path is not None
-        and not self._failed):
+    if (upload and self._remote and self.path is not None and not self._failed):
       try:
         self._upload()
       except OSError as e:

@@ -51,9 +51,9 @@ class Feeder:
     # One partner per (copy position, member), this process's rows of them.
     own = pipeline.train_indices(config.seed, step, len(self.train_y),
                                  self.num_unique)
-    part = pipeline.partner_indices(
-        config.seed, step, len(self.train_y), own, config.batch_repetitions,
-        config.num_members)[self.local_rows]
+    part = pipeline.partner_indices(config.seed, step, len(self.train_y), own,
+                                    config.batch_repetitions,
+                                    config.num_members)[self.local_rows]
     return sharding.global_batch(
         (images, labels, self.train_x[part], self.train_y[part]), self.mesh)
 
@@ -74,8 +74,8 @@ class Prefetcher:
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._next = start
-    self._thread = threading.Thread(
-        target=self._run, args=(feeder, start, stop), daemon=True)
+    self._thread = threading.Thread(target=self._run,
+                                    args=(feeder, start, stop), daemon=True)
     self._thread.start()
 
   def _run(self, feeder, start, stop):

@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from typing import Optional, Protocol, Tuple
+from typing import Protocol
 import uuid
 
 from absl import logging
@@ -44,14 +44,14 @@ class Store(Protocol):
   """Conditional object operations (generation: an int that changes at
   every write of the object)."""
 
-  def create(self, path: str, data: bytes) -> Optional[int]:
+  def create(self, path: str, data: bytes) -> int | None:
     """Writes `data` only if no object is at `path`: its generation, or
     None when one exists."""
 
-  def read(self, path: str) -> Optional[Tuple[bytes, int]]:
+  def read(self, path: str) -> tuple[bytes, int] | None:
     """(content, generation), or None when there is no object."""
 
-  def replace(self, path: str, data: bytes, generation: int) -> Optional[int]:
+  def replace(self, path: str, data: bytes, generation: int) -> int | None:
     """Writes `data` only if the object's generation is `generation`: the
     new generation, or None when it is not (or gone)."""
 
@@ -66,7 +66,7 @@ class GcsStore:
   def __init__(self, fs):
     self.fs = fs
 
-  def _upload(self, path: str, data: bytes, generation: int) -> Optional[int]:
+  def _upload(self, path: str, data: bytes, generation: int) -> int | None:
     from urllib.parse import quote
     bucket, key, _ = self.fs.split_path(path)
     try:
@@ -120,7 +120,7 @@ def _describe(content: bytes) -> str:
     return 'a lease this version cannot read'
 
 
-def machine_id() -> Optional[str]:
+def machine_id() -> str | None:
   """This boot of this machine and this pid namespace: where a pid names
   the same process (None where /proc cannot tell). A host name alone does
   not: containers on several machines may share one."""
@@ -142,8 +142,8 @@ def _expired(content: bytes, now: float) -> bool:
       return True
     here = machine_id()
     pid = int(held['pid'])
-    return (here is not None and held.get('machine') == here and pid > 0
-            and not _alive(pid))
+    return (here is not None and held.get('machine') == here and pid > 0 and
+            not _alive(pid))
   except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
     return True  # Garbage holds nothing.
 
@@ -166,17 +166,21 @@ class Lease:
     self.store, self.path, self.ttl_s, self.clock = store, path, ttl_s, clock
     self.owner = uuid.uuid4().hex
     self.since = time.strftime('%Y-%m-%dT%H:%M:%S')
-    self.generation: Optional[int] = None
+    self.generation: int | None = None
     self.lost = False
     self.on_lost = lambda: None  # Called once, from the renewing thread.
     self._stop = threading.Event()
-    self._thread: Optional[threading.Thread] = None
+    self._thread: threading.Thread | None = None
 
   def _content(self) -> bytes:
-    return json.dumps({'owner': self.owner, 'pid': os.getpid(),
-                       'host': socket.gethostname(), 'machine': machine_id(),
-                       'since': self.since,
-                       'expires': self.clock() + self.ttl_s}).encode()
+    return json.dumps({
+        'owner': self.owner,
+        'pid': os.getpid(),
+        'host': socket.gethostname(),
+        'machine': machine_id(),
+        'since': self.since,
+        'expires': self.clock() + self.ttl_s
+    }).encode()
 
   def acquire(self) -> None:
     """Takes the lease or raises `BusyError`.
@@ -204,12 +208,12 @@ class Lease:
     """Extends the lease; False (and `lost`) when it was taken over."""
     if self.generation is None:
       raise RuntimeError('renew() before acquire()')
-    generation = self.store.replace(self.path, self._content(),
-                                    self.generation)
+    generation = self.store.replace(self.path, self._content(), self.generation)
     if generation is None:
       if not self.lost:
-        logging.error('The lease %s was taken over by another trainer: this '
-                      'one stops.', self.path)
+        logging.error(
+            'The lease %s was taken over by another trainer: this '
+            'one stops.', self.path)
         self.lost = True
         self.on_lost()
       return False
@@ -225,6 +229,7 @@ class Lease:
 
   def start_renewing(self) -> None:
     """Renews every TTL / 4 on a daemon thread until `release`."""
+
     def loop():
       while not self._stop.wait(self.ttl_s / 4):
         try:
@@ -233,5 +238,6 @@ class Lease:
         except Exception as e:
           logging.warning('Could not renew the lease %s (%s); retrying.',
                           self.path, e)
+
     self._thread = threading.Thread(target=loop, name='lease', daemon=True)
     self._thread.start()

@@ -30,8 +30,9 @@ Quote tuple values: '--config.optimizer.decay_epochs=(3,4)'; a shorter run
 """
 
 FLAGS = flags.FLAGS
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: config.json, '
-                               'checkpoints, TensorBoard events, eval history.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory: config.json, '
+    'checkpoints, TensorBoard events, eval history.')
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, optionally with a variant: '
     'configs/cifar100.py:mimo+b4. Override fields with --config.FIELD=VALUE.')
@@ -97,17 +98,18 @@ def main(argv):
   except workdir.WorkdirError as e:  # The folder itself: the environment.
     fail(e, 1)
   except KeyboardInterrupt:  # A second Ctrl-C (preemption.py): at once.
-    fail('stopped at once by a second Ctrl-C, without saving the current '
-         'step; the checkpoints already written are kept: rerun the same '
-         'command to resume', EXIT_INTERRUPTED)
+    fail(
+        'stopped at once by a second Ctrl-C, without saving the current '
+        'step; the checkpoints already written are kept: rerun the same '
+        'command to resume', EXIT_INTERRUPTED)
   except Exception as e:
     # Imported only now: a refused start stays quiet (no TensorFlow logs).
     from mixmo_jax import checkpointing, data, progress  # Heavy: TF.
-    if isinstance(e, (progress.NonFiniteLossError,
-                      checkpointing.NonFiniteStateError)):
+    if isinstance(
+        e, (progress.NonFiniteLossError, checkpointing.NonFiniteStateError)):
       fail(e, EXIT_NONFINITE)
-    if isinstance(e, (data.DatasetUnavailableError,
-                      checkpointing.CheckpointError)):
+    if isinstance(
+        e, (data.DatasetUnavailableError, checkpointing.CheckpointError)):
       fail(e, 1)
     raise
 

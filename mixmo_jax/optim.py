@@ -5,7 +5,7 @@ batch (lr = base * (B / b) / reference), a linear warm-up and step decays;
 the l2 term is in the loss (`mixmo.loss.l2_penalty`), or optax's coupled
 weight decay with `optimizer.weight_decay`.
 """
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import optax
@@ -42,16 +42,18 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> Callable:
     step = jnp.asarray(step)
     warm = jnp.minimum(1.0, step / warmup) if warmup > 0 else 1.0
     num_decays = jnp.sum(step >= boundaries)
-    return peak * warm * factor ** num_decays
+    return peak * warm * factor**num_decays
 
   return schedule
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum; optional coupled weight decay first."""
   opt = config.optimizer
-  sgd = optax.sgd(learning_rate_schedule(config, steps_per_epoch),
-                  momentum=opt.momentum, nesterov=opt.nesterov)
+  sgd = optax.sgd(
+      learning_rate_schedule(config, steps_per_epoch), momentum=opt.momentum,
+      nesterov=opt.nesterov)
   if opt.weight_decay > 0:
     return optax.chain(optax.add_decayed_weights(opt.weight_decay), sgd)
   return sgd

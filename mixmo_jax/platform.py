@@ -36,49 +36,63 @@ import importlib.util
 import logging
 import mmap
 import os
-from typing import Dict, FrozenSet, List, MutableMapping, Optional, Sequence
+from collections.abc import MutableMapping, Sequence
 
-CPU_DEFAULTS: Dict[str, str] = {
+CPU_DEFAULTS: dict[str, str] = {
     'xla_cpu_experimental_ynn_fusion_type': 'reduce',
 }
-GPU_DEFAULTS: Dict[str, str] = {
+GPU_DEFAULTS: dict[str, str] = {
     'xla_gpu_deterministic_ops': 'true',
 }
-DEFAULTS: Dict[str, Dict[str, str]] = {'cpu': CPU_DEFAULTS,
-                                       'gpu': GPU_DEFAULTS}
+DEFAULTS: dict[str, dict[str, str]] = {'cpu': CPU_DEFAULTS, 'gpu': GPU_DEFAULTS}
 DISABLE_ENV = 'MIXMO_XLA_DEFAULTS'
 # JAX_PLATFORMS names -> the platform whose defaults apply.
-_PLATFORM_NAMES = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'gpu': 'gpu',
-                   'tpu': 'tpu'}
+_PLATFORM_NAMES = {
+    'cpu': 'cpu',
+    'cuda': 'gpu',
+    'rocm': 'gpu',
+    'gpu': 'gpu',
+    'tpu': 'tpu'
+}
 # Installed jax plugins (module names) -> the platform jax will prefer.
-_PLUGINS = {'jax_cuda12_plugin': 'gpu', 'jax_cuda13_plugin': 'gpu',
-            'jax_rocm60_plugin': 'gpu', 'jax_rocm7_plugin': 'gpu',
-            'libtpu': 'tpu'}
+_PLUGINS = {
+    'jax_cuda12_plugin': 'gpu',
+    'jax_cuda13_plugin': 'gpu',
+    'jax_rocm60_plugin': 'gpu',
+    'jax_rocm7_plugin': 'gpu',
+    'libtpu': 'tpu'
+}
 
 
-def target_platforms(environ: Optional[MutableMapping[str, str]] = None
-                     ) -> FrozenSet[str]:
+def target_platforms(
+    environ: MutableMapping[str, str] | None = None) -> frozenset[str]:
   """The platforms ('cpu', 'gpu', 'tpu') whose defaults apply, decided
   before the backend starts: those JAX_PLATFORMS names, else the
   accelerator plugins installed (jax prefers them), else the CPU."""
   environ = os.environ if environ is None else environ
-  named = [p.strip().lower() for p in
-           environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  named = [
+      p.strip().lower()
+      for p in environ.get('JAX_PLATFORMS', '').split(',')
+      if p.strip()
+  ]
   if named:
     return frozenset(_PLATFORM_NAMES.get(p, p) for p in named)
-  plugins = {platform for module, platform in _PLUGINS.items()
-             if importlib.util.find_spec(module) is not None}
+  plugins = {
+      platform for module, platform in _PLUGINS.items()
+      if importlib.util.find_spec(module) is not None
+  }
   return frozenset(plugins or {'cpu'})
 
 
-def default_flags(platforms: Sequence[str] = ('cpu', 'gpu')
-                  ) -> Dict[str, str]:
+def default_flags(platforms: Sequence[str] = ('cpu', 'gpu')) -> dict[str, str]:
   """The default flags of `platforms`, name -> value."""
-  return {name: value for p in platforms
-          for name, value in DEFAULTS.get(p, {}).items()}
+  return {
+      name: value for p in platforms
+      for name, value in DEFAULTS.get(p, {}).items()
+  }
 
 
-def _jaxlib_library() -> Optional[str]:
+def _jaxlib_library() -> str | None:
   """The largest shared library of the installed jaxlib: the one holding
   XLA, whose flag table names every flag XLA_FLAGS may set."""
   spec = importlib.util.find_spec('jaxlib')
@@ -89,7 +103,7 @@ def _jaxlib_library() -> Optional[str]:
 
 
 def unknown_flags(names: Sequence[str],
-                  library: Optional[str] = None) -> List[str]:
+                  library: str | None = None) -> list[str]:
   """The flag names among `names` that the installed jaxlib does not know.
 
   XLA registers each flag under its name, a NUL-terminated string in
@@ -103,18 +117,20 @@ def unknown_flags(names: Sequence[str],
     return list(names)
   try:
     with open(library, 'rb') as f, mmap.mmap(f.fileno(), 0,
-                                            access=mmap.ACCESS_READ) as data:
+                                             access=mmap.ACCESS_READ) as data:
       return [n for n in names if data.find(n.encode() + b'\0') < 0]
   except (OSError, TypeError, ValueError):
     return list(names)
 
 
 def merged_xla_flags(user_flags: str,
-                     defaults: Optional[Dict[str, str]] = None) -> str:
+                     defaults: dict[str, str] | None = None) -> str:
   """`user_flags` plus each default whose name it does not mention."""
   defaults = default_flags() if defaults is None else defaults
-  added = [f'--{name}={value}' for name, value in defaults.items()
-           if f'--{name}' not in user_flags]
+  added = [
+      f'--{name}={value}' for name, value in defaults.items()
+      if f'--{name}' not in user_flags
+  ]
   return ' '.join([user_flags.strip()] + added).strip()
 
 
@@ -135,8 +151,8 @@ def backend_started() -> bool:
   return bool(getattr(info, 'hits', 0) or getattr(info, 'misses', 0))
 
 
-def apply_defaults(environ: Optional[MutableMapping[str, str]] = None,
-                   platforms: Optional[Sequence[str]] = None) -> List[str]:
+def apply_defaults(environ: MutableMapping[str, str] | None = None,
+                   platforms: Sequence[str] | None = None) -> list[str]:
   """Adds the default XLA flags to environ['XLA_FLAGS']; returns the added.
 
   Args:
@@ -153,15 +169,18 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None,
   if environ.get(DISABLE_ENV, '1') == '0':
     return []
   user = environ.get('XLA_FLAGS', '')
-  defaults = {name: value for name, value in
-              default_flags(sorted(platforms or target_platforms(environ))
-                            ).items()
-              if f'--{name}' not in user}
+  defaults = {
+      name: value
+      for name, value in default_flags(
+          sorted(platforms or target_platforms(environ))).items()
+      if f'--{name}' not in user
+  }
   unknown = unknown_flags(list(defaults))
   if unknown:
-    logging.warning('mixmo_jax.platform: this jaxlib does not know %s; '
-                    'not set (XLA would refuse to start)',
-                    ', '.join(f'--{n}' for n in unknown))
+    logging.warning(
+        'mixmo_jax.platform: this jaxlib does not know %s; '
+        'not set (XLA would refuse to start)',
+        ', '.join(f'--{n}' for n in unknown))
   defaults = {n: v for n, v in defaults.items() if n not in unknown}
   merged = merged_xla_flags(user, defaults)
   added = merged[len(user.strip()):].split()
@@ -170,8 +189,9 @@ def apply_defaults(environ: Optional[MutableMapping[str, str]] = None,
     # jax's persistent compilation cache keys programs by XLA_FLAGS (a
     # subprocess inheriting it would otherwise load programs compiled with
     # other flags under its own flags' key).
-    logging.warning('mixmo_jax.platform.apply_defaults() after the jax '
-                    'backend started: %s not applied', added)
+    logging.warning(
+        'mixmo_jax.platform.apply_defaults() after the jax '
+        'backend started: %s not applied', added)
     return []
   environ['XLA_FLAGS'] = merged
   return added
@@ -191,8 +211,8 @@ def setup(config) -> None:
   xla_flags = os.environ.get('XLA_FLAGS', '')
   count = config.get('cpu_devices', 0)
   if (type(count) is int and count > 0  # Bad values: reported by validate.
-      and not backend_started()
-      and 'xla_force_host_platform_device_count' not in xla_flags):
+      and not backend_started() and
+      'xla_force_host_platform_device_count' not in xla_flags):
     os.environ['XLA_FLAGS'] = (
         f'{xla_flags} --xla_force_host_platform_device_count='
         f'{count}').strip()

@@ -37,7 +37,6 @@ config.eval_batch_size rounded up to a multiple of the local device count,
 the last one padded); the ensemble quantities are computed from them on the
 host, so changing `predictor.config.evaluation.ensemble` does not recompile.
 """
-from typing import Dict
 
 import numpy as np
 
@@ -46,8 +45,8 @@ from mixmo_jax import workdir as wd
 from mixmo_jax.evaluation import inference, metrics, runs
 
 UNIT_TOLERANCE = 1e-3
-OUTPUT_KEYS = ('logits', 'member_probs', 'probs', 'entropy',
-               'expected_entropy', 'mutual_information')
+OUTPUT_KEYS = ('logits', 'member_probs', 'probs', 'entropy', 'expected_entropy',
+               'mutual_information')
 ENSEMBLE_MODES = metrics.ENSEMBLE_MODES
 
 
@@ -93,15 +92,15 @@ class Predictor:
       raise ValueError(f'images must be uint8 in [0, 255] or floating in '
                        f'[0, 1], got dtype {images.dtype}')
     images = images.astype(np.float32)
-    if images.size and not (np.all(np.isfinite(images))
-                            and images.min() >= -UNIT_TOLERANCE
-                            and images.max() <= 1.0 + UNIT_TOLERANCE):
+    if images.size and not (np.all(np.isfinite(images)) and
+                            images.min() >= -UNIT_TOLERANCE and
+                            images.max() <= 1.0 + UNIT_TOLERANCE):
       raise ValueError(f'floating images must be in [0, 1] (pass uint8 for '
                        f'[0, 255]); got values in [{images.min()}, '
                        f'{images.max()}]')
     return images
 
-  def __call__(self, images) -> Dict[str, np.ndarray]:
+  def __call__(self, images) -> dict[str, np.ndarray]:
     """Predictions for images [B, H, W, 3] (see the module docstring).
 
     Returns:

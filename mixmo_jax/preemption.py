@@ -11,7 +11,6 @@ import signal
 from absl import logging
 import jax
 
-
 _SIGNAL = {'name': None}  # The signal received by this process, if any.
 
 

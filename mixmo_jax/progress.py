@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from absl import logging
 import jax
@@ -37,8 +37,10 @@ from mixmo_jax.evaluation import metrics
 
 # Flattened eval-record entries that are not results (never TensorBoard
 # scalars): matched against every '/'-separated part of the key.
-BOOKKEEPING = frozenset({'step', 'epoch', 'seed', 'split_sizes', 'num_classes',
-                         'num_examples', 'num_members'})
+BOOKKEEPING = frozenset({
+    'step', 'epoch', 'seed', 'split_sizes', 'num_classes', 'num_examples',
+    'num_members'
+})
 MEMBER_CE = 'member_cross_entropy'
 
 
@@ -73,14 +75,17 @@ def format_duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def scalar_eval_metrics(record: Dict[str, Any]) -> Dict[str, float]:
+def scalar_eval_metrics(record: dict[str, Any]) -> dict[str, float]:
   """The eval/* TensorBoard scalars of an evaluation record (no BOOKKEEPING)."""
-  return {f'eval/{k}': v for k, v in metrics.flatten_metrics(record).items()
-          if isinstance(v, (int, float))
-          and not BOOKKEEPING.intersection(k.split('/'))}
+  return {
+      f'eval/{k}': v
+      for k, v in metrics.flatten_metrics(record).items()
+      if isinstance(v, (int,
+                        float)) and not BOOKKEEPING.intersection(k.split('/'))
+  }
 
 
-def hparams(config) -> Dict[str, Any]:
+def hparams(config) -> dict[str, Any]:
   """The config flattened to {'optimizer.decay_epochs': '(3, 4)', ...}:
   numbers, str and bool as they are, everything else as its str."""
   out = {}
@@ -99,18 +104,21 @@ def hparams(config) -> Dict[str, Any]:
   return out
 
 
-def _figure_images(record, member_logits, labels) -> Dict[str, np.ndarray]:
+def _figure_images(record, member_logits, labels) -> dict[str, np.ndarray]:
   """The evaluation figures as uint8 [1, H, W, 3] arrays (TensorBoard)."""
   from PIL import Image
   from mixmo_jax.evaluation import plots
   images = {}
   with tempfile.TemporaryDirectory() as tmp:
-    paths = {'eval/member_vs_ensemble': plots.member_vs_ensemble(
-        record, os.path.join(tmp, 'members.png'))}
+    paths = {
+        'eval/member_vs_ensemble':
+            plots.member_vs_ensemble(record, os.path.join(tmp, 'members.png'))
+    }
     if member_logits is not None:
-      lp = np.asarray(metrics.ensemble_log_probs(
-          np.asarray(member_logits, np.float32),
-          record.get('ensemble_mode', 'logits')))
+      lp = np.asarray(
+          metrics.ensemble_log_probs(
+              np.asarray(member_logits, np.float32),
+              record.get('ensemble_mode', 'logits')))
       paths['eval/reliability'] = plots.reliability_diagram(
           lp, labels, os.path.join(tmp, 'reliability.png'),
           title=f'step {record["step"]}')
@@ -124,15 +132,15 @@ def _fmt(value, spec='.4f'):
   return '-' if value is None else format(value, spec)
 
 
-def format_evaluation(record: Dict[str, Any]) -> str:
+def format_evaluation(record: dict[str, Any]) -> str:
   """One console line of an evaluation record."""
   ens = record['ensemble']
   members = record.get('members', [])
   return (f'eval epoch {record["epoch"]} step {record["step"]} | ensemble '
           f'top1 {_fmt(ens.get("top1"))} nll {_fmt(ens.get("nll"))} nll_c '
-          f'{_fmt(ens.get("nll_c"))} | members top1 '
-          + ' '.join(_fmt(m.get('top1')) for m in members) + ' nll '
-          + ' '.join(_fmt(m.get('nll')) for m in members))
+          f'{_fmt(ens.get("nll_c"))} | members top1 ' +
+          ' '.join(_fmt(m.get('top1')) for m in members) + ' nll ' +
+          ' '.join(_fmt(m.get('nll')) for m in members))
 
 
 class Reporter:
@@ -150,8 +158,8 @@ class Reporter:
   """
 
   def __init__(self, workdir: str, total_steps: int, config=None,
-               steps_per_epoch: Optional[int] = None, start_step: int = 0,
-               stream=None, progress_bar: Optional[bool] = None,
+               steps_per_epoch: int | None = None, start_step: int = 0,
+               stream=None, progress_bar: bool | None = None,
                images: bool = True):
     self.workdir = workdir
     self.total = total_steps
@@ -162,9 +170,9 @@ class Reporter:
     self.writer = events.EventWriter(workdir if self.lead else None)
     self.stream = sys.stdout if stream is None else stream
     self.images = images
-    self.pending: List[Dict[str, Any]] = []
-    self.waits: List[float] = []
-    self.evaluations: List[Dict[str, Any]] = []
+    self.pending: list[dict[str, Any]] = []
+    self.waits: list[float] = []
+    self.evaluations: list[dict[str, Any]] = []
     self.start = start_step
     self.last_step = start_step
     self.last_time = time.perf_counter()
@@ -186,7 +194,7 @@ class Reporter:
     else:
       print(line, file=self.stream, flush=True)
 
-  def step(self, step: int, step_metrics: Dict[str, Any],
+  def step(self, step: int, step_metrics: dict[str, Any],
            data_wait: float = 0.0) -> None:
     """Records the (device) metrics of the step that ends at `step`.
 
@@ -261,8 +269,8 @@ class Reporter:
       parts.append(f'step {step}/{self.total}')
     train = []
     if member_ce is not None:
-      train.append(f'train ce {member_ce.mean():.4f} (members '
-                   + ' '.join(f'{v:.3f}' for v in member_ce) + ')')
+      train.append(f'train ce {member_ce.mean():.4f} (members ' +
+                   ' '.join(f'{v:.3f}' for v in member_ce) + ')')
     elif 'train/cross_entropy' in scalars:
       train.append(f'train loss (mixmo ce) '
                    f'{scalars["train/cross_entropy"]:.4f}')
@@ -284,7 +292,7 @@ class Reporter:
     parts.append(f'ETA {format_duration((self.total - step) / rate)}')
     return ' | '.join(parts)
 
-  def evaluation(self, record: Dict[str, Any], member_logits=None,
+  def evaluation(self, record: dict[str, Any], member_logits=None,
                  labels=None) -> None:
     """Writes an evaluation record (`training.evaluate_epoch`'s) to
     TensorBoard and the console; with the [N, M, C] `member_logits` and [N]
@@ -294,17 +302,18 @@ class Reporter:
     self.writer.write_scalars(record['step'], scalar_eval_metrics(record))
     if self.images and self.lead:
       try:
-        self.writer.write_images(
-            record['step'], _figure_images(record, member_logits, labels))
+        self.writer.write_images(record['step'],
+                                 _figure_images(record, member_logits, labels))
       except Exception as e:
-        logging.warning('Evaluation figures not written to TensorBoard: %s',
-                        e)
+        logging.warning('Evaluation figures not written to TensorBoard: %s', e)
     self._print(format_evaluation(record))
 
-  def summary(self, history: Optional[List[Dict[str, Any]]] = None) -> str:
+  def summary(self, history: list[dict[str, Any]] | None = None) -> str:
     """The end-of-run lines: best and final evaluation, where files are."""
-    records = [r for r in (history if history is not None
-                           else self.evaluations) if 'ensemble' in r]
+    records = [
+        r for r in (history if history is not None else self.evaluations)
+        if 'ensemble' in r
+    ]
     lines = [f'done: {self.last_step}/{self.total} steps']
     if records:
       best = max(records, key=lambda r: r['ensemble'].get('top1') or -1.0)
@@ -329,7 +338,7 @@ class Reporter:
       self.bar = None
     self.writer.close(upload=upload)
 
-  def close(self, history: Optional[List[Dict[str, Any]]] = None) -> None:
+  def close(self, history: list[dict[str, Any]] | None = None) -> None:
     """Flushes the writers and prints the summary (`history`: every
     evaluation record of the run, also those before a resume)."""
     self.abort()

@@ -5,7 +5,7 @@ optimizer state and BatchNorm statistics are replicated. XLA inserts the
 gradient all-reduce and computes BatchNorm moments over the global batch, so a
 run is the same algorithm on 1 device, 8 GPUs or a TPU pod.
 """
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -53,7 +53,8 @@ def global_batch(local_arrays, mesh: Mesh):
   """
   sharding = data_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), local_arrays)
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_arrays)
 
 
 def to_host(tree):

@@ -19,14 +19,13 @@ user set it, so that orbax's own file operations use gcsfs as well.
 import io
 import os
 import re
-from typing import List, Optional
 
 URL = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 # URL schemes a workdir may use -> the fsspec package that serves them.
 SCHEMES = {'gs': 'gcsfs'}
 
 
-def scheme(path: str) -> Optional[str]:
+def scheme(path: str) -> str | None:
   """'gs' for 'gs://bucket/x', None for a local path."""
   match = URL.match(os.fspath(path))
   return match.group(1) if match else None
@@ -36,7 +35,7 @@ def is_url(path: str) -> bool:
   return scheme(path) is not None
 
 
-def url_problem(path: str) -> Optional[str]:
+def url_problem(path: str) -> str | None:
   """Why `path` cannot hold a workdir, or None: a local path, or a URL of a
   supported store whose package is installed."""
   found = scheme(path)
@@ -57,8 +56,8 @@ def filesystem(path: str):
   """The fsspec filesystem of a URL (listings never cached: orbax writes
   through tensorstore, behind fsspec's back)."""
   import fsspec
-  return fsspec.filesystem(scheme(path), use_listings_cache=False,
-                           skip_instance_cache=False)
+  return fsspec.filesystem(
+      scheme(path), use_listings_cache=False, skip_instance_cache=False)
 
 
 def _store_error(path: str, error: Exception) -> OSError:
@@ -110,7 +109,7 @@ def isfile(path: str) -> bool:
     raise _store_error(path, e) from None
 
 
-def listdir(path: str) -> List[str]:
+def listdir(path: str) -> list[str]:
   """The names in a folder ([] when it does not exist)."""
   if not is_url(path):
     return os.listdir(path) if os.path.isdir(path) else []

@@ -25,7 +25,8 @@ resuming is exact.
 import contextlib
 import functools
 import signal
-from typing import Any, Callable, Dict, Tuple
+from typing import Any
+from collections.abc import Callable
 
 from absl import logging
 import jax
@@ -78,13 +79,17 @@ def abstract_train_state(config, model, steps_per_epoch: int,
   return jax.eval_shape(_init_state(config, model, steps_per_epoch, mesh))
 
 
-def state_to_tree(state: TrainState) -> Dict[str, Any]:
+def state_to_tree(state: TrainState) -> dict[str, Any]:
   """The checkpointed part of the state (a plain dict of arrays)."""
-  return {'step': state.step, 'params': state.params,
-          'batch_stats': state.batch_stats, 'opt_state': state.opt_state}
+  return {
+      'step': state.step,
+      'params': state.params,
+      'batch_stats': state.batch_stats,
+      'opt_state': state.opt_state
+  }
 
 
-def tree_to_state(state: TrainState, tree: Dict[str, Any]) -> TrainState:
+def tree_to_state(state: TrainState, tree: dict[str, Any]) -> TrainState:
   return state.replace(**tree)
 
 
@@ -109,27 +114,27 @@ def member_inputs(key, images, labels, weights, config, partner_images=None,
                            flip=aug.flip)
   pixel_augment = None
   if aug.augmix:  # On the uint8 member inputs, after crop / flip.
-    pixel_augment = functools.partial(
-        augmix.augmix, rule=aug.augmix_rule, severity=aug.augmix_severity,
-        width=aug.augmix_width, depth=aug.augmix_depth, as_float=True)
+    pixel_augment = functools.partial(augmix.augmix, rule=aug.augmix_rule,
+                                      severity=aug.augmix_severity,
+                                      width=aug.augmix_width,
+                                      depth=aug.augmix_depth, as_float=True)
   xs, targets = mixmo_batch.member_batch(
       key, images, labels, weights, num_members=config.num_members,
       repetitions=config.batch_repetitions, num_classes=config.num_classes,
       input_repetition=config.mixing.input_repetition,
       groups=permutation_groups(config), augment=crop,
       augment_per_copy=aug.per_copy, pixel_augment=pixel_augment,
-      pixel_augment_draws=aug.augmix_draws,
-      pixel_mix=aug.pixel_mix, pixel_mix_rule=aug.pixel_mix_rule,
-      pixel_mix_prob=aug.pixel_mix_prob, cutmix_alpha=aug.cutmix_alpha,
-      mixup_alpha=aug.mixup_alpha, partner_images=partner_images,
-      partner_labels=partner_labels)
+      pixel_augment_draws=aug.augmix_draws, pixel_mix=aug.pixel_mix,
+      pixel_mix_rule=aug.pixel_mix_rule, pixel_mix_prob=aug.pixel_mix_prob,
+      cutmix_alpha=aug.cutmix_alpha, mixup_alpha=aug.mixup_alpha,
+      partner_images=partner_images, partner_labels=partner_labels)
   mean, std = tuple(config.image_mean), tuple(config.image_std)
   return augment.normalize(xs, mean, std), targets
 
 
 def train_step(state: TrainState, images, labels, partner_images=None,
                partner_labels=None, *, config, steps_per_epoch, stem_hw,
-               mesh) -> Tuple[TrainState, Dict[str, jax.Array]]:
+               mesh) -> tuple[TrainState, dict[str, jax.Array]]:
   """One MixMo update (Algorithm 1 lines 3-34), everything on device.
 
   Args:
@@ -149,14 +154,15 @@ def train_step(state: TrainState, images, labels, partner_images=None,
   mix = config.mixing
   p = schedule.patch_probability(epoch, config.num_epochs, mix.p,
                                  mix.p_decay_fraction)
-  weights, kappa = registry.sample_mixing_weights(
-      k_mix, config.batch_size, config.num_members, *stem_hw,
-      method=mix.method, alpha=mix.alpha, p=p)
+  weights, kappa = registry.sample_mixing_weights(k_mix, config.batch_size,
+                                                  config.num_members, *stem_hw,
+                                                  method=mix.method,
+                                                  alpha=mix.alpha, p=p)
   # Drawn whole on every device: a draw split over devices would agree on
   # each trip of the Dirichlet's rejection loop by an all-reduce. The same
   # values either way (jax's random bits do not depend on the sharding).
-  weights, kappa = jax.lax.with_sharding_constraint(
-      (weights, kappa), sharding.replicated(mesh))
+  weights, kappa = jax.lax.with_sharding_constraint((weights, kappa),
+                                                    sharding.replicated(mesh))
   xs, targets = member_inputs(k_data, images, labels, weights, config,
                               partner_images, partner_labels)
   xs = jax.lax.with_sharding_constraint(xs, sharding.data_sharded(mesh))
@@ -165,8 +171,10 @@ def train_step(state: TrainState, images, labels, partner_images=None,
 
   def loss_fn(params):
     logits, new_vars = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, xs,
-        mix_weights=weights, train=True, mutable=['batch_stats'])
+        {
+            'params': params,
+            'batch_stats': state.batch_stats
+        }, xs, mix_weights=weights, train=True, mutable=['batch_stats'])
     ce = mixmo_loss.mixmo_loss(logits, targets, loss_weights)  # Eq. 4.
     penalty = mixmo_loss.l2_penalty(params)
     return ce + l2 * penalty, (ce, penalty, logits, new_vars)
@@ -177,11 +185,18 @@ def train_step(state: TrainState, images, labels, partner_images=None,
                                 batch_stats=new_vars['batch_stats'])
   hard = targets if targets.ndim == 2 else jnp.argmax(targets, -1)
   return state, {
-      'loss': ce + l2 * penalty, 'cross_entropy': ce, 'l2': penalty,
-      'learning_rate': optim.learning_rate_schedule(config, steps_per_epoch)(
-          state.step - 1),
-      'patch_probability': p,
-      'train_top1': jnp.mean(jnp.argmax(logits, -1) == hard),
+      'loss':
+          ce + l2 * penalty,
+      'cross_entropy':
+          ce,
+      'l2':
+          penalty,
+      'learning_rate':
+          optim.learning_rate_schedule(config, steps_per_epoch)(state.step - 1),
+      'patch_probability':
+          p,
+      'train_top1':
+          jnp.mean(jnp.argmax(logits, -1) == hard),
   }
 
 
@@ -193,12 +208,12 @@ def make_train_step(config, model, steps_per_epoch: int, mesh) -> Callable:
                            mesh=mesh)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   inputs = (data,) * (4 if pipeline.needs_partners(config) else 2)
-  return jax.jit(step, in_shardings=(rep,) + inputs,
-                 out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(step, in_shardings=(rep,) + inputs, out_shardings=(rep, rep),
+                 donate_argnums=0)
 
 
-def evaluate_epoch(config, state, predict, test, mesh, step: int,
-                   epoch: int, *, with_logits: bool = False) -> Any:
+def evaluate_epoch(config, state, predict, test, mesh, step: int, epoch: int, *,
+                   with_logits: bool = False) -> Any:
   """The test-set evaluation during training, with the metrics and names
   of `python -m mixmo_jax.evaluate` (which evaluates a saved checkpoint).
 
@@ -209,8 +224,8 @@ def evaluate_epoch(config, state, predict, test, mesh, step: int,
 
   from mixmo_jax.evaluation import inference, metrics
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = inference.predict_member_logits(
-      predict, variables, test[0], config.eval_batch_size, mesh)
+  logits = inference.predict_member_logits(predict, variables, test[0],
+                                           config.eval_batch_size, mesh)
   result = metrics.evaluation_metrics(
       logits, test[1], ensemble=config.evaluation.ensemble,
       calibration_seed=config.evaluation.calibration_seed)
@@ -218,14 +233,14 @@ def evaluate_epoch(config, state, predict, test, mesh, step: int,
   return (record, logits) if with_logits else record
 
 
-def _top1(record: Dict[str, Any]):
+def _top1(record: dict[str, Any]):
   """The ensemble test top-1 of an evaluation record, or None."""
   top1 = (record.get('ensemble') or {}).get('top1')
   return top1 if isinstance(top1, (int, float)) else None
 
 
 def train_and_evaluate(config, workdir: str, *,
-                       allow_config_change: bool = False) -> Dict[str, Any]:
+                       allow_config_change: bool = False) -> dict[str, Any]:
   """Validates, locks the workdir, writes config.json and trains (resuming).
 
   Set the XLA flags first (`platform.setup(config)`, as main and
@@ -259,8 +274,9 @@ def train_and_evaluate(config, workdir: str, *,
   if wd.url_problem(workdir):
     raise config_validation.ConfigError(wd.url_problem(workdir))
   config_validation.validate(config)  # Before the workdir is touched.
-  lock = (wd.trainer_lock(workdir) if jax.process_index() == 0
-          else contextlib.nullcontext())
+  lock = (
+      wd.trainer_lock(workdir)
+      if jax.process_index() == 0 else contextlib.nullcontext())
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   from mixmo_jax import progress
   progress.setup_logging()
@@ -288,8 +304,7 @@ def prepare_workdir(config, workdir: str,
     config_validation.ConfigError: a resume with a changed config (unless
       allow_config_change).
   """
-  changes = config_validation.check_resume(workdir, config,
-                                           allow_config_change)
+  changes = config_validation.check_resume(workdir, config, allow_config_change)
   if jax.process_index() != 0:
     return
   if changes:
@@ -310,8 +325,8 @@ def _check_checkpoint_folder(workdir: str) -> None:
         'writable or use another --workdir') from e
 
 
-def _train(config, workdir: str, stopper: preemption.Preemption
-           ) -> Dict[str, Any]:
+def _train(config, workdir: str,
+           stopper: preemption.Preemption) -> dict[str, Any]:
   """Trains (resuming from the workdir's checkpoint) and evaluates: the
   run of `train_and_evaluate`, in a prepared and locked workdir."""
 
@@ -340,8 +355,9 @@ def _train(config, workdir: str, stopper: preemption.Preemption
     state = tree_to_state(state, restored)
     logging.info('Resumed from the checkpoint at step %d.', start)
   if start >= total:
-    logging.warning('The run in %s already finished (step %d of %d): '
-                    'nothing to do.', workdir, start, total)
+    logging.warning(
+        'The run in %s already finished (step %d of %d): '
+        'nothing to do.', workdir, start, total)
     ckpt.close()
     return {'step': start, 'finished': True}
   if jax.process_index() == 0:
@@ -355,8 +371,8 @@ def _train(config, workdir: str, stopper: preemption.Preemption
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
   record = {'step': start}
-  last_good = (f'step {start} in {ckpt.directory}' if restored is not None
-               else f'none (no checkpoint in {ckpt.directory} yet)')
+  last_good = (f'step {start} in {ckpt.directory}' if restored is not None else
+               f'none (no checkpoint in {ckpt.directory} yet)')
   if stopper.requested and jax.process_count() == 1:  # While starting.
     logging.warning('Stopped by %s before step %d.', stopper.signal_name,
                     start + 1)
@@ -406,8 +422,7 @@ def _train(config, workdir: str, stopper: preemption.Preemption
               raise wd.WorkdirError(f'{error} ({saved})') from None
             raise error
           top1 = _top1(record) if config.keep_best_checkpoint else None
-        new_best = top1 is not None and (best_top1 is None
-                                         or top1 >= best_top1)
+        new_best = top1 is not None and (best_top1 is None or top1 >= best_top1)
         if new_best:
           best_top1 = top1
         stop = stopper.reached(ckpt, done)

@@ -36,7 +36,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
+from collections.abc import Iterator
 
 from absl import logging
 
@@ -59,7 +60,7 @@ def path(workdir: str, name: str) -> str:
   return os.path.join(workdir, name)
 
 
-def url_problem(workdir: str) -> Optional[str]:
+def url_problem(workdir: str) -> str | None:
   """Why a workdir URL cannot be used (an unsupported scheme, a missing
   package), or None (a local path, or gs:// with gcsfs installed)."""
   return storage.url_problem(workdir)
@@ -109,12 +110,12 @@ def _atomic_write(target: str, text: str) -> None:
 # ---------------------------------------------------------------- config.json
 
 
-def config_to_dict(config) -> Dict[str, Any]:
+def config_to_dict(config) -> dict[str, Any]:
   """The JSON form of a ConfigDict (tuples become lists), as in config.json."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def read_config_dict(workdir: str) -> Optional[Dict[str, Any]]:
+def read_config_dict(workdir: str) -> dict[str, Any] | None:
   """config.json as a dict, or None when the file does not exist.
 
   Raises:
@@ -143,27 +144,31 @@ def read_config(workdir: str):
 
 def write_config(workdir: str, config) -> None:
   """Writes config.json atomically."""
-  _atomic_write(path(workdir, CONFIG),
-                json.dumps(config_to_dict(config), indent=2) + '\n')
+  _atomic_write(
+      path(workdir, CONFIG),
+      json.dumps(config_to_dict(config), indent=2) + '\n')
 
 
-def record_config_changes(workdir: str, changes: List[str],
+def record_config_changes(workdir: str, changes: list[str],
                           allowed: bool) -> None:
   """Appends one line {time, changes, allow_config_change} to
   config_changes.jsonl."""
-  record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S'), 'changes': changes,
-            'allow_config_change': allowed}
+  record = {
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S'),
+      'changes': changes,
+      'allow_config_change': allowed
+  }
   _append(path(workdir, CONFIG_CHANGES), json.dumps(record) + '\n')
 
 
 # ---------------------------------------------------------------- run id
 
 
-def run_id(workdir: str) -> Optional[str]:
+def run_id(workdir: str) -> str | None:
   """The run id of run.json, or None (no file, or not a run id)."""
   try:
-    value = json.loads(storage.read_bytes(path(workdir, RUN)).decode()
-                       ).get('run_id')
+    value = json.loads(storage.read_bytes(path(workdir,
+                                               RUN)).decode()).get('run_id')
   except (OSError, ValueError, AttributeError):
     return None
   return value if isinstance(value, str) and value else None
@@ -175,7 +180,8 @@ def ensure_run_id(workdir: str) -> str:
   existing = run_id(workdir)
   if existing:
     return existing
-  adopted = next((d.get('run_id') for s in reversed(checkpoint_steps(workdir))
+  adopted = next((d.get('run_id')
+                  for s in reversed(checkpoint_steps(workdir))
                   for d in [checkpoint_item(workdir, s, 'digest')]
                   if isinstance(d, dict) and d.get('run_id')), None)
   new = adopted or uuid.uuid4().hex
@@ -186,13 +192,13 @@ def ensure_run_id(workdir: str) -> str:
 # ---------------------------------------------------------------- history
 
 
-def append_history(workdir: str, record: Dict[str, Any]) -> None:
+def append_history(workdir: str, record: dict[str, Any]) -> None:
   """Appends one evaluation record (one JSON line) to eval_history.jsonl,
   all of it or nothing (`WorkdirError` when it cannot be written)."""
   _append(path(workdir, HISTORY), json.dumps(record) + '\n')
 
 
-def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
+def _parse_line(line: bytes) -> dict[str, Any] | None:
   """A history line as a record, or None when it is not one: not UTF-8, not
   a JSON object, or a 'step' that is not an integer >= 0, an 'epoch' that is
   not one, or an ensemble top-1 outside [0, 1] (a hand-edited or damaged
@@ -210,13 +216,13 @@ def _parse_line(line: bytes) -> Optional[Dict[str, Any]]:
   if not isinstance(ensemble, dict):
     return None
   top1 = ensemble.get('top1')  # None: a non-finite evaluation, kept.
-  if top1 is not None and not (type(top1) in (int, float)
-                               and 0.0 <= top1 <= 1.0):
+  if top1 is not None and not (type(top1) in (int, float) and
+                               0.0 <= top1 <= 1.0):
     return None
   return record
 
 
-def _history_lines(workdir: str) -> List[Tuple[bytes, Optional[Dict[str, Any]]]]:
+def _history_lines(workdir: str) -> list[tuple[bytes, dict[str, Any] | None]]:
   """(line, record or None) of every complete line of eval_history.jsonl
   (a last line cut short by a kill has no newline and is dropped); one
   warning names the file when any complete line is not a record."""
@@ -225,17 +231,17 @@ def _history_lines(workdir: str) -> List[Tuple[bytes, Optional[Dict[str, Any]]]]
     lines = storage.read_bytes(target).split(b'\n')[:-1]  # Cut-short tail.
   except (FileNotFoundError, IsADirectoryError):
     return []
-  parsed = [(line + b'\n', _parse_line(line)) for line in lines
-            if line.strip()]
+  parsed = [(line + b'\n', _parse_line(line)) for line in lines if line.strip()]
   bad = sum(record is None for _, record in parsed)
   if bad:
-    logging.warning('%s: skipped %d line(s) that are not evaluation records '
-                    '(not UTF-8 JSON, or a step, epoch or top-1 out of '
-                    'range).', target, bad)
+    logging.warning(
+        '%s: skipped %d line(s) that are not evaluation records '
+        '(not UTF-8 JSON, or a step, epoch or top-1 out of '
+        'range).', target, bad)
   return parsed
 
 
-def read_history(workdir: str) -> List[Dict[str, Any]]:
+def read_history(workdir: str) -> list[dict[str, Any]]:
   """The evaluation records of eval_history.jsonl, in file order.
 
   Blank, malformed, out-of-range or truncated lines are skipped (one
@@ -260,7 +266,7 @@ def truncate_history(workdir: str, step: int) -> None:
 # ---------------------------------------------------------------- eval.json
 
 
-def to_json(result: Dict[str, Any]) -> str:
+def to_json(result: dict[str, Any]) -> str:
   """Deterministic strict JSON: sorted keys, indent 2, trailing newline."""
   return json.dumps(result, sort_keys=True, indent=2, allow_nan=False) + '\n'
 
@@ -278,7 +284,7 @@ class WorkdirBusyError(RuntimeError):
   """Another trainer holds the workdir's lock (one-line message)."""
 
 
-def _lock_holders(fd: int) -> Optional[List[int]]:
+def _lock_holders(fd: int) -> list[int] | None:
   """The pids holding a flock on the file of `fd`, from /proc/locks (Linux;
   None when they cannot be told: no /proc/locks, or pids of another pid
   namespace shown as 0)."""
@@ -290,9 +296,12 @@ def _lock_holders(fd: int) -> Optional[List[int]]:
     return None
   inode = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
   # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters carry "->".
-  pids = [int(parts[4]) for parts in (line.split() for line in lines)
-          if len(parts) >= 6 and '->' not in parts and parts[1] == 'FLOCK'
-          and parts[5] == inode and parts[4].isdigit()]
+  pids = [
+      int(parts[4])
+      for parts in (line.split() for line in lines)
+      if len(parts) >= 6 and '->' not in parts and parts[1] == 'FLOCK' and
+      parts[5] == inode and parts[4].isdigit()
+  ]
   return pids if pids and 0 not in pids else None
 
 
@@ -300,8 +309,8 @@ def _describe_process(pid: int) -> str:
   """'pid 1234 (python -m mixmo_jax.main ...)', its command line cut short."""
   try:
     with open(f'/proc/{pid}/cmdline', 'rb') as f:
-      command = ' '.join(f.read().replace(b'\0', b' ').decode(
-          errors='replace').split())
+      command = ' '.join(f.read().replace(
+          b'\0', b' ').decode(errors='replace').split())
   except OSError:
     return f'pid {pid}'
   return f'pid {pid} ({command[:80]}{"..." if len(command) > 80 else ""})'
@@ -321,8 +330,8 @@ def _open_lock(workdir: str) -> int:
       why = 'is a folder, not the lock file (remove it)'
     else:
       why = f'cannot be opened for writing ({e.strerror or e})'
-    where = target if e.errno in (errno.ELOOP, errno.EISDIR) else (
-        e.filename or target)
+    where = target if e.errno in (errno.ELOOP,
+                                  errno.EISDIR) else (e.filename or target)
     raise WorkdirError(f'{where} {why}; the workdir {workdir} cannot be '
                        'used for training') from None
 
@@ -357,18 +366,21 @@ def trainer_lock(workdir: str) -> Iterator[None]:
     holders = _lock_holders(fd)
     recorded = os.read(fd, 1000).decode(errors='replace').strip()
     os.close(fd)
-    who = (', '.join(_describe_process(p) for p in holders) if holders
-           else 'the holder cannot be told on this system')
+    who = (', '.join(_describe_process(p) for p in holders)
+           if holders else 'the holder cannot be told on this system')
     raise WorkdirBusyError(
         f'{workdir} is in use by another trainer: {who}; its lock file '
         f'says {recorded or "nothing"}; wait for it to finish or stop it, '
         'or train in another --workdir') from None
   try:
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({'pid': os.getpid(),
-                             'host': socket.gethostname(),
-                             'since': time.strftime('%Y-%m-%dT%H:%M:%S')}
-                            ).encode())
+    os.write(
+        fd,
+        json.dumps({
+            'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'since': time.strftime('%Y-%m-%dT%H:%M:%S')
+        }).encode())
   except OSError as e:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
@@ -418,7 +430,7 @@ _INPUTS = (CONFIG, CONFIG_CHANGES, HISTORY, LOCK, CHECKPOINTS,
 _EVENTS_PREFIX = 'events.out.tfevents.'
 
 
-def owned_input(workdirs: List[str], target: str) -> Optional[str]:
+def owned_input(workdirs: list[str], target: str) -> str | None:
   """The workdir file or folder that writing `target` would replace or
   write into (e.g. 'run/config.json'), or None when `target` is free.
 
@@ -441,8 +453,8 @@ def owned_input(workdirs: List[str], target: str) -> Optional[str]:
 
 def _real(target: str) -> str:
   """A local path resolved (symlinks, '..'); a URL without trailing '/'."""
-  return (target.rstrip('/') if storage.is_url(target)
-          else os.path.realpath(target))
+  return (target.rstrip('/')
+          if storage.is_url(target) else os.path.realpath(target))
 
 
 def check_writable(folder: str) -> None:
@@ -471,13 +483,15 @@ def check_writable(folder: str) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-def checkpoint_steps(workdir: str) -> List[int]:
+def checkpoint_steps(workdir: str) -> list[int]:
   """Steps of the checkpoint folders (complete or not), ascending."""
-  return sorted(int(n) for n in storage.listdir(path(workdir, CHECKPOINTS))
-                if n.isdigit())
+  return sorted(
+      int(n)
+      for n in storage.listdir(path(workdir, CHECKPOINTS))
+      if n.isdigit())
 
 
-def available_steps(workdir: str) -> List[int]:
+def available_steps(workdir: str) -> list[int]:
   """Steps whose checkpoint is complete on disk (state and digest written,
   orbax's commit marker present), ascending; the bytes are not verified
   here (`checkpointing.restore_variables` does)."""
@@ -485,9 +499,9 @@ def available_steps(workdir: str) -> List[int]:
   steps = []
   for step in checkpoint_steps(workdir):
     step_dir = storage.join(folder, str(step))
-    if (storage.isfile(storage.join(step_dir, 'digest', _ITEM_FILE))
-        and storage.isdir(storage.join(step_dir, 'state'))
-        and storage.exists(storage.join(step_dir, 'commit_success.txt'))):
+    if (storage.isfile(storage.join(step_dir, 'digest', _ITEM_FILE)) and
+        storage.isdir(storage.join(step_dir, 'state')) and
+        storage.exists(storage.join(step_dir, 'commit_success.txt'))):
       steps.append(step)
   return steps
 
@@ -495,16 +509,15 @@ def available_steps(workdir: str) -> List[int]:
 def checkpoint_item(workdir: str, step: int, item: str) -> Any:
   """A JSON item ('config', 'digest') of the checkpoint folder `step`, or
   None when it is missing or not JSON (the digest check reports damage)."""
-  target = storage.join(path(workdir, CHECKPOINTS), str(step), item,
-                        _ITEM_FILE)
+  target = storage.join(path(workdir, CHECKPOINTS), str(step), item, _ITEM_FILE)
   try:
     return json.loads(storage.read_bytes(target).decode())
   except (OSError, ValueError):
     return None
 
 
-def binding_problem(workdir: str, step: int,
-                    record: Dict[str, Any]) -> Optional[str]:
+def binding_problem(workdir: str, step: int, record: dict[str,
+                                                          Any]) -> str | None:
   """Why a checkpoint's digest record does not belong to the folder `step`
   of this workdir, or None when it does.
 
@@ -529,19 +542,18 @@ def binding_problem(workdir: str, step: int,
   return None
 
 
-def stored_config(workdir: str) -> Optional[Dict[str, Any]]:
+def stored_config(workdir: str) -> dict[str, Any] | None:
   """The config stored with the newest checkpoint that has one and belongs
   to this workdir (`binding_problem`), or None."""
   for step in reversed(checkpoint_steps(workdir)):
     config = checkpoint_item(workdir, step, 'config')
     record = checkpoint_item(workdir, step, 'digest')
-    if isinstance(config, dict) and not (
-        isinstance(record, dict) and binding_problem(workdir, step, record)):
+    if isinstance(config, dict) and not (isinstance(
+        record, dict) and binding_problem(workdir, step, record)):
       return config
   return None
 
 
-def config_sha256(config: Dict[str, Any]) -> str:
+def config_sha256(config: dict[str, Any]) -> str:
   """SHA-256 of a config dict's canonical JSON (sorted keys)."""
-  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()
-                        ).hexdigest()
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

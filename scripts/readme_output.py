@@ -92,9 +92,10 @@ def main(argv=None) -> int:
   parser.add_argument('--train', default=True,
                       action=argparse.BooleanOptionalAction,
                       help='train first (default); --no-train reuses workdir')
-  parser.add_argument('--eval_output', default=None,
-                      help='a file holding the evaluation\'s printed output '
-                      '(skips both commands; with --seconds)')
+  parser.add_argument(
+      '--eval_output', default=None,
+      help="a file holding the evaluation's printed output "
+      '(skips both commands; with --seconds)')
   parser.add_argument('--seconds', type=float, default=None,
                       help='training time, with --eval_output or --no-train')
   args = parser.parse_args(argv)
@@ -108,11 +109,14 @@ def main(argv=None) -> int:
         raise SystemExit(f'readme_output: {args.workdir} exists: remove it '
                          'to train from scratch, or pass --no-train')
       start = time.perf_counter()
-      _run([sys.executable, '-m', 'mixmo_jax.main',
-            '--config=configs/digits.py', f'--workdir={args.workdir}'])
+      _run([
+          sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
+          f'--workdir={args.workdir}'
+      ])
       seconds = time.perf_counter() - start
-    eval_text = _run([sys.executable, '-m', 'mixmo_jax.evaluate',
-                      f'--workdir={args.workdir}'])
+    eval_text = _run([
+        sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={args.workdir}'
+    ])
   with open(os.path.join(args.workdir, 'config.json')) as f:
     config = json.load(f)
   with open(os.path.join(args.workdir, 'eval_history.jsonl')) as f:

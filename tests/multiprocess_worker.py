@@ -25,8 +25,7 @@ def run(config, num_steps):
   step_fn = training.make_train_step(config, model, 10, mesh)
   images, labels = data.load_split(config, 'train')
   n = pipeline.unique_per_step(config)
-  local = pipeline.process_slice(n, jax.process_index(),
-                                 jax.process_count())
+  local = pipeline.process_slice(n, jax.process_index(), jax.process_count())
   losses = []
   for step in range(num_steps):
     idx = pipeline.train_indices(config.seed, step, 320, n)[local]
@@ -44,6 +43,10 @@ if __name__ == '__main__':
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                              num_processes=nproc, process_id=pid)
   losses, l1 = run(tiny_digits_config(), steps)
-  print(json.dumps({'process': jax.process_index(),
-                    'devices': jax.device_count(), 'losses': losses,
-                    'l1': l1}), flush=True)
+  print(
+      json.dumps({
+          'process': jax.process_index(),
+          'devices': jax.device_count(),
+          'losses': losses,
+          'l1': l1
+      }), flush=True)

@@ -34,16 +34,32 @@ def fabricated_params():
   """
   rng = np.random.default_rng(0)
   return {
-      'stems': {'kernel': rng.normal(size=(2, 3, 3, 3, 16))},
-      'stage1_block0': {
-          'conv1': {'kernel': _kernel_with_norms(
-              rng, (3, 3, 4, 8), [10, 5, 4.5, 3.9, 2, 1, 0.5, 0])},
-          'shortcut_conv': {'kernel': _kernel_with_norms(
-              rng, (1, 1, 6, 4), [2, 2, 2, 2])},
-          'bn1': {'scale': np.ones(8), 'bias': np.zeros(8)},
+      'stems': {
+          'kernel': rng.normal(size=(2, 3, 3, 3, 16))
       },
-      'stage2_block0': {'conv2': {'kernel': np.zeros((3, 3, 2, 2))}},
-      'heads': {'kernel': rng.normal(size=(2, 8, 10)), 'bias': np.zeros((2, 10))},
+      'stage1_block0': {
+          'conv1': {
+              'kernel':
+                  _kernel_with_norms(rng, (3, 3, 4, 8),
+                                     [10, 5, 4.5, 3.9, 2, 1, 0.5, 0])
+          },
+          'shortcut_conv': {
+              'kernel': _kernel_with_norms(rng, (1, 1, 6, 4), [2, 2, 2, 2])
+          },
+          'bn1': {
+              'scale': np.ones(8),
+              'bias': np.zeros(8)
+          },
+      },
+      'stage2_block0': {
+          'conv2': {
+              'kernel': np.zeros((3, 3, 2, 2))
+          }
+      },
+      'heads': {
+          'kernel': rng.normal(size=(2, 8, 10)),
+          'bias': np.zeros((2, 10))
+      },
   }
 
 
@@ -56,8 +72,9 @@ def _expected_share(norm_lists, t, average):
     active += layer_active
     total += len(norms)
     per_layer.append(layer_active / len(norms))
-  return 100.0 * (active / total if average == 'filter'
-                  else sum(per_layer) / len(per_layer))
+  return 100.0 * (
+      active / total if average == 'filter' else sum(per_layer) /
+      len(per_layer))
 
 
 NORMS = [[10, 5, 4.5, 3.9, 2, 1, 0.5, 0], [2, 2, 2, 2], [0, 0]]
@@ -72,8 +89,11 @@ class TestStemFilterNorms:
     assert norms.shape == (3, 5)
     for i in range(3):
       for c in range(5):
-        expected = sum(abs(kernel[i, a, b, d, c])
-                       for a in range(3) for b in range(3) for d in range(3))
+        expected = sum(
+            abs(kernel[i, a, b, d, c])
+            for a in range(3)
+            for b in range(3)
+            for d in range(3))
         assert norms[i, c] == pytest.approx(expected)
 
   def test_separated_encoders(self):
@@ -96,7 +116,8 @@ class TestActiveFilters:
     kernels = analysis.core_kernels(fabricated_params)
     assert sorted(kernels) == [
         'stage1_block0/conv1/kernel', 'stage1_block0/shortcut_conv/kernel',
-        'stage2_block0/conv2/kernel']
+        'stage2_block0/conv2/kernel'
+    ]
 
   def test_filter_norms(self, fabricated_params):
     kernels = analysis.core_kernels(fabricated_params)
@@ -135,8 +156,14 @@ class TestActiveFilters:
 
   def test_monotone_in_threshold(self):
     rng = np.random.default_rng(3)
-    params = {'a': {'kernel': rng.normal(size=(3, 3, 8, 32))},
-              'b': {'kernel': rng.gamma(0.5, size=(3, 3, 32, 64))}}
+    params = {
+        'a': {
+            'kernel': rng.normal(size=(3, 3, 8, 32))
+        },
+        'b': {
+            'kernel': rng.gamma(0.5, size=(3, 3, 32, 64))
+        }
+    }
     ts = np.linspace(0.0, 1.0, 11)
     share = analysis.active_filter_share(params, ts)
     values = [share[float(t)] for t in ts]
@@ -162,8 +189,11 @@ def test_real_wide_resnet_tree():
   params = jax.tree.map(lambda s: np.ones(s.shape, np.float32),
                         variables['params'])
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  expected = {jax.tree_util.keystr(p) for p, x in leaves
-              if x.ndim == 4 and 'stems' not in jax.tree_util.keystr(p)}
+  expected = {
+      jax.tree_util.keystr(p)
+      for p, x in leaves
+      if x.ndim == 4 and 'stems' not in jax.tree_util.keystr(p)
+  }
   assert len(analysis.core_kernels(params)) == len(expected) >= 6
   assert analysis.stem_filter_norms(params).shape == (2, 16)
   np.testing.assert_allclose(analysis.stem_filter_norms(params), 27.0)
@@ -178,21 +208,28 @@ def test_report_plot_and_cli(fabricated_params, tmp_path, monkeypatch, capsys):
 
   from mixmo_jax.evaluation import runs
   import ml_collections
-  config = ml_collections.ConfigDict(
-      {'variant': 'cut_mixmo', 'model': {'name': 'wide_resnet', 'depth': 28,
-                                         'width': 10}})
+  config = ml_collections.ConfigDict({
+      'variant': 'cut_mixmo',
+      'model': {
+          'name': 'wide_resnet',
+          'depth': 28,
+          'width': 10
+      }
+  })
   calls = []
 
   def fake_restore(workdir, config=None, step=None):
     calls.append((workdir, step))
-    return runs.Run(workdir, config_, {'params': fabricated_params,
-                                       'batch_stats': {}}, 42)
+    return runs.Run(workdir, config_, {
+        'params': fabricated_params,
+        'batch_stats': {}
+    }, 42)
 
   config_ = config
   monkeypatch.setattr(runs, 'restore_run', fake_restore)
   png = tmp_path / 'fig' / 'util.png'
-  code = analysis.main([f'--workdir={tmp_path}', '--thresholds=0.3,0.4',
-                        f'--plot={png}'])
+  code = analysis.main(
+      [f'--workdir={tmp_path}', '--thresholds=0.3,0.4', f'--plot={png}'])
   assert code == 0 and calls == [(str(tmp_path), None)]
   out = capsys.readouterr().out
   assert 't_a=0.40:  50.00 % of filters' in out
@@ -207,8 +244,10 @@ def test_report_plot_and_cli(fabricated_params, tmp_path, monkeypatch, capsys):
 def test_labels_name_the_workdir():
   from mixmo_jax import analysis, configs
   config = configs.get('digits:cut_mixmo')
-  labels = {analysis._label(config, f'/runs/{name}/')
-            for name in ('seed0', 'seed1', 'seed2')}
+  labels = {
+      analysis._label(config, f'/runs/{name}/')
+      for name in ('seed0', 'seed1', 'seed2')
+  }
   assert len(labels) == 3
-  assert all(label.startswith('seed') and 'cut_mixmo' in label
-             for label in labels)
+  assert all(
+      label.startswith('seed') and 'cut_mixmo' in label for label in labels)

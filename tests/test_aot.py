@@ -21,10 +21,15 @@ from experiments.aot import targets as targets_lib
 from mixmo_jax import configs, models, sharding, training
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
-CPU8 = targets_lib.Target(
-    key='cpu8', name='this CPU', platform='cpu', memory_bytes=1 << 34,
-    hbm_bytes_per_s=1e11, peak_flops={'float32': 1e12, 'bfloat16': 2e12},
-    link_bytes_per_s=1e10, topologies={'1': '1', '8': '8'})
+CPU8 = targets_lib.Target(key='cpu8', name='this CPU', platform='cpu',
+                          memory_bytes=1 << 34, hbm_bytes_per_s=1e11,
+                          peak_flops={
+                              'float32': 1e12,
+                              'bfloat16': 2e12
+                          }, link_bytes_per_s=1e10, topologies={
+                              '1': '1',
+                              '8': '8'
+                          })
 
 
 def _forward_flops(b, h, w, ci, k, co, stride):
@@ -47,11 +52,9 @@ def test_conv_and_its_two_gradients_count_the_forwards_work(k, stride):
 
   forward = _forward_flops(2, 8, 8, 3, k, 5, stride)
   assert flops.of(conv, x, kernel)['conv'] == forward
-  grads = flops.of(jax.grad(lambda x, w: conv(x, w).sum(), (0, 1)), x,
-                   kernel)
+  grads = flops.of(jax.grad(lambda x, w: conv(x, w).sum(), (0, 1)), x, kernel)
   assert grads['conv'] == 3 * forward
-  weight_only = flops.of(jax.grad(lambda x, w: conv(x, w).sum(), 1), x,
-                         kernel)
+  weight_only = flops.of(jax.grad(lambda x, w: conv(x, w).sum(), 1), x, kernel)
   assert weight_only['conv'] == 2 * forward
 
 
@@ -69,9 +72,9 @@ def test_dots_and_the_rest():
 
 def test_a_cond_counts_its_costliest_branch():
   x = jax.ShapeDtypeStruct((10,), jnp.float32)
-  counts = flops.of(lambda p, x: jax.lax.cond(
-      p, lambda x: jnp.exp(jnp.exp(x)), jnp.exp, x),
-                    jax.ShapeDtypeStruct((), jnp.bool_), x)
+  counts = flops.of(
+      lambda p, x: jax.lax.cond(p, lambda x: jnp.exp(jnp.exp(x)), jnp.exp, x),
+      jax.ShapeDtypeStruct((), jnp.bool_), x)
   assert counts['rest'] == 20
 
 
@@ -98,12 +101,12 @@ def test_the_train_step_counts_three_forwards_but_the_stem_input_grad():
   counts = flops.of(step, state, *case.train_inputs(config, mesh))
   size, b, m = config.image_size, config.batch_size, config.num_members
   xs = jax.ShapeDtypeStruct((b, m, size, size, 3), jnp.float32)
-  weights = jax.ShapeDtypeStruct(
-      (b, m, *models.stem_resolution(config)), jnp.float32)
+  weights = jax.ShapeDtypeStruct((b, m, *models.stem_resolution(config)),
+                                 jnp.float32)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   forward = jax.make_jaxpr(lambda v, x, w: model.apply(
-      v, x, mix_weights=w, train=True, mutable=['batch_stats']))(
-          variables, xs, weights)
+      v, x, mix_weights=w, train=True, mutable=['batch_stats']))(variables, xs,
+                                                                 weights)
   convs = [flops.conv_flops(e) for e in _conv_eqns(forward.jaxpr)]
   stems = convs[0]  # The M stems are the first conv, on the raw inputs.
   assert counts['conv'] == 3 * sum(convs) - stems
@@ -121,9 +124,9 @@ def test_entry_stats_of_a_real_sharded_program():
   mesh = sharding.make_mesh(jax.devices()[:8])
   x = jax.ShapeDtypeStruct((64, 128), jnp.float32,
                            sharding=sharding.data_sharded(mesh))
-  text = jax.jit(lambda x: jnp.sin(x).sum(0),
-                 out_shardings=sharding.replicated(mesh)).lower(
-                     x).compile().as_text()
+  text = jax.jit(
+      lambda x: jnp.sin(x).sum(0),
+      out_shardings=sharding.replicated(mesh)).lower(x).compile().as_text()
   stats = hlo.entry_stats(text)
   assert stats.collectives['all-reduce']['count'] == 1
   assert stats.collectives['all-reduce']['bytes'] == 128 * 4
@@ -152,8 +155,7 @@ def test_a_case_compiled_for_eight_devices():
   reduce = 2 * 7 / 8 * result['collectives']['all-reduce']['bytes'] / 1e10
   assert math.isclose(result['step_lower_bound_s'], bound + reduce)
   assert math.isclose(result['run_lower_bound_h'],
-                      result['step_lower_bound_s'] * result['run_steps']
-                      / 3600)
+                      result['step_lower_bound_s'] * result['run_steps'] / 3600)
   assert result['collectives']['all-reduce']['count'] >= 1
   json.dumps(result)  # --json prints it.
 
@@ -163,11 +165,12 @@ def test_batchnorm_groups_follow_the_mesh():
   of rows per device (bn_group_rows = B / 8, as ub_mimo on 8 cores) the
   statistics stay on their device: only the gradients' all-reduce is
   left; groups that span two devices (B / 4 rows) communicate again."""
-  runs = {rows: case.run(_tiny(rows=rows), CPU8, 8, 'float32',
-                         with_eval=False) for rows in (0, 8, 16)}
+  runs = {
+      rows: case.run(_tiny(rows=rows), CPU8, 8, 'float32', with_eval=False)
+      for rows in (0, 8, 16)
+  }
   assert all(r['compiled'] for r in runs.values())
-  reduces = {rows: r['collectives']['all-reduce']
-             for rows, r in runs.items()}
+  reduces = {rows: r['collectives']['all-reduce'] for rows, r in runs.items()}
   assert reduces[8]['count'] == 1
   assert reduces[0]['count'] > 1 and reduces[16]['count'] > 1
   assert reduces[8]['bytes'] < min(reduces[0]['bytes'], reduces[16]['bytes'])
@@ -202,10 +205,23 @@ def test_the_baseline_fails_growth_and_new_collectives(tmp_path):
   """Written, read back and compared: within 10% passes; more peak or
   kernels, a new kind of collective, or collectives in a loop fail; a case
   the baseline lacks is only reported."""
-  row = {'target': 'h100', 'devices': 8, 'dtype': 'bfloat16',
-         'config': 'c', 'batch_size': 64, 'compiled': True,
-         'peak_bytes': 1000, 'kernels_per_step': 100, 'loop_collectives': 0,
-         'collectives': {'all-reduce': {'count': 4, 'bytes': 10}}}
+  row = {
+      'target': 'h100',
+      'devices': 8,
+      'dtype': 'bfloat16',
+      'config': 'c',
+      'batch_size': 64,
+      'compiled': True,
+      'peak_bytes': 1000,
+      'kernels_per_step': 100,
+      'loop_collectives': 0,
+      'collectives': {
+          'all-reduce': {
+              'count': 4,
+              'bytes': 10
+          }
+      }
+  }
   path = str(tmp_path / 'baseline.json')
   baseline_lib.write(path, [row])
   base = baseline_lib.read(path)
@@ -216,12 +232,21 @@ def test_the_baseline_fails_growth_and_new_collectives(tmp_path):
 
   assert not verdict(peak_bytes=1100, kernels_per_step=110)[0]
   assert 'REGRESSED' not in verdict(kernels_per_step=90)[1]
-  for change, says in [({'peak_bytes': 1101}, 'peak_bytes'),
-                       ({'kernels_per_step': 111}, 'kernels_per_step'),
-                       ({'loop_collectives': 2}, '2 collectives in loops'),
-                       ({'collectives': dict(row['collectives'], **{
-                           'all-gather': {'count': 1, 'bytes': 8}})},
-                        'new collectives all-gather')]:
+  for change, says in [({
+      'peak_bytes': 1101
+  }, 'peak_bytes'), ({
+      'kernels_per_step': 111
+  }, 'kernels_per_step'), ({
+      'loop_collectives': 2
+  }, '2 collectives in loops'),
+                       ({
+                           'collectives':
+                               dict(row['collectives'],
+                                    **{'all-gather': {
+                                        'count': 1,
+                                        'bytes': 8
+                                    }})
+                       }, 'new collectives all-gather')]:
     regressed, line = verdict(**change)
     assert regressed and says in line, line
   lines, regressed = baseline_lib.compare(base, [dict(row, devices=1)])
@@ -270,11 +295,12 @@ def test_the_targets_are_complete():
     assert set(target.peak_flops) == set(targets_lib.DTYPES)
     assert target.memory_bytes > 0 and target.hbm_bytes_per_s > 0
     for count, name in target.topologies.items():
-      assert int(targets_lib.with_topology(target, name).topologies.popitem(
-      )[0]) == int(count)
+      assert int(
+          targets_lib.with_topology(target,
+                                    name).topologies.popitem()[0]) == int(count)
     if target.platform == 'cuda':
-      assert os.path.isfile(os.path.join(targets_lib.HERE,
-                                         target.target_config))
+      assert os.path.isfile(
+          os.path.join(targets_lib.HERE, target.target_config))
 
 
 def _aot(*args):
@@ -287,8 +313,8 @@ def _aot(*args):
 
 @pytest.mark.parametrize('args,says', [
     (['--target=a100'], "--target='a100' is not a target; allowed: h100"),
-    (['--target=h100', '--devices=3'],
-     '--devices=3 is not a slice of h100; allowed: 1, 2, 4, 8'),
+    (['--target=h100', '--devices=3'
+     ], '--devices=3 is not a slice of h100; allowed: 1, 2, 4, 8'),
     (['--dtype=float16'], "--dtype='float16' is not allowed"),
     (['--config=configs/nope.py'], '--config=configs/nope.py: config file'),
     (['--baseline=nope.json'], '--baseline=nope.json: no such file'),
@@ -296,7 +322,7 @@ def _aot(*args):
      "config field; config.model has no 'nope'"),
     (['--set=model.depth=deep'], "--set=model.depth=deep: model.depth takes "
      "an integer, not 'deep'"),
-    (['--set=model.bn_group_rows'], "--set=model.bn_group_rows: FIELD=VALUE"),
+    (['--set=model.bn_group_rows'], '--set=model.bn_group_rows: FIELD=VALUE'),
 ])
 def test_bad_flags_get_one_line(args, says):
   code, stdout, stderr = _aot(*args)

@@ -34,8 +34,8 @@ def _compile(spec, devices):
   compiled, _, gradient_bytes = case.compile_train(config, mesh)
   state = training.abstract_train_state(config, models.get_model(config), 1,
                                         mesh)
-  state_bytes = sum(x.size * x.dtype.itemsize
-                    for x in jax.tree_util.tree_leaves(state))
+  state_bytes = sum(
+      x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
   return compiled, state_bytes, gradient_bytes
 
 
@@ -44,8 +44,11 @@ def programs():
   # The GPU's defaults (deterministic kernels) before the backend starts
   # in this process, as experiments.aot applies them.
   added = platform.apply_defaults(platforms=('cpu', 'gpu'))
-  return {'headline': _compile('cifar100:cut_mixmo+b4', 1),
-          'ub_mimo': _compile('cifar100:ub_mimo', 8), 'added': added}
+  return {
+      'headline': _compile('cifar100:cut_mixmo+b4', 1),
+      'ub_mimo': _compile('cifar100:ub_mimo', 8),
+      'added': added
+  }
 
 
 def test_the_donated_state_is_aliased(programs):
@@ -59,8 +62,9 @@ def test_bfloat16_configs_convolve_in_bfloat16(programs):
   """Every cuDNN convolution of the step (forward, input and weight
   gradients) produces bfloat16."""
   text = programs['headline'][0].as_text()
-  dtypes = re.findall(r'= \(([a-z0-9]+)\[[^\n]*custom_call_target='
-                      r'"__cudnn\$conv', text)
+  dtypes = re.findall(
+      r'= \(([a-z0-9]+)\[[^\n]*custom_call_target='
+      r'"__cudnn\$conv', text)
   assert len(dtypes) >= 3 * 25  # WRN-28-10: 25 + 3 convs, 3 kinds each.
   assert set(dtypes) == {'bf16'}
 
@@ -90,8 +94,10 @@ def test_eight_gpus_all_reduce_the_gradients_once(programs):
   assert gradient_bytes / 2 <= reduces['bytes'] <= gradient_bytes * 1.05
   assert set(stats.collectives) == {'all-reduce'}, stats.collectives
   assert stats.loop_collectives == 0
-  gathered = [line for line in hlo.entry_lines(compiled.as_text())
-              if 'all-gather-start(' in line or ' all-gather(' in line]
+  gathered = [
+      line for line in hlo.entry_lines(compiled.as_text())
+      if 'all-gather-start(' in line or ' all-gather(' in line
+  ]
   for line in gathered:
     result = line.split(' = ', 1)[1].split(' all-gather', 1)[0]
     assert not re.search(r'\b(f32|bf16|f16)\[', result), line[:300]

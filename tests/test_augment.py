@@ -88,8 +88,9 @@ def test_crop_without_flip_never_flips_and_handles_leading_dims():
   images = _random_images(3, 12).reshape(4, 3, 8, 8, 3)
   out = augment.random_crop_flip(jax.random.key(1), images, 2, flip=False)
   assert out.shape == images.shape
-  crops = _crops_of_batch(images.reshape(12, 8, 8, 3),
-                          np.asarray(out).reshape(12, 8, 8, 3), 2)
+  crops = _crops_of_batch(
+      images.reshape(12, 8, 8, 3),
+      np.asarray(out).reshape(12, 8, 8, 3), 2)
   assert not any(flipped for _, _, flipped in crops)
 
 
@@ -127,7 +128,8 @@ def test_box_mask_matches_numpy_rule():
   out = np.asarray(masks.box_mask(1.0 - lam, cy, cx, 8, 12))
   assert out.shape == (50, 8, 12)
   for n in range(50):
-    np.testing.assert_array_equal(out[n], _numpy_box(lam[n], cy[n], cx[n], 8, 12))
+    np.testing.assert_array_equal(out[n], _numpy_box(lam[n], cy[n], cx[n], 8,
+                                                     12))
 
 
 def test_box_mask_hand_worked():
@@ -142,7 +144,8 @@ def test_box_mask_hand_worked():
 def test_resize_nearest_repeats_cells():
   masks = np.random.default_rng(0).uniform(size=(2, 3, 4, 4)).astype(np.float32)
   out = np.asarray(pixel_mix.resize_nearest(jnp.asarray(masks), 8, 8))
-  np.testing.assert_array_equal(out, masks.repeat(2, axis=-2).repeat(2, axis=-1))
+  np.testing.assert_array_equal(out,
+                                masks.repeat(2, axis=-2).repeat(2, axis=-1))
   same = np.asarray(pixel_mix.resize_nearest(jnp.asarray(masks), 4, 4))
   np.testing.assert_array_equal(same, masks)
 
@@ -165,8 +168,8 @@ def _pixel_mixing_setup(dtype=np.float32, n=16):
 @pytest.mark.parametrize('per_sample', [False, True])
 def test_mixup_pixels_follow_targets(per_sample):
   values, images, onehot = _pixel_mixing_setup()
-  out, targets = _mixup(jax.random.key(0), images, onehot, 1.0, 1.0,
-                        per_sample=per_sample)
+  out, targets = _mixup(
+      jax.random.key(0), images, onehot, 1.0, 1.0, per_sample=per_sample)
   out, targets = np.asarray(out), np.asarray(targets)
   np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
   # Image c is constant values[c] with label c: pixel = sum_c y[c] values[c].
@@ -183,8 +186,8 @@ def test_mixup_pixels_follow_targets(per_sample):
 
 def test_mixup_prob_zero_is_identity():
   _, images, onehot = _pixel_mixing_setup()
-  out, targets = _mixup(jax.random.key(1), images, onehot, 1.0, 0.0,
-                        per_sample=False)
+  out, targets = _mixup(
+      jax.random.key(1), images, onehot, 1.0, 0.0, per_sample=False)
   np.testing.assert_array_equal(np.asarray(out), images)
   np.testing.assert_array_equal(np.asarray(targets), onehot)
 
@@ -193,8 +196,8 @@ def test_mixup_prob_zero_is_identity():
 def test_cutmix_pixel_shares_equal_targets(per_sample):
   values, images, onehot = _pixel_mixing_setup(np.uint8)
   for seed in range(3):
-    out, targets = _cutmix(jax.random.key(seed), images, onehot, 1.0, 1.0,
-                           per_sample=per_sample)
+    out, targets = _cutmix(
+        jax.random.key(seed), images, onehot, 1.0, 1.0, per_sample=per_sample)
     assert out.dtype == jnp.uint8
     out, targets = np.asarray(out), np.asarray(targets)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
@@ -211,8 +214,8 @@ def test_cutmix_pixel_shares_equal_targets(per_sample):
 
 def test_cutmix_prob_zero_is_identity():
   _, images, onehot = _pixel_mixing_setup(np.uint8)
-  out, targets = _cutmix(jax.random.key(0), images, onehot, 1.0, 0.0,
-                         per_sample=False)
+  out, targets = _cutmix(
+      jax.random.key(0), images, onehot, 1.0, 0.0, per_sample=False)
   np.testing.assert_array_equal(np.asarray(out), images)
   np.testing.assert_array_equal(np.asarray(targets), onehot)
 
@@ -260,14 +263,15 @@ def test_apply_cutmix_for_mixmo_hand_worked():
   other_images = 2.0 * own_images
   own_targets = np.broadcast_to(np.eye(4)[0], (2, 2, 4))
   other_targets = np.broadcast_to(np.eye(4)[3], (2, 2, 4))
-  images, targets = pixel_mix.apply_cutmix_for_mixmo(
-      own_images, own_targets, other_images, other_targets, keep, visible,
-      apply)
+  images, targets = pixel_mix.apply_cutmix_for_mixmo(own_images, own_targets,
+                                                     other_images,
+                                                     other_targets, keep,
+                                                     visible, apply)
   np.testing.assert_array_equal(np.asarray(images)[..., 0], expected_images)
-  np.testing.assert_allclose(np.asarray(targets)[..., 0], expected_own,
-                             rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(targets)[..., 3], 1 - expected_own,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(targets)[..., 0], expected_own, rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(targets)[..., 3], 1 - expected_own, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(targets)[..., 1:3], 0.0)
 
 
@@ -276,25 +280,27 @@ def test_apply_cutmix_for_mixmo_invisible_member_uses_mask_mean():
   keep[..., :2, :] = 0  # lam' = mean(1_m) = 0.75.
   visible = np.zeros((1, 1, 8, 8), np.float32)
   _, targets = pixel_mix.apply_cutmix_for_mixmo(
-      np.zeros((1, 1, 8, 8, 3)), np.eye(2)[None, None, 0],
-      np.ones((1, 1, 8, 8, 3)), np.eye(2)[None, None, 1], keep, visible,
-      np.ones((1, 1), bool))
+      np.zeros((1, 1, 8, 8, 3)),
+      np.eye(2)[None, None, 0], np.ones((1, 1, 8, 8, 3)),
+      np.eye(2)[None, None, 1], keep, visible, np.ones((1, 1), bool))
   np.testing.assert_allclose(np.asarray(targets)[0, 0], [0.75, 0.25])
 
 
 def _random_cut_weights(rng, batch_size, h):
   """[B, 2, h, h] binary complementary MixMo masks (random clipped boxes)."""
-  boxes = [_numpy_box(rng.uniform(), rng.integers(h), rng.integers(h), h, h)
-           for _ in range(batch_size)]
+  boxes = [
+      _numpy_box(rng.uniform(), rng.integers(h), rng.integers(h), h, h)
+      for _ in range(batch_size)
+  ]
   box = np.stack(boxes)
   return np.stack([box, 1.0 - box], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes',))
-def _jitted_cutmix_for_mixmo(key, own, own_labels, other, other_labels,
-                             weights, num_classes, prob):
+def _jitted_cutmix_for_mixmo(key, own, own_labels, other, other_labels, weights,
+                             num_classes, prob):
   return pixel_mix.cutmix_for_mixmo(key, own, own_labels, other, other_labels,
-                                  weights, num_classes, prob=prob, alpha=1.0)
+                                    weights, num_classes, prob=prob, alpha=1.0)
 
 
 def _statistical_case(prob, seed=0, batch_size=128):
@@ -319,7 +325,8 @@ def test_cutmix_for_mixmo_targets_match_visible_pixels():
       1.0)
   np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
   own_weight = np.take_along_axis(targets, own_labels[..., None], -1)[..., 0]
-  other_weight = np.take_along_axis(targets, other_labels[..., None], -1)[..., 0]
+  other_weight = np.take_along_axis(targets, other_labels[..., None], -1)[...,
+                                                                          0]
   np.testing.assert_allclose(own_weight + other_weight, 1.0, rtol=1e-6)
   assert (own_weight >= 0.5).all()
   # Independent lam': share of own pixels among those the upsampled MixMo
@@ -327,8 +334,8 @@ def test_cutmix_for_mixmo_targets_match_visible_pixels():
   visible = weights.repeat(2, axis=-2).repeat(2, axis=-1)
   is_own = (images == own).astype(np.float64)
   total = visible.sum((-2, -1))
-  share = np.where(total > 0, (is_own * visible).sum((-2, -1)) /
-                   np.maximum(total, 1e-12), is_own.mean((-2, -1)))
+  share = np.where(total > 0, (is_own * visible).sum(
+      (-2, -1)) / np.maximum(total, 1e-12), is_own.mean((-2, -1)))
   np.testing.assert_allclose(own_weight, share, atol=1e-5)
   assert (own_weight < 1.0).mean() > 0.5  # CutMix really happened.
 

@@ -10,8 +10,10 @@ from PIL import Image, ImageOps
 from mixmo_jax.data import augmix
 
 _AFFINE = Image.Transform.AFFINE
-_PIL_RESAMPLE = {'nearest': Image.Resampling.NEAREST,
-                 'bilinear': Image.Resampling.BILINEAR}
+_PIL_RESAMPLE = {
+    'nearest': Image.Resampling.NEAREST,
+    'bilinear': Image.Resampling.BILINEAR
+}
 
 
 def _images(size=16):
@@ -52,8 +54,8 @@ def _pil_op(name, magnitude, resample):
   }[name]
 
 
-@pytest.mark.parametrize('name', ['identity', 'invert', 'autocontrast',
-                                  'equalize'])
+@pytest.mark.parametrize('name',
+                         ['identity', 'invert', 'autocontrast', 'equalize'])
 def test_point_operations_equal_pil(name):
   images = _images()
   out = jax.jit(getattr(augmix, name))(images)
@@ -67,10 +69,15 @@ def test_posterize_and_solarize_equal_pil_for_every_magnitude():
   post = jax.jit(augmix.posterize)(images, bits)
   sol = jax.jit(augmix.solarize)(images, thresholds)
   for i in range(len(images)):
-    np.testing.assert_array_equal(post[i], np.asarray(ImageOps.posterize(
-        Image.fromarray(images[i]), int(bits[i]))))
-    np.testing.assert_array_equal(sol[i], np.asarray(ImageOps.solarize(
-        Image.fromarray(images[i]), float(thresholds[i]))))
+    np.testing.assert_array_equal(
+        post[i],
+        np.asarray(
+            ImageOps.posterize(Image.fromarray(images[i]), int(bits[i]))))
+    np.testing.assert_array_equal(
+        sol[i],
+        np.asarray(
+            ImageOps.solarize(Image.fromarray(images[i]),
+                              float(thresholds[i]))))
 
 
 def test_autocontrast_reproduces_pil_float64_rounding():
@@ -99,8 +106,10 @@ def test_geometric_operations_match_pil(name, magnitudes, resample):
   mags = np.repeat(np.asarray(magnitudes, np.float32), 8)
   fn = jax.jit(functools.partial(getattr(augmix, name), resample=resample))
   out = np.asarray(fn(images, mags)).astype(int)
-  ref = np.stack([np.asarray(_pil_op(name, float(m), resample)(
-      Image.fromarray(im))) for im, m in zip(images, mags)]).astype(int)
+  ref = np.stack([
+      np.asarray(_pil_op(name, float(m), resample)(Image.fromarray(im)))
+      for im, m in zip(images, mags)
+  ]).astype(int)
   diff = np.abs(out - ref)
   assert (diff == 0).mean() >= (0.995 if resample == 'nearest' else 0.98)
   if resample == 'bilinear':
@@ -127,8 +136,8 @@ def test_augmix_equals_pil_chain_replay(rule):
   """Whole AugMix vs a PIL replay of the same draws (op order, depths,
   magnitudes, weights, m all wired as the formula says)."""
   images = _images()[:6].reshape(3, 2, 16, 16, 3)  # [B, M, H, W, 3].
-  chains = augmix.sample_chains(jax.random.key(1), (3, 2), (16, 16),
-                                rule=rule, severity=3, depth=-1)
+  chains = augmix.sample_chains(
+      jax.random.key(1), (3, 2), (16, 16), rule=rule, severity=3, depth=-1)
   resample = 'nearest' if rule == 'mixmo' else 'bilinear'
   out = augmix.apply_chains(images, chains, resample=resample, as_float=True)
   for b in range(3):
@@ -142,8 +151,9 @@ def test_augmix_equals_pil_chain_replay(rule):
 
 
 def test_mixmo_depths_uniform_and_magnitudes_fixed():
-  chains = augmix.sample_chains(jax.random.key(0), (4000,), (32, 32),
-                                rule='mixmo', severity=3, width=3, depth=-1)
+  chains = augmix.sample_chains(
+      jax.random.key(0), (4000,), (32, 32), rule='mixmo', severity=3, width=3,
+      depth=-1)
   depths = np.asarray(chains.depths).ravel()
   freq = np.bincount(depths, minlength=5)[1:] / depths.size
   np.testing.assert_allclose(freq, 0.25, atol=0.015)  # 12000 draws.
@@ -154,25 +164,31 @@ def test_mixmo_depths_uniform_and_magnitudes_fixed():
   op_freq = np.bincount(ops, minlength=11)[np.unique(ops)] / ops.size
   np.testing.assert_allclose(op_freq, 0.1, atol=0.01)
   # severity 3: v = 3 / 30 * (hi - lo) + lo.
-  expected = {'posterize': {4.0}, 'solarize': {25.6}, 'rotate': {3.0, -3.0},
-              'shear_x': {0.03, -0.03}, 'shear_y': {0.03, -0.03},
-              'translate_x': {1.44, -1.44}, 'translate_y': {1.44, -1.44}}
+  expected = {
+      'posterize': {4.0},
+      'solarize': {25.6},
+      'rotate': {3.0, -3.0},
+      'shear_x': {0.03, -0.03},
+      'shear_y': {0.03, -0.03},
+      'translate_x': {1.44, -1.44},
+      'translate_y': {1.44, -1.44}
+  }
   for name, values in expected.items():
     got = mags[ops == augmix.OPERATIONS.index(name)]
-    np.testing.assert_allclose(sorted(set(np.round(got, 5))), sorted(values),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        sorted(set(np.round(got, 5))), sorted(values), rtol=1e-6)
     if len(values) == 2:  # Sign -1 / +1 with probability 1/2.
       assert abs((got > 0).mean() - 0.5) < 0.05
 
 
 def test_augmix_rule_levels_and_fixed_depth():
-  chains = augmix.sample_chains(jax.random.key(0), (2000,), (30, 30),
-                                rule='augmix', severity=3, depth=4)
+  chains = augmix.sample_chains(
+      jax.random.key(0), (2000,), (30, 30), rule='augmix', severity=3, depth=4)
   np.testing.assert_array_equal(chains.depths, 4)
   assert chains.ops.shape == (2000, 3, 4)
   ops, mags = np.asarray(chains.ops), np.asarray(chains.magnitudes)
-  assert sorted({augmix.OPERATIONS[i] for i in np.unique(ops)}) == sorted(
-      augmix.AUGMIX_OPERATIONS)
+  assert sorted({augmix.OPERATIONS[i] for i in np.unique(ops)
+                }) == sorted(augmix.AUGMIX_OPERATIONS)
   of = lambda name: mags[ops == augmix.OPERATIONS.index(name)]
   # level l ~ U(0.1, 3): int(l * 4 / 10) in {0, 1}; int(l * 30 / 10) in
   # 0..8; int(l * 256 / 10) in 2..76; int(l * (30 / 3) / 10) in {0, 1, 2}.
@@ -182,8 +198,8 @@ def test_augmix_rule_levels_and_fixed_depth():
   assert set(np.abs(of('translate_x'))) == {0.0, 1.0, 2.0}
   shear = np.abs(of('shear_x'))
   assert 0.003 <= shear.min() and shear.max() <= 0.09
-  random_depths = augmix.sample_chains(jax.random.key(1), (1000,), (30, 30),
-                                       rule='augmix', depth=-1).depths
+  random_depths = augmix.sample_chains(
+      jax.random.key(1), (1000,), (30, 30), rule='augmix', depth=-1).depths
   assert set(np.unique(random_depths)) == {1, 2, 3}
 
 
@@ -208,14 +224,22 @@ def test_rounding_of_the_float_mixture():
   key = jax.random.key(3)
   as_float = augmix.augmix(key, images, as_float=True)
   rounded = augmix.augmix(key, images)
-  np.testing.assert_array_equal(
-      rounded, np.clip(np.round(np.asarray(as_float)), 0, 255))
+  np.testing.assert_array_equal(rounded,
+                                np.clip(np.round(np.asarray(as_float)), 0, 255))
 
 
-@pytest.mark.parametrize('kwargs,field', [
-    ({'rule': 'randaugment'}, 'rule'), ({'severity': 31}, 'severity'),
-    ({'rule': 'augmix', 'severity': 11}, 'severity'), ({'width': 0}, 'width'),
-    ({'resample': 'bicubic'}, 'resample')])
+@pytest.mark.parametrize('kwargs,field', [({
+    'rule': 'randaugment'
+}, 'rule'), ({
+    'severity': 31
+}, 'severity'), ({
+    'rule': 'augmix',
+    'severity': 11
+}, 'severity'), ({
+    'width': 0
+}, 'width'), ({
+    'resample': 'bicubic'
+}, 'resample')])
 def test_bad_arguments_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=f'augmix {field}'):
     augmix.augmix(jax.random.key(0), _images()[:1], **kwargs)

@@ -14,10 +14,10 @@ def _env(**extra):
 
 
 def test_device_check_tiny_prints_the_table():
-  out = subprocess.run(
-      ['bash', 'experiments/device_check.sh'], cwd=REPO, check=True,
-      capture_output=True, text=True, timeout=300,
-      env=_env(DEVICE_CHECK_TINY='1', DEVICE_CHECK_EPOCH_STEPS='2')).stdout
+  out = subprocess.run(['bash', 'experiments/device_check.sh'], cwd=REPO,
+                       check=True, capture_output=True, text=True, timeout=300,
+                       env=_env(DEVICE_CHECK_TINY='1',
+                                DEVICE_CHECK_EPOCH_STEPS='2')).stdout
   for row in ('train img/s float32', 'train img/s bfloat16', 'MFU float32',
               'Cut-MixMo / MIMO step time', 'eval img/s',
               'peak device memory MB', 'synthetic epoch (2 steps) s'):
@@ -25,10 +25,12 @@ def test_device_check_tiny_prints_the_table():
   assert re.search(r'bit-identical reruns \(3 steps\) +yes', out), out
   # The AOT model's prediction beside the measurement (no target for a CPU:
   # it says so), and the compiled step's peak and kernels.
-  assert re.search(r"step ms float32 +[0-9.]+ \(AOT lower bound: n/a, no "
-                   r"target for 'cpu'\)", out), out
-  peak, kernels = re.search(r'AOT peak MB / kernels per step float32 +'
-                            r'([0-9]+) / ([0-9]+)', out).groups()
+  assert re.search(
+      r"step ms float32 +[0-9.]+ \(AOT lower bound: n/a, no "
+      r"target for 'cpu'\)", out), out
+  peak, kernels = re.search(
+      r'AOT peak MB / kernels per step float32 +'
+      r'([0-9]+) / ([0-9]+)', out).groups()
   assert int(kernels) > 0 and int(peak) >= 0
 
 
@@ -43,7 +45,7 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   def loss(w, x):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return jnp.sum(jax.nn.relu(y) ** 2)
+    return jnp.sum(jax.nn.relu(y)**2)
 
   fn = jax.jit(jax.value_and_grad(loss))
   w, x = jnp.ones((3, 3, 8, 8)), jnp.ones((4, 16, 16, 8))
@@ -60,7 +62,6 @@ def test_op_profile_finds_the_forward_and_gradient_convolutions():
   table = op_profile.format_table(ops, step_ms=1.0, top=3)
   assert table.splitlines()[0].split()[:2] == ['HLO', 'op']
   assert 'totals per opcode' in table and 'all HLO ops' in table
-
 
 
 def test_conv_peer_computes_the_same_gradients_in_both_frameworks():

@@ -30,8 +30,10 @@ def _loss_and_grads(dtype, variables, xs, weights, targets, member_w):
 
   def loss_fn(params):
     logits, state = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']}, xs,
-        mix_weights=weights, train=True,
+        {
+            'params': params,
+            'batch_stats': variables['batch_stats']
+        }, xs, mix_weights=weights, train=True,
         mutable=['batch_stats', 'intermediates'])
     loss = losses.mixmo_loss(logits, targets, member_w)
     return loss, state
@@ -48,18 +50,18 @@ def _flat(tree):
 def test_bf16_loss_and_gradients_match_float32():
   config = _config('float32')
   model = models.get_model(config)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                         train=False)
+  variables = model.init(
+      jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
   rng = np.random.default_rng(0)
   xs = jnp.asarray(rng.standard_normal((BATCH, 2, SIZE, SIZE, 3)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 10, (BATCH, 2)), jnp.int32)
   weights, kappa = mixmo.sample_mixing_weights(
       jax.random.key(1), BATCH, 2, SIZE, SIZE, method='cut', alpha=2.0, p=0.5)
   member_w = losses.member_weights(kappa, 3.0)
-  loss32, grads32, state32 = _loss_and_grads('float32', variables, xs,
-                                             weights, targets, member_w)
-  loss16, grads16, state16 = _loss_and_grads('bfloat16', variables, xs,
-                                             weights, targets, member_w)
+  loss32, grads32, state32 = _loss_and_grads('float32', variables, xs, weights,
+                                             targets, member_w)
+  loss16, grads16, state16 = _loss_and_grads('bfloat16', variables, xs, weights,
+                                             targets, member_w)
   # The bf16 network computes in bf16; the float32 one does not.
   assert state16['intermediates']['stage1'][0].dtype == jnp.bfloat16
   assert state32['intermediates']['stage1'][0].dtype == jnp.float32
@@ -71,8 +73,9 @@ def test_bf16_loss_and_gradients_match_float32():
   assert float(cosine) > 0.99, float(cosine)
   # Not identical either: bf16 rounding is visible (else the test is moot).
   assert float(jnp.max(jnp.abs(g32 - g16))) > 0
-  for a, b in zip(jax.tree.leaves(state32['batch_stats']),
-                  jax.tree.leaves(state16['batch_stats'])):
+  for a, b in zip(
+      jax.tree.leaves(state32['batch_stats']),
+      jax.tree.leaves(state16['batch_stats'])):
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(b, a, rtol=3e-2, atol=3e-2)
 
@@ -91,12 +94,16 @@ def test_train_step_state_stays_float32_under_bf16():
   new_state, metrics = step(state, *sharding.global_batch((images, labels),
                                                           mesh))
   for name in ('params', 'batch_stats', 'opt_state'):
-    dtypes = {leaf.dtype for leaf in jax.tree.leaves(getattr(new_state, name))
-              if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    dtypes = {
+        leaf.dtype
+        for leaf in jax.tree.leaves(getattr(new_state, name))
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
     assert dtypes == {jnp.dtype(jnp.float32)}, (name, dtypes)
   # The step updated the running statistics (computed, kept in float32).
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
-                                       old_stats, new_state.batch_stats))
+  moved = jax.tree.leaves(
+      jax.tree.map(lambda a, b: bool(np.any(a != b)), old_stats,
+                   new_state.batch_stats))
   assert all(moved)
   assert metrics['loss'].dtype == jnp.float32
   assert np.isfinite(float(metrics['loss']))

@@ -14,18 +14,18 @@ def _ci(folder, command, timeout=300, **env):
   `command`; `env`: the stages' switches (CI_LINT=0, ...)."""
   (folder / '.ci').mkdir()
   shutil.copy(os.path.join(REPO, '.ci', 'run'), folder / '.ci' / 'run')
-  (folder / 'README.md').write_text(
-      f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
+  (folder / 'README.md'
+  ).write_text(f'# x\n\n<!-- ci:test -->\n```bash\n{command}\n```\n')
   return subprocess.run(['bash', str(folder / '.ci' / 'run')],
                         capture_output=True, text=True, timeout=timeout,
                         env=dict(os.environ, **env))
 
 
-@pytest.mark.parametrize('command, expected', [
-    ('true', 0), ('exit 3', 3), ('exit 5', 1)])
+@pytest.mark.parametrize('command, expected', [('true', 0), ('exit 3', 3),
+                                               ('exit 5', 1)])
 def test_ci_script_exit_codes(tmp_path, command, expected):
-  out = _ci(tmp_path, command, timeout=60, CI_SECOND_PYTHON='0',
-            CI_LINT='0', CI_TYPES='0', CI_AOT='0')
+  out = _ci(tmp_path, command, timeout=60, CI_SECOND_PYTHON='0', CI_LINT='0',
+            CI_TYPES='0', CI_AOT='0')
   assert out.returncode == expected, out.stderr
   assert f'ci: {command}' in out.stdout
 
@@ -66,8 +66,7 @@ def test_ci_script_fails_on_a_type_error_after_the_suite(tmp_path):
   CI fails there, before the accelerator compiles."""
   shutil.copy(os.path.join(REPO, 'pyproject.toml'), tmp_path)
   (tmp_path / 'mixmo_jax').mkdir()
-  (tmp_path / 'mixmo_jax' / '__init__.py').write_text(
-      "count: int = 'three'\n")
+  (tmp_path / 'mixmo_jax' / '__init__.py').write_text("count: int = 'three'\n")
   out = _ci(tmp_path, 'python3 -m venv .venv', CI_LINT='0')
   assert out.returncode == 1, out.stdout + out.stderr
   assert 'ci: type check failed' in out.stderr

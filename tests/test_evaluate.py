@@ -66,8 +66,8 @@ def _resaved_run(src, dst, **config_changes):
   os.remove(os.path.join(dst, workdir_lib.RUN))
   source = checkpointing.Checkpointer(src, read_only=True)
   step = source.all_steps()[-1]
-  state = source.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
+  state = source.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   source.close()
   workdir_lib.ensure_run_id(dst)
   ckpt = checkpointing.Checkpointer(dst, config=workdir_lib.read_config(dst))
@@ -114,8 +114,8 @@ def test_eval_json_schema(digits_workdir, evaluated):
   assert result['step'] == _latest_step(digits_workdir) == 20
   assert result['workdirs'] == [os.path.abspath(digits_workdir)]
   ens = result['ensemble']
-  for key in ('top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c',
-              'top1_c', 'temperature'):
+  for key in ('top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c', 'top1_c',
+              'temperature'):
     assert isinstance(ens[key], float), key
   for key in ('top1', 'top5', 'ece', 'ece_c', 'top1_c'):
     assert 0.0 <= ens[key] <= 1.0, key
@@ -142,9 +142,9 @@ def test_metrics_match_independent_recomputation(evaluated, reference):
   lp = _log_softmax(ref_logits.astype(np.float64).mean(1))  # 'logits' mode.
   correct = int(np.sum(lp.argmax(-1) == ref_labels))
   assert result['ensemble']['top1'] == correct / NUM_TEST
-  np.testing.assert_allclose(
-      result['ensemble']['nll'],
-      -np.mean(lp[np.arange(NUM_TEST), ref_labels]), rtol=1e-5)
+  np.testing.assert_allclose(result['ensemble']['nll'],
+                             -np.mean(lp[np.arange(NUM_TEST), ref_labels]),
+                             rtol=1e-5)
   for i, member in enumerate(result['members']):
     member_correct = np.sum(ref_logits[:, i].argmax(-1) == ref_labels)
     assert member['top1'] == member_correct / NUM_TEST
@@ -175,13 +175,21 @@ def test_best_on_test_from_history(digits_workdir, evaluated_as_trained):
 
 
 def _record(step, top1, nll):
-  return {'step': step, 'epoch': step // 10,
-          'ensemble': {'top1': top1, 'nll': nll, 'nll_c': nll / 2,
-                       'ece': step / 1000, 'ece_c': step / 2000}}
+  return {
+      'step': step,
+      'epoch': step // 10,
+      'ensemble': {
+          'top1': top1,
+          'nll': nll,
+          'nll_c': nll / 2,
+          'ece': step / 1000,
+          'ece_c': step / 2000
+      }
+  }
 
 
 def test_step_best_reproduces_best_on_test(digits_workdir,
-                                          evaluated_as_trained):
+                                           evaluated_as_trained):
   """--step=best evaluates the checkpoint of best ensemble top-1 and gives
   exactly the numbers best_on_test quotes from the history."""
   best = evaluated_as_trained['best_on_test']
@@ -195,8 +203,7 @@ def test_step_best_reproduces_best_on_test(digits_workdir,
   assert evaluate.parse_step('20') == 20
 
 
-def test_eval_json_counts_the_parameters(digits_workdir,
-                                         evaluated_as_trained):
+def test_eval_json_counts_the_parameters(digits_workdir, evaluated_as_trained):
   """num_params: the parameters of the network of config.json, counted from
   its abstract initialisation (not from the restored checkpoint)."""
   import jax
@@ -205,10 +212,10 @@ def test_eval_json_counts_the_parameters(digits_workdir,
   config = runs.read_config(digits_workdir)
   size = config.image_size
   init = functools.partial(models.get_model(config).init, train=False)
-  shapes = jax.eval_shape(init, jax.random.key(0),
-                          jnp.zeros((1, size, size, 3)))
-  expected = sum(int(np.prod(x.shape))
-                 for x in jax.tree.leaves(shapes['params']))
+  shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros(
+      (1, size, size, 3)))
+  expected = sum(
+      int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   assert evaluated_as_trained['num_params'] == expected > 0
   assert f'{expected:,} parameters' in report.format_table(
       evaluated_as_trained).splitlines()[0]
@@ -241,9 +248,14 @@ def test_best_checkpoint_is_saved_off_the_checkpoint_epochs(tmp_path):
 
 
 def test_best_on_test_takes_latest_of_ties():
-  history = [_record(10, 0.5, 1.0), _record(20, 0.7, 0.9),
-             _record(30, 0.6, 0.8), _record(40, 0.7, 0.7),
-             _record(50, float('nan'), 0.1), _record(60, 0.65, 0.6)]
+  history = [
+      _record(10, 0.5, 1.0),
+      _record(20, 0.7, 0.9),
+      _record(30, 0.6, 0.8),
+      _record(40, 0.7, 0.7),
+      _record(50, float('nan'), 0.1),
+      _record(60, 0.65, 0.6)
+  ]
   got = report.best_on_test(history)
   assert (got['step'], got['epoch']) == (40, 4)
   assert got['nll'] == 0.7 and got['nll_c'] == 0.35
@@ -272,8 +284,10 @@ def test_ensemble_of_runs(tmp_path, digits_workdir, evaluated, reference):
   assert result['members'] == single['members'] * 2
   assert result['ensemble']['top1'] == single['ensemble']['top1']
   assert result['steps'] == [20, 20] and result['members_per_run'] == [2, 2]
-  assert result['workdirs'] == [os.path.abspath(digits_workdir),
-                                os.path.abspath(copy)]
+  assert result['workdirs'] == [
+      os.path.abspath(digits_workdir),
+      os.path.abspath(copy)
+  ]
   assert 'best_on_test' not in result
   # The first run's ensemble mode rules: a 'probs' run first.
   probs_run = _resaved_run(digits_workdir, tmp_path / 'probs',
@@ -304,8 +318,9 @@ def test_missing_inputs(tmp_path, digits_workdir):
   assert sorted(os.listdir(empty)) == ['config.json']  # Nothing created.
 
 
-def test_the_checkpoints_config_is_the_source_of_truth(
-    tmp_path, digits_workdir, evaluated_as_trained, caplog):
+def test_the_checkpoints_config_is_the_source_of_truth(tmp_path, digits_workdir,
+                                                       evaluated_as_trained,
+                                                       caplog):
   """An edited config.json (a test-set field, the normalisation) changes
   nothing but a warning naming the fields; a deleted one is written back."""
   edited = _copy_run(digits_workdir, tmp_path / 'edited', data_seed=7,
@@ -313,8 +328,11 @@ def test_the_checkpoints_config_is_the_source_of_truth(
   with caplog.at_level('WARNING'):
     result = evaluate.evaluate_workdirs([edited])
   assert result['ensemble'] == evaluated_as_trained['ensemble']
-  warned = [r.getMessage() for r in caplog.records
-            if 'differs from the config stored' in r.getMessage()]
+  warned = [
+      r.getMessage()
+      for r in caplog.records
+      if 'differs from the config stored' in r.getMessage()
+  ]
   assert len(warned) == 1 and 'data_seed: 0 -> 7' in warned[0]
   assert 'image_std' in warned[0]
   deleted = _copy_run(digits_workdir, tmp_path / 'deleted')
@@ -329,8 +347,8 @@ def test_the_checkpoints_config_is_the_source_of_truth(
     evaluate.evaluate_workdirs([digits_workdir], step=999)
 
 
-def test_a_config_json_nothing_vouches_for_is_checked(tmp_path,
-                                                      digits_workdir, capsys):
+def test_a_config_json_nothing_vouches_for_is_checked(tmp_path, digits_workdir,
+                                                      capsys):
   """Checkpoints of an older version store no config: config.json is the
   only source, so a hand-edited wrong type in it is one line naming the
   field, in evaluate and in analysis, before anything is built."""
@@ -384,8 +402,8 @@ def cifar_c(tmp_path_factory, reference):
   _, images, _, logits = reference
   rng = np.random.default_rng(0)
   usable = _margin_images(images, logits)
-  idx = rng.choice(usable, 5 * PER_SEVERITY,
-                   replace=len(usable) < 5 * PER_SEVERITY)
+  idx = rng.choice(usable, 5 * PER_SEVERITY, replace=len(usable)
+                   < 5 * PER_SEVERITY)
   preds = logits[idx].astype(np.float64).mean(1).argmax(-1)
   labels = (preds + 1) % 10
   for s, k in enumerate(FOG_CORRECT):
@@ -404,8 +422,9 @@ def cifar_c(tmp_path_factory, reference):
 @pytest.fixture(scope='module')
 def corruption_result(digits_workdir, cifar_c):
   restored = runs.load_runs([digits_workdir])
-  return eval_corruptions.evaluate_corruptions(
-      restored, cifar_c[0], sharding.local_mesh(), eval_batch_size=EVAL_BATCH)
+  return eval_corruptions.evaluate_corruptions(restored, cifar_c[0],
+                                               sharding.local_mesh(),
+                                               eval_batch_size=EVAL_BATCH)
 
 
 def test_corruption_severities_are_indexed_right(corruption_result, cifar_c):
@@ -424,9 +443,9 @@ def test_corruption_severities_are_indexed_right(corruption_result, cifar_c):
       cell = res['per_corruption'][name][str(s + 1)]
       y = labels[rows]
       assert cell['top1'] == np.mean(lp[rows].argmax(-1) == y)
-      np.testing.assert_allclose(
-          cell['nll'], -np.mean(lp[rows][np.arange(PER_SEVERITY), y]),
-          rtol=1e-5)
+      np.testing.assert_allclose(cell['nll'],
+                                 -np.mean(lp[rows][np.arange(PER_SEVERITY), y]),
+                                 rtol=1e-5)
       assert cell['top1'] <= cell['top5'] <= 1.0 and 0 <= cell['ece'] <= 1
 
 
@@ -434,24 +453,31 @@ def test_corruption_summaries(corruption_result, cifar_c):
   from mixmo_jax.evaluation import metrics
   res = corruption_result
   _, labels, logits = cifar_c
-  cells = [res['per_corruption'][c][str(s)]
-           for c in ('fog', 'contrast') for s in range(1, 6)]
+  cells = [
+      res['per_corruption'][c][str(s)]
+      for c in ('fog', 'contrast')
+      for s in range(1, 6)
+  ]
   for key in eval_corruptions.CORRUPTION_METRICS:
     np.testing.assert_allclose(res['mean'][key],
                                np.mean([c[key] for c in cells]), rtol=1e-12)
     np.testing.assert_allclose(
         res['per_severity']['2'][key],
-        np.mean([res['per_corruption'][c]['2'][key]
-                 for c in ('fog', 'contrast')]), rtol=1e-12)
+        np.mean(
+            [res['per_corruption'][c]['2'][key] for c in ('fog', 'contrast')]),
+        rtol=1e-12)
   # Pooled: all 400 corrupted images at once (ECE is not a mean of cells).
-  all_lp = np.concatenate([_log_softmax(logits[c].astype(np.float64).mean(1))
-                           for c in ('fog', 'contrast')])
+  all_lp = np.concatenate([
+      _log_softmax(logits[c].astype(np.float64).mean(1))
+      for c in ('fog', 'contrast')
+  ])
   all_y = np.concatenate([labels, labels])
   np.testing.assert_allclose(res['pooled']['ece'],
                              float(metrics.ece(all_lp, all_y)), atol=1e-6)
   assert res['pooled']['top1'] == np.mean(all_lp.argmax(-1) == all_y)
   assert res['missing_corruptions'] == [
-      c for c in cifar_c_lib.CORRUPTIONS if c not in ('fog', 'contrast')]
+      c for c in cifar_c_lib.CORRUPTIONS if c not in ('fog', 'contrast')
+  ]
   assert len(res['missing_corruptions']) == 17
   assert res['ignored_files'] == ['not_a_corruption.npy']
 
@@ -462,10 +488,10 @@ def test_pooled_statistics_on_synthetic_cells():
   from mixmo_jax.evaluation import metrics
   rng = np.random.default_rng(1)
   lp = _log_softmax(3.0 * rng.normal(size=(300, 5)))
-  labels = np.where(rng.random(300) < 0.6, lp.argmax(-1),
-                    rng.integers(0, 5, 300))
-  acc, conf, count = (np.asarray(x) for x in
-                      metrics.calibration_bins(lp, labels, 15))
+  labels = np.where(
+      rng.random(300) < 0.6, lp.argmax(-1), rng.integers(0, 5, 300))
+  acc, conf, count = (
+      np.asarray(x) for x in metrics.calibration_bins(lp, labels, 15))
   gaps = (acc - conf)[count > 0]
   assert np.any(gaps > 0.02) and np.any(gaps < -0.02)  # Guard: mixed signs.
   total = None
@@ -506,9 +532,9 @@ def test_corruption_folder_errors(tmp_path, digits_workdir, monkeypatch):
   np.save(tmp_path / 'labels.npy', np.zeros(15, np.int64))
   with pytest.raises(err, match=r'expected uint8 \[15, 32, 32, 3\].*\[10, 32'):
     cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
-  for bad in (np.zeros((15, 32, 32), np.uint8),
-              np.zeros((15, 28, 28, 3), np.uint8),
-              np.zeros((15, 32, 32, 3), np.float32)):
+  for bad in (np.zeros(
+      (15, 32, 32), np.uint8), np.zeros(
+          (15, 28, 28, 3), np.uint8), np.zeros((15, 32, 32, 3), np.float32)):
     np.save(tmp_path / 'fog.npy', bad)
     with pytest.raises(err, match='fog.npy: expected uint8') as info:
       cifar_c_lib.check_folder(str(tmp_path), 10, 32, ['fog'])
@@ -519,9 +545,13 @@ def test_corruption_folder_errors(tmp_path, digits_workdir, monkeypatch):
   np.save(tmp_path / 'labels.npy', np.zeros(15, np.float32))
   with pytest.raises(err, match='integer'):
     cifar_c_lib.read_labels(str(tmp_path), 10)
-  assert cifar_c_lib.severity_slices(15) == [slice(0, 3), slice(3, 6),
-                                             slice(6, 9), slice(9, 12),
-                                             slice(12, 15)]
+  assert cifar_c_lib.severity_slices(15) == [
+      slice(0, 3),
+      slice(3, 6),
+      slice(6, 9),
+      slice(9, 12),
+      slice(12, 15)
+  ]
 
 
 def test_corruption_names():
@@ -541,9 +571,8 @@ def mean_confidence(log_probs, labels):
 def outside_metric(monkeypatch):
   """'mean_confidence' registered for one test (the table is restored)."""
   monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))
-  registry.register_metric('mean_confidence', mean_confidence,
-                           title='meanconf', fmt='.5f',
-                           higher_is_better=True, per_cell=True)
+  registry.register_metric('mean_confidence', mean_confidence, title='meanconf',
+                           fmt='.5f', higher_is_better=True, per_cell=True)
 
 
 def test_registered_metric_reaches_eval_json_table_and_cifar_c(
@@ -552,8 +581,8 @@ def test_registered_metric_reaches_eval_json_table_and_cifar_c(
                                       eval_batch_size=EVAL_BATCH)
   lp = _log_softmax(evaluated[1].astype(np.float64).mean(1))
   expected = np.mean(np.exp(lp.max(-1)))
-  assert result['ensemble']['mean_confidence'] == pytest.approx(expected,
-                                                                rel=1e-12)
+  assert result['ensemble']['mean_confidence'] == pytest.approx(
+      expected, rel=1e-12)
   others = dict(result['ensemble'])
   del others['mean_confidence']
   assert others == evaluated[0]['ensemble']  # Nothing else moved.
@@ -561,8 +590,7 @@ def test_registered_metric_reaches_eval_json_table_and_cifar_c(
   header, row = report.format_table(result).splitlines()[1:3]
   assert header.split()[-1] == 'meanconf'
   assert row.split()[0] == 'ensemble'
-  assert row.split()[-1] == format(result['ensemble']['mean_confidence'],
-                                   '.5f')
+  assert row.split()[-1] == format(result['ensemble']['mean_confidence'], '.5f')
   # CIFAR-C: per cell (fog block s holds severity s), per severity, mean.
   res = eval_corruptions.evaluate_corruptions(
       runs.load_runs([digits_workdir]), cifar_c[0], sharding.local_mesh(),
@@ -574,8 +602,9 @@ def test_registered_metric_reaches_eval_json_table_and_cifar_c(
     want = np.mean(np.exp(fog_lp[rows].max(-1)))
     got = res['per_corruption']['fog'][str(s + 1)]['mean_confidence']
     assert got == pytest.approx(want, rel=1e-4), s
-    cells += [got, res['per_corruption']['contrast'][str(5 - s)][
-        'mean_confidence']]
+    cells += [
+        got, res['per_corruption']['contrast'][str(5 - s)]['mean_confidence']
+    ]
   assert res['per_corruption']['contrast']['1']['mean_confidence'] == (
       res['per_corruption']['fog']['5']['mean_confidence'])
   assert res['mean']['mean_confidence'] == pytest.approx(np.mean(cells))
@@ -594,8 +623,9 @@ def test_table_prints_both_temperatures(evaluated):
   halves = [l for l in lines if 'cross-fitted halves' in l][0]
   assert f'A {t_a:.4g}' in halves and f'B {t_b:.4g}' in halves
   header = report.format_table(result).splitlines()[1].split()
-  assert header == ['top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mm',
-                    'tace_um']
+  assert header == [
+      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mm', 'tace_um'
+  ]
 
 
 # ---------------------------------------------------------------- CLI
@@ -604,11 +634,11 @@ def test_table_prints_both_temperatures(evaluated):
 def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
                                    corruption_result, cifar_c):
   workdir = _copy_run(digits_workdir, tmp_path / 'run')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={workdir}',
-       '--plots', '--plot_formats=png,pdf', f'--corruptions={cifar_c[0]}',
-       f'--eval_batch_size={EVAL_BATCH}'],
-      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([
+      sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={workdir}',
+      '--plots', '--plot_formats=png,pdf', f'--corruptions={cifar_c[0]}',
+      f'--eval_batch_size={EVAL_BATCH}'
+  ], cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ensemble' in proc.stdout and 'member 1' in proc.stdout
   with open(os.path.join(workdir, 'eval.json')) as f:
@@ -626,10 +656,10 @@ def test_cli_plots_and_corruptions(tmp_path, digits_workdir, evaluated,
 
 def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
   missing = str(tmp_path / 'no_such_run')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}',
-       '--plots', '--plot_formats=png,jpg'],
-      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([
+      sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}',
+      '--plots', '--plot_formats=png,jpg'
+  ], cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1] == ("error: --plot_formats=png,jpg: ['jpg'] not allowed; "
@@ -637,21 +667,22 @@ def test_cli_bad_plot_format_exits_2_before_any_work(tmp_path):
   assert not os.path.exists(missing)
 
 
-@pytest.mark.parametrize('extra,expected', [
-    ([], 'error: workdir {missing} does not exist'),
-    (['--step=-3'], 'error: --step=-3: must be a checkpoint step (an '
-     'integer >= 0) or best'),
-    (['--eval_batch_size=-5'], 'error: --eval_batch_size=-5: must be an '
-     'integer >= 1'),
-    (['--output={missing}/config.json'], 'error: --output={missing}/'
-     'config.json: {missing}/config.json would overwrite {missing}/'
-     'config.json, which the workdir reads; write eval.json elsewhere')])
+@pytest.mark.parametrize(
+    'extra,expected',
+    [([], 'error: workdir {missing} does not exist'),
+     (['--step=-3'], 'error: --step=-3: must be a checkpoint step (an '
+      'integer >= 0) or best'),
+     (['--eval_batch_size=-5'], 'error: --eval_batch_size=-5: must be an '
+      'integer >= 1'),
+     (['--output={missing}/config.json'], 'error: --output={missing}/'
+      'config.json: {missing}/config.json would overwrite {missing}/'
+      'config.json, which the workdir reads; write eval.json elsewhere')])
 def test_cli_missing_workdir_or_bad_step_exits_2(tmp_path, extra, expected):
   missing = str(tmp_path / 'no_such_run')
   proc = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}']
-      + [e.format(missing=missing) for e in extra],
-      cwd=REPO, env=_cli_env(), capture_output=True, text=True, timeout=300)
+      [sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={missing}'] +
+      [e.format(missing=missing) for e in extra], cwd=REPO, env=_cli_env(),
+      capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1] == expected.format(missing=missing)
@@ -671,12 +702,11 @@ def test_eval_batch_is_capped_at_the_padded_test_set():
 
   def predict_fn(variables, batch):
     shapes.append(batch.shape)
-    return jnp.broadcast_to(batch.astype(jnp.float32).sum((1, 2, 3))[:, None,
-                                                                      None],
-                            (batch.shape[0], 2, 3))
+    return jnp.broadcast_to(
+        batch.astype(jnp.float32).sum((1, 2, 3))[:, None, None],
+        (batch.shape[0], 2, 3))
 
-  huge = inference.predict_member_logits(predict_fn, {}, images, 1 << 20,
-                                         mesh)
+  huge = inference.predict_member_logits(predict_fn, {}, images, 1 << 20, mesh)
   assert shapes == [(40, 2, 2, 3)]  # 37 rounded up to 8 devices.
   small = inference.predict_member_logits(predict_fn, {}, images, 8, mesh)
   np.testing.assert_array_equal(huge, small)
@@ -687,8 +717,9 @@ def _evaluated_step(workdir, caplog, step=None):
   caplog.clear()
   with caplog.at_level('WARNING'):
     result = evaluate.evaluate_workdirs([workdir], step=step)
-  skipped = [r.getMessage() for r in caplog.records
-             if 'skipped' in r.getMessage()]
+  skipped = [
+      r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()
+  ]
   return result['step'], skipped
 
 
@@ -704,14 +735,14 @@ def test_a_renamed_step_folder_is_not_believed(tmp_path, digits_workdir,
   assert step == 10
   assert len(skipped) == 1 and ('the folder 60 holds the checkpoint saved at '
                                 'step 20') in skipped[0]
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r'^the checkpoint at step 60 .*\(the folder 60 '
-                           r'holds the checkpoint saved at step 20'):
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match=r'^the checkpoint at step 60 .*\(the folder 60 '
+      r'holds the checkpoint saved at step 20'):
     evaluate.evaluate_workdirs([run], step=60)
 
 
-def test_another_runs_checkpoint_is_not_used(tmp_path, digits_workdir,
-                                             caplog):
+def test_another_runs_checkpoint_is_not_used(tmp_path, digits_workdir, caplog):
   """A checkpoint of another run (its own run id) copied in under this run's
   step is skipped with a warning naming both run ids."""
   other = _resaved_run(digits_workdir, tmp_path / 'other')
@@ -724,8 +755,8 @@ def test_another_runs_checkpoint_is_not_used(tmp_path, digits_workdir,
   assert len(skipped) == 1 and 'belongs to another run' in skipped[0]
 
 
-def test_training_quarantines_a_renamed_folder_and_resumes(tmp_path,
-                                                           digits_workdir):
+def test_training_quarantines_a_renamed_folder_and_resumes(
+    tmp_path, digits_workdir):
   """A folder renamed to a huge step no longer makes the run 'finished':
   it is quarantined and the run resumes from its real latest checkpoint to
   the same bits."""
@@ -734,8 +765,8 @@ def test_training_quarantines_a_renamed_folder_and_resumes(tmp_path,
   ckpts = os.path.join(run, 'checkpoints')
   with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:
     final = json.load(f)['sha256']
-  os.rename(os.path.join(ckpts, '20'),
-            os.path.join(ckpts, '99999999999999999999'))
+  os.rename(
+      os.path.join(ckpts, '20'), os.path.join(ckpts, '99999999999999999999'))
   training.train_and_evaluate(workdir_lib.read_config(run), run)
   assert workdir_lib.available_steps(run) == [10, 20]
   with open(os.path.join(ckpts, '20', 'digest', 'metadata')) as f:

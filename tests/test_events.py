@@ -42,8 +42,12 @@ def test_record_framing():
 def test_tensorflow_reads_scalars_images_hparams(tmp_path):
   import tensorflow as tf
   writer = events.EventWriter(str(tmp_path))
-  writer.write_hparams({'optimizer.base_learning_rate': 0.1, 'model.depth': 10,
-                        'mixing.method': 'cut_mixmo', 'flag': True})
+  writer.write_hparams({
+      'optimizer.base_learning_rate': 0.1,
+      'model.depth': 10,
+      'mixing.method': 'cut_mixmo',
+      'flag': True
+  })
   writer.write_scalars(7, {'train/loss': 1.25, 'eval/top1': np.float32(0.5)})
   image = np.zeros((1, 6, 4, 3), np.uint8)
   image[0, 1, 2] = (255, 0, 9)  # a planted pixel
@@ -55,8 +59,7 @@ def test_tensorflow_reads_scalars_images_hparams(tmp_path):
   assert values['train/loss'][0] == 7
   assert float(tf.make_ndarray(values['train/loss'][1].tensor)) == 1.25
   assert float(tf.make_ndarray(values['eval/top1'][1].tensor)) == 0.5
-  assert (values['train/loss'][1].metadata.plugin_data.plugin_name
-          == 'scalars')
+  assert (values['train/loss'][1].metadata.plugin_data.plugin_name == 'scalars')
   step, figure = values['eval/figure']
   assert step == 7 and figure.metadata.plugin_data.plugin_name == 'images'
   width, height, png = figure.tensor.string_val
@@ -64,7 +67,8 @@ def test_tensorflow_reads_scalars_images_hparams(tmp_path):
   decoded = tf.io.decode_png(png).numpy()
   np.testing.assert_array_equal(decoded, image[0])
   assert any(v.metadata.plugin_data.plugin_name == 'hparams'
-             for e in read for v in e.summary.value)
+             for e in read
+             for v in e.summary.value)
 
 
 def test_corrupt_record_is_detected_by_the_reader(tmp_path):
@@ -91,8 +95,7 @@ def test_two_writers_of_one_process_write_two_files(tmp_path):
   assert [len(_read(w.path)) for w in (first, second)] == [2, 2]
 
 
-def test_no_file_before_the_first_write_and_none_for_other_processes(
-    tmp_path):
+def test_no_file_before_the_first_write_and_none_for_other_processes(tmp_path):
   events.EventWriter(str(tmp_path)).close()
   assert not os.listdir(tmp_path)
   silent = events.EventWriter(None)
@@ -108,8 +111,9 @@ def test_failed_write_warns_once_and_training_goes_on(tmp_path, caplog):
   writer.write_scalars(1, {'a': 1.0})
   writer.write_scalars(2, {'a': 2.0})
   writer.close()
-  warnings = [r for r in caplog.records if 'TensorBoard event file' in
-              r.getMessage()]
+  warnings = [
+      r for r in caplog.records if 'TensorBoard event file' in r.getMessage()
+  ]
   assert len(warnings) == 1
   assert 'checkpoints and eval_history.jsonl are unaffected' in (
       warnings[0].getMessage())

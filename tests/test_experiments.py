@@ -28,12 +28,14 @@ EXPECTED_MIXING = {'mimo': 'sum', 'linear_mixmo': 'linear', 'cut_mixmo': 'cut'}
 
 
 def _find(table, dataset, method, cutmix=False, b=1, n=1, width=None, m=None):
-  width = width if width is not None else (1 if dataset == 'tiny_imagenet'
-                                           else 10)
-  hits = [e for e in tables.ENTRIES
-          if (e.table, e.dataset, e.method, e.cutmix, e.b, e.n_networks,
-              e.width) == (table, dataset, method, cutmix, b, n, width)
-          and (m is None or e.num_members == m)]
+  width = width if width is not None else (
+      1 if dataset == 'tiny_imagenet' else 10)
+  hits = [
+      e for e in tables.ENTRIES
+      if (e.table, e.dataset, e.method, e.cutmix, e.b, e.n_networks,
+          e.width) == (table, dataset, method, cutmix, b, n,
+                       width) and (m is None or e.num_members == m)
+  ]
   assert len(hits) == 1, hits
   return hits[0]
 
@@ -50,8 +52,8 @@ def test_every_entry_config_loads_validates_and_matches_its_row():
     config_validation.validate(config, num_devices=1)
     assert config.seed == 1
     # CIFAR-100-C rows (Table 4, 'ub') train on CIFAR-100.
-    assert config.dataset == (entry.dataset[:-2] if entry.corruptions
-                              else entry.dataset)
+    assert config.dataset == (
+        entry.dataset[:-2] if entry.corruptions else entry.dataset)
     assert config.model.width == entry.width
     assert config.batch_repetitions == entry.b
     assert config.num_members == entry.num_members
@@ -59,8 +61,8 @@ def test_every_entry_config_loads_validates_and_matches_its_row():
       assert (config.model.name, config.model.depth) == ('wide_resnet', 28)
     else:
       assert config.model.name == 'preact_resnet18'
-    pixel = ('cutmix' if entry.cutmix or entry.method == 'cutmix'
-             else 'mixup' if entry.method == 'mixup' else 'none')
+    pixel = ('cutmix' if entry.cutmix or entry.method == 'cutmix' else
+             'mixup' if entry.method == 'mixup' else 'none')
     assert config.augment.pixel_mix == pixel, entry.label
     if entry.method in EXPECTED_MIXING:
       assert config.mixing.method == EXPECTED_MIXING[entry.method]
@@ -79,7 +81,8 @@ def test_table2_blocks_use_the_registry_names():
     assert tables.load_config(entry).mixing.method == block
   assert set(tables.TABLE2_BLOCKS.values()) == {
       'linear', 'top_bottom_concat', 'left_right_concat', 'patchup', 'fmix',
-      'cowmask', 'cut'}
+      'cowmask', 'cut'
+  }
 
 
 def test_table2_blocks_registered_for_main():
@@ -110,8 +113,10 @@ def test_every_paper_row_is_covered_and_nothing_invented():
   assert entry_keys - csv_keys == set()
   assert len(entry_keys) == len(
       [e for e in tables.ENTRIES if e.table in PAPER_TABLES])
-  best = {(r['table'],) + tuple(r[k] for k in ('dataset', 'method')):
-          int(r['best_epoch']) for r in rows}
+  best = {
+      (r['table'],) + tuple(r[k] for k in ('dataset', 'method')):
+          int(r['best_epoch']) for r in rows
+  }
   for e in tables.ENTRIES:
     if e.table in PAPER_TABLES:
       assert best[(e.table, e.dataset, e.method)] == e.best_epoch
@@ -132,8 +137,11 @@ def test_table4_rows_cover_the_csv_and_train_with_augmix():
   assert len(rows) == 27
   top1 = {r['method'] for r in rows if r['metric'] == 'top1'}
   assert top1.isdisjoint({'deep_ensemble', 'deep_ensemble_augmix', 'mimo'})
-  clean = {e.row_key[1:]: e for e in tables.ENTRIES if e.table == '1'
-           and e.dataset == 'cifar100'}
+  clean = {
+      e.row_key[1:]: e
+      for e in tables.ENTRIES
+      if e.table == '1' and e.dataset == 'cifar100'
+  }
   for e in entries:
     config = tables.load_config(e, seed=0)
     augmix = e.method.endswith(tables.AUGMIX_SUFFIX)
@@ -141,14 +149,16 @@ def test_table4_rows_cover_the_csv_and_train_with_augmix():
     assert config.dataset == 'cifar100'
     if not augmix:  # The same training as Table 1's row.
       same = clean[e.row_key[1:]]
-      assert (tables.training_key(config)
-              == tables.training_key(tables.load_config(same, seed=0)))
+      assert (tables.training_key(config) == tables.training_key(
+          tables.load_config(same, seed=0)))
   assert set(entries) == {e for e in tables.ENTRIES if e.table == '4'}
 
 
 def test_table4_plan_evaluates_on_the_corruptions_into_its_own_file():
-  entries = [e for e in tables.TABLE4_ENTRIES
-             if e.method in ('cut_mixmo', 'cut_mixmo_augmix', 'deep_ensemble')]
+  entries = [
+      e for e in tables.TABLE4_ENTRIES
+      if e.method in ('cut_mixmo', 'cut_mixmo_augmix', 'deep_ensemble')
+  ]
   entries = [dataclasses.replace(e, seeds=(0,)) for e in entries]
   trains, singles, later = run_lib.plan(entries, '/r', 'PY',
                                         corruptions_dir='/data/c100c')
@@ -179,13 +189,25 @@ def test_table4_summary_reads_the_corruption_mean(tmp_path):
   root = str(tmp_path / 'runs')
   (cut,) = [e for e in tables.TABLE4_ENTRIES if e.method == 'cut_mixmo']
   # The clean eval.json of the same training must not be read for Table 4.
-  _write_eval(run_lib.eval_path(root, dataclasses.replace(
-      cut, corruptions=False), 0), 0.9, best=(0.91, 0.5))
+  _write_eval(
+      run_lib.eval_path(root, dataclasses.replace(cut, corruptions=False), 0),
+      0.9, best=(0.91, 0.5))
   path = run_lib.eval_path(root, cut, 0)
   with open(path, 'w') as f:
-    json.dump({'corruptions': {'mean': {'top1': 0.571, 'top5': 0.8,
-                                        'nll': 1.9, 'ece': 0.1},
-                               'pooled': {'top1': 0.2}}}, f)
+    json.dump(
+        {
+            'corruptions': {
+                'mean': {
+                    'top1': 0.571,
+                    'top5': 0.8,
+                    'nll': 1.9,
+                    'ece': 0.1
+                },
+                'pooled': {
+                    'top1': 0.2
+                }
+            }
+        }, f)
   sections = _parse_markdown(summarize.summarize(root, ['4'], RESULTS_CSV))
   row = _row(sections, 'Table 4', dataset='cifar100_c', method='cut_mixmo')
   assert row['Top-1 % ours (best epoch)'] == '57.10 (f)'
@@ -195,12 +217,14 @@ def test_table4_summary_reads_the_corruption_mean(tmp_path):
 
 def test_figure9_rows():
   fig9 = [e for e in tables.ENTRIES if e.table == 'fig9']
-  assert sorted((e.method, e.num_members) for e in fig9) == [
-      ('cut_mixmo', 2), ('cut_mixmo', 3), ('mimo', 2), ('mimo', 3)]
+  assert sorted((e.method, e.num_members) for e in fig9) == [('cut_mixmo', 2),
+                                                             ('cut_mixmo', 3),
+                                                             ('mimo', 2),
+                                                             ('mimo', 3)]
   for e in fig9:
     config = tables.load_config(e)
-    assert (config.dataset, config.model.width, config.batch_repetitions) == (
-        'cifar100', 10, 2)
+    assert (config.dataset, config.model.width,
+            config.batch_repetitions) == ('cifar100', 10, 2)
 
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -209,16 +233,17 @@ def test_command_line_flags_give_the_same_config(monkeypatch):
   from absl import flags
   from ml_collections import config_flags
   monkeypatch.chdir(REPO)
-  picks = [_find('1', 'cifar10', 'cut_mixmo', cutmix=True, b=4),
-           _find('2', 'cifar100', 'mixmo_block_cowmask', b=2),
-           _find('5', 'tiny_imagenet', 'linear_mixmo', b=4, width=3),
-           _find('9', 'cifar100', 'vanilla', cutmix=True, width=7),
-           _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3)]
+  picks = [
+      _find('1', 'cifar10', 'cut_mixmo', cutmix=True, b=4),
+      _find('2', 'cifar100', 'mixmo_block_cowmask', b=2),
+      _find('5', 'tiny_imagenet', 'linear_mixmo', b=4, width=3),
+      _find('9', 'cifar100', 'vanilla', cutmix=True, width=7),
+      _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3)
+  ]
   for entry in picks:
     argv = ['prog'] + entry.config_args() + ['--config.seed=4']
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', flag_values=values,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
     values(argv)
     parsed = values.config
     assert parsed.to_dict() == tables.load_config(entry, seed=4).to_dict()
@@ -234,10 +259,11 @@ def test_shared_trainings_have_equal_configs():
   assert len(set(by_workdir.values())) == len(by_workdir)
   t1 = _find('1', 'cifar100', 'mimo', b=4)
   t8 = _find('8', 'cifar100', 'mimo', b=4)
-  assert run_lib.workdir('/r', t8, 2) == run_lib.workdir('/r', t1, 2) == (
-      '/r/1/cifar100_wrn28-10_mimo_b4/seed2')
+  assert run_lib.workdir('/r', t8, 2) == run_lib.workdir(
+      '/r', t1, 2) == ('/r/1/cifar100_wrn28-10_mimo_b4/seed2')
   de = _find('9', 'cifar100', 'deep_ensemble', cutmix=True, n=2, width=10)
-  assert run_lib.workdir('/r', de, 3) == '/r/1/cifar100_wrn28-10_cutmix_b1/seed3'
+  assert run_lib.workdir('/r', de,
+                         3) == '/r/1/cifar100_wrn28-10_cutmix_b1/seed3'
   assert tables.owner(de).n_networks == 1
 
 
@@ -251,14 +277,15 @@ def _train_lines(text):
 
 
 def test_print_mode_one_train_command_per_seed(capsys):
-  code = run_lib.main(['--table=1', '--dataset=cifar100', '--method=cut_mixmo',
-                       '--seeds=0,1,2', '--root=/runs'])
+  code = run_lib.main([
+      '--table=1', '--dataset=cifar100', '--method=cut_mixmo', '--seeds=0,1,2',
+      '--root=/runs'
+  ])
   assert code == 0
   out = capsys.readouterr().out
   lines = _train_lines(out)
   assert len(lines) == 4 * 3  # (cutmix 0/1) x (b 2/4) x 3 seeds.
-  b4 = [shlex.split(l) for l in lines
-        if 'cut_mixmo+cutmix+b4' in l]
+  b4 = [shlex.split(l) for l in lines if 'cut_mixmo+cutmix+b4' in l]
   assert len(b4) == 3
   for k, argv in enumerate(b4):
     assert argv[:3] == ['python', '-m', 'mixmo_jax.main']
@@ -277,16 +304,19 @@ def test_ensemble_rows_train_disjoint_members_and_evaluate_together():
   base = '/r/5/tiny_imagenet_preact_resnet18-2_vanilla_b1'
   assert [j.output for j in trains] == [f'{base}/seed{s}' for s in range(9)]
   assert len(singles) == 9
-  assert [j.argv[3:] for j in ensembles] == [
-      [f'--workdir={base}/seed{3 * k}',
-       f'--ensemble={base}/seed{3 * k + 1},{base}/seed{3 * k + 2}',
-       f'--output={base}/seed{3 * k}/eval_ensemble3.json'] for k in range(3)]
+  assert [j.argv[3:] for j in ensembles] == [[
+      f'--workdir={base}/seed{3 * k}',
+      f'--ensemble={base}/seed{3 * k + 1},{base}/seed{3 * k + 2}',
+      f'--output={base}/seed{3 * k}/eval_ensemble3.json'
+  ] for k in range(3)]
 
 
 def test_jobs_mode_files(tmp_path):
   jobs = tmp_path / 'jobs.txt'
-  code = run_lib.main(['--table=6', f'--root={tmp_path}/runs', '--mode=jobs',
-                       f'--jobs_file={jobs}'])
+  code = run_lib.main([
+      '--table=6', f'--root={tmp_path}/runs', '--mode=jobs',
+      f'--jobs_file={jobs}'
+  ])
   assert code == 0
   first = jobs.read_text().splitlines()
   second = (tmp_path / 'jobs_ensembles.txt').read_text().splitlines()
@@ -319,9 +349,10 @@ def test_run_mode_skips_done_and_orders(tmp_path, monkeypatch):
 
 
 def test_cli_subprocess_and_bad_table():
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.run', '--table=fig9', '--seeds=0',
-       '--root=/x'], cwd=REPO, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run([
+      sys.executable, '-m', 'experiments.run', '--table=fig9', '--seeds=0',
+      '--root=/x'
+  ], cwd=REPO, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   assert len(_train_lines(proc.stdout)) == 4
   assert run_lib.main(['--table=7']) == 2
@@ -336,15 +367,40 @@ def _write_eval(path, top1, top5=0.9, nll_c=0.5, nll=0.6, ece=0.02,
                 members=(0.8, 0.81), best=None, num_members=2):
   """An eval.json; best = (top1, nll_c) adds a best_on_test record."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  result = {'step': 100, 'num_members': num_members, 'ensemble': {
-      'top1': top1, 'top5': top5, 'nll': nll, 'ece': ece, 'brier': 0.2,
-      'nll_c': nll_c, 'ece_c': 0.01, 'top1_c': top1, 'temperature': 1.1},
-            'members': [{'top1': m, 'nll': 1.0} for m in members],
-            'diversity': {'ratio_error': 0.8, 'disagreement': 0.1}}
+  result = {
+      'step': 100,
+      'num_members': num_members,
+      'ensemble': {
+          'top1': top1,
+          'top5': top5,
+          'nll': nll,
+          'ece': ece,
+          'brier': 0.2,
+          'nll_c': nll_c,
+          'ece_c': 0.01,
+          'top1_c': top1,
+          'temperature': 1.1
+      },
+      'members': [{
+          'top1': m,
+          'nll': 1.0
+      } for m in members],
+      'diversity': {
+          'ratio_error': 0.8,
+          'disagreement': 0.1
+      }
+  }
   if best is not None:
-    result['best_on_test'] = {'epoch': 7, 'step': 70, 'top1': best[0],
-                              'nll': 0.7, 'nll_c': best[1], 'ece': 0.03,
-                              'ece_c': 0.015, 'note': 'paper protocol'}
+    result['best_on_test'] = {
+        'epoch': 7,
+        'step': 70,
+        'top1': best[0],
+        'nll': 0.7,
+        'nll_c': best[1],
+        'ece': 0.03,
+        'ece_c': 0.015,
+        'note': 'paper protocol'
+    }
   with open(path, 'w') as f:
     json.dump(result, f)
 
@@ -367,8 +423,9 @@ def _parse_markdown(text):
 
 def _row(sections, table_prefix, **match):
   (title,) = [t for t in sections if t.startswith(table_prefix)]
-  hits = [r for r in sections[title]
-          if all(r[k] == v for k, v in match.items())]
+  hits = [
+      r for r in sections[title] if all(r[k] == v for k, v in match.items())
+  ]
   assert len(hits) == 1, (match, hits)
   return hits[0]
 
@@ -383,24 +440,28 @@ def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
   best_tops = [0.855, 0.856, 0.861]
   best_nlls = [0.51, 0.54, 0.50]
   for k, (t, n) in enumerate(zip(tops, nlls)):
-    _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed{k}/eval.json',
-                t, nll_c=n, best=(best_tops[k], best_nlls[k]))
+    _write_eval(f'{root}/1/cifar100_wrn28-10_cut_mixmo_b4/seed{k}/eval.json', t,
+                nll_c=n, best=(best_tops[k], best_nlls[k]))
   # Table 5, w=3 Cut-MixMo b=4: a single seed.
-  _write_eval(run_lib.eval_path(
-      root, _find('5', 'tiny_imagenet', 'cut_mixmo', b=4, width=3), 0), 0.7)
+  _write_eval(
+      run_lib.eval_path(root,
+                        _find('5', 'tiny_imagenet', 'cut_mixmo', b=4, width=3),
+                        0), 0.7)
   # A deep ensemble of 2 (repetition 1 only).
   de = _find('1', 'cifar100', 'deep_ensemble', n=2)
   path = run_lib.eval_path(root, de, 1)
   assert path == f'{root}/1/cifar100_wrn28-10_vanilla_b1/seed2/eval_ensemble2.json'
   _write_eval(path, 0.831)
   # Figure 9 Cut-MixMo M=3: members' mean top-1.
-  _write_eval(run_lib.eval_path(
-      root, _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3), 0), 0.8,
-      members=(0.79, 0.80, 0.81))
+  _write_eval(
+      run_lib.eval_path(root, _find('fig9', 'cifar100', 'cut_mixmo', b=2, m=3),
+                        0), 0.8, members=(0.79, 0.80, 0.81))
 
   out = tmp_path / 'summary.md'
-  code = summarize.main([f'--root={root}', '--table=1,5,8,fig9',
-                         f'--output={out}', f'--results_csv={RESULTS_CSV}'])
+  code = summarize.main([
+      f'--root={root}', '--table=1,5,8,fig9', f'--output={out}',
+      f'--results_csv={RESULTS_CSV}'
+  ])
   assert code == 0
   sections = _parse_markdown(out.read_text())
 
@@ -438,8 +499,8 @@ def test_summary_means_and_hand_checked_paper_numbers(tmp_path):
       f'{statistics.mean(nlls):.3f} ± {statistics.stdev(nlls):.3f}')
   assert t8_ours['ECE ours (final)'] == '0.0200 ± 0.0000'
 
-  de_row = _row(sections, 'Table 1', dataset='cifar100',
-                method='deep_ensemble', CutMix='-')
+  de_row = _row(sections, 'Table 1', dataset='cifar100', method='deep_ensemble',
+                CutMix='-')
   assert de_row['runs'] == '1/3'
   assert de_row['Top-1 % ours (best epoch)'] == '83.10 (f)'
   assert de_row['Top-1 % paper (best epoch)'] == '83.17'
@@ -458,29 +519,47 @@ def test_mean_std_and_units():
   mean, std = summarize.mean_std([1.0, 2.0, 4.0])
   assert mean == pytest.approx(7 / 3)
   assert std == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
-  result = {'ensemble': {'top1': 0.5, 'ece': 0.03}, 'members': [
-      {'top1': 0.4}, {'top1': 0.6}, {'top1': 0.5}]}
+  result = {
+      'ensemble': {
+          'top1': 0.5,
+          'ece': 0.03
+      },
+      'members': [{
+          'top1': 0.4
+      }, {
+          'top1': 0.6
+      }, {
+          'top1': 0.5
+      }]
+  }
   assert summarize.our_value(result, 'top1') == (pytest.approx(50.0), True)
   assert summarize.our_value(result, 'ece') == (pytest.approx(0.03), True)
   assert summarize.our_value(result, 'member_top1')[0] == pytest.approx(50.0)
   assert summarize.our_value(result, 'nll')[0] is None
   result['best_on_test'] = {'top1': 0.6, 'ece': None}
-  assert summarize.our_value(result, 'top1', best=True) == (
-      pytest.approx(60.0), False)
+  assert summarize.our_value(result, 'top1',
+                             best=True) == (pytest.approx(60.0), False)
   assert summarize.our_value(result, 'top1') == (pytest.approx(50.0), True)
-  assert summarize.our_value(result, 'ece', best=True) == (
-      pytest.approx(0.03), True)
+  assert summarize.our_value(result, 'ece',
+                             best=True) == (pytest.approx(0.03), True)
 
 
 def test_summary_of_runs_matching_no_paper_row(tmp_path):
   root = tmp_path / 'mine'
-  _write_eval(str(root / 'a' / 'eval.json'), 0.5, nll=1.25, nll_c=1.125,
-              ece=0.0625, best=(0.625, 1.0))
-  _write_eval(str(root / 'b' / 'c' / 'eval_ensemble2.json'), 0.75,
-              num_members=4)
-  (root / 'a' / 'config.json').write_text(json.dumps(
-      {'variant': 'mimo+b4', 'num_members': 2, 'batch_repetitions': 4,
-       'mixing': {'method': 'sum'}}))
+  _write_eval(
+      str(root / 'a' / 'eval.json'), 0.5, nll=1.25, nll_c=1.125, ece=0.0625,
+      best=(0.625, 1.0))
+  _write_eval(
+      str(root / 'b' / 'c' / 'eval_ensemble2.json'), 0.75, num_members=4)
+  (root / 'a' / 'config.json').write_text(
+      json.dumps({
+          'variant': 'mimo+b4',
+          'num_members': 2,
+          'batch_repetitions': 4,
+          'mixing': {
+              'method': 'sum'
+          }
+      }))
   text = summarize.summarize(str(root), results_csv=RESULTS_CSV)
   assert 'No run under' in text and 'Table 1' not in text
   (title,) = _parse_markdown(text)
@@ -504,10 +583,11 @@ def test_summary_of_runs_matching_no_paper_row(tmp_path):
   assert '## Table 1' in summarize.summarize(str(root), ['1'], RESULTS_CSV)
 
 
-@pytest.mark.parametrize('path,table,dataset,width', [
-    ('configs/cifar100.py', '1', 'cifar100', 10),
-    ('configs/cifar10.py', '1', 'cifar10', 10),
-    ('configs/tiny_imagenet.py', '5', 'tiny_imagenet', 1)])
+@pytest.mark.parametrize(
+    'path,table,dataset,width',
+    [('configs/cifar100.py', '1', 'cifar100', 10),
+     ('configs/cifar10.py', '1', 'cifar10', 10),
+     ('configs/tiny_imagenet.py', '5', 'tiny_imagenet', 1)])
 def test_default_config_trains_the_cut_mixmo_b2_row(path, table, dataset,
                                                     width):
   """The README quotes, for each plain command, this row's paper number."""
@@ -521,12 +601,19 @@ def test_default_config_trains_the_cut_mixmo_b2_row(path, table, dataset,
 @needs_csv
 def test_ub_mimo_rows_and_their_summary(tmp_path):
   rows = [r for r in _csv_rows() if r['table'] == 'ub']
-  assert {(r['dataset'], r['metric']): r['value'] for r in rows} == {
-      ('cifar10', 'top1'): '96.4', ('cifar10', 'nll'): '0.123',
-      ('cifar10', 'ece'): '0.010', ('cifar100', 'top1'): '82.0',
-      ('cifar100', 'nll'): '0.690', ('cifar100', 'ece'): '0.022',
-      ('cifar100_c', 'top1'): '53.7', ('cifar100_c', 'nll'): '2.28',
-      ('cifar100_c', 'ece'): '0.129'}
+  assert {
+      (r['dataset'], r['metric']): r['value'] for r in rows
+  } == {
+      ('cifar10', 'top1'): '96.4',
+      ('cifar10', 'nll'): '0.123',
+      ('cifar10', 'ece'): '0.010',
+      ('cifar100', 'top1'): '82.0',
+      ('cifar100', 'nll'): '0.690',
+      ('cifar100', 'ece'): '0.022',
+      ('cifar100_c', 'top1'): '53.7',
+      ('cifar100_c', 'nll'): '2.28',
+      ('cifar100_c', 'ece'): '0.129'
+  }
   entries = [e for e in tables.ENTRIES if e.table == 'ub']
   assert {e.dataset for e in entries} == {'cifar100', 'cifar10', 'cifar100_c'}
   assert [e.corruptions for e in entries] == [False, False, True]
@@ -536,8 +623,8 @@ def test_ub_mimo_rows_and_their_summary(tmp_path):
     assert config.model.stem == 'mimo' and config.seed == 42
   root = str(tmp_path / 'runs')
   (entry,) = [e for e in entries if e.dataset == 'cifar100']
-  _write_eval(run_lib.eval_path(root, entry, 0), 0.815, nll=0.7,
-              best=(0.83, 0.6))
+  _write_eval(
+      run_lib.eval_path(root, entry, 0), 0.815, nll=0.7, best=(0.83, 0.6))
   sections = _parse_markdown(summarize.summarize(root, ['ub'], RESULTS_CSV))
   row = _row(sections, 'uncertainty-baselines', dataset='cifar100')
   # Published numbers are final-epoch ones: ours final beside them.

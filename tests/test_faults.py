@@ -59,8 +59,15 @@ def run(digits_workdir, tmp_path):
 
 def _state(value=1.0):
   mesh = sharding.make_mesh()
-  tree = {'step': jnp.int32(1), 'params': {'w': jnp.full((5,), value)},
-          'opt_state': {'m': jnp.zeros(3)}}
+  tree = {
+      'step': jnp.int32(1),
+      'params': {
+          'w': jnp.full((5,), value)
+      },
+      'opt_state': {
+          'm': jnp.zeros(3)
+      }
+  }
   return jax.device_put(tree, sharding.replicated(mesh))
 
 
@@ -90,8 +97,8 @@ def test_top_k_counts_nan_rows_wrong():
   scores = np.array([[np.nan] * 3, [0.0, np.nan, 1.0], [0.0, 2.0, 1.0]])
   labels = np.array([0, 2, 1])
   for k in (1, 3):
-    assert metrics.top_k_correct(scores, labels, k).tolist() == [
-        False, False, True]
+    assert metrics.top_k_correct(scores, labels,
+                                 k).tolist() == [False, False, True]
 
 
 def test_nan_parameters_are_not_scored(run):
@@ -117,16 +124,19 @@ def test_diverging_run_saves_nothing_after_the_last_good(run):
   config.num_epochs = 3
   config.optimizer.base_learning_rate = 1e30
   before = _digests(run)
-  with pytest.raises((progress.NonFiniteLossError,
-                      checkpointing.NonFiniteStateError)) as err:
+  with pytest.raises(
+      (progress.NonFiniteLossError, checkpointing.NonFiniteStateError)) as err:
     training.train_and_evaluate(config, run, allow_config_change=True)
   assert '\n' not in str(err.value)
   assert 'step 20 in' in str(err.value)  # The last good checkpoint.
   assert _digests(run) == before
   # The failed run closed its event file (this process's open files).
   fds = '/proc/self/fd'
-  open_files = [os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds)
-                if os.path.exists(os.path.join(fds, fd))]
+  open_files = [
+      os.readlink(os.path.join(fds, fd))
+      for fd in os.listdir(fds)
+      if os.path.exists(os.path.join(fds, fd))
+  ]
   assert not [f for f in open_files if 'tfevents' in f], open_files
 
 
@@ -228,9 +238,10 @@ def test_deleted_config_json_lets_no_changed_config_through(run):
   os.remove(os.path.join(run, 'config.json'))
   config = tiny_digits_config()
   config.mixing.p = 0.6
-  with pytest.raises(config_validation.ConfigError,
-                     match=r'stored with the checkpoints.*mixing\.p: 0\.5 -> '
-                     r'0\.6'):
+  with pytest.raises(
+      config_validation.ConfigError,
+      match=r'stored with the checkpoints.*mixing\.p: 0\.5 -> '
+      r'0\.6'):
     training.train_and_evaluate(config, run)
   assert not os.path.exists(os.path.join(run, 'config.json'))
 
@@ -259,8 +270,8 @@ def test_corrupt_cifar_archive_is_one_line(tmp_path, monkeypatch, damage):
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
     blob = buffer.getvalue()
-    archive.write_bytes(blob[:len(blob) // 2] if damage == 'truncated'
-                        else blob)
+    archive.write_bytes(blob[:len(blob) //
+                             2] if damage == 'truncated' else blob)
   config = tiny_digits_config()
   config.dataset, config.num_classes = 'cifar10', 10
   config.image_size, config.augment.crop_padding = 32, 4
@@ -292,8 +303,8 @@ def test_offline_message_shows_the_flag(tmp_path, monkeypatch):
 def _damage(workdir, step, how):
   folder = os.path.join(workdir, wd.CHECKPOINTS, str(step))
   if how == 'truncated_blob':  # Every array file, the parameters' too.
-    for blob in glob.glob(os.path.join(folder, 'state', '**', 'd', '*'),
-                          recursive=True):
+    for blob in glob.glob(
+        os.path.join(folder, 'state', '**', 'd', '*'), recursive=True):
       with open(blob, 'r+b') as f:
         f.truncate(os.path.getsize(blob) // 2)
   elif how == 'missing_digest':
@@ -303,8 +314,8 @@ def _damage(workdir, step, how):
     os.makedirs(folder)
 
 
-@pytest.mark.parametrize('how', ['truncated_blob', 'missing_digest',
-                                 'empty_step_folder'])
+@pytest.mark.parametrize(
+    'how', ['truncated_blob', 'missing_digest', 'empty_step_folder'])
 def test_evaluate_and_predict_fall_back(run, how, caplog):
   _damage(run, 20, how)
   before = _digests(run)
@@ -350,7 +361,7 @@ def _start(workdir, log_path, *extra, kill=None):
   tests/fault_main.py) when given."""
   import subprocess
   from conftest import REPO, killed_main
-  argv, env = killed_main(None if kill is None else '%s:%d' % kill)
+  argv, env = killed_main(None if kill is None else f'{kill[0]}:{kill[1]}')
   with open(log_path, 'w') as log:  # The child keeps its own descriptor.
     proc = subprocess.Popen([*argv, f'--workdir={workdir}', *ARGS, *extra],
                             cwd=REPO, env=env, stdout=log, stderr=log)
@@ -365,8 +376,9 @@ def _finish(proc):
 
 
 def _final_digest(workdir, step):
-  with open(os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
-                         'metadata')) as f:
+  with open(
+      os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
+                   'metadata')) as f:
     return json.load(f)['sha256']
 
 
@@ -378,8 +390,7 @@ def chain(tmp_path_factory):
   baseline = None
   try:
     for i, kill in enumerate(KILLS):
-      code, log = _finish(_start(killed, str(root / f'kill{i}.log'),
-                                 kill=kill))
+      code, log = _finish(_start(killed, str(root / f'kill{i}.log'), kill=kill))
       out['codes'].append(code)
       out['logs'].append(log)
       out['steps'].append(wd.checkpoint_steps(killed))
@@ -458,9 +469,10 @@ def test_evaluate_cli_falls_back_or_refuses_the_step(run):
   before = _digests(workdir)
 
   def evaluate(*args):
-    out = subprocess.run([sys.executable, '-m', 'mixmo_jax.evaluate',
-                          f'--workdir={workdir}', *args], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([
+        sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={workdir}',
+        *args
+    ], cwd=REPO, capture_output=True, text=True, timeout=600)
     return out.returncode, out.stderr
 
   code, err = evaluate('--step=20', f'--ensemble={workdir}')
@@ -479,8 +491,9 @@ def test_evaluate_cli_falls_back_or_refuses_the_step(run):
                          'restore or verify'), err[-3000:]
   # No traceback of ours (orbax's restore thread may print its own asyncio
   # 'Event loop is closed' noise as the process exits).
-  assert not [l for l in err.splitlines()
-              if 'File "' in l and 'mixmo_jax' in l], err[-3000:]
+  assert not [
+      l for l in err.splitlines() if 'File "' in l and 'mixmo_jax' in l
+  ], err[-3000:]
   code, err = evaluate()
   assert code == 0, err[-3000:]
   warnings = [l for l in err.splitlines() if 'skipped' in l]

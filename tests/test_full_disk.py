@@ -62,14 +62,19 @@ def fill(folder):
 
 
 def _leftovers(folder):
-  return [p for p in glob.glob(os.path.join(folder, '**', '*tmp*'),
-                               recursive=True)]
+  return [
+      p for p in glob.glob(os.path.join(folder, '**', '*tmp*'), recursive=True)
+  ]
 
 
 def _state(k):
   rng = np.random.RandomState(k)
-  tree = {'step': np.int32(k), 'params': {'w': rng.randn(20000).astype(
-      np.float32)}}
+  tree = {
+      'step': np.int32(k),
+      'params': {
+          'w': rng.randn(20000).astype(np.float32)
+      }
+  }
   return jax.device_put(tree, sharding.replicated(sharding.make_mesh()))
 
 
@@ -100,14 +105,14 @@ def test_history_eval_json_and_config_on_a_full_disk(tmp_path):
     wd.append_history(disk, record)
     eval_json = os.path.join(disk, wd.EVAL)
     wd.write_json({'step': 10}, eval_json)
-    before = {n: _read_bytes(os.path.join(disk, n))
-              for n in (wd.HISTORY, wd.EVAL)}
+    before = {
+        n: _read_bytes(os.path.join(disk, n)) for n in (wd.HISTORY, wd.EVAL)
+    }
     fill(disk)
     big = dict(record, step=20, padding='x' * 8192)  # Over a page.
     for write in (lambda: wd.append_history(disk, big),
                   lambda: wd.write_json({'step': 20}, eval_json),
-                  lambda: wd.record_config_changes(disk, ['a: 1 -> 2'],
-                                                   True)):
+                  lambda: wd.record_config_changes(disk, ['a: 1 -> 2'], True)):
       with pytest.raises(wd.WorkdirError) as err:
         write()
       assert '\n' not in str(err.value)
@@ -139,16 +144,16 @@ def _train(workdir, timeout=600, fill=None):
     command = [sys.executable, os.path.join(REPO, 'tests', 'fault_main.py')]
     env['MIXMO_TEST_FILL_DISK'] = fill
   out = subprocess.run([*command, *TINY, f'--workdir={workdir}'], cwd=REPO,
-                       env=env, capture_output=True, text=True,
-                       timeout=timeout)
+                       env=env, capture_output=True, text=True, timeout=timeout)
   errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
   return out.returncode, errors, out.stderr
 
 
 def _final_digest(workdir):
   steps = wd.available_steps(workdir)
-  with open(os.path.join(workdir, wd.CHECKPOINTS, str(steps[-1]), 'digest',
-                         'metadata')) as f:
+  with open(
+      os.path.join(workdir, wd.CHECKPOINTS, str(steps[-1]), 'digest',
+                   'metadata')) as f:
     return steps[-1], json.load(f)['sha256']
 
 
@@ -225,12 +230,15 @@ def _train_two_processes(workdir, *args):
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1),
              JAX_ENABLE_COMPILATION_CACHE='false')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'mixmo_jax.main', *TINY, *args,
-       f'--workdir={workdir}', '--multihost',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={i}'], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen([
+          sys.executable, '-m', 'mixmo_jax.main', *TINY, *args,
+          f'--workdir={workdir}', '--multihost',
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+          f'--process_id={i}'
+      ], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   results = []
   for proc in procs:
     _, stderr = proc.communicate(timeout=600)

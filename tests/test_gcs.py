@@ -21,8 +21,8 @@ BUCKET = 'gs://mixmo-test'
 
 
 def _env(gcs, **extra):
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(2),
-              **gcs, **extra)
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(2), **gcs,
+              **extra)
 
 
 def _run(gcs, module, *args, cwd, **extra):
@@ -57,20 +57,21 @@ def _config(*extra):
 def local_digest(tmp_path_factory):
   """The final (step, digest) of the same run on local disk."""
   workdir = str(tmp_path_factory.mktemp('local') / 'run')
-  out = subprocess.run([sys.executable, '-m', 'mixmo_jax.main', *TINY,
-                        f'--workdir={workdir}'], cwd=REPO,
-                       env=dict(os.environ, JAX_PLATFORMS='cpu',
-                                XLA_FLAGS=xla_flags(2)),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [sys.executable, '-m', 'mixmo_jax.main', *TINY, f'--workdir={workdir}'],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu',
+                         XLA_FLAGS=xla_flags(2)), capture_output=True,
+      text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   step = wd.available_steps(workdir)[-1]
-  with open(os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
-                         'metadata')) as f:
+  with open(
+      os.path.join(workdir, wd.CHECKPOINTS, str(step), 'digest',
+                   'metadata')) as f:
     return step, json.load(f)['sha256']
 
 
 def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
-                                               local_digest):
+                                                local_digest):
   url = f'{BUCKET}/kill/run'
   argv, env = killed_main('step:15', _env(gcs_emulator))
   killed = subprocess.run([*argv, *TINY, f'--workdir={url}'], cwd=tmp_path,
@@ -86,35 +87,40 @@ def test_train_kill_resume_evaluate_in_a_bucket(gcs_emulator, tmp_path,
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from the checkpoint at step 10.' in resumed.stderr
   step, digest = local_digest
-  record = json.loads(_python(
-      gcs_emulator, 'import gcsfs\nprint(gcsfs.GCSFileSystem().cat_file('
-      f'"{url[5:]}/checkpoints/{step}/digest/metadata").decode())', tmp_path))
+  record = json.loads(
+      _python(
+          gcs_emulator, 'import gcsfs\nprint(gcsfs.GCSFileSystem().cat_file('
+          f'"{url[5:]}/checkpoints/{step}/digest/metadata").decode())',
+          tmp_path))
   assert record['sha256'] == digest  # Bit-identical to the local run.
   names = _listing(gcs_emulator, url, tmp_path)
   assert any(n.startswith('events.out.tfevents.') for n in names)
   assert '.lock' not in names  # Released.
-  history = _python(gcs_emulator, 'from mixmo_jax import workdir as wd\n'
-                    f'print([r["step"] for r in wd.read_history("{url}")])',
-                    tmp_path)
+  history = _python(
+      gcs_emulator, 'from mixmo_jax import workdir as wd\n'
+      f'print([r["step"] for r in wd.read_history("{url}")])', tmp_path)
   assert history.strip() == '[10, 20, 30]'
 
   evaluated = _run(gcs_emulator, 'mixmo_jax.evaluate', f'--workdir={url}',
                    '--plots', cwd=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   names = set(_listing(gcs_emulator, url, tmp_path))
-  assert {'eval.json', 'reliability.png', 'member_vs_ensemble.png',
-          'training_curves.png'} <= names, names
-  top1 = _python(gcs_emulator, 'import json\nfrom mixmo_jax import predict, '
-                 'storage\n'
-                 f'p = predict.load("{url}")\n'
-                 f'e = json.loads(storage.read_bytes("{url}/eval.json"))\n'
-                 'print(p.step, e["step"], e["ensemble"]["top1"])', tmp_path)
+  assert {
+      'eval.json', 'reliability.png', 'member_vs_ensemble.png',
+      'training_curves.png'
+  } <= names, names
+  top1 = _python(
+      gcs_emulator, 'import json\nfrom mixmo_jax import predict, '
+      'storage\n'
+      f'p = predict.load("{url}")\n'
+      f'e = json.loads(storage.read_bytes("{url}/eval.json"))\n'
+      'print(p.step, e["step"], e["ensemble"]["top1"])', tmp_path)
   assert top1.split()[:2] == ['30', '30']
   analysed = _run(gcs_emulator, 'mixmo_jax.analysis', f'--workdir={url}',
                   f'--plot={url}/utilisation.png', cwd=tmp_path)
   assert analysed.returncode == 0, analysed.stderr[-3000:]
-  assert {'utilisation.json', 'utilisation.png'} <= set(
-      _listing(gcs_emulator, url, tmp_path))
+  assert {'utilisation.json',
+          'utilisation.png'} <= set(_listing(gcs_emulator, url, tmp_path))
   assert os.listdir(tmp_path) == []  # Nothing written locally.
 
 
@@ -128,10 +134,11 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lease_taken_over(
   import time
   url = f'{BUCKET}/busy/run'
   args = [*TINY, '--config.num_epochs=40', f'--workdir={url}']
-  first = subprocess.Popen(
-      [sys.executable, '-m', 'mixmo_jax.main', *args], cwd=tmp_path,
-      env=dict(_env(gcs_emulator), PYTHONPATH=REPO),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  first = subprocess.Popen([sys.executable, '-m', 'mixmo_jax.main', *args],
+                           cwd=tmp_path,
+                           env=dict(_env(gcs_emulator),
+                                    PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 300
     while '.lock' not in _listing(gcs_emulator, url, tmp_path):
@@ -153,10 +160,11 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lease_taken_over(
             'held["expires"] -= 10 ** 6\n'
             'fs.pipe_file(path, json.dumps(held).encode())\n')
   _python(gcs_emulator, expire, tmp_path)
-  third = subprocess.Popen(
-      [sys.executable, '-m', 'mixmo_jax.main', *args], cwd=tmp_path,
-      env=dict(_env(gcs_emulator), PYTHONPATH=REPO),
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  third = subprocess.Popen([sys.executable, '-m', 'mixmo_jax.main', *args],
+                           cwd=tmp_path,
+                           env=dict(_env(gcs_emulator),
+                                    PYTHONPATH=REPO), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
   seen = []
   try:
     for line in third.stderr:  # Until it says it took the lease over.

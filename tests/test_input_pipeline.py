@@ -21,9 +21,9 @@ from mixmo_jax.data import digits as digits_lib
 
 
 def make_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      dataset='digits', image_size=32, data_seed=0, data_dir='',
-      manual_dir='', batch_size=64, batch_repetitions=4, seed=0))
+  config = ml_collections.ConfigDict(
+      dict(dataset='digits', image_size=32, data_seed=0, data_dir='',
+           manual_dir='', batch_size=64, batch_repetitions=4, seed=0))
   config.update(overrides)
   return config
 
@@ -37,8 +37,10 @@ def offline(monkeypatch):
 @pytest.fixture
 def no_probe(monkeypatch):
   """The reachability probe must not even be called."""
+
   def fail(*args, **kwargs):
     raise AssertionError('the network probe was called')
+
   monkeypatch.setattr(cifar, 'host_reachable', fail)
 
 
@@ -52,8 +54,9 @@ def _bilinear_reference(images, size):
   i0 = np.floor(src).astype(int)
   i1 = np.minimum(i0 + 1, h - 1)
   f = src - i0
-  rows = (images[:, i0, :] * (1 - f)[None, :, None]
-          + images[:, i1, :] * f[None, :, None])
+  rows = (
+      images[:, i0, :] * (1 - f)[None, :, None] +
+      images[:, i1, :] * f[None, :, None])
   return rows[:, :, i0] * (1 - f) + rows[:, :, i1] * f
 
 
@@ -61,8 +64,9 @@ class TestDigits:
 
   def test_shapes_sizes_dtypes(self):
     config = make_config()
-    (xtr, ytr), (xte, yte) = [data_lib.load_split(config, s) for s in ('train',
-                                                                  'test')]
+    (xtr,
+     ytr), (xte,
+            yte) = [data_lib.load_split(config, s) for s in ('train', 'test')]
     assert xtr.shape == (1437, 32, 32, 3) and xte.shape == (360, 32, 32, 3)
     assert ytr.shape == (1437,) and yte.shape == (360,)
     assert xtr.dtype == np.uint8 and ytr.dtype == np.int32
@@ -122,19 +126,21 @@ def test_unknown_dataset_and_split():
 
 
 def test_datasets_metadata():
-  assert set(data_lib.dataset_names()) == {'digits', 'cifar10', 'cifar100',
-                              'tiny_imagenet', 'digits_inverted', 'svhn_cropped'}
+  assert set(data_lib.dataset_names()) == {
+      'digits', 'cifar10', 'cifar100', 'tiny_imagenet', 'digits_inverted',
+      'svhn_cropped'
+  }
   assert data_lib.get_dataset('cifar100').num_classes == 100
   assert data_lib.get_dataset('tiny_imagenet').image_size == 64
-  assert (data_lib.get_dataset('digits').num_train, data_lib.get_dataset('digits').num_test) == (
-      1437, 360)
+  assert (data_lib.get_dataset('digits').num_train,
+          data_lib.get_dataset('digits').num_test) == (1437, 360)
 
 
 # ------------------------------------------------------------------ CIFAR
 
 
-@pytest.mark.parametrize('name,split,n,classes', [
-    ('cifar100', 'train', 7, 100), ('cifar10', 'test', 5, 10)])
+@pytest.mark.parametrize('name,split,n,classes', [('cifar100', 'train', 7, 100),
+                                                  ('cifar10', 'test', 5, 10)])
 def test_cifar_mock_data(name, split, n, classes, no_probe, tmp_path):
   import tensorflow_datasets as tfds
   config = make_config(dataset=name, data_dir=str(tmp_path))
@@ -189,8 +195,8 @@ def test_cifar_downloads_when_reachable(monkeypatch, tmp_path):
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
                       fake_prepare)
   with pytest.raises(Called):
-    data_lib.load_split(make_config(dataset='cifar10', data_dir=str(tmp_path)),
-                  'train')
+    data_lib.load_split(
+        make_config(dataset='cifar10', data_dir=str(tmp_path)), 'train')
 
 
 def _pickle_bytes(obj):
@@ -228,8 +234,10 @@ def _expected_images(data):
 
 def test_cifar10_from_manual_archive(no_probe, tmp_path):
   rng = np.random.default_rng(0)
-  members = {f'data_batch_{i}': _fake_batch(rng, 3, {b'labels': 10})
-             for i in range(1, 6)}
+  members = {
+      f'data_batch_{i}': _fake_batch(rng, 3, {b'labels': 10})
+      for i in range(1, 6)
+  }
   members['test_batch'] = _fake_batch(rng, 4, {b'labels': 10})
   members['batches.meta'] = {b'label_names': [b'a'] * 10}
   (tmp_path / 'manual').mkdir()
@@ -238,26 +246,26 @@ def test_cifar10_from_manual_archive(no_probe, tmp_path):
   config = make_config(dataset='cifar10', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path / 'manual'))
   x, y = data_lib.load_split(config, 'train')
-  data = np.concatenate([members[f'data_batch_{i}'][b'data']
-                         for i in range(1, 6)])
-  labels = sum((members[f'data_batch_{i}'][b'labels'] for i in range(1, 6)),
-               [])
+  data = np.concatenate(
+      [members[f'data_batch_{i}'][b'data'] for i in range(1, 6)])
+  labels = sum((members[f'data_batch_{i}'][b'labels'] for i in range(1, 6)), [])
   assert x.dtype == np.uint8 and y.dtype == np.int32
   np.testing.assert_array_equal(x, _expected_images(data))
   np.testing.assert_array_equal(y, labels)
   x, y = data_lib.load_split(config, 'test')
-  np.testing.assert_array_equal(x, _expected_images(
-      members['test_batch'][b'data']))
+  np.testing.assert_array_equal(
+      x, _expected_images(members['test_batch'][b'data']))
   np.testing.assert_array_equal(y, members['test_batch'][b'labels'])
 
 
 def test_cifar100_fine_labels_from_manual_archive(no_probe, tmp_path):
   rng = np.random.default_rng(1)
   keys = {b'fine_labels': 100, b'coarse_labels': 20}
-  members = {'train': _fake_batch(rng, 6, keys),
-             'test': _fake_batch(rng, 5, keys)}
-  _write_tar(tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python',
-             members)
+  members = {
+      'train': _fake_batch(rng, 6, keys),
+      'test': _fake_batch(rng, 5, keys)
+  }
+  _write_tar(tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python', members)
   config = make_config(dataset='cifar100', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path))
   x, y = data_lib.load_split(config, 'test')
@@ -269,10 +277,14 @@ def test_cifar_manual_pickle_rejects_code(no_probe, tmp_path):
   marker = tmp_path / 'code_ran'
 
   class Evil:
+
     def __reduce__(self):
       return (os.mkdir, (str(marker),))
-  _write_tar(tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python',
-             {'train': Evil(), 'test': Evil()})
+
+  _write_tar(tmp_path / 'cifar-100-python.tar.gz', 'cifar-100-python', {
+      'train': Evil(),
+      'test': Evil()
+  })
   config = make_config(dataset='cifar100', data_dir=str(tmp_path / 'data'),
                        manual_dir=str(tmp_path))
   with pytest.raises(data_lib.DatasetUnavailableError) as err:
@@ -289,9 +301,11 @@ def test_unique_and_steps_per_epoch():
   config = make_config(batch_size=64, batch_repetitions=4)
   assert pipeline.unique_per_step(config) == 16
   assert pipeline.steps_per_epoch(config, 50000) == 3125
-  assert pipeline.steps_per_epoch(config, 1437) == 89  # 1437 // 16, rest dropped.
+  assert pipeline.steps_per_epoch(config,
+                                  1437) == 89  # 1437 // 16, rest dropped.
   for n in (16, 17, 1000, 1437):
-    assert pipeline.steps_per_epoch(config, n) == n // pipeline.unique_per_step(config)
+    assert pipeline.steps_per_epoch(config,
+                                    n) == n // pipeline.unique_per_step(config)
   with pytest.raises(ValueError):
     pipeline.unique_per_step(make_config(batch_size=64, batch_repetitions=3))
 
@@ -314,16 +328,19 @@ class TestTrainIndices:
       key = jax.random.fold_in(key, step // per_epoch)
       perm = np.asarray(jax.random.permutation(key, n))
       chunk = step % per_epoch
-      np.testing.assert_array_equal(pipeline.train_indices(seed, step, n, u),
-                                    perm[chunk * u:(chunk + 1) * u])
+      np.testing.assert_array_equal(
+          pipeline.train_indices(seed, step, n, u),
+          perm[chunk * u:(chunk + 1) * u])
 
   @pytest.mark.parametrize('n,u', [(96, 8), (103, 10)])
   def test_epochs_are_permutations(self, n, u):
     per_epoch = n // u
     epochs = []
     for e in range(3):
-      idx = np.concatenate([pipeline.train_indices(0, e * per_epoch + s, n, u)
-                            for s in range(per_epoch)])
+      idx = np.concatenate([
+          pipeline.train_indices(0, e * per_epoch + s, n, u)
+          for s in range(per_epoch)
+      ])
       assert len(np.unique(idx)) == per_epoch * u
       assert idx.min() >= 0 and idx.max() < n
       if n % u == 0:
@@ -333,8 +350,9 @@ class TestTrainIndices:
     assert not np.array_equal(epochs[1], epochs[2])
 
   def test_seeds_differ(self):
-    assert not np.array_equal(pipeline.train_indices(0, 0, 100, 10),
-                              pipeline.train_indices(1, 0, 100, 10))
+    assert not np.array_equal(
+        pipeline.train_indices(0, 0, 100, 10),
+        pipeline.train_indices(1, 0, 100, 10))
 
   def test_too_few_samples(self):
     with pytest.raises(ValueError):
@@ -343,11 +361,12 @@ class TestTrainIndices:
 
 def test_process_slice_partitions():
   for n, p in ((24, 4), (16, 1), (8, 8)):
-    covered = np.concatenate([np.arange(n)[pipeline.process_slice(n, i, p)]
-                              for i in range(p)])
+    covered = np.concatenate(
+        [np.arange(n)[pipeline.process_slice(n, i, p)] for i in range(p)])
     np.testing.assert_array_equal(covered, np.arange(n))
-    assert all(len(range(n)[pipeline.process_slice(n, i, p)]) == n // p
-               for i in range(p))
+    assert all(
+        len(range(n)[pipeline.process_slice(n, i, p)]) == n // p
+        for i in range(p))
   with pytest.raises(ValueError):
     pipeline.process_slice(10, 0, 4)
 

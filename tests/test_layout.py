@@ -9,8 +9,8 @@ import os
 import pytest
 
 PACKAGE = 'mixmo_jax'
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))), PACKAGE)
+ROOT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 
 
 def _read(path):
@@ -75,8 +75,9 @@ def test_the_method_imports_nothing_else_of_the_package(graph):
 def test_forbidden_arrows(graph, package, forbidden):
   for module, deps in graph.items():
     if _under(module, f'{PACKAGE}.{package}'):
-      bad = sorted(d for d in deps
-                   if any(_under(d, f'{PACKAGE}.{f}') for f in forbidden))
+      bad = sorted(
+          d for d in deps if any(
+              _under(d, f'{PACKAGE}.{f}') for f in forbidden))
       assert not bad, f'{module} imports {bad}'
 
 
@@ -133,11 +134,9 @@ def _private_jax_imports(path):
   """The `jax._src...` modules a file imports (at any depth)."""
   found = []
   for node in ast.walk(ast.parse(_read(path))):
-    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-             else [node.module or ''] if isinstance(node, ast.ImportFrom)
-             else [])
-    found += [n for n in names if n == 'jax._src' or
-              n.startswith('jax._src.')]
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+    found += [n for n in names if n == 'jax._src' or n.startswith('jax._src.')]
     if isinstance(node, ast.ImportFrom) and node.module == 'jax':
       found += [f'jax.{a.name}' for a in node.names if a.name == '_src']
   return found
@@ -156,8 +155,8 @@ def test_no_private_jax_api(tmp_path):
   planted = tmp_path / 'planted.py'
   planted.write_text('from jax._src.interpreters import mlir\n'
                      'from jax import _src\n')
-  assert _private_jax_imports(str(planted)) == ['jax._src.interpreters',
-                                                'jax._src']
+  assert _private_jax_imports(
+      str(planted)) == ['jax._src.interpreters', 'jax._src']
 
 
 def test_the_core_does_not_import_contrib(graph):
@@ -168,8 +167,9 @@ def test_the_core_does_not_import_contrib(graph):
       continue
     contrib = sorted(d for d in deps if _under(d, f'{PACKAGE}.contrib'))
     if module == f'{PACKAGE}.models.common':
-      assert contrib == [f'{PACKAGE}.contrib.onednn',
-                         f'{PACKAGE}.contrib.onednn.conv'], contrib
+      assert contrib == [
+          f'{PACKAGE}.contrib.onednn', f'{PACKAGE}.contrib.onednn.conv'
+      ], contrib
     else:
       assert not contrib, f'{module} imports {contrib}'
 
@@ -193,8 +193,8 @@ def test_the_validator_declares_no_vocabulary_of_its_own():
   path = _modules()[f'{PACKAGE}.config_validation']
   literals, choices = [], 0
   for node in ast.walk(ast.parse(_read(path))):
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and node.func.attr == 'choice' and len(node.args) == 2):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+        node.func.attr == 'choice' and len(node.args) == 2):
       choices += 1
       if isinstance(node.args[1], (ast.Tuple, ast.List, ast.Set)):
         literals.append(ast.literal_eval(node.args[0]))
@@ -210,7 +210,9 @@ def test_no_pragmas_for_a_linter_nobody_runs():
   found = []
   for top in (PACKAGE, 'experiments', 'scripts', 'tests', 'configs'):
     for folder, _, files in os.walk(os.path.join(repo, top)):
-      found += [os.path.join(folder, f) for f in files
-                if f.endswith('.py') and pragma in _read(os.path.join(folder,
-                                                                      f))]
+      found += [
+          os.path.join(folder, f)
+          for f in files
+          if f.endswith('.py') and pragma in _read(os.path.join(folder, f))
+      ]
   assert not found, found

@@ -52,6 +52,7 @@ class MemoryStore:
 
 
 class Clock:
+
   def __init__(self):
     self.now = 1_000_000.0
 
@@ -111,8 +112,9 @@ def test_many_contenders_one_holder(expired):
   if expired:
     lease.Lease(store, 'l', ttl_s=10, clock=clock).acquire()
     clock.now += 11
-  contenders = [lease.Lease(store, 'l', ttl_s=10, clock=clock)
-                for _ in range(16)]
+  contenders = [
+      lease.Lease(store, 'l', ttl_s=10, clock=clock) for _ in range(16)
+  ]
   barrier = threading.Barrier(len(contenders))
   outcome = {}
 
@@ -124,8 +126,10 @@ def test_many_contenders_one_holder(expired):
     except lease.BusyError:
       outcome[i] = 'busy'
 
-  threads = [threading.Thread(target=contend, args=(i,))
-             for i in range(len(contenders))]
+  threads = [
+      threading.Thread(target=contend, args=(i,))
+      for i in range(len(contenders))
+  ]
   for t in threads:
     t.start()
   for t in threads:
@@ -161,10 +165,16 @@ def test_a_dead_process_of_this_machine_holds_nothing():
 
   def held_by(pid, machine):
     store = MemoryStore()
-    store.create('l', json.dumps({'owner': 'x', 'pid': pid,
-                                  'host': socket.gethostname(),
-                                  'machine': machine, 'since': 's',
-                                  'expires': clock.now + 100}).encode())
+    store.create(
+        'l',
+        json.dumps({
+            'owner': 'x',
+            'pid': pid,
+            'host': socket.gethostname(),
+            'machine': machine,
+            'since': 's',
+            'expires': clock.now + 100
+        }).encode())
     return store
 
   here = lease.machine_id()

@@ -40,8 +40,8 @@ class TestMemberWeights:
 
   def test_limits(self):
     kappa = jnp.asarray(random_kappa(0, 64, 3), jnp.float32)
-    np.testing.assert_allclose(loss.member_weights(kappa, 1.0), 3 * kappa,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        loss.member_weights(kappa, 1.0), 3 * kappa, rtol=1e-5)
     mask = np.asarray(kappa).min(axis=1) > 1e-3
     large = np.asarray(loss.member_weights(kappa, 1e5))[mask]
     np.testing.assert_allclose(large, 1.0, atol=1e-3)
@@ -54,16 +54,17 @@ class TestMemberWeights:
     w = loss.member_weights(kappa, 3.0)
     np.testing.assert_allclose(w[:2], [[0.0, 2.0], [2.0, 0.0]])
     np.testing.assert_allclose(w[2], [1.0, 1.0])  # degenerate row
-    grad = jax.grad(lambda k: jnp.sum(loss.member_weights(k, 3.0)
-                                      * jnp.arange(1.0, 3.0)))(kappa)
+    grad = jax.grad(
+        lambda k: jnp.sum(loss.member_weights(k, 3.0) * jnp.arange(1.0, 3.0)))(
+            kappa)
     assert np.isfinite(np.asarray(grad)).all()
 
   def test_traced_r_under_jit(self):
     kappa = jnp.asarray(random_kappa(1, 8, 2), jnp.float32)
     fn = jax.jit(loss.member_weights)
     for r in (1.0, 3.0):
-      np.testing.assert_allclose(fn(kappa, jnp.float32(r)),
-                                 loss.member_weights(kappa, r), rtol=1e-6)
+      np.testing.assert_allclose(
+          fn(kappa, jnp.float32(r)), loss.member_weights(kappa, r), rtol=1e-6)
 
 
 class TestCrossEntropy:
@@ -72,10 +73,10 @@ class TestCrossEntropy:
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 3, 7)) * 3
     labels = rng.integers(0, 7, size=(5, 3))
-    got = loss.cross_entropy(jnp.asarray(logits, jnp.float32),
-                               jnp.asarray(labels))
-    want = -np.take_along_axis(np_log_softmax(logits), labels[..., None],
-                               axis=-1)[..., 0]
+    got = loss.cross_entropy(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
+    want = -np.take_along_axis(
+        np_log_softmax(logits), labels[..., None], axis=-1)[..., 0]
     assert got.shape == (5, 3)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -83,16 +84,15 @@ class TestCrossEntropy:
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 2, 5))
     soft = rng.dirichlet(np.ones(5), size=(6, 2))
-    got = loss.cross_entropy(jnp.asarray(logits, jnp.float32),
-                               jnp.asarray(soft, jnp.float32))
+    got = loss.cross_entropy(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(soft, jnp.float32))
     want = -(soft * np_log_softmax(logits)).sum(axis=-1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     labels = rng.integers(0, 5, size=(6, 2))
     one_hot = np.eye(5)[labels]
     np.testing.assert_allclose(
         loss.cross_entropy(jnp.asarray(logits), jnp.asarray(one_hot)),
-        loss.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)),
-        rtol=1e-6)
+        loss.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), rtol=1e-6)
 
   def test_bad_targets(self):
     logits = jnp.zeros((4, 3))
@@ -137,8 +137,8 @@ class TestMixmoLoss:
     else:
       targets = rng.integers(0, classes, size=(batch, members))
     kappa = random_kappa(4, batch, members)
-    weights = np.asarray(loss.member_weights(jnp.asarray(kappa), 3.0),
-                         np.float64)
+    weights = np.asarray(
+        loss.member_weights(jnp.asarray(kappa), 3.0), np.float64)
     args = (jnp.asarray(logits, jnp.float32),
             jnp.asarray(targets, jnp.float32 if soft else jnp.int32),
             jnp.asarray(weights, jnp.float32))
@@ -152,8 +152,8 @@ class TestMixmoLoss:
 
   def test_weight_shape_checked(self):
     with pytest.raises(ValueError):
-      loss.mixmo_loss(jnp.zeros((4, 2, 3)), jnp.zeros((4, 2), jnp.int32),
-                        jnp.ones((4, 3)))
+      loss.mixmo_loss(
+          jnp.zeros((4, 2, 3)), jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 3)))
 
 
 class TestL2Penalty:
@@ -161,16 +161,23 @@ class TestL2Penalty:
   def test_sum_of_squares_of_all_leaves(self):
     rng = np.random.default_rng(5)
     params = {
-        'stems': {'kernel': rng.normal(size=(2, 3, 3, 3, 4))},
-        'core': [{'scale': rng.normal(size=(4,)), 'bias': rng.normal(size=(4,))}],
-        'heads': {'kernel': rng.normal(size=(2, 4, 5)),
-                  'bias': rng.normal(size=(2, 5))},
+        'stems': {
+            'kernel': rng.normal(size=(2, 3, 3, 3, 4))
+        },
+        'core': [{
+            'scale': rng.normal(size=(4,)),
+            'bias': rng.normal(size=(4,))
+        }],
+        'heads': {
+            'kernel': rng.normal(size=(2, 4, 5)),
+            'bias': rng.normal(size=(2, 5))
+        },
     }
     want = sum(np.sum(np.square(x)) for x in jax.tree.leaves(params))
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     np.testing.assert_allclose(loss.l2_penalty(params), want, rtol=1e-5)
-    np.testing.assert_allclose(jax.jit(loss.l2_penalty)(params), want,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(loss.l2_penalty)(params), want, rtol=1e-5)
     # Gradient 2 * params (no 1/2 factor).
     grads = jax.grad(loss.l2_penalty)(params)
     jax.tree.map(lambda g, x: np.testing.assert_allclose(g, 2 * x, rtol=1e-6),

@@ -20,8 +20,10 @@ HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')
 
 def _main(workdir, *args, python_args=(), timeout=120):
   """Runs main on configs/digits.py; returns (exit code, stderr lines)."""
-  cmd = [sys.executable, *python_args, '-m', 'mixmo_jax.main',
-         '--config=configs/digits.py', f'--workdir={workdir}', *args]
+  cmd = [
+      sys.executable, *python_args, '-m', 'mixmo_jax.main',
+      '--config=configs/digits.py', f'--workdir={workdir}', *args
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        timeout=timeout)
   return out.returncode, out.stderr.splitlines()
@@ -38,8 +40,7 @@ def test_mistyped_field_is_one_line_exit_2(tmp_path):
   assert not workdir.exists()
 
 
-def test_a_config_file_setting_an_unknown_field_is_one_line_exit_2(
-    tmp_path):
+def test_a_config_file_setting_an_unknown_field_is_one_line_exit_2(tmp_path):
   """The base config is locked: ml_collections refuses the typo where the
   file makes it, and main says so in one line with its "did you mean"."""
   path = tmp_path / 'exp.py'
@@ -49,8 +50,10 @@ def test_a_config_file_setting_an_unknown_field_is_one_line_exit_2(
                   '  config.optimizer.base_learing_rate = 0.2\n'
                   '  return config\n')
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'mixmo_jax.main', f'--config={path}:mimo',
-         f'--workdir={workdir}']
+  cmd = [
+      sys.executable, '-m', 'mixmo_jax.main', f'--config={path}:mimo',
+      f'--workdir={workdir}'
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 2
@@ -58,7 +61,8 @@ def test_a_config_file_setting_an_unknown_field_is_one_line_exit_2(
       f"error: --config={path}:mimo: the config file sets config field "
       "'base_learing_rate', which does not exist (did you mean "
       "'base_learning_rate'?); every field must exist in "
-      "mixmo_jax/configs/base.py"]
+      "mixmo_jax/configs/base.py"
+  ]
   assert not workdir.exists()
 
 
@@ -78,8 +82,9 @@ def test_bad_value_fails_before_heavy_imports(tmp_path):
   workdir = tmp_path / 'run'
   code, lines = _main(workdir, '--config.mixing.p=1.5',
                       python_args=('-X', 'importtime'))
-  imports = [l.split('|')[-1].strip() for l in lines
-             if l.startswith('import time:')]
+  imports = [
+      l.split('|')[-1].strip() for l in lines if l.startswith('import time:')
+  ]
   others = [l for l in lines if not l.startswith('import time:')]
   assert code == 2
   assert others == ['error: config.mixing.p=1.5: must be in [0.0, 1.0]']
@@ -114,8 +119,10 @@ def test_missing_dataset_offline_exit_1(tmp_path):
   data_dir.mkdir()
   manual_dir.mkdir()
   workdir = tmp_path / 'run'
-  argv = ['main', '--config=configs/cifar10.py', f'--workdir={workdir}',
-          f'--config.data_dir={data_dir}', f'--config.manual_dir={manual_dir}']
+  argv = [
+      'main', '--config=configs/cifar10.py', f'--workdir={workdir}',
+      f'--config.data_dir={data_dir}', f'--config.manual_dir={manual_dir}'
+  ]
   code = ('import sys\n'
           'from absl import app\n'
           'from mixmo_jax.data import cifar\n'
@@ -149,7 +156,8 @@ def test_every_bad_field_one_line_each_exit_2(tmp_path):
       'error: config.optimizer.base_learning_rate=inf: must be a finite '
       'number (no nan or inf)',
       'error: config.eval_batch_size=-1: must be an integer >= 1',
-      'error: config.seed=-1: must be an integer in [0, 4294967295]'], lines
+      'error: config.seed=-1: must be an integer in [0, 4294967295]'
+  ], lines
   assert not workdir.exists()
 
 
@@ -186,10 +194,11 @@ def test_missing_platform_is_one_line_exit_1(tmp_path):
   """JAX_PLATFORMS naming a platform this machine lacks (jax fails with a
   bare AssertionError): one line, exit 1, nothing written."""
   workdir = tmp_path / 'run'
-  out = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
-       f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True,
-      timeout=120, env=dict(os.environ, JAX_PLATFORMS='cuda'))
+  out = subprocess.run([
+      sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
+      f'--workdir={workdir}'
+  ], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS='cuda'))
   assert out.returncode == 1, out.stderr[-2000:]
   lines = out.stderr.splitlines()
   assert len(lines) == 1, lines
@@ -204,12 +213,12 @@ def test_two_quick_ctrl_c_are_one_line_exit_130(tmp_path):
   may reach the process as one, which then saves and stops cleanly.)"""
   import signal
   workdir = tmp_path / 'run'
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
-       f'--workdir={workdir}', '--config.model.width=1',
-       '--config.num_train_examples=320', '--config.num_epochs=50',
-       '--config.optimizer.decay_epochs=()'],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([
+      sys.executable, '-m', 'mixmo_jax.main', '--config=configs/digits.py',
+      f'--workdir={workdir}', '--config.model.width=1',
+      '--config.num_train_examples=320', '--config.num_epochs=50',
+      '--config.optimizer.decay_epochs=()'
+  ], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:  # The progress lines: until the steps run.
     if line.startswith('epoch 1/'):
       break
@@ -224,15 +233,16 @@ def test_two_quick_ctrl_c_are_one_line_exit_130(tmp_path):
   lines += stderr.splitlines()
   assert proc.returncode == 130, lines[-20:]
   errors = [l for l in lines if l.startswith('error:')]
-  assert errors == ['error: stopped at once by a second Ctrl-C, without '
-                    'saving the current step; the checkpoints already '
-                    'written are kept: rerun the same command to resume']
-  assert not any('Traceback' in l or 'KeyboardInterrupt' in l
-                 for l in lines), lines[-20:]
+  assert errors == [
+      'error: stopped at once by a second Ctrl-C, without '
+      'saving the current step; the checkpoints already '
+      'written are kept: rerun the same command to resume'
+  ]
+  assert not any(
+      'Traceback' in l or 'KeyboardInterrupt' in l for l in lines), lines[-20:]
 
 
-def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(
-    tmp_path):
+def test_an_unsupported_url_workdir_is_refused_and_nothing_is_created(tmp_path):
   """s3:// (a URL of a store other than gs://) is not a local path: every
   program says so in one line instead of writing into a local folder named
   's3:'."""
@@ -267,25 +277,24 @@ def test_the_config_is_validated_once_per_start(tmp_path):
   """`python -m mixmo_jax.main` validates the config once (in
   training.train_and_evaluate,
   before the workdir is touched), counted in a real start."""
-  code = (
-      'import runpy, sys\n'
-      'from mixmo_jax import config_validation as cv\n'
-      'calls = []\n'
-      'original = cv.validate\n'
-      'def counted(*args, **kwargs):\n'
-      '  calls.append(1)\n'
-      '  return original(*args, **kwargs)\n'
-      'cv.validate = counted\n'
-      'sys.argv = ["main"] + sys.argv[1:]\n'
-      'try:\n'
-      '  runpy.run_module("mixmo_jax.main", run_name="__main__")\n'
-      'finally:\n'
-      '  print("VALIDATED", len(calls), file=sys.stderr)\n')
-  out = subprocess.run(
-      [sys.executable, '-c', code, f'--config={REPO}/configs/digits.py',
-       '--config.model.width=1', '--config.num_epochs=1',
-       '--config.num_train_examples=320', '--config.optimizer.decay_epochs=()',
-       f'--workdir={tmp_path / "run"}'], cwd=REPO, capture_output=True,
-      text=True, timeout=300)
+  code = ('import runpy, sys\n'
+          'from mixmo_jax import config_validation as cv\n'
+          'calls = []\n'
+          'original = cv.validate\n'
+          'def counted(*args, **kwargs):\n'
+          '  calls.append(1)\n'
+          '  return original(*args, **kwargs)\n'
+          'cv.validate = counted\n'
+          'sys.argv = ["main"] + sys.argv[1:]\n'
+          'try:\n'
+          '  runpy.run_module("mixmo_jax.main", run_name="__main__")\n'
+          'finally:\n'
+          '  print("VALIDATED", len(calls), file=sys.stderr)\n')
+  out = subprocess.run([
+      sys.executable, '-c', code, f'--config={REPO}/configs/digits.py',
+      '--config.model.width=1', '--config.num_epochs=1',
+      '--config.num_train_examples=320', '--config.optimizer.decay_epochs=()',
+      f'--workdir={tmp_path / "run"}'
+  ], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'VALIDATED 1' in out.stderr.splitlines()[-1], out.stderr[-2000:]

@@ -25,8 +25,9 @@ LABELS = (3 * np.arange(N) + 1) % C  # A bijection id -> label, not identity.
 
 
 def _planted():
-  images = np.broadcast_to((10 * np.arange(N) + 5).astype(np.uint8)[
-      :, None, None, None], (N, HW, HW, 3)).copy()
+  images = np.broadcast_to((10 * np.arange(N) + 5).astype(np.uint8)[:, None,
+                                                                    None, None],
+                           (N, HW, HW, 3)).copy()
   return jnp.asarray(images), jnp.asarray(LABELS, jnp.int32)
 
 
@@ -43,9 +44,9 @@ def _member_batch(key, **kwargs):
   images, labels = _planted()
   crop = functools.partial(augment.random_crop_flip, padding=0, flip=False)
   kwargs.setdefault('augment', crop)
-  return mixmo_batch.member_batch(
-      key, images, labels, _weights(N * B_REP), num_members=M,
-      repetitions=B_REP, num_classes=C, **kwargs)
+  return mixmo_batch.member_batch(key, images, labels, _weights(N * B_REP),
+                                  num_members=M, repetitions=B_REP,
+                                  num_classes=C, **kwargs)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -57,8 +58,8 @@ def test_targets_are_the_labels_of_the_planted_samples(seed):
   np.testing.assert_array_equal(np.asarray(targets), LABELS[ids[..., 0, 0]])
   # Every member sees each sample b times (a permutation of the B rows).
   for m in range(M):
-    np.testing.assert_array_equal(np.bincount(ids[:, m, 0, 0], minlength=N),
-                                  np.full(N, B_REP))
+    np.testing.assert_array_equal(
+        np.bincount(ids[:, m, 0, 0], minlength=N), np.full(N, B_REP))
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -103,10 +104,10 @@ def test_augment_per_copy(per_copy):
   labels = jnp.asarray(LABELS, jnp.int32)
   key = jax.random.PRNGKey(3)
   crop = functools.partial(augment.random_crop_flip, padding=2, flip=True)
-  xs, _ = mixmo_batch.member_batch(
-      key, images, labels, _weights(N * B_REP), num_members=M,
-      repetitions=B_REP, num_classes=C, augment=crop,
-      augment_per_copy=per_copy)
+  xs, _ = mixmo_batch.member_batch(key, images, labels, _weights(N * B_REP),
+                                   num_members=M, repetitions=B_REP,
+                                   num_classes=C, augment=crop,
+                                   augment_per_copy=per_copy)
   _, k_perm, _, _ = jax.random.split(key, 4)
   idx = np.asarray(mixmo_batch.member_indices(k_perm, N * B_REP, M))
   copies = np.zeros((N * B_REP, HW, HW, 3))
@@ -123,8 +124,9 @@ def test_pixel_augment_runs_on_uint8_member_inputs_and_partners():
     calls.append((images.shape, images.dtype))
     return images.astype(jnp.float32) + 1000.0
 
-  xs, _ = _member_batch(jax.random.PRNGKey(0), pixel_mix='cutmix',
-                        pixel_mix_prob=1.0, pixel_augment=marker)
+  xs, _ = _member_batch(
+      jax.random.PRNGKey(0), pixel_mix='cutmix', pixel_mix_prob=1.0,
+      pixel_augment=marker)
   assert calls == [((N * B_REP, M, HW, HW, 3), jnp.uint8)] * 2
   assert (np.asarray(xs) >= 1000.0).all()  # Own pixels and pasted partners.
 
@@ -137,13 +139,14 @@ def test_pixel_augment_draws_of_inputs_and_partners(draws):
   calls = []
 
   def record(key, images, draw_ids, num_draws):
-    calls.append((np.asarray(jax.random.key_data(key)), np.asarray(draw_ids),
-                  num_draws, _ids(images.astype(jnp.float32))[..., 0, 0]))
+    calls.append(
+        (np.asarray(jax.random.key_data(key)), np.asarray(draw_ids), num_draws,
+         _ids(images.astype(jnp.float32))[..., 0, 0]))
     return images.astype(jnp.float32)
 
-  _member_batch(jax.random.PRNGKey(4), pixel_mix='cutmix',
-                pixel_mix_prob=1.0, pixel_augment=record,
-                pixel_augment_draws=draws)
+  _member_batch(
+      jax.random.PRNGKey(4), pixel_mix='cutmix', pixel_mix_prob=1.0,
+      pixel_augment=record, pixel_augment_draws=draws)
   (key_in, d_in, n_in, ids_in), (key_p, d_p, n_p, ids_p) = calls
   assert (ids_p != ids_in).all()  # The partners are other samples.
   if draws == 'per_sample':
@@ -167,19 +170,23 @@ def test_augmix_copies_of_a_sample_share_its_chains(draws):
   images = jnp.asarray(rng.randint(0, 256, (N, HW, HW, 3)), jnp.uint8)
   labels = jnp.asarray(LABELS, jnp.int32)
   key = jax.random.PRNGKey(5)
-  fn = jax.jit(functools.partial(
-      mixmo_batch.member_batch, num_members=M, repetitions=B_REP,
-      num_classes=C, pixel_augment=functools.partial(augmix.augmix,
-                                                     as_float=True),
-      pixel_augment_draws=draws))
+  fn = jax.jit(
+      functools.partial(
+          mixmo_batch.member_batch, num_members=M, repetitions=B_REP,
+          num_classes=C,
+          pixel_augment=functools.partial(augmix.augmix, as_float=True),
+          pixel_augment_draws=draws))
   xs = np.asarray(fn(key, images, labels, _weights(N * B_REP))[0])
   _, k_perm, _, _ = jax.random.split(key, 4)
   sample = np.asarray(mixmo_batch.member_indices(k_perm, N * B_REP, M)) % N
   same_copies, same_members = [], []
   for n in range(N):
     rows = [np.flatnonzero(sample[:, m] == n) for m in range(M)]
-    same_copies += [np.array_equal(xs[rows[m][0], m], xs[r, m])
-                    for m in range(M) for r in rows[m][1:]]
+    same_copies += [
+        np.array_equal(xs[rows[m][0], m], xs[r, m])
+        for m in range(M)
+        for r in rows[m][1:]
+    ]
     same_members.append(np.array_equal(xs[rows[0][0], 0], xs[rows[1][0], 1]))
   assert len(same_copies) == N * M * (B_REP - 1)
   assert all(same_copies) if draws == 'per_sample' else not any(same_copies)
@@ -214,33 +221,35 @@ def test_train_step_gradient_is_eq4_plus_l2():
   k_data, k_mix = keys.step_keys(config.seed, 0)
   mix = config.mixing
   p = schedule.patch_probability(1, config.num_epochs, mix.p,
-                                    mix.p_decay_fraction)
+                                 mix.p_decay_fraction)
   # One jit each (op-by-op, the ~100 small ops each compile on a cold cache).
   weights, kappa = jax.jit(lambda k: registry.sample_mixing_weights(
-      k, config.batch_size, config.num_members,
-      *models.stem_resolution(config), method=mix.method, alpha=mix.alpha,
-      p=p))(k_mix)
+      k, config.batch_size, config.num_members, *models.stem_resolution(config),
+      method=mix.method, alpha=mix.alpha, p=p))(
+          k_mix)
   xs, targets = jax.jit(lambda *a: training.member_inputs(
-      a[0], a[1], a[2], a[3], config, a[4], a[5]))(
-          k_data, jnp.asarray(images), jnp.asarray(labels), weights,
-          jnp.asarray(p_images), jnp.asarray(p_labels))
-  root = np.asarray(kappa, np.float64) ** (1.0 / mix.r)
+      a[0], a[1], a[2], a[3], config, a[4], a[5]))(k_data, jnp.asarray(images),
+                                                   jnp.asarray(labels), weights,
+                                                   jnp.asarray(p_images),
+                                                   jnp.asarray(p_labels))
+  root = np.asarray(kappa, np.float64)**(1.0 / mix.r)
   w = config.num_members * root / root.sum(-1, keepdims=True)  # Eq. 5.
 
   def loss(params):
-    logits, _ = model.apply({'params': params, 'batch_stats': stats0}, xs,
-                            mix_weights=weights, train=True,
-                            mutable=['batch_stats'])
+    logits, _ = model.apply({
+        'params': params,
+        'batch_stats': stats0
+    }, xs, mix_weights=weights, train=True, mutable=['batch_stats'])
     ce = -jnp.sum(targets * jax.nn.log_softmax(logits), -1)  # [B, M]
     total = jnp.sum(jnp.asarray(w, jnp.float32) * ce) / xs.shape[0]
-    sq = sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
+    sq = sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
     return total + opt.l2 * sq
 
   expected = jax.jit(jax.grad(loss))(params0)  # jit: eager op-by-op is slow.
   for got, want in zip(jax.tree.leaves(applied), jax.tree.leaves(expected)):
     scale = max(float(np.abs(want).max()), 1e-3)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want),
-                               atol=2e-3 * scale, rtol=2e-3)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), atol=2e-3 * scale, rtol=2e-3)
 
 
 # ----------------------------------------------------------------------------
@@ -257,8 +266,9 @@ def test_per_sample_rule_distribution(fn):
   partners = jnp.ones((size, hw, hw, 3))
   onehot = jax.nn.one_hot(jnp.zeros(size, jnp.int32), 2)
   other = jax.nn.one_hot(jnp.ones(size, jnp.int32), 2)
-  x, soft = fn(jax.random.PRNGKey(0), images, onehot, 1.0, prob=0.5,
-               per_sample=True, partner_images=partners, partner_onehot=other)
+  x, soft = fn(
+      jax.random.PRNGKey(0), images, onehot, 1.0, prob=0.5, per_sample=True,
+      partner_images=partners, partner_onehot=other)
   share = 1.0 - np.asarray(x).mean(axis=(1, 2, 3))  # Kept share of x_i.
   np.testing.assert_allclose(share, np.asarray(soft)[:, 0], atol=1e-5)
   mixed = share < 1.0
@@ -271,14 +281,16 @@ def test_per_sample_rule_distribution(fn):
 def test_per_sample_rule_member_batch_partners(pixel_mix):
   images, labels = _planted()
   key = jax.random.PRNGKey(5)
-  own_xs, _ = mixmo_batch.member_batch(
-      key, images, labels, jnp.ones((N * B_REP, 1, 4, 4)), num_members=1,
-      repetitions=B_REP, num_classes=C)
+  own_xs, _ = mixmo_batch.member_batch(key, images, labels,
+                                       jnp.ones(
+                                           (N * B_REP, 1, 4, 4)), num_members=1,
+                                       repetitions=B_REP, num_classes=C)
   own = _ids(own_xs)[:, 0, 0, 0]
-  xs, soft = mixmo_batch.member_batch(
-      key, images, labels, jnp.ones((N * B_REP, 1, 4, 4)), num_members=1,
-      repetitions=B_REP, num_classes=C, pixel_mix=pixel_mix,
-      pixel_mix_prob=1.0)
+  xs, soft = mixmo_batch.member_batch(key, images, labels,
+                                      jnp.ones(
+                                          (N * B_REP, 1, 4, 4)), num_members=1,
+                                      repetitions=B_REP, num_classes=C,
+                                      pixel_mix=pixel_mix, pixel_mix_prob=1.0)
   soft = np.asarray(soft)[:, 0]
   label_to_id = np.argsort(LABELS)
   values = 10 * label_to_id + 5  # Pixel value of the sample of each label.
@@ -335,8 +347,9 @@ def test_mixup_with_mixmo_member_batch_partners():
 def test_partner_indices_uniform_never_own_and_pure():
   from scipy import stats
   num_train, own = 50, np.arange(0, 40, 4)
-  draws = np.concatenate([pipeline.partner_indices(0, s, num_train, own, 2, 3)
-                          for s in range(200)])
+  draws = np.concatenate([
+      pipeline.partner_indices(0, s, num_train, own, 2, 3) for s in range(200)
+  ])
   assert draws.shape == (200 * 20, 3)
   own_rep = np.tile(own, 2)[:, None]
   assert (np.tile(own_rep, (200, 1)) != draws).all()
@@ -360,9 +373,9 @@ def test_shipped_partners_land_in_their_member_inputs(pixel_mix):
   rows = N * B_REP
   # Partners planted with ids >= N, none a sample of the step.
   pid = np.arange(rows * M).reshape(rows, M) % 17 + N  # Values <= 245.
-  p_images = jnp.asarray(np.broadcast_to(
-      (10 * pid + 5).astype(np.uint8)[..., None, None, None],
-      (rows, M, HW, HW, 3)))
+  p_images = jnp.asarray(
+      np.broadcast_to((10 * pid + 5).astype(np.uint8)[..., None, None, None],
+                      (rows, M, HW, HW, 3)))
   p_labels = jnp.asarray(pid % C, jnp.int32)
   xs, soft = _member_batch(key, pixel_mix=pixel_mix, pixel_mix_prob=1.0,
                            partner_images=p_images, partner_labels=p_labels)
@@ -377,8 +390,9 @@ def test_shipped_partners_land_in_their_member_inputs(pixel_mix):
       if pixel_mix == 'cutmix':
         assert set(np.unique(np.rint(pixels[r, m]))) <= vals
       share_own = soft[r, m, LABELS[own[r, m]]]
-      want = (share_own * (10 * own[r, m] + 5) + (1 - share_own) *
-              (10 * expected_partner[r, m] + 5))
+      want = (
+          share_own * (10 * own[r, m] + 5) + (1 - share_own) *
+          (10 * expected_partner[r, m] + 5))
       if LABELS[own[r, m]] != expected_partner[r, m] % C:
         np.testing.assert_allclose(pixels[r, m].mean(), want, atol=1e-3)
 
@@ -393,8 +407,8 @@ def test_prefetcher_yields_the_synchronous_batches():
     for step in range(3, 8):
       batch, wait = pre.get(step)
       assert wait >= 0.0
-      for a, b in zip(jax.device_get(batch),
-                      jax.device_get(feeder.batch(step))):
+      for a, b in zip(
+          jax.device_get(batch), jax.device_get(feeder.batch(step))):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match='expected step 8'):
       pre.get(9)
@@ -404,6 +418,7 @@ def test_prefetcher_raises_the_thread_error_and_closes():
   from mixmo_jax import feed
 
   class Broken:
+
     def batch(self, step):
       raise RuntimeError(f'broken at {step}')
 

@@ -54,7 +54,7 @@ def loop_brier(z, labels):
   total = 0.0
   for n in range(len(labels)):
     for c in range(p.shape[1]):
-      total += (p[n, c] - (1.0 if c == labels[n] else 0.0)) ** 2
+      total += (p[n, c] - (1.0 if c == labels[n] else 0.0))**2
   return total / len(labels)
 
 
@@ -76,8 +76,8 @@ def loop_bins(z, labels, num_bins):
 
 def loop_ece(z, labels, num_bins):
   acc, conf, count = loop_bins(z, labels, num_bins)
-  return sum(count[b] / len(labels) * abs(acc[b] - conf[b])
-             for b in range(num_bins))
+  return sum(
+      count[b] / len(labels) * abs(acc[b] - conf[b]) for b in range(num_bins))
 
 
 def nll_at_temperature(z, labels, temperatures):
@@ -103,23 +103,23 @@ def test_scalar_metrics_match_loops(scale):
   for k in (1, 2, 5):
     assert float(metrics.top_k_accuracy(lp, labels, k)) == pytest.approx(
         loop_top_k(z, labels, k), abs=1e-6)
-  np.testing.assert_allclose(float(metrics.nll(lp, labels)),
-                             loop_nll(z, labels), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics.brier(lp, labels)),
-                             loop_brier(z, labels), rtol=1e-5)
-  np.testing.assert_allclose(float(metrics.ece(lp, labels, NUM_BINS)),
-                             loop_ece(z, labels, NUM_BINS), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      float(metrics.nll(lp, labels)), loop_nll(z, labels), rtol=1e-5)
+  np.testing.assert_allclose(
+      float(metrics.brier(lp, labels)), loop_brier(z, labels), rtol=1e-5)
+  np.testing.assert_allclose(
+      float(metrics.ece(lp, labels, NUM_BINS)), loop_ece(z, labels, NUM_BINS),
+      rtol=1e-4, atol=1e-6)
   # Raw logits are accepted (re-normalised internally).
-  np.testing.assert_allclose(float(metrics.nll(z, labels)),
-                             loop_nll(z, labels), rtol=1e-5)
+  np.testing.assert_allclose(
+      float(metrics.nll(z, labels)), loop_nll(z, labels), rtol=1e-5)
 
 
 @pytest.mark.parametrize('num_bins', [15, 7])
 def test_calibration_bins_match_loop(num_bins):
   z, labels = _logits(1, n=300, c=10, scale=1.5)
-  acc, conf, count = (np.asarray(x) for x in
-                      metrics.calibration_bins(z, labels, num_bins))
+  acc, conf, count = (
+      np.asarray(x) for x in metrics.calibration_bins(z, labels, num_bins))
   ref_acc, ref_conf, ref_count = loop_bins(z, labels, num_bins)
   np.testing.assert_array_equal(count, ref_count)
   np.testing.assert_allclose(acc, ref_acc, atol=1e-6)
@@ -127,8 +127,9 @@ def test_calibration_bins_match_loop(num_bins):
   assert count.sum() == len(labels)
   # ECE is exactly the count-weighted gap of these bins.
   ece = float(metrics.ece(z, labels, num_bins))
-  np.testing.assert_allclose(
-      ece, np.sum(count / count.sum() * np.abs(acc - conf)), rtol=1e-6)
+  np.testing.assert_allclose(ece,
+                             np.sum(count / count.sum() * np.abs(acc - conf)),
+                             rtol=1e-6)
 
 
 def test_bin_edges_are_left_open_right_closed():
@@ -136,8 +137,8 @@ def test_bin_edges_are_left_open_right_closed():
   # when B = 10; confidence 1 lies in the last bin.
   z = np.array([[0.0, 0.0], [0.0, -1e4]], np.float32)
   labels = np.array([0, 0])
-  _, conf, count = (np.asarray(x) for x in
-                    metrics.calibration_bins(z, labels, 10))
+  _, conf, count = (
+      np.asarray(x) for x in metrics.calibration_bins(z, labels, 10))
   assert count[4] == 1 and count[9] == 1 and count.sum() == 2
   np.testing.assert_allclose(conf[[4, 9]], [0.5, 1.0])
 
@@ -148,12 +149,12 @@ def test_primitives_are_jittable():
   jitted = jax.jit(metrics.ece, static_argnames='num_bins')
   ece = jitted(lp, labels, num_bins=NUM_BINS)
   assert isinstance(ece, jax.Array)
-  np.testing.assert_allclose(ece, metrics.ece(np.asarray(lp), labels,
-                                              NUM_BINS), rtol=1e-5)
+  np.testing.assert_allclose(ece, metrics.ece(np.asarray(lp), labels, NUM_BINS),
+                             rtol=1e-5)
   jitted_ens = jax.jit(metrics.ensemble_log_probs, static_argnames='mode')
-  np.testing.assert_allclose(jitted_ens(z, mode='logits'),
-                             metrics.ensemble_log_probs(z, 'logits'),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      jitted_ens(z, mode='logits'), metrics.ensemble_log_probs(z, 'logits'),
+      rtol=1e-5, atol=1e-5)
   jitted_topk = jax.jit(metrics.top_k_accuracy, static_argnames='k')
   assert float(jitted_topk(lp, labels, k=5)) == float(
       metrics.top_k_accuracy(lp, labels, 5))
@@ -172,12 +173,12 @@ def test_ensemble_log_probs_modes():
   z64 = z.astype(np.float64)
   probs_ref = np.log(np.mean(_softmax64(z64), axis=1))
   logits_ref = np.log(_softmax64(np.mean(z64, axis=1)))
-  np.testing.assert_allclose(metrics.ensemble_log_probs(z, 'probs'),
-                             probs_ref, atol=2e-5)
-  np.testing.assert_allclose(metrics.ensemble_log_probs(z, 'logits'),
-                             logits_ref, atol=2e-5)
-  np.testing.assert_allclose(metrics.ensemble_log_probs(z), logits_ref,
-                             atol=2e-5)
+  np.testing.assert_allclose(
+      metrics.ensemble_log_probs(z, 'probs'), probs_ref, atol=2e-5)
+  np.testing.assert_allclose(
+      metrics.ensemble_log_probs(z, 'logits'), logits_ref, atol=2e-5)
+  np.testing.assert_allclose(
+      metrics.ensemble_log_probs(z), logits_ref, atol=2e-5)
   # The two modes differ in general.
   assert np.abs(probs_ref - logits_ref).max() > 1e-2
   with pytest.raises(ValueError):
@@ -217,12 +218,12 @@ def test_fit_temperature_degenerate_cases_clamp_to_bracket():
   onehot = np.eye(c, dtype=np.float32)[labels]
   # All correct: sharpening always helps, optimum beta -> inf.
   assert metrics.is_separable(4.0 * onehot, labels)
-  assert metrics.fit_temperature(4.0 * onehot, labels) == pytest.approx(
-      metrics.T_MIN)
+  assert metrics.fit_temperature(4.0 * onehot,
+                                 labels) == pytest.approx(metrics.T_MIN)
   # Every label is the least likely class: optimum beta -> 0.
   assert not metrics.is_separable(-4.0 * onehot, labels)
-  assert metrics.fit_temperature(-4.0 * onehot, labels) == pytest.approx(
-      metrics.T_MAX)
+  assert metrics.fit_temperature(-4.0 * onehot,
+                                 labels) == pytest.approx(metrics.T_MAX)
 
 
 def _one_error_logits(n=360, c=10, seed=0):
@@ -260,8 +261,9 @@ def test_separable_half_keeps_unit_temperature_and_warns():
   assert result['temperature'] == pytest.approx(t_err)
   # NLL_c does not collapse: independent cross-fit with the applied T.
   t_a, t_b = result['temperatures']
-  expected = 0.5 * (loop_nll(lp[half_b] / t_a, labels[half_b])
-                    + loop_nll(lp[half_a] / t_b, labels[half_a]))
+  expected = 0.5 * (
+      loop_nll(lp[half_b] / t_a, labels[half_b]) +
+      loop_nll(lp[half_a] / t_b, labels[half_a]))
   assert result['nll_c'] == pytest.approx(expected, rel=1e-6)
   assert result['nll_c'] < 2.0 * float(metrics.nll(lp, labels))
   full = metrics.evaluation_metrics(z[:, None, :], labels, ensemble='logits',
@@ -341,8 +343,8 @@ def test_diversity_three_members_averages_pairs():
   z = _member_logits_from_preds([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 2, 0]])
   # Pair (0,1): both 1, one 1 -> 1; pair (0,2): both 0, one 3 -> 6;
   # pair (1,2): both 0, one 2 -> 4. Disagreements: 1/4, 3/4, 2/4.
-  both, one, disagree = (np.asarray(x) for x in
-                         metrics.pairwise_error_counts(z, labels))
+  both, one, disagree = (
+      np.asarray(x) for x in metrics.pairwise_error_counts(z, labels))
   np.testing.assert_array_equal(both, [1, 0, 0])
   np.testing.assert_array_equal(one, [1, 3, 2])
   np.testing.assert_array_equal(disagree, [1, 3, 2])
@@ -354,8 +356,11 @@ def test_diversity_three_members_averages_pairs():
 def test_diversity_single_member_is_none():
   z, labels = _logits(6, n=20, c=4, m=1)
   assert metrics.diversity(z, labels) == {
-      'ratio_error': None, 'disagreement': None, 'average_kl': None,
-      'cosine_similarity': None}
+      'ratio_error': None,
+      'disagreement': None,
+      'average_kl': None,
+      'cosine_similarity': None
+  }
 
 
 @pytest.mark.parametrize('m', [2, 3])
@@ -386,8 +391,10 @@ def test_kl_and_cosine_diversity_match_pair_loops(m):
 # --- eval.json ------------------------------------------------------------------
 
 SCHEMA = {
-    'ensemble': {'top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c',
-                 'top1_c', 'temperature'},
+    'ensemble': {
+        'top1', 'top5', 'nll', 'ece', 'brier', 'nll_c', 'ece_c', 'top1_c',
+        'temperature'
+    },
     'members': {'top1', 'nll'},
     'diversity': {'ratio_error', 'disagreement'},
 }
@@ -409,12 +416,10 @@ def test_evaluation_metrics_schema_and_values(mode):
   for key, value in result['ensemble'].items():
     assert type(value) is float, key
   lp = np.asarray(metrics.ensemble_log_probs(z, mode))
-  assert result['ensemble']['top1'] == pytest.approx(
-      loop_top_k(lp, labels, 1))
-  assert result['ensemble']['top5'] == pytest.approx(
-      loop_top_k(lp, labels, 5))
-  assert result['ensemble']['nll'] == pytest.approx(loop_nll(lp, labels),
-                                                    rel=1e-5)
+  assert result['ensemble']['top1'] == pytest.approx(loop_top_k(lp, labels, 1))
+  assert result['ensemble']['top5'] == pytest.approx(loop_top_k(lp, labels, 5))
+  assert result['ensemble']['nll'] == pytest.approx(
+      loop_nll(lp, labels), rel=1e-5)
   for i, member in enumerate(result['members']):
     assert member['top1'] == pytest.approx(loop_top_k(z[:, i], labels, 1))
     assert member['nll'] == pytest.approx(loop_nll(z[:, i], labels), rel=1e-5)
@@ -436,13 +441,31 @@ def test_evaluation_metrics_edge_cases_stay_valid_json():
 
 
 def test_flatten_metrics():
-  nested = {'step': 5, 'ensemble': {'top1': 0.5, 'temperature': None},
-            'members': [{'top1': 0.25}, {'top1': 0.75}], 'ensemble_mode': 'x',
-            'calibration': {'temperatures': [1.5, 2.5]}}
+  nested = {
+      'step': 5,
+      'ensemble': {
+          'top1': 0.5,
+          'temperature': None
+      },
+      'members': [{
+          'top1': 0.25
+      }, {
+          'top1': 0.75
+      }],
+      'ensemble_mode': 'x',
+      'calibration': {
+          'temperatures': [1.5, 2.5]
+      }
+  }
   flat = metrics.flatten_metrics(nested)
-  assert flat == {'step': 5, 'ensemble/top1': 0.5, 'members/0/top1': 0.25,
-                  'members/1/top1': 0.75, 'calibration/temperatures/0': 1.5,
-                  'calibration/temperatures/1': 2.5}
+  assert flat == {
+      'step': 5,
+      'ensemble/top1': 0.5,
+      'members/0/top1': 0.25,
+      'members/1/top1': 0.75,
+      'calibration/temperatures/0': 1.5,
+      'calibration/temperatures/1': 2.5
+  }
   assert metrics.flatten_metrics(flat) == flat
 
 
@@ -492,7 +515,8 @@ def loop_tace_um(z, labels, num_bins, threshold):
   n, c = p.shape
   total = 0.0
   for k in range(c):
-    kept = [(p[i, k], float(labels[i] == k)) for i in range(n)
+    kept = [(p[i, k], float(labels[i] == k))
+            for i in range(n)
             if p[i, k] > threshold]
     if not kept:
       continue
@@ -519,7 +543,8 @@ def loop_tace_mixmo(z, labels, num_bins, threshold):
   n, c = p.shape
   total = 0.0
   for k in range(c):
-    kept = sorted((p[i, k], float(labels[i] == k)) for i in range(n)
+    kept = sorted((p[i, k], float(labels[i] == k))
+                  for i in range(n)
                   if p[i, k] > threshold)
     size = len(kept) // num_bins
     for b in range(num_bins):
@@ -546,8 +571,8 @@ def test_tace_mixmo_matches_the_official_recipe(seed, n, c, num_bins):
   z, labels = _logits(seed, n=n, c=c, signal=1.5)
   for threshold in (1e-3, 0.2):
     assert metrics.tace_mixmo(z, labels, num_bins, threshold) == (
-        pytest.approx(loop_tace_mixmo(z, labels, num_bins, threshold),
-                      abs=1e-12))
+        pytest.approx(
+            loop_tace_mixmo(z, labels, num_bins, threshold), abs=1e-12))
 
 
 def test_the_two_taces_agree_without_threshold_and_differ_with_it():
@@ -561,8 +586,7 @@ def test_the_two_taces_agree_without_threshold_and_differ_with_it():
   # TACE several times smaller than the mean over classes (the reference
   # figures: 0.0036 against 0.0325).
   z, labels = _logits(9, n=1000, c=100, signal=4.0)
-  official, adaptive = metrics.tace_mixmo(z, labels), metrics.tace_um(z,
-                                                                      labels)
+  official, adaptive = metrics.tace_mixmo(z, labels), metrics.tace_um(z, labels)
   assert 0 < official < adaptive / 3
 
 
@@ -570,8 +594,8 @@ def test_tace_closed_forms():
   z, labels = _logits(5, n=120, c=3, signal=1.0)
   p = _softmax64(z)
   # One bin, no threshold: (1/C) sum_c |mean 1[y = c] - mean p_c|.
-  one_bin = np.mean([abs(np.mean(labels == k) - p[:, k].mean())
-                     for k in range(3)])
+  one_bin = np.mean(
+      [abs(np.mean(labels == k) - p[:, k].mean()) for k in range(3)])
   assert metrics.tace_um(z, labels, 1, 0.0) == pytest.approx(one_bin, abs=1e-12)
   # 120 distinct values in 4 bins: the bins are the sorted quarters.
   quarters = 0.0
@@ -579,8 +603,8 @@ def test_tace_closed_forms():
     order = np.argsort(p[:, k])
     for chunk in np.split(order, 4):
       quarters += abs(np.sum(labels[chunk] == k) - p[chunk, k].sum()) / 120
-  assert metrics.tace_um(z, labels, 4, 0.0) == pytest.approx(quarters / 3,
-                                                          abs=1e-12)
+  assert metrics.tace_um(z, labels, 4,
+                         0.0) == pytest.approx(quarters / 3, abs=1e-12)
   # The threshold drops small probabilities: a class never above it adds 0.
   # Class 0 keeps 0.99 (wrong) and 0.995 (right), in two bins:
   # (|0 - 0.99| + |1 - 0.995|) / 2; classes 1 and 2 add 0.
@@ -593,8 +617,8 @@ def test_dempster_shafer_forms_differ_only_when_members_do():
   z_in, _ = _logits(2, n=60, c=10, m=3, signal=2.0)
   scores = metrics.ood_scores(z_in)
   # The mean of per-member scores is not the score of the mean logits.
-  gap = np.abs(scores['dempster_shafer_members']
-               - scores['dempster_shafer_mean_logits'])
+  gap = np.abs(scores['dempster_shafer_members'] -
+               scores['dempster_shafer_mean_logits'])
   assert np.all(gap > 1e-6)
   same = metrics.ood_scores(np.repeat(z_in[:, :1], 3, axis=1))
   np.testing.assert_allclose(same['dempster_shafer_members'],
@@ -615,8 +639,8 @@ def test_tnr_at_tpr_by_hand():
 def test_dempster_shafer_by_hand():
   z = np.array([[0.0, 0.0], [np.log(3.0), 0.0], [1000.0, 0.0]])
   # C / (C + sum_c exp z_c): 2 / (2 + 2), 2 / (2 + 4), ~0 without overflow.
-  np.testing.assert_allclose(metrics.dempster_shafer(z),
-                             [0.5, 2 / 6, 0.0], atol=1e-15)
+  np.testing.assert_allclose(
+      metrics.dempster_shafer(z), [0.5, 2 / 6, 0.0], atol=1e-15)
   z3 = np.array([[np.log(3.0), 0.0, 0.0]])
   np.testing.assert_allclose(metrics.dempster_shafer(z3), [3 / 8], rtol=1e-12)
 
@@ -686,4 +710,5 @@ def test_register_metric_rejects_bad_registrations(monkeypatch):
   assert spec.summary_decimals() == 2
   assert registry.summary_metrics()['nll'].summary_decimals() == 3
   assert [s.name for s in registry.metric_specs()][:8] == [
-      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mixmo', 'tace_um']
+      'top1', 'top5', 'nll', 'ece', 'brier', 'auc', 'tace_mixmo', 'tace_um'
+  ]

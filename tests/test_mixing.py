@@ -21,25 +21,25 @@ B, H, W = 64, 32, 32
 
 # One jitted sampler for the whole file: B, M, h, w and the method are
 # static, alpha and p traced.
-_sample_jit = jax.jit(
-    mixmo.sample_mixing_weights,
-    static_argnums=(1, 2, 3, 4),
-    static_argnames=('method',))
+_sample_jit = jax.jit(mixmo.sample_mixing_weights, static_argnums=(1, 2, 3, 4),
+                      static_argnames=('method',))
 
 
 def sample(seed, num_members, method, alpha=2.0, p=0.5):
   """(weights [B, M, H, W], kappa [B, M]) as NumPy arrays."""
   weights, kappa = _sample_jit(
-      jax.random.key(seed), B, num_members, H, W,
-      method=method, alpha=jnp.float32(alpha), p=jnp.float32(p))
+      jax.random.key(seed), B, num_members, H, W, method=method,
+      alpha=jnp.float32(alpha), p=jnp.float32(p))
   return np.asarray(weights), np.asarray(kappa)
 
 
 def sample_many(seed, num, num_members, method, alpha=2.0, p=0.5):
   """kappa [num, M] float64 from repeated calls on the compiled shape."""
   calls = -(-num // B)
-  kappas = [sample(seed * 100_003 + i, num_members, method, alpha=alpha,
-                   p=p)[1] for i in range(calls)]
+  kappas = [
+      sample(seed * 100_003 + i, num_members, method, alpha=alpha, p=p)[1]
+      for i in range(calls)
+  ]
   return np.concatenate(kappas).astype(np.float64)[:num]
 
 
@@ -56,13 +56,16 @@ def is_rectangle(masks):
     edges = np.diff(v.astype(np.int8), axis=1, prepend=0, append=0)
     return (edges == 1).sum(axis=1) <= 1
 
-  return (masks == filled).all(axis=(1, 2)) & contiguous(rows) & contiguous(cols)
+  return (masks
+          == filled).all(axis=(1, 2)) & contiguous(rows) & contiguous(cols)
 
 
 def box_member_of_batch(weights):
   """The member whose region is a box in every sample (M = 2), else None."""
-  rect = [is_rectangle(np.asarray(weights[:, i]) == 1).all()
-          for i in range(weights.shape[1])]
+  rect = [
+      is_rectangle(np.asarray(weights[:, i]) == 1).all()
+      for i in range(weights.shape[1])
+  ]
   if sum(rect) != 1:
     return None
   return int(np.argmax(rect))
@@ -86,8 +89,9 @@ def exact_boxed_share_moments(size=32):
   hi = np.clip((2 * halves + 2) / size, 0, 1)**2
   prob = cdf(hi) - cdf(lo)
   centres = np.arange(size)
-  lengths = (np.clip(centres[None] + halves[:, None], 0, size)
-             - np.clip(centres[None] - halves[:, None], 0, size))
+  lengths = (
+      np.clip(centres[None] + halves[:, None], 0, size) -
+      np.clip(centres[None] - halves[:, None], 0, size))
   m1 = (prob * lengths.mean(1)**2).sum() / size**2
   m2 = (prob * (lengths**2).mean(1)**2).sum() / size**4
   return m1, m2 - m1**2
@@ -151,8 +155,9 @@ class TestRegistry:
     for name in METHODS:
       assert name in str(excinfo.value)
     with pytest.raises(ValueError):
-      mixmo.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
-                                   method='no_such_block', alpha=2.0, p=0.5)
+      mixmo.sample_mixing_weights(
+          jax.random.key(0), 2, 2, 4, 4, method='no_such_block', alpha=2.0,
+          p=0.5)
 
   def test_duplicate_registration_refused(self):
     with pytest.raises(ValueError):
@@ -160,13 +165,15 @@ class TestRegistry:
     assert mixmo.get_mixing('cut') is blocks.cut_mixing
 
   def test_wrong_shapes_rejected(self):
+
     @mixmo.register_mixing('test_bad_shape', overwrite=True)
     def bad(key, batch_size, num_members, height, width, *, alpha, p):
       return jnp.ones((batch_size, num_members, 1, 1)), jnp.ones((batch_size,))
 
     with pytest.raises(ValueError, match='expected'):
-      mixmo.sample_mixing_weights(jax.random.key(0), 2, 2, 4, 4,
-                                   method='test_bad_shape', alpha=2.0, p=0.5)
+      mixmo.sample_mixing_weights(
+          jax.random.key(0), 2, 2, 4, 4, method='test_bad_shape', alpha=2.0,
+          p=0.5)
 
 
 # ----------------------------------------------------------------------------
@@ -203,9 +210,9 @@ class TestAllBlocks:
     # Cut with M = 3 exercises every part: kappa, the box, the shares.
     key = jax.random.key(11)
     eager = mixmo.sample_mixing_weights(key, B, 3, H, W, method='cut',
-                                         alpha=2.0, p=1.0)
-    jitted = _sample_jit(key, B, 3, H, W, method='cut',
-                         alpha=jnp.float32(2.0), p=jnp.float32(1.0))
+                                        alpha=2.0, p=1.0)
+    jitted = _sample_jit(key, B, 3, H, W, method='cut', alpha=jnp.float32(2.0),
+                         p=jnp.float32(1.0))
     for a, b in zip(eager, jitted):
       np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -215,8 +222,9 @@ class TestAllBlocks:
     before = _sample_jit._cache_size()  # shared by all jit wrappers of fn
     results = []
     for p, alpha in [(0.0, 2.0), (0.5, 1.0), (1.0, 2.0), (0.3, 0.5)]:
-      results.append(_sample_jit(key, B, 2, H, W, method='cut',
-                                 alpha=jnp.float32(alpha), p=jnp.float32(p)))
+      results.append(
+          _sample_jit(key, B, 2, H, W, method='cut', alpha=jnp.float32(alpha),
+                      p=jnp.float32(p)))
     assert _sample_jit._cache_size() == before
     # p really is used: p = 0 gives linear (constant) and p = 1 binary weights.
     w_linear, w_cut = np.asarray(results[0][0]), np.asarray(results[2][0])
@@ -254,8 +262,8 @@ class TestLinear:
   def test_constant_over_space(self):
     weights, kappa = sample(5, 3, 'linear')
     np.testing.assert_array_equal(
-        weights, np.broadcast_to(np.asarray(kappa)[:, :, None, None],
-                                 weights.shape))
+        weights,
+        np.broadcast_to(np.asarray(kappa)[:, :, None, None], weights.shape))
 
 
 class TestCut:
@@ -316,9 +324,11 @@ class TestCut:
       w = np.asarray(w)
       np.testing.assert_allclose(kappa, w.mean(axis=(2, 3)), atol=1e-6)
       # The box member: weights in {0, 1}, a box in every sample.
-      candidates = [i for i in range(3)
-                    if np.isin(w[:, i], [0.0, 1.0]).all()
-                    and is_rectangle(w[:, i] == 1).all()]
+      candidates = [
+          i for i in range(3)
+          if np.isin(w[:, i], [0.0, 1.0]).all() and is_rectangle(
+              w[:, i] == 1).all()
+      ]
       assert len(candidates) >= 1
       k = candidates[0]
       members.append(k)
@@ -328,7 +338,8 @@ class TestCut:
         assert (w[:, i][box] == 0).all()
         # On the complement each other member has one constant weight.
         outside = np.where(box, np.nan, w[:, i])
-        spread = np.nanmax(outside, axis=(1, 2)) - np.nanmin(outside, axis=(1, 2))
+        spread = np.nanmax(outside, axis=(1, 2)) - np.nanmin(
+            outside, axis=(1, 2))
         valid = ~box.all(axis=(1, 2))
         assert (spread[valid] < 1e-6).all()
     counts = np.bincount(members, minlength=3) / len(members)
@@ -338,8 +349,7 @@ class TestCut:
     # p = 0: 'cut' is Linear-MixMo with Dir_3(alpha) ratios.
     kappa = sample_many(9, 20_000, 3, 'cut', alpha=2.0, p=0.0)
     se = np.sqrt(8 / 252 / kappa.shape[0])
-    np.testing.assert_allclose(kappa.mean(axis=0), 1 / 3,
-                               atol=4 * se)
+    np.testing.assert_allclose(kappa.mean(axis=0), 1 / 3, atol=4 * se)
 
 
 class TestBoxMasks:
@@ -347,13 +357,17 @@ class TestBoxMasks:
   def test_side_rule_and_clipping(self):
     height, width = 24, 32  # non-square: each side follows its own axis
     area = np.random.default_rng(0).beta(2.0, 2.0, 2000).astype(np.float32)
-    masks = np.asarray(jax.jit(masks_lib.random_box_masks, static_argnums=(2, 3))(
-        jax.random.key(1), area, height, width)) == 1
+    masks = np.asarray(
+        jax.jit(masks_lib.random_box_masks,
+                static_argnums=(2, 3))(jax.random.key(1), area, height,
+                                       width)) == 1
     assert masks.shape == (2000, height, width)
     assert is_rectangle(masks).all()
     root = np.sqrt(area.astype(np.float64))
-    sides = {size: 2 * (np.floor(size * root).astype(int) // 2)
-             for size in (height, width)}
+    sides = {
+        size: 2 * (np.floor(size * root).astype(int) // 2)
+        for size in (height, width)
+    }
     # A box is empty exactly when one of its sides rounds down to 0.
     empty = ~masks.any(axis=(1, 2))
     np.testing.assert_array_equal(empty,
@@ -398,23 +412,26 @@ class TestPatchProbability:
     np.testing.assert_allclose(fn(11, 12, 0.5), 0.5, rtol=1e-6)
     np.testing.assert_allclose(fn(12, 12, 0.5), 0.0, atol=1e-7)
 
-  @pytest.mark.parametrize('num_epochs,decay_fraction',
-                           [(300, 1 / 12), (12, 1 / 12), (50, 0.2)])
+  @pytest.mark.parametrize('num_epochs,decay_fraction', [(300, 1 / 12),
+                                                         (12, 1 / 12),
+                                                         (50, 0.2)])
   def test_matches_algorithm_under_jit(self, num_epochs, decay_fraction):
     fn = jax.jit(schedule.patch_probability, static_argnums=(1,))
-    call = lambda e: float(fn(jnp.int32(e), num_epochs, jnp.float32(0.6),
-                              decay_fraction))
+    call = lambda e: float(
+        fn(jnp.int32(e), num_epochs, jnp.float32(0.6), decay_fraction))
     call(1)
     cached = fn._cache_size()  # the cache is shared by all jit wrappers
     got = [call(e) for e in range(1, num_epochs + 1)]
-    want = [piecewise_reference(e, num_epochs, 0.6, decay_fraction)
-            for e in range(1, num_epochs + 1)]
+    want = [
+        piecewise_reference(e, num_epochs, 0.6, decay_fraction)
+        for e in range(1, num_epochs + 1)
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert fn._cache_size() == cached  # a traced epoch does not recompile
 
   def test_no_decay(self):
-    np.testing.assert_allclose(schedule.patch_probability(300, 300, 0.5, 0.0),
-                               0.5)
+    np.testing.assert_allclose(
+        schedule.patch_probability(300, 300, 0.5, 0.0), 0.5)
 
 
 class TestMemberIndices:

@@ -21,7 +21,7 @@ KEY = jax.random.PRNGKey(3)
 # compile alone); all blocks are compiled together, once, in one jit.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_blocks_jitted():
   """jit of (key, alpha, p) -> {'name/M': (weights, kappa)}.
 
@@ -30,9 +30,10 @@ def _all_blocks_jitted():
   b, h, w = BINARY_SHAPES
 
   def run(key, alpha, p):
-    return {f'{name}/{m}': mixmo.get_mixing(name)(key, b, m, h, w,
-                                                    alpha=alpha, p=p)
-            for name in NAMES for m in (1, 2, 3)}
+    return {
+        f'{name}/{m}': mixmo.get_mixing(name)(key, b, m, h, w, alpha=alpha, p=p)
+        for name in NAMES for m in (1, 2, 3)
+    }
 
   return jax.jit(run)
 
@@ -75,8 +76,8 @@ def test_registered_under_table2_names():
   assert mixmo.get_mixing('fmix') is blocks.fmix_mixing
   assert mixmo.get_mixing('cowmask') is blocks.cowmask_mixing
   b, h, w = BINARY_SHAPES
-  weights, kappa = mixmo.sample_mixing_weights(
-      KEY, b, 2, h, w, method='fmix', alpha=2.0, p=0.5)
+  weights, kappa = mixmo.sample_mixing_weights(KEY, b, 2, h, w, method='fmix',
+                                               alpha=2.0, p=0.5)
   jit_weights, jit_kappa = _block_outputs('fmix', 2)
   np.testing.assert_array_equal(weights, jit_weights)
   np.testing.assert_allclose(kappa, jit_kappa, atol=1e-7)
@@ -143,16 +144,17 @@ def test_invalid_num_members():
 @pytest.mark.parametrize('name', NAMES)
 def test_deterministic_jit_matches_eager_p_switches_to_linear(name):
   b, h, w = BINARY_SHAPES
-  eager_w, eager_k = mixmo.get_mixing(name)(KEY, b, 2, h, w, alpha=2.0,
-                                             p=1.0)
+  eager_w, eager_k = mixmo.get_mixing(name)(KEY, b, 2, h, w, alpha=2.0, p=1.0)
   jit_w, jit_k = _block_outputs(name, 2)
   np.testing.assert_array_equal(eager_w, jit_w)
   np.testing.assert_allclose(eager_k, jit_k, atol=1e-7)
   # p = 0: Linear-MixMo (weights constant over space, equal to kappa), with
   # the same compiled function (p is traced).
   linear_w, linear_k = _block_outputs(name, 2, p=0.0)
-  np.testing.assert_allclose(linear_w, np.broadcast_to(
-      np.asarray(linear_k)[:, :, None, None], linear_w.shape), atol=1e-6)
+  np.testing.assert_allclose(
+      linear_w,
+      np.broadcast_to(np.asarray(linear_k)[:, :, None, None], linear_w.shape),
+      atol=1e-6)
   assert not np.array_equal(jit_w, linear_w)
   other_w, _ = _block_outputs(name, 2, key=jax.random.PRNGKey(8))
   assert not np.array_equal(jit_w, other_w)
@@ -167,8 +169,8 @@ def test_deterministic_jit_matches_eager_p_switches_to_linear(name):
 def test_concat_masks_area_and_split(axis):
   b, h, w = 64, 12, 16
   area = jax.random.uniform(jax.random.PRNGKey(1), (b,))
-  masks = np.asarray(masks_lib.concat_masks(jax.random.PRNGKey(2), area, h, w,
-                                     axis=axis))
+  masks = np.asarray(
+      masks_lib.concat_masks(jax.random.PRNGKey(2), area, h, w, axis=axis))
   length = w if axis == 1 else h
   lines = masks[:, 0, :] if axis == 1 else masks[:, :, 0]  # [B, L]
   # The mask depends only on the column (axis=1) or the row (axis=0).
@@ -217,11 +219,12 @@ def _opening(mask, size):
 PATCHUP_AREA = 0.5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patchup_masks():
   """[256, 32, 32] PatchUp masks of target area 0.5 (a 32 x 32 CIFAR map)."""
   area = jnp.full((256,), PATCHUP_AREA)
-  return np.asarray(masks_lib.patchup_masks(jax.random.PRNGKey(1), area, 32, 32))
+  return np.asarray(
+      masks_lib.patchup_masks(jax.random.PRNGKey(1), area, 32, 32))
 
 
 def test_patchup_masks_are_unions_of_blocks():
@@ -245,13 +248,14 @@ def test_patchup_area_matches_dropblock_gamma():
     i = np.arange(length)
     return np.minimum(i + s // 2, length - 1) - np.maximum(i - s // 2, 0) + 1
 
-  expected = np.mean(1 - (1 - gamma) ** np.outer(cover(h), cover(w)))
-  assert abs(float(np.mean(masks)) - expected) < 0.02, (
-      float(np.mean(masks)), expected)
+  expected = np.mean(1 - (1 - gamma)**np.outer(cover(h), cover(w)))
+  assert abs(float(np.mean(masks)) - expected) < 0.02, (float(np.mean(masks)),
+                                                        expected)
 
 
 def test_patchup_block_clipped_on_small_maps():
-  masks = masks_lib.patchup_masks(jax.random.PRNGKey(2), jnp.full((4,), 0.5), 4, 5)
+  masks = masks_lib.patchup_masks(
+      jax.random.PRNGKey(2), jnp.full((4,), 0.5), 4, 5)
   assert masks.shape == (4, 4, 5)
   assert set(np.unique(np.asarray(masks))) <= {0.0, 1.0}
 
@@ -278,7 +282,7 @@ def test_low_frequency_maps_spectrum_decays():
   b, h, w = BINARY_SHAPES
   maps = masks_lib.low_frequency_maps(jax.random.PRNGKey(0), b, h, w)
   assert maps.shape == (b, h, w) and maps.dtype == jnp.float32
-  power = np.mean(np.abs(np.fft.fft2(np.asarray(maps, np.float64))) ** 2, 0)
+  power = np.mean(np.abs(np.fft.fft2(np.asarray(maps, np.float64)))**2, 0)
   freq = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :])
   nonzero = freq > 0
   slope = np.polyfit(np.log(freq[nonzero]), np.log(power[nonzero]), 1)[0]
@@ -306,12 +310,13 @@ def test_gaussian_smooth_matches_zero_padded_convolution():
   b, h, w, max_sigma = 3, 10, 13, 4.0
   images = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (b, h, w)))
   sigma = np.array([0.7, 2.0, 4.0], np.float32)
-  out = np.asarray(masks_lib.gaussian_smooth(jnp.asarray(images), jnp.asarray(sigma),
-                                      max_sigma))
+  out = np.asarray(
+      masks_lib.gaussian_smooth(
+          jnp.asarray(images), jnp.asarray(sigma), max_sigma))
   radius = math.ceil(3 * max_sigma)
   taps = np.arange(-radius, radius + 1)
   for x, s, o in zip(images.astype(np.float64), sigma, out):
-    g = np.exp(-taps ** 2 / (2 * s * s)) / np.sqrt(2 * np.pi * s * s)
+    g = np.exp(-taps**2 / (2 * s * s)) / np.sqrt(2 * np.pi * s * s)
     kernel = np.outer(g, g)
     padded = np.pad(x, radius)
     expected = np.zeros_like(x)

@@ -29,14 +29,17 @@ def test_two_processes_agree_with_one():
   # No persistent compilation cache in the workers: one process loading a
   # cached program while the other compiles its own has been seen to hang
   # their first collective.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags(4),
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(4),
              JAX_ENABLE_COMPILATION_CACHE='false')
   worker = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
-  procs = [subprocess.Popen(
-      [sys.executable, worker, str(port), str(i), '2', str(STEPS)], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, worker,
+           str(port),
+           str(i), '2',
+           str(STEPS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True) for i in range(2)
+  ]
   outputs = []
   for proc in procs:
     out, err = proc.communicate(timeout=600)

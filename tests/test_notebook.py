@@ -31,8 +31,10 @@ def _read():
 
 
 def _parameters_index(nb):
-  tagged = [i for i, cell in enumerate(nb.cells)
-            if 'parameters' in cell.get('metadata', {}).get('tags', [])]
+  tagged = [
+      i for i, cell in enumerate(nb.cells)
+      if 'parameters' in cell.get('metadata', {}).get('tags', [])
+  ]
   assert len(tagged) == 1, 'exactly one cell must be tagged "parameters"'
   return tagged[0]
 
@@ -64,8 +66,10 @@ def _python_kernel(tmp_path, monkeypatch):
   a temporary kernelspec is put first on JUPYTER_PATH.
   """
   from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-  bare = {'python', f'python{sys.version_info[0]}',
-          'python{}.{}'.format(*sys.version_info[:2])}
+  bare = {
+      'python', f'python{sys.version_info[0]}',
+      'python{}.{}'.format(*sys.version_info[:2])
+  }
   try:
     argv0 = KernelSpecManager().get_kernel_spec('python3').argv[0]
     if argv0 in bare or os.path.realpath(argv0) == os.path.realpath(
@@ -76,10 +80,15 @@ def _python_kernel(tmp_path, monkeypatch):
   name = 'mixmo-notebook-test'
   folder = tmp_path / 'jupyter' / 'kernels' / name
   folder.mkdir(parents=True)
-  (folder / 'kernel.json').write_text(json.dumps({
-      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f',
-               '{connection_file}'],
-      'display_name': 'mixmo test', 'language': 'python'}))
+  (folder / 'kernel.json').write_text(
+      json.dumps({
+          'argv': [
+              sys.executable, '-m', 'ipykernel_launcher', '-f',
+              '{connection_file}'
+          ],
+          'display_name': 'mixmo test',
+          'language': 'python'
+      }))
   monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
   return name
 
@@ -94,8 +103,9 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   flags = os.environ.get('XLA_FLAGS', '')
   if '--xla_force_host_platform_device_count' not in flags:
-    monkeypatch.setenv('XLA_FLAGS', (
-        flags + ' --xla_force_host_platform_device_count=8').strip())
+    monkeypatch.setenv('XLA_FLAGS',
+                       (flags +
+                        ' --xla_force_host_platform_device_count=8').strip())
   monkeypatch.setenv('JUPYTER_RUNTIME_DIR', str(tmp_path / 'runtime'))
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))
   monkeypatch.setenv('MPLBACKEND', 'Agg')
@@ -103,21 +113,25 @@ def test_notebook_runs_tiny(tmp_path, monkeypatch):
 
   nb = _read()
   base = tmp_path / 'runs'
-  nb.cells.insert(_parameters_index(nb) + 1,
-                  nbformat.v4.new_code_cell(f'WORKDIR = {str(base)!r}'))
+  nb.cells.insert(
+      _parameters_index(nb) + 1,
+      nbformat.v4.new_code_cell(f'WORKDIR = {str(base)!r}'))
   client = NotebookClient(
       nb, kernel_name=kernel, timeout=CELL_TIMEOUT_S,
-      resources={'metadata': {'path': os.path.join(REPO, 'notebooks')}})
+      resources={'metadata': {
+          'path': os.path.join(REPO, 'notebooks')
+      }})
   client.execute()  # Raises CellExecutionError (with the traceback) on error.
 
   code = [c for c in nb.cells if c.cell_type == 'code']
   assert all(c.execution_count is not None for c in code)
   errors = [o for c in code for o in c.outputs if o.output_type == 'error']
   assert not errors, errors
-  shown = [o for c in code for o in c.outputs
-           if 'image/png' in o.get('data', {})]
-  expected = [base / f for f in BASE_FIGURES] + [
-      base / v / f for v in VARIANTS for f in RUN_FIGURES]
+  shown = [
+      o for c in code for o in c.outputs if 'image/png' in o.get('data', {})
+  ]
+  expected = [base / f for f in BASE_FIGURES
+             ] + [base / v / f for v in VARIANTS for f in RUN_FIGURES]
   missing = [str(p) for p in expected if not p.is_file() or not _is_png(p)]
   assert not missing, f'figures missing or empty: {missing}'
   assert len(shown) >= len(expected), 'figures not displayed inline'

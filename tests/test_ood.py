@@ -25,9 +25,9 @@ EVAL_BATCH = 48
 
 
 def make_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      dataset='svhn_cropped', image_size=32, data_seed=0, data_dir='',
-      manual_dir=''))
+  config = ml_collections.ConfigDict(
+      dict(dataset='svhn_cropped', image_size=32, data_seed=0, data_dir='',
+           manual_dir=''))
   config.update(overrides)
   return config
 
@@ -56,8 +56,8 @@ def test_svhn_from_the_authors_mat_file(offline, tmp_path):
   x = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
   y = np.array([[10], [1], [2], [9], [10]], np.uint8)  # 10 is the digit 0.
   sio.savemat(str(tmp_path / 'test_32x32.mat'), {'X': x, 'y': y})
-  config = make_config(data_dir=str(tmp_path / 'empty'),
-                       manual_dir=str(tmp_path))
+  config = make_config(
+      data_dir=str(tmp_path / 'empty'), manual_dir=str(tmp_path))
   images, labels = data.load_split(config, 'test')
   np.testing.assert_array_equal(labels, [0, 1, 2, 9, 0])
   np.testing.assert_array_equal(images[3], x[..., 3])  # [N, H, W, 3].
@@ -65,8 +65,8 @@ def test_svhn_from_the_authors_mat_file(offline, tmp_path):
 
 def test_svhn_offline_fails_fast_naming_the_file(offline, tmp_path):
   import tensorflow_datasets  # noqa: F401  (import time is not the check)
-  config = make_config(data_dir=str(tmp_path / 'data'),
-                       manual_dir=str(tmp_path / 'manual'))
+  config = make_config(
+      data_dir=str(tmp_path / 'data'), manual_dir=str(tmp_path / 'manual'))
   start = time.time()
   with pytest.raises(data.DatasetUnavailableError) as e:
     data.load_split(config, 'test')
@@ -106,10 +106,16 @@ def test_ood_on_inverted_digits_matches_sklearn(digits_workdir, ood_result):
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   is_ood = np.r_[np.zeros(len(z_in), bool), np.ones(len(z_ood), bool)]
-  u = {'msp': -p.max(-1), 'entropy': -np.sum(p * np.log(p), -1),
-       'dempster_shafer_mean_logits': 10 / (10 + np.exp(z).sum(-1)),
-       'dempster_shafer_members': np.mean(
-           10 / (10 + np.exp(members).sum(-1)), axis=1)}
+  u = {
+      'msp':
+          -p.max(-1),
+      'entropy':
+          -np.sum(p * np.log(p), -1),
+      'dempster_shafer_mean_logits':
+          10 / (10 + np.exp(z).sum(-1)),
+      'dempster_shafer_members':
+          np.mean(10 / (10 + np.exp(members).sum(-1)), axis=1)
+  }
   res = ood_result['ood']['digits_inverted']
   assert (res['num_in'], res['num_ood'], res['split']) == (360, 360, 'test')
   for name, score in u.items():
@@ -125,8 +131,10 @@ def test_ood_on_inverted_digits_matches_sklearn(digits_workdir, ood_result):
 
 
 def test_bad_ood_name_fails_before_restoring(digits_workdir, monkeypatch):
+
   def no_restore(*args, **kwargs):
     raise AssertionError('restored before checking --ood')
+
   monkeypatch.setattr(runs_lib, 'load_runs', no_restore)
   with pytest.raises(runs_lib.EvaluationError,
                      match="unknown dataset 'mnist'; allowed: .*svhn_cropped"):
@@ -136,14 +144,14 @@ def test_bad_ood_name_fails_before_restoring(digits_workdir, monkeypatch):
 
 
 def test_cli_ood_flag(tmp_path, digits_workdir, ood_result):
-  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='3')
   output = str(tmp_path / 'eval.json')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'mixmo_jax.evaluate',
-       f'--workdir={digits_workdir}', '--ood=digits_inverted',
-       f'--eval_batch_size={EVAL_BATCH}', f'--output={output}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([
+      sys.executable, '-m', 'mixmo_jax.evaluate', f'--workdir={digits_workdir}',
+      '--ood=digits_inverted', f'--eval_batch_size={EVAL_BATCH}',
+      f'--output={output}'
+  ], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'ood digits_inverted' in proc.stdout
   with open(output) as f:

@@ -11,44 +11,59 @@ FAKE = 'xla_cpu_no_such_flag_for_mixmo_tests'
 
 
 def test_defaults_yield_to_the_user_and_can_be_disabled():
-  env = {'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot'}
+  env = {
+      'JAX_PLATFORMS': 'cpu',
+      'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=dot'
+  }
   assert platform.apply_defaults(env) == []
   assert env['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=dot'
   env = {'JAX_PLATFORMS': 'cpu'}
   assert platform.apply_defaults(env) == [
-      '--xla_cpu_experimental_ynn_fusion_type=reduce']
+      '--xla_cpu_experimental_ynn_fusion_type=reduce'
+  ]
   env = {'MIXMO_XLA_DEFAULTS': '0', 'XLA_FLAGS': '--a=1'}
   assert platform.apply_defaults(env) == [] and env['XLA_FLAGS'] == '--a=1'
 
 
 def test_each_platform_gets_its_own_flags_only():
-  cases = {'cpu': {'cpu'}, 'cuda': {'gpu'}, 'CUDA,cpu': {'gpu', 'cpu'},
-           'tpu': {'tpu'}, 'rocm': {'gpu'}}
+  cases = {
+      'cpu': {'cpu'},
+      'cuda': {'gpu'},
+      'CUDA,cpu': {'gpu', 'cpu'},
+      'tpu': {'tpu'},
+      'rocm': {'gpu'}
+  }
   for names, expected in cases.items():
     env = {'JAX_PLATFORMS': names}
     assert platform.target_platforms(env) == expected, names
     added = platform.apply_defaults(env)
-    assert set(added) == {f'--{k}={v}' for k, v in
-                          platform.default_flags(sorted(expected)).items()}
+    assert set(added) == {
+        f'--{k}={v}'
+        for k, v in platform.default_flags(sorted(expected)).items()
+    }
   assert platform.apply_defaults({'JAX_PLATFORMS': 'tpu'}) == []
-  assert platform.apply_defaults({'JAX_PLATFORMS': 'cuda'}) == [
-      '--xla_gpu_deterministic_ops=true']
+  assert platform.apply_defaults({'JAX_PLATFORMS': 'cuda'
+                                 }) == ['--xla_gpu_deterministic_ops=true']
   # Unset: the accelerator plugins installed decide, else the CPU.
   import importlib.util
-  plugins = {p for m, p in platform._PLUGINS.items()
-             if importlib.util.find_spec(m) is not None}
+  plugins = {
+      p for m, p in platform._PLUGINS.items()
+      if importlib.util.find_spec(m) is not None
+  }
   assert platform.target_platforms({}) == (plugins or {'cpu'})
 
 
 def test_unknown_flags_reads_the_jaxlib_library(tmp_path):
   library = platform._jaxlib_library()
   assert library and os.path.getsize(library) > 10**7
-  known = ['xla_gpu_deterministic_ops', 'xla_cpu_experimental_ynn_fusion_type',
-           'xla_force_host_platform_device_count']
+  known = [
+      'xla_gpu_deterministic_ops', 'xla_cpu_experimental_ynn_fusion_type',
+      'xla_force_host_platform_device_count'
+  ]
   # A strict prefix of a real name is not a name (the NUL ends it).
-  assert platform.unknown_flags(known + [FAKE, 'xla_gpu_deterministic_op']
-                                ) == [FAKE, 'xla_gpu_deterministic_op']
+  assert platform.unknown_flags(known + [FAKE, 'xla_gpu_deterministic_op']) == [
+      FAKE, 'xla_gpu_deterministic_op'
+  ]
   # A library that cannot be read: nothing is risked.
   assert platform.unknown_flags(known, str(tmp_path / 'none.so')) == known
   fake = tmp_path / 'lib.so'
@@ -62,8 +77,7 @@ def test_an_unknown_default_does_not_stop_a_start():
   default it is left out with one warning and the backend starts."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--{FAKE}=true')
   aborted = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
-                           env=env, capture_output=True, text=True,
-                           timeout=120)
+                           env=env, capture_output=True, text=True, timeout=120)
   assert aborted.returncode != 0 and FAKE in aborted.stderr
   code = ('from mixmo_jax import platform\n'
           f'platform.CPU_DEFAULTS["{FAKE}"] = "true"\n'
@@ -74,8 +88,9 @@ def test_an_unknown_default_does_not_stop_a_start():
   started = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
   assert started.returncode == 0, started.stderr[-2000:]
-  assert started.stdout.split(None, 1)[1].strip() == (
-      "['--xla_cpu_experimental_ynn_fusion_type=reduce']")
+  assert started.stdout.split(
+      None,
+      1)[1].strip() == ("['--xla_cpu_experimental_ynn_fusion_type=reduce']")
   warnings = [l for l in started.stderr.splitlines() if FAKE in l]
   assert len(warnings) == 1 and 'does not know' in warnings[0]
 

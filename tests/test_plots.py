@@ -36,8 +36,8 @@ def test_reliability_bins_are_the_ece_bins():
   # The diagram draws metrics.calibration_bins; ECE is their weighted gap.
   z, labels = _fake_run(1, n=200, m=1, c=10)
   lp = metrics.ensemble_log_probs(z)
-  acc, conf, count = (np.asarray(x) for x in
-                      metrics.calibration_bins(lp, labels, 15))
+  acc, conf, count = (
+      np.asarray(x) for x in metrics.calibration_bins(lp, labels, 15))
   assert count.sum() == len(labels)
   assert np.all((acc >= 0) & (acc <= 1))
   # Non-empty bins' mean confidence lies inside their (lo, hi] interval.
@@ -45,15 +45,15 @@ def test_reliability_bins_are_the_ece_bins():
   filled = count > 0
   assert np.all(conf[filled] > edges[:-1][filled] - 1e-6)
   assert np.all(conf[filled] <= edges[1:][filled] + 1e-6)
-  np.testing.assert_allclose(float(metrics.ece(lp, labels, 15)),
-                             np.sum(count / len(labels) * np.abs(acc - conf)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      float(metrics.ece(lp, labels, 15)),
+      np.sum(count / len(labels) * np.abs(acc - conf)), rtol=1e-6)
 
 
 def test_reliability_diagram(tmp_path, run):
   z, labels, _ = run
-  path = plots.reliability_diagram(metrics.ensemble_log_probs(z), labels,
-                                   tmp_path / 'sub' / 'rel.png')
+  path = plots.reliability_diagram(
+      metrics.ensemble_log_probs(z), labels, tmp_path / 'sub' / 'rel.png')
   assert path == str(tmp_path / 'sub' / 'rel.png')
   _check_png(path, plots.FIGSIZES['reliability_diagram'])
 
@@ -80,7 +80,8 @@ def test_member_vs_ensemble_and_write_evaluation_plots(tmp_path, run):
   paths = plots.write_evaluation_plots(result, metrics.ensemble_log_probs(z),
                                        labels, tmp_path / 'plots')
   assert [p.rsplit('/', 1)[1] for p in paths] == [
-      'reliability.png', 'reliability_ts.png', 'member_vs_ensemble.png']
+      'reliability.png', 'reliability_ts.png', 'member_vs_ensemble.png'
+  ]
   _check_png(paths[0], plots.FIGSIZES['reliability_diagram'])
   _check_png(paths[1], plots.FIGSIZES['reliability_diagram'])
   _check_png(paths[2], plots.FIGSIZES['member_vs_ensemble'])
@@ -92,10 +93,10 @@ def test_evaluation_figures_for_1_2_5_members(tmp_path, m):
   result = metrics.evaluation_metrics(z, labels)
   result.update(workdirs=['/runs/digits_cut_mixmo'], step=880)
   assert plots.run_title(result) == 'digits_cut_mixmo (step 880)'
-  paths = plots.write_evaluation_plots(
-      result, metrics.ensemble_log_probs(z), labels, tmp_path / f'm{m}')
-  for path, name in zip(paths, ['reliability_diagram'] * 2
-                        + ['member_vs_ensemble']):
+  paths = plots.write_evaluation_plots(result, metrics.ensemble_log_probs(z),
+                                       labels, tmp_path / f'm{m}')
+  for path, name in zip(paths,
+                        ['reliability_diagram'] * 2 + ['member_vs_ensemble']):
     _check_png(path, plots.FIGSIZES[name])
 
 
@@ -112,9 +113,11 @@ def test_cross_fitted_log_probs_give_nll_c():
 def test_diversity_accuracy(tmp_path, run):
   _, _, result = run
   z1, labels1 = _fake_run(2, m=1)
-  results = {'cut-mixmo': result,
-             'linear': metrics.evaluation_metrics(*_fake_run(3)),
-             'vanilla (M=1, skipped)': metrics.evaluation_metrics(z1, labels1)}
+  results = {
+      'cut-mixmo': result,
+      'linear': metrics.evaluation_metrics(*_fake_run(3)),
+      'vanilla (M=1, skipped)': metrics.evaluation_metrics(z1, labels1)
+  }
   path = plots.diversity_accuracy(results, tmp_path / 'div.png')
   _check_png(path, plots.FIGSIZES['diversity_accuracy'])
 
@@ -126,8 +129,13 @@ def test_training_curves_nested_flat_and_broken_lines(tmp_path, run):
     lines.append(json.dumps({'step': 10 * epoch, 'epoch': epoch, **result}))
   lines.append('')
   lines.append('{not json')
-  lines.append(json.dumps({'step': 40, 'epoch': 4, 'ensemble/top1': 0.7,
-                           'members/0/top1': 0.6}))  # Flat, no NLL.
+  lines.append(
+      json.dumps({
+          'step': 40,
+          'epoch': 4,
+          'ensemble/top1': 0.7,
+          'members/0/top1': 0.6
+      }))  # Flat, no NLL.
   lines.append(json.dumps({'step': 50}))  # No metrics at all.
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
@@ -140,15 +148,17 @@ def test_training_curves_nested_flat_and_broken_lines(tmp_path, run):
   _check_png(path, plots.FIGSIZES['training_curves'])
   empty = tmp_path / 'empty'
   empty.mkdir()
-  _check_png(plots.training_curves(str(empty), tmp_path / 'empty.png'),
-             plots.FIGSIZES['training_curves'])
+  _check_png(
+      plots.training_curves(str(empty), tmp_path / 'empty.png'),
+      plots.FIGSIZES['training_curves'])
 
 
 def test_upsample_nearest_and_pixel_mix():
   rng = np.random.default_rng(4)
   w = rng.uniform(size=(2, 3, 4, 4))
-  np.testing.assert_array_equal(plots.upsample_nearest(w, 8, 12),
-                                w.repeat(2, axis=-2).repeat(3, axis=-1))
+  np.testing.assert_array_equal(
+      plots.upsample_nearest(w, 8, 12),
+      w.repeat(2, axis=-2).repeat(3, axis=-1))
   assert plots.upsample_nearest(w, 5, 7).shape == (2, 3, 5, 7)
   # Partition of unity: identical member images mix back to the image.
   image = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
@@ -178,5 +188,5 @@ def test_mask_gallery(tmp_path, dtype):
   weights = np.concatenate([mask, 1.0 - mask], axis=1)  # Shape: [K, M, h, w].
   path = plots.mask_gallery(images, weights, tmp_path / 'masks.png')
   _check_png(path, plots.mask_gallery_figsize(k, m))
-  assert plots.mask_gallery_figsize(k, m) == (
-      plots.GALLERY_CELL_INCHES * 4, plots.GALLERY_CELL_INCHES * 3)
+  assert plots.mask_gallery_figsize(k, m) == (plots.GALLERY_CELL_INCHES * 4,
+                                              plots.GALLERY_CELL_INCHES * 3)

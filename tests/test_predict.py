@@ -67,8 +67,7 @@ def test_probabilities_sum_to_one(out):
 
 
 @pytest.mark.parametrize('ensemble', ['logits', 'probs'])
-def test_ensemble_is_the_configured_average(predictor, images, ensemble,
-                                            mode):
+def test_ensemble_is_the_configured_average(predictor, images, ensemble, mode):
   del mode
   predictor.config.evaluation.ensemble = ensemble
   result = predictor(images)
@@ -132,7 +131,7 @@ def test_chunking_matches_one_batch(predictor, images, out):
 
 @pytest.mark.parametrize('shape,dtype,match', [
     ((2, 28, 28, 3), np.uint8, r'expected images of shape \[B, 16, 16, 3\], '
-                               r'got \[2, 28, 28, 3\]'),
+     r'got \[2, 28, 28, 3\]'),
     ((2, 16, 16, 1), np.uint8, r'got \[2, 16, 16, 1\]'),
     ((16, 16, 3), np.uint8, r'got \[16, 16, 3\]'),
     ((2, 16, 16, 3), np.int32, 'dtype int32'),
@@ -163,6 +162,9 @@ def test_load_logs_no_read_only_notes(digits_workdir, caplog):
   """orbax's notes on read-only managers say nothing to a reader."""
   with caplog.at_level('WARNING'):
     predict.load(digits_workdir)
-  notes = [r.getMessage() for r in caplog.records
-           if 'read only' in r.getMessage() or 'read_only' in r.getMessage()]
+  notes = [
+      r.getMessage()
+      for r in caplog.records
+      if 'read only' in r.getMessage() or 'read_only' in r.getMessage()
+  ]
   assert notes == []

@@ -14,8 +14,8 @@ def _events(workdir):
   """{tag: [(step, value or plugin name)]} of every event file under workdir."""
   import tensorflow as tf
   tags = {}
-  for path in glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
-                        recursive=True):
+  for path in glob.glob(
+      os.path.join(workdir, '**', 'events.out.tfevents.*'), recursive=True):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         plugin = value.metadata.plugin_data.plugin_name
@@ -28,11 +28,15 @@ def _events(workdir):
 
 
 def _fake_step(loss, member_ce, lr=0.1, p=0.5, top1=0.75):
-  return {'loss': np.float32(loss), 'cross_entropy': np.float32(loss),
-          'l2': np.float32(1.0), 'learning_rate': np.float32(lr),
-          'patch_probability': np.float32(p),
-          'train_top1': np.float32(top1),
-          progress.MEMBER_CE: np.asarray(member_ce, np.float32)}
+  return {
+      'loss': np.float32(loss),
+      'cross_entropy': np.float32(loss),
+      'l2': np.float32(1.0),
+      'learning_rate': np.float32(lr),
+      'patch_probability': np.float32(p),
+      'train_top1': np.float32(top1),
+      progress.MEMBER_CE: np.asarray(member_ce, np.float32)
+  }
 
 
 def test_format_duration():
@@ -42,18 +46,38 @@ def test_format_duration():
 
 
 def test_scalar_eval_metrics_drop_bookkeeping():
-  record = {'step': 10, 'epoch': 1, 'num_examples': 100, 'num_members': 2,
-            'num_classes': 10, 'ensemble_mode': 'logits',
-            'ensemble': {'top1': 0.9, 'nll': 0.3},
-            'members': [{'top1': 0.8}, {'top1': 0.85}],
-            'calibration': {'seed': 0, 'split_sizes': [50, 50],
-                            'temperatures': [1.2, 1.3],
-                            'separable': [False, False]}}
+  record = {
+      'step': 10,
+      'epoch': 1,
+      'num_examples': 100,
+      'num_members': 2,
+      'num_classes': 10,
+      'ensemble_mode': 'logits',
+      'ensemble': {
+          'top1': 0.9,
+          'nll': 0.3
+      },
+      'members': [{
+          'top1': 0.8
+      }, {
+          'top1': 0.85
+      }],
+      'calibration': {
+          'seed': 0,
+          'split_sizes': [50, 50],
+          'temperatures': [1.2, 1.3],
+          'separable': [False, False]
+      }
+  }
   scalars = progress.scalar_eval_metrics(record)
-  assert scalars == {'eval/ensemble/top1': 0.9, 'eval/ensemble/nll': 0.3,
-                     'eval/members/0/top1': 0.8, 'eval/members/1/top1': 0.85,
-                     'eval/calibration/temperatures/0': 1.2,
-                     'eval/calibration/temperatures/1': 1.3}
+  assert scalars == {
+      'eval/ensemble/top1': 0.9,
+      'eval/ensemble/nll': 0.3,
+      'eval/members/0/top1': 0.8,
+      'eval/members/1/top1': 0.85,
+      'eval/calibration/temperatures/0': 1.2,
+      'eval/calibration/temperatures/1': 1.3
+  }
 
 
 def test_hparams_flatten_nested_config():
@@ -70,17 +94,30 @@ def test_console_lines_and_member_scalars(tmp_path):
   config = configs.get('digits:mimo')
   config.num_epochs = 4
   out = io.StringIO()
-  reporter = progress.Reporter(str(tmp_path), total_steps=40, config=config,
-                               steps_per_epoch=10, stream=out, images=False)
+  reporter = progress.Reporter(
+      str(tmp_path), total_steps=40, config=config, steps_per_epoch=10,
+      stream=out, images=False)
   # Planted values: member 0 always 1.0, member 1 2.0 / 4.0 alternately.
   for step in range(1, 11):
     reporter.step(step, _fake_step(3.0, [1.0, 2.0 if step % 2 else 4.0]),
                   data_wait=0.0)
   reporter.flush(10, 'none')
-  record = {'step': 10, 'epoch': 1, 'ensemble': {'top1': 0.5, 'nll': 1.5,
-                                                 'nll_c': 1.4},
-            'members': [{'top1': 0.4, 'nll': 1.7}, {'top1': 0.45,
-                                                    'nll': 1.6}]}
+  record = {
+      'step': 10,
+      'epoch': 1,
+      'ensemble': {
+          'top1': 0.5,
+          'nll': 1.5,
+          'nll_c': 1.4
+      },
+      'members': [{
+          'top1': 0.4,
+          'nll': 1.7
+      }, {
+          'top1': 0.45,
+          'nll': 1.6
+      }]
+  }
   reporter.evaluation(record)
   reporter.close()
   lines = out.getvalue().splitlines()
@@ -104,8 +141,8 @@ def test_console_lines_and_member_scalars(tmp_path):
 
 
 def test_non_finite_loss_raises_with_last_good(tmp_path):
-  reporter = progress.Reporter(str(tmp_path), total_steps=10,
-                               stream=io.StringIO(), images=False)
+  reporter = progress.Reporter(
+      str(tmp_path), total_steps=10, stream=io.StringIO(), images=False)
   reporter.step(1, _fake_step(1.0, [1.0]))
   reporter.step(2, _fake_step(float('nan'), [1.0]))
   with pytest.raises(progress.NonFiniteLossError, match='step 2.*step 0 here'):
@@ -114,8 +151,8 @@ def test_non_finite_loss_raises_with_last_good(tmp_path):
 
 def test_member_ce_absent_falls_back_to_mixmo_loss(tmp_path):
   out = io.StringIO()
-  reporter = progress.Reporter(str(tmp_path), total_steps=4, stream=out,
-                               images=False)
+  reporter = progress.Reporter(
+      str(tmp_path), total_steps=4, stream=out, images=False)
   step = _fake_step(2.5, [1.0])
   del step[progress.MEMBER_CE]
   reporter.step(1, step)
@@ -137,8 +174,9 @@ def test_tiny_run_event_files(digits_workdir):
   assert [s for s, _ in tags['eval/ensemble/top1']] == [10, 20]
   for tag in tags:
     parts = set(tag.split('/'))
-    assert not parts & {'seed', 'split_sizes', 'num_classes', 'num_examples',
-                        'num_members'}, tag
+    assert not parts & {
+        'seed', 'split_sizes', 'num_classes', 'num_examples', 'num_members'
+    }, tag
   assert tags['eval/reliability'][0][1] == 'images'
   assert tags['eval/member_vs_ensemble'][0][1] == 'images'
 
@@ -166,6 +204,7 @@ def test_quiet_logs_drop_only_closed_loop_reports(monkeypatch):
   assert sys.unraisablehook is not seen.append
 
   class Fails:
+
     def __init__(self, error):
       self.error = error
 
@@ -175,8 +214,9 @@ def test_quiet_logs_drop_only_closed_loop_reports(monkeypatch):
   Fails(RuntimeError('Event loop is closed'))
   Fails(RuntimeError('something else'))
   Fails(ValueError('Event loop is closed'))
-  assert [(type(u.exc_value), str(u.exc_value)) for u in seen] == [
-      (RuntimeError, 'something else'), (ValueError, 'Event loop is closed')]
+  assert [(type(u.exc_value), str(u.exc_value)) for u in seen
+         ] == [(RuntimeError, 'something else'),
+               (ValueError, 'Event loop is closed')]
   cli.quiet_orbax_logs()  # Idempotent: not chained to itself.
   assert cli._chained_unraisable_hook == seen.append
 
@@ -209,6 +249,9 @@ def test_quiet_logs_drop_only_orbax_abandoned_tasks(tmp_path, caplog,
       loop.run_until_complete(abandon(writer.write()))
       loop.close()
       gc.collect()  # The task is collected: asyncio reports it now.
-  reports = [r.getMessage() for r in caplog.records
-             if r.getMessage().startswith('Task exception was never')]
+  reports = [
+      r.getMessage()
+      for r in caplog.records
+      if r.getMessage().startswith('Task exception was never')
+  ]
   assert len(reports) == 1 and 'other_writer' in reports[0], reports

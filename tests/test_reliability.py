@@ -53,19 +53,17 @@ ARGS = ('--config=configs/digits.py', '--config.model.width=1',
         '--config.checkpoint_every_epochs=1', '--config.eval_batch_size=200')
 TIMEOUT_S = 900
 
-
 # ---------------------------------------------------------------- subprocesses
 
 
 def _start(workdir, *extra, env, log_path, kill_after=None):
   """Starts main on `workdir` (SIGKILLed right after step `kill_after` when
   given); stdout and stderr go to `log_path`."""
-  argv, env = killed_main(None if kill_after is None
-                          else f'step:{kill_after}', env)
+  argv, env = killed_main(None if kill_after is None else f'step:{kill_after}',
+                          env)
   with open(log_path, 'w') as log:
-    proc = subprocess.Popen(
-        [*argv, f'--workdir={workdir}', *ARGS, *extra], cwd=REPO, env=env,
-        stdout=log, stderr=log)
+    proc = subprocess.Popen([*argv, f'--workdir={workdir}', *ARGS, *extra],
+                            cwd=REPO, env=env, stdout=log, stderr=log)
   proc.log_path = log_path
   return proc
 
@@ -90,8 +88,10 @@ def _wait_for(proc, text):
 
 
 def _steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if d.isdigit())
+  return sorted(
+      int(d)
+      for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+      if d.isdigit())
 
 
 def _history(workdir):
@@ -119,11 +119,12 @@ def _plant_partial_checkpoint(workdir, step):
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   tmp = os.path.join(ckpt_dir, f'{step}.orbax-checkpoint-tmp')
   shutil.copytree(os.path.join(ckpt_dir, str(_steps(workdir)[-1])), tmp)
-  for path in glob.glob(os.path.join(tmp, '**', 'commit_success.txt'),
-                        recursive=True):
+  for path in glob.glob(
+      os.path.join(tmp, '**', 'commit_success.txt'), recursive=True):
     os.remove(path)
-  data = sorted(glob.glob(os.path.join(tmp, 'state', 'ocdbt.process_0', 'd',
-                                       '*')), key=os.path.getsize)
+  data = sorted(
+      glob.glob(os.path.join(tmp, 'state', 'ocdbt.process_0', 'd', '*')),
+      key=os.path.getsize)
   with open(data[-1], 'r+b') as f:  # Half written.
     f.truncate(os.path.getsize(data[-1]) // 2)
   with open(os.path.join(workdir, workdir_lib.HISTORY), 'a') as f:
@@ -135,12 +136,11 @@ def _plant_partial_checkpoint(workdir, step):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('reliability')
-  env = dict(os.environ,
-             JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  r = types.SimpleNamespace(a=str(root / 'a'), b=str(root / 'b'),
-                            nan=str(root / 'nan'))
+  r = types.SimpleNamespace(
+      a=str(root / 'a'), b=str(root / 'b'), nan=str(root / 'nan'))
   procs = []
 
   def start(*args, **kwargs):
@@ -261,13 +261,15 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_checkpoint(runs):
   with open(os.path.join(runs.nan, 'config_changes.jsonl')) as f:
     (record,) = [json.loads(l) for l in f]
   assert record['allow_config_change'] is True
-  (lr_change,) = [c for c in record['changes']
-                  if c.startswith('optimizer.base_learning_rate: ')]
+  (lr_change,) = [
+      c for c in record['changes']
+      if c.startswith('optimizer.base_learning_rate: ')
+  ]
   assert lr_change.endswith(' -> 100000000.0')
   # The kept checkpoint is B's step 10, still verified.
   _, kept, _ = _restore(runs.nan, step=10)
-  assert all(np.isfinite(np.asarray(x)).all()
-             for x in jax.tree_util.tree_leaves(kept))
+  assert all(
+      np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(kept))
 
 
 # ---------------------------------------------------------------- digests
@@ -277,9 +279,13 @@ def _state(k):
   """A small replicated pytree standing for a train state at step k."""
   rng = np.random.RandomState(k)
   mesh = sharding.make_mesh()
-  tree = {'step': jnp.int32(k),
-          'params': {'w': rng.randn(20000).astype(np.float32),
-                     'b': np.full((7, 3), k, np.float32)}}
+  tree = {
+      'step': jnp.int32(k),
+      'params': {
+          'w': rng.randn(20000).astype(np.float32),
+          'b': np.full((7, 3), k, np.float32)
+      }
+  }
   return jax.device_put(tree, sharding.replicated(mesh))
 
 
@@ -314,7 +320,8 @@ def test_best_checkpoint_survives_rotation_latest_on_ties(tmp_path):
   scores = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: 0.6, 6: None, 7: 0.8}
   for k, top1 in scores.items():
     ckpt.save(k, _state(k), metrics=None if top1 is None else {'top1': top1})
-  assert ckpt.all_steps() == [4, 6, 7]  # Best (4: latest of the 0.9s), newest 2.
+  assert ckpt.all_steps() == [4, 6,
+                              7]  # Best (4: latest of the 0.9s), newest 2.
   assert ckpt.best() == (0.9, 4)
   ckpt.close()
   # A new manager reads the metrics back from disk (a resumed run).
@@ -324,29 +331,38 @@ def test_best_checkpoint_survives_rotation_latest_on_ties(tmp_path):
   assert again.all_steps() == [7, 8]
   again.close()
   restored, step = checkpointing.restore_variables(
-      str(tmp_path), {'params': jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                         sharding=x.sharding),
-          _state(8)['params'])}, step=checkpointing.BEST)
+      str(tmp_path), {
+          'params':
+              jax.tree.map(
+                  lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.
+                                                 sharding),
+                  _state(8)['params'])
+      }, step=checkpointing.BEST)
   assert step == 8
   _assert_equal_trees(restored['params'], _state(8)['params'])
 
 
 def test_step_best_without_ranked_checkpoints_is_one_line(saved):
-  abstract = {'params': jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-      _state(1)['params'])}
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r'^no checkpoint in .* was saved with its test '
-                           r'top-1 \(steps \[1, 2, 3\]\)'):
+  abstract = {
+      'params':
+          jax.tree.map(
+              lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.
+                                             sharding),
+              _state(1)['params'])
+  }
+  with pytest.raises(
+      checkpointing.CheckpointError,
+      match=r'^no checkpoint in .* was saved with its test '
+      r'top-1 \(steps \[1, 2, 3\]\)'):
     checkpointing.restore_variables(saved, abstract, step='best')
 
 
 def _data_files(workdir, step):
   """The array data files of a checkpoint, largest last."""
-  return sorted(glob.glob(os.path.join(workdir, 'checkpoints', str(step),
-                                       'state', 'ocdbt.process_0', 'd', '*')),
-                key=os.path.getsize)
+  return sorted(
+      glob.glob(
+          os.path.join(workdir, 'checkpoints', str(step), 'state',
+                       'ocdbt.process_0', 'd', '*')), key=os.path.getsize)
 
 
 def _flip_bytes(path, count=16):
@@ -367,7 +383,8 @@ def _assert_equal_trees(x, y):
 
 
 def _warnings(caplog):
-  return ' '.join(r.getMessage() for r in caplog.records
+  return ' '.join(r.getMessage()
+                  for r in caplog.records
                   if r.levelname in ('WARNING', 'ERROR'))
 
 
@@ -393,11 +410,12 @@ def test_overwritten_bytes_fall_back_to_previous(saved, caplog, checkpointer):
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       _state(0))
-  raw = manager.restore(3, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))['state']
+  raw = manager.restore(
+      3, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
   manager.close()
-  assert not np.array_equal(np.asarray(raw['params']['w']),
-                            np.asarray(_state(3)['params']['w']))
+  assert not np.array_equal(
+      np.asarray(raw['params']['w']), np.asarray(_state(3)['params']['w']))
   # The digest does: warning, quarantine, previous checkpoint.
   ckpt = checkpointer(saved)
   with caplog.at_level('WARNING'):
@@ -445,7 +463,8 @@ def test_target_that_fits_no_checkpoint_moves_nothing(saved, checkpointer):
   assert not os.path.exists(os.path.join(saved, checkpointing.CORRUPT_DIR))
 
 
-def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog, checkpointer):
+def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog,
+                                                 checkpointer):
   """The trainer's own state tree (optax state, batch stats) on A's copy."""
   from mixmo_jax import models, training
   workdir = str(tmp_path / 'a')
@@ -466,11 +485,12 @@ def test_corrupt_latest_of_a_real_run_falls_back(runs, tmp_path, caplog, checkpo
 
 
 # Lines a user or a damaged disk can append to eval_history.jsonl.
-GARBAGE = [b'{"step": 1e999}\n', b'\xff\xfe\x00 not utf-8 \x80\n',
-           b'{"step": -5, "epoch": 1}\n', b'[1, 2]\n', b'NaN\n',
-           b'{"step": 3, "epoch": 1, "ensemble": {"top1": 7}}\n',
-           b'{"step": "10"}\n', b'{"step": 10, "ensemble": "x"}\n',
-           b'{"step": 10' + b'[' * 100000 + b'\n']
+GARBAGE = [
+    b'{"step": 1e999}\n', b'\xff\xfe\x00 not utf-8 \x80\n',
+    b'{"step": -5, "epoch": 1}\n', b'[1, 2]\n', b'NaN\n',
+    b'{"step": 3, "epoch": 1, "ensemble": {"top1": 7}}\n', b'{"step": "10"}\n',
+    b'{"step": 10, "ensemble": "x"}\n', b'{"step": 10' + b'[' * 100000 + b'\n'
+]
 
 
 def test_garbage_in_the_history_is_skipped_and_the_run_resumes(
@@ -484,11 +504,14 @@ def test_garbage_in_the_history_is_skipped_and_the_run_resumes(
     f.write(b''.join(GARBAGE))
   with caplog.at_level('WARNING'):
     assert workdir_lib.read_history(work) == clean
-  warned = [r.getMessage() for r in caplog.records
-            if 'not evaluation records' in r.getMessage()]
+  warned = [
+      r.getMessage()
+      for r in caplog.records
+      if 'not evaluation records' in r.getMessage()
+  ]
   assert len(warned) == 1 and f'skipped {len(GARBAGE)} line(s)' in warned[0]
-  assert report.best_on_test(workdir_lib.read_history(work)) == report.best_on_test(
-      clean)
+  assert report.best_on_test(
+      workdir_lib.read_history(work)) == report.best_on_test(clean)
   # Resume from the first checkpoint: the newer record and the garbage go,
   # the same last epoch is trained and evaluated again.
   last = clean[-1]['step']

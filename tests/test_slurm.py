@@ -10,9 +10,10 @@ def test_slurm_mode_array_scripts_run_one_task(tmp_path):
   variables (the jobs lines replaced by cheap `echo`s) and the submit
   script against a fake `sbatch`."""
   jobs = tmp_path / 'sweep' / 'jobs.txt'
-  code = run_lib.main(['--table=6', f'--root={tmp_path}/runs', '--mode=slurm',
-                       f'--jobs_file={jobs}',
-                       '--sbatch_options=--gres=gpu:1 --time=2:00:00'])
+  code = run_lib.main([
+      '--table=6', f'--root={tmp_path}/runs', '--mode=slurm',
+      f'--jobs_file={jobs}', '--sbatch_options=--gres=gpu:1 --time=2:00:00'
+  ])
   assert code == 0
   lines = jobs.read_text().splitlines()
   outputs = (tmp_path / 'sweep' / 'jobs.outputs').read_text().splitlines()
@@ -27,14 +28,15 @@ def test_slurm_mode_array_scripts_run_one_task(tmp_path):
   jobs.write_text(''.join(f'echo line {i}\n' for i in range(1, 5)))
   marker = tmp_path / 'done3.json'
   marker.write_text('{}')
-  (tmp_path / 'sweep' / 'jobs.outputs').write_text(
-      f'{tmp_path}/no1\n{tmp_path}/no2\n{marker}\n{tmp_path}/no4\n')
+  (tmp_path / 'sweep' / 'jobs.outputs'
+  ).write_text(f'{tmp_path}/no1\n{tmp_path}/no2\n{marker}\n{tmp_path}/no4\n')
 
   def task(i):
     env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(i), SLURM_ARRAY_JOB_ID='7',
                SLURM_JOB_ID='8')
-    return subprocess.run(['bash', str(tmp_path / 'sweep' / 'jobs.sbatch')],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ['bash', str(tmp_path / 'sweep' / 'jobs.sbatch')], env=env,
+        capture_output=True, text=True, timeout=60)
 
   done = task(2)
   assert done.returncode == 0, done.stderr
@@ -53,11 +55,14 @@ def test_slurm_mode_array_scripts_run_one_task(tmp_path):
   log = tmp_path / 'sbatch.log'
   env = dict(os.environ, PATH=f'{fake}:{os.environ["PATH"]}',
              SBATCH_LOG=str(log))
-  done = subprocess.run(['bash', str(tmp_path / 'sweep' / 'jobs_submit.sh')],
-                        env=env, capture_output=True, text=True, timeout=60)
+  done = subprocess.run(
+      ['bash', str(tmp_path / 'sweep' / 'jobs_submit.sh')], env=env,
+      capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   calls = log.read_text().splitlines()
-  assert calls == [f'--parsable {tmp_path}/sweep/jobs.sbatch',
-                   f'--parsable --dependency=afterok:101 '
-                   f'{tmp_path}/sweep/jobs_ensembles.sbatch']
+  assert calls == [
+      f'--parsable {tmp_path}/sweep/jobs.sbatch',
+      f'--parsable --dependency=afterok:101 '
+      f'{tmp_path}/sweep/jobs_ensembles.sbatch'
+  ]
   assert (tmp_path / 'sweep' / 'jobs_logs').is_dir()

@@ -13,8 +13,11 @@ from mixmo_jax.data import tiny_imagenet
 
 WNIDS = ['n0300', 'n0100', 'n0200']  # Written unsorted on purpose.
 # Solid colours, far apart so that JPEG compression cannot confuse them.
-COLOURS = {'n0100': (230, 20, 20), 'n0200': (20, 230, 20),
-           'n0300': (20, 20, 230)}
+COLOURS = {
+    'n0100': (230, 20, 20),
+    'n0200': (20, 230, 20),
+    'n0300': (20, 20, 230)
+}
 VAL = [('val_3.JPEG', 'n0200'), ('val_0.JPEG', 'n0300'),
        ('val_2.JPEG', 'n0100'), ('val_1.JPEG', 'n0200')]
 
@@ -37,8 +40,9 @@ def make_folder(root):
     fh.write('\n'.join(f'{w}\tthing' for w in WNIDS) + '\n')
   for w in WNIDS:
     for k in range(2):
-      _save(os.path.join(base, 'train', w, 'images', f'{w}_{k}.JPEG'), w,
-            grey=(w == 'n0200' and k == 1))
+      _save(
+          os.path.join(base, 'train', w, 'images', f'{w}_{k}.JPEG'), w,
+          grey=(w == 'n0200' and k == 1))
     with open(os.path.join(base, 'train', w, f'{w}_boxes.txt'), 'w') as fh:
       fh.write(f'{w}_0.JPEG\t0\t0\t63\t63\n')
   lines = []
@@ -62,9 +66,9 @@ def make_zip(folder, out_dir):
 
 
 def make_config(manual_dir, data_dir=''):
-  return ml_collections.ConfigDict(dict(
-      dataset='tiny_imagenet', image_size=64, data_seed=0,
-      data_dir=data_dir, manual_dir=str(manual_dir)))
+  return ml_collections.ConfigDict(
+      dict(dataset='tiny_imagenet', image_size=64, data_seed=0,
+           data_dir=data_dir, manual_dir=str(manual_dir)))
 
 
 def _class_of_colour(images):
@@ -73,7 +77,7 @@ def _class_of_colour(images):
   refs = np.array([COLOURS[w] for w in order], np.float64)
   means = images.reshape(len(images), -1, 3).mean(1)
   grey = means.std(axis=1) < 5  # The grey train image: one channel value.
-  dist = ((means[:, None] - refs[None]) ** 2).sum(-1)
+  dist = ((means[:, None] - refs[None])**2).sum(-1)
   return np.where(grey, -1, dist.argmin(1))
 
 

@@ -21,15 +21,15 @@ class TestLearningRateSchedule:
     assert spe == 50_000 * 4 // 64
     lr = optim.learning_rate_schedule(config, spe)
     assert float(lr(0)) == 0.0
-    np.testing.assert_allclose(float(lr(spe // 2)), 0.0125 * (spe // 2) / spe,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(lr(spe // 2)), 0.0125 * (spe // 2) / spe, rtol=1e-6)
     np.testing.assert_allclose(float(lr(spe)), 0.0125, rtol=1e-6)
     np.testing.assert_allclose(float(lr(100 * spe - 1)), 0.0125, rtol=1e-6)
     for epoch, factor in ((100, 0.1), (200, 0.01), (225, 0.001)):
-      np.testing.assert_allclose(float(lr(epoch * spe)), 0.0125 * factor,
-                                 rtol=1e-5)
-      np.testing.assert_allclose(float(lr(epoch * spe - 1)),
-                                 0.0125 * factor * 10, rtol=1e-5)
+      np.testing.assert_allclose(
+          float(lr(epoch * spe)), 0.0125 * factor, rtol=1e-5)
+      np.testing.assert_allclose(
+          float(lr(epoch * spe - 1)), 0.0125 * factor * 10, rtol=1e-5)
 
   def test_peak_follows_b(self):
     for b, expected in ((1, 0.05), (2, 0.025), (4, 0.0125)):
@@ -83,7 +83,8 @@ def eight_device_run(config):
 
 class TestDataParallel:
 
-  def test_batch_is_sharded_and_params_replicated(self, config, eight_device_run):
+  def test_batch_is_sharded_and_params_replicated(self, config,
+                                                  eight_device_run):
     mesh = sharding.make_mesh()
     images, labels = _batch(config, 0, mesh)
     assert len(images.addressable_shards) == 8
@@ -99,7 +100,8 @@ class TestDataParallel:
     state1, losses1, _ = _run(config, sharding.make_mesh(jax.devices()[:1]), 3)
     assert all(np.isfinite(losses8))
     np.testing.assert_allclose(losses1, losses8, rtol=2e-4)
-    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
+    for a, b in zip(
+        jax.tree.leaves(state1.params), jax.tree.leaves(state8.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
 
   def test_loss_decreases(self, config, eight_device_run):
@@ -122,10 +124,12 @@ class TestTrainStep:
       state, metrics = step_fn(state, *_batch(config, 0, mesh))
       results.append((jax.device_get(state.params), float(metrics['loss'])))
     assert results[0][1] == results[1][1]
-    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    for a, b in zip(
+        jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
       assert np.array_equal(a, b)
 
-  def test_patch_probability_follows_algorithm_1(self, config, eight_device_run):
+  def test_patch_probability_follows_algorithm_1(self, config,
+                                                 eight_device_run):
     """E = 24 epochs of 10 steps: p until epoch 22, p/2 in 23, 0 in 24."""
     mesh = sharding.make_mesh()
     config = tiny_digits_config()
@@ -134,8 +138,8 @@ class TestTrainStep:
     batch = _batch(config, 0, mesh)
     seen = {}
     for step in (0, 219, 220, 230):
-      start = state.replace(step=jax.device_put(np.int32(step),
-                                                sharding.replicated(mesh)))
+      start = state.replace(
+          step=jax.device_put(np.int32(step), sharding.replicated(mesh)))
       _, metrics = step_fn(jax.tree.map(lambda x: x.copy(), start), *batch)
       seen[step] = float(metrics['patch_probability'])
     assert seen == pytest.approx({0: 0.5, 219: 0.5, 220: 0.25, 230: 0.0})
@@ -147,10 +151,13 @@ def test_main_on_mock_cifar100(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
   from mixmo_jax import main
   workdir = str(tmp_path / 'run')
-  argv = ['main', '--config=' + os.path.join(os.path.dirname(__file__), '..',
-                                             'configs', 'cifar100.py:cut_mixmo+local'),
-          f'--workdir={workdir}', '--config.num_train_examples=64',
-          '--config.eval_batch_size=32', '--config.batch_size=32']
+  argv = [
+      'main', '--config=' + os.path.join(
+          os.path.dirname(__file__), '..', 'configs',
+          'cifar100.py:cut_mixmo+local'), f'--workdir={workdir}',
+      '--config.num_train_examples=64', '--config.eval_batch_size=32',
+      '--config.batch_size=32'
+  ]
   monkeypatch.setattr('sys.argv', argv)  # config_flags reads overrides there.
   main.parse_flags(argv)
   with tfds.testing.mock_data(num_examples=64):
@@ -168,14 +175,20 @@ def test_main_on_mock_cifar100(tmp_path, monkeypatch):
   assert str(history[-1]['step']) in steps
 
 
-@pytest.mark.parametrize('variant,overrides', [
-    ('cut_mixmo+cutmix', {}),  # In-pixel CutMix with MixMo: soft targets.
-    ('mixup', {}),  # Single-network baselines (M = 1).
-    ('cutmix', {}),
-    ('cut_mixmo+m3', {'batch_size': 48}),  # M = 3, eq. 7.
-    ('mimo+augmix', {'augment.per_copy': False,
-                     'mixing.input_repetition': 0.5}),
-])
+@pytest.mark.parametrize(
+    'variant,overrides',
+    [
+        ('cut_mixmo+cutmix', {}),  # In-pixel CutMix with MixMo: soft targets.
+        ('mixup', {}),  # Single-network baselines (M = 1).
+        ('cutmix', {}),
+        ('cut_mixmo+m3', {
+            'batch_size': 48
+        }),  # M = 3, eq. 7.
+        ('mimo+augmix', {
+            'augment.per_copy': False,
+            'mixing.input_repetition': 0.5
+        }),
+    ])
 def test_variants_train(variant, overrides):
   """Every method and option of the configs runs through the train step."""
   config = tiny_digits_config(variant)
@@ -195,8 +208,10 @@ def test_variants_train(variant, overrides):
   before = jax.device_get(state.params)
   state, metrics = step_fn(state, *batch)
   assert np.isfinite(float(metrics['loss']))
-  changed = [not np.array_equal(a, b) for a, b in
-             zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
+  changed = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
+  ]
   assert all(changed)  # Every stem, core layer and head was updated.
 
 

@@ -39,8 +39,9 @@ def test_mimo_stem_is_one_conv_over_stacked_channels():
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   # Test time: the image tiled M times.
   tiled = jnp.tile(xs[:, 0], (1, 1, 1, M))
-  np.testing.assert_allclose(stems.apply(variables, xs[:, 0]),
-                             _dense_conv(tiled, dense), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      stems.apply(variables, xs[:, 0]), _dense_conv(tiled, dense), rtol=1e-4,
+      atol=1e-4)
 
 
 def test_mimo_stem_fan_in_is_27m():
@@ -87,8 +88,8 @@ def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
   assert (config.num_members, config.batch_repetitions) == (3, 4)
   assert config.mixing.method == 'sum' and config.mixing.input_repetition == 0
   assert config.batch_size // config.batch_repetitions == 128
-  assert (config.model.name, config.model.depth, config.model.width) == (
-      'wide_resnet', 28, 10)
+  assert (config.model.name, config.model.depth,
+          config.model.width) == ('wide_resnet', 28, 10)
   assert (config.model.stem, config.model.stride_on) == ('mimo', 'first')
   # UB's 8 cores of 64 rows, on any device count.
   assert config.model.bn_group_rows == 64
@@ -107,8 +108,8 @@ def test_ub_mimo_resolves_to_the_uncertainty_baselines_flags(dataset):
   assert opt.momentum == 0.9 and opt.nesterov
   assert config.seed == 42 and config.evaluation.ensemble == 'probs'
   model = models.get_model(config)
-  assert (model.stem, model.stride_on, model.num_members) == ('mimo',
-                                                              'first', 3)
+  assert (model.stem, model.stride_on, model.num_members) == ('mimo', 'first',
+                                                              3)
 
 
 def test_per_device_batch_norm_equals_per_shard_statistics():
@@ -120,17 +121,23 @@ def test_per_device_batch_norm_equals_per_shard_statistics():
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 5)) * 3 + 1
   grouped = common.batch_norm(True, jnp.float32, groups=8)
   v = grouped.init(jax.random.PRNGKey(1), x)
-  v = {'params': {'scale': jnp.arange(1., 6.), 'bias': jnp.arange(5.) / 10},
-       'batch_stats': v['batch_stats']}
+  v = {
+      'params': {
+          'scale': jnp.arange(1., 6.),
+          'bias': jnp.arange(5.) / 10
+      },
+      'batch_stats': v['batch_stats']
+  }
   mesh = sharding.make_mesh()
   xs = jax.device_put(x, NamedSharding(mesh, P(sharding.DATA_AXIS)))
   fn = jax.jit(lambda v, x: grouped.apply(v, x, mutable=['batch_stats']))
   y, updates = fn(v, xs)
   # Independent: flax's BatchNorm on each device's shard of 2 images.
-  plain = nn.BatchNorm(use_running_average=False, momentum=0.9,
-                       epsilon=1e-5)
-  shards = [plain.apply(v, x[2 * g:2 * g + 2], mutable=['batch_stats'])
-            for g in range(8)]
+  plain = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  shards = [
+      plain.apply(v, x[2 * g:2 * g + 2], mutable=['batch_stats'])
+      for g in range(8)
+  ]
   np.testing.assert_allclose(y, jnp.concatenate([s[0] for s in shards]),
                              rtol=1e-4, atol=1e-4)
   for stat in ('mean', 'var'):
@@ -151,8 +158,7 @@ def test_per_device_batch_norm_equals_per_shard_statistics():
 def test_grouped_batch_norm_keeps_the_parameter_tree():
   x = jnp.zeros((8, 8, 8, 3))
   plain = WideResNet(10, 1, 4, 2).init(jax.random.PRNGKey(0), x)
-  grouped = WideResNet(10, 1, 4, 2, bn_groups=8).init(jax.random.PRNGKey(0),
-                                                      x)
+  grouped = WideResNet(10, 1, 4, 2, bn_groups=8).init(jax.random.PRNGKey(0), x)
   assert jax.tree_util.tree_map(lambda a: a.shape, plain) == (
       jax.tree_util.tree_map(lambda a: a.shape, grouped))
 
@@ -162,19 +168,20 @@ def test_row_groups_hold_their_own_samples_b_times():
   n, b, groups, m = 32, 4, 8, 3
   rows = n * b // groups
   sample = np.asarray(batch.repeat_batch(jnp.arange(n), b, groups))
-  idx = np.asarray(batch.member_indices(jax.random.key(0), n * b, m, 0.0,
-                                        groups))
+  idx = np.asarray(
+      batch.member_indices(jax.random.key(0), n * b, m, 0.0, groups))
   for g in range(groups):
     block = sample[g * rows:(g + 1) * rows]
     own = np.arange(g * n // groups, (g + 1) * n // groups)
-    np.testing.assert_array_equal(np.bincount(block - own[0]),
-                                  np.full(len(own), b))
+    np.testing.assert_array_equal(
+        np.bincount(block - own[0]), np.full(len(own), b))
     for i in range(m):  # Each member permutes the group's rows only.
-      np.testing.assert_array_equal(np.sort(idx[g * rows:(g + 1) * rows, i]),
-                                    np.arange(g * rows, (g + 1) * rows))
+      np.testing.assert_array_equal(
+          np.sort(idx[g * rows:(g + 1) * rows, i]),
+          np.arange(g * rows, (g + 1) * rows))
   # One group: the original layout and draws.
-  np.testing.assert_array_equal(batch.repeat_batch(jnp.arange(n), b),
-                                np.tile(np.arange(n), b))
+  np.testing.assert_array_equal(
+      batch.repeat_batch(jnp.arange(n), b), np.tile(np.arange(n), b))
 
 
 def test_take_rows_is_the_plain_gather():
@@ -195,8 +202,7 @@ def test_take_rows_is_the_plain_gather():
     np.testing.assert_array_equal(
         batch.take_rows(per_member, i, groups, cols), per_member[i, cols])
   labels = jnp.arange(n * b)
-  np.testing.assert_array_equal(batch.take_rows(labels, q, groups),
-                                labels[q])
+  np.testing.assert_array_equal(batch.take_rows(labels, q, groups), labels[q])
 
 
 def test_permutation_groups_reproduce_ubs_repetition_rate():
@@ -208,8 +214,8 @@ def test_permutation_groups_reproduce_ubs_repetition_rate():
 
   def rate(groups, draws=150):
     sample = batch.repeat_batch(jnp.arange(n), b, groups)
-    draw = jax.jit(jax.vmap(lambda k: batch.member_indices(
-        k, n * b, m, 0.0, groups)))
+    draw = jax.jit(
+        jax.vmap(lambda k: batch.member_indices(k, n * b, m, 0.0, groups)))
     idx = np.asarray(draw(jax.random.split(jax.random.key(7), draws)))
     seen = np.asarray(sample)[idx]  # Shape: [draws, B, M].
     pairs = [(0, 1), (0, 2), (1, 2)]
@@ -235,10 +241,10 @@ def _one_step(config, mesh):
   state = training.create_train_state(config, model, 10, mesh)
   x, y = data.load_split(config, 'train')
   batch = feed.Feeder(config, x[:320], y[:320], mesh).batch(0)
-  member_batch = jax.jit(functools.partial(training.member_inputs,
-                                           config=config))
-  xs, targets = member_batch(jax.random.key(3), *batch,
-                             jnp.full((128, 3, 16, 16), 1 / 3))
+  member_batch = jax.jit(
+      functools.partial(training.member_inputs, config=config))
+  xs, targets = member_batch(
+      jax.random.key(3), *batch, jnp.full((128, 3, 16, 16), 1 / 3))
   state, _ = training.make_train_step(config, model, 10, mesh)(state, *batch)
   return (np.asarray(xs), np.asarray(targets),
           jax.device_get(state.batch_stats))
@@ -259,5 +265,4 @@ def test_one_and_eight_devices_run_the_same_grouped_step():
   _, _, global_stats = _one_step(_grouped_config(0), sharding.make_mesh())
   var_grouped = stats8['stage1_block1']['bn2']['var']
   assert not np.allclose(var_grouped,
-                         global_stats['stage1_block1']['bn2']['var'],
-                         rtol=1e-3)
+                         global_stats['stage1_block1']['bn2']['var'], rtol=1e-3)

@@ -73,8 +73,7 @@ def test_a_symlink_at_the_lock_is_refused_never_followed(tmp_path):
 
 def test_a_folder_at_the_lock_is_refused(tmp_path):
   (tmp_path / 'run' / wd.LOCK).mkdir(parents=True)
-  assert 'is a folder, not the lock file' in _lock_error(
-      str(tmp_path / 'run'))
+  assert 'is a folder, not the lock file' in _lock_error(str(tmp_path / 'run'))
 
 
 def test_a_workdir_that_is_or_lies_under_a_file_is_refused(tmp_path):
@@ -96,13 +95,13 @@ def test_a_read_only_workdir_is_refused(tmp_path):
   workdir.mkdir()
   if os.geteuid() != 0:
     pytest.skip('a read-only bind mount needs root')
-  mounted = subprocess.run(['mount', '--bind', str(source), str(workdir)],
-                           capture_output=True, text=True)
+  mounted = subprocess.run(
+      ['mount', '--bind', str(source),
+       str(workdir)], capture_output=True, text=True)
   if mounted.returncode:
     pytest.skip(f'mount --bind refused here: {mounted.stderr.strip()}')
   try:
-    subprocess.run(['mount', '-o', 'remount,bind,ro', str(workdir)],
-                   check=True)
+    subprocess.run(['mount', '-o', 'remount,bind,ro', str(workdir)], check=True)
     assert 'Read-only file system' in _lock_error(str(workdir))
   finally:
     subprocess.run(['umount', str(workdir)], check=True)
@@ -116,12 +115,12 @@ def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
   workdir.mkdir()
   lock = workdir / wd.LOCK
   lock.write_text(json.dumps({'pid': 999999999, 'host': 'gone'}))
-  holder = subprocess.Popen(
-      [sys.executable, '-c', 'import fcntl, os, sys, time\n'
-       f'fd = os.open({str(lock)!r}, os.O_RDWR)\n'
-       'fcntl.flock(fd, fcntl.LOCK_EX)\n'
-       'print("held", flush=True)\ntime.sleep(60)'],
-      stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen([
+      sys.executable, '-c', 'import fcntl, os, sys, time\n'
+      f'fd = os.open({str(lock)!r}, os.O_RDWR)\n'
+      'fcntl.flock(fd, fcntl.LOCK_EX)\n'
+      'print("held", flush=True)\ntime.sleep(60)'
+  ], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'
     with pytest.raises(wd.WorkdirBusyError) as err:
@@ -149,11 +148,16 @@ def test_owned_inputs_are_named_outputs_are_free(tmp_path):
   other.mkdir()
   os.symlink(run / wd.CONFIG, other / 'link.json')
   owned = {
-      str(run / wd.CONFIG): str(run / wd.CONFIG),
-      str(other / 'link.json'): str(run / wd.CONFIG),  # Through a link.
-      str(run / wd.HISTORY): str(run / wd.HISTORY),
-      str(run / wd.CHECKPOINTS / 'eval.json'): str(run / wd.CHECKPOINTS),
-      str(run / wd.CHECKPOINTS / '10' / 'x'): str(run / wd.CHECKPOINTS),
+      str(run / wd.CONFIG):
+          str(run / wd.CONFIG),
+      str(other / 'link.json'):
+          str(run / wd.CONFIG),  # Through a link.
+      str(run / wd.HISTORY):
+          str(run / wd.HISTORY),
+      str(run / wd.CHECKPOINTS / 'eval.json'):
+          str(run / wd.CHECKPOINTS),
+      str(run / wd.CHECKPOINTS / '10' / 'x'):
+          str(run / wd.CHECKPOINTS),
       str(run / 'events.out.tfevents.1.host.0'):
           str(run / 'events.out.tfevents.1.host.0'),
   }
@@ -173,9 +177,11 @@ def test_analysis_refuses_to_overwrite_a_workdir_input(tmp_path, capsys):
     code = analysis.main([f'--workdir={run}', f'{flag}={run / wd.CONFIG}'])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f'error: {flag}={run / wd.CONFIG} would overwrite '
-                   f'{run / wd.CONFIG}, which the workdir reads; write it '
-                   'elsewhere']
+    assert err == [
+        f'error: {flag}={run / wd.CONFIG} would overwrite '
+        f'{run / wd.CONFIG}, which the workdir reads; write it '
+        'elsewhere'
+    ]
   assert (run / wd.CONFIG).read_text() == '{"keep": true}'
 
 

@@ -40,37 +40,41 @@ _CONFIG = flags.DEFINE_multi_string(
     'config', ['configs/cifar100.py:cut_mixmo+b4'],
     'Config file[:variant], as --config of mixmo_jax.main (repeatable).')
 _TARGET = flags.DEFINE_string(
-    'target', 'h100', 'Compile target: ' + ', '.join(
-        sorted(targets_lib.all_targets())) + ' (experiments/aot/targets.json).')
-_DEVICES = flags.DEFINE_list('devices', ['1'], 'Device counts (slices of '
-                             'the target, see --topology).')
+    'target', 'h100',
+    'Compile target: ' + ', '.join(sorted(targets_lib.all_targets())) +
+    ' (experiments/aot/targets.json).')
+_DEVICES = flags.DEFINE_list(
+    'devices', ['1'], 'Device counts (slices of '
+    'the target, see --topology).')
 _TOPOLOGY = flags.DEFINE_string(
     'topology', '', 'A topology name for one device count instead of '
-    'targets.json\'s (e.g. v5e:2x4, 1x1x8); implies its device count.')
+    "targets.json's (e.g. v5e:2x4, 1x1x8); implies its device count.")
 _SET = flags.DEFINE_multi_string(
     'set', [], 'FIELD=VALUE: set a config field in every --config, e.g. '
-    '--set=model.bn_group_rows=8 (repeatable); the case\'s label names it.')
+    "--set=model.bn_group_rows=8 (repeatable); the case's label names it.")
 _DTYPE = flags.DEFINE_list('dtype', ['float32', 'bfloat16'],
                            'Compute dtypes (config.model.dtype).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global batch size (0: the '
-                              'config\'s).')
+                              "config's).")
 _LARGEST = flags.DEFINE_bool(
     'largest_batch', False, 'Also search the largest global batch whose '
-    'peak fits 75% (jax\'s default preallocation) and 100% of the '
-    'device\'s memory.')
-_EVAL = flags.DEFINE_bool('eval', True, 'Also compile the evaluation step '
-                          '(at the config\'s eval_batch_size).')
+    "peak fits 75% (jax's default preallocation) and 100% of the "
+    "device's memory.")
+_EVAL = flags.DEFINE_bool(
+    'eval', True, 'Also compile the evaluation step '
+    "(at the config's eval_batch_size).")
 _BASELINE = flags.DEFINE_string(
     'baseline', '', 'A baseline file (experiments/aot_baseline.json): each '
     'case found in it fails when its peak memory or kernels per step grew '
     'by more than 10%.')
 _WRITE_BASELINE = flags.DEFINE_string(
     'write_baseline', '', 'Add the compiled cases to this baseline file.')
-_JSON = flags.DEFINE_bool('json', False, 'One JSON object per line and '
-                          'case instead of the table.')
+_JSON = flags.DEFINE_bool(
+    'json', False, 'One JSON object per line and '
+    'case instead of the table.')
 _PRINT_TARGET = flags.DEFINE_bool(
     'print_target_config', False, 'Print the GpuTargetConfig of this '
-    'machine\'s GPU (run where a GPU is), to replace h100.textproto.')
+    "machine's GPU (run where a GPU is), to replace h100.textproto.")
 
 
 def _fail(message: str) -> None:
@@ -101,8 +105,12 @@ def _set_field(config, assignment: str) -> None:
     if i < len(parts) - 1:
       node = node[part]
   old = node[parts[-1]]
-  kinds = {bool: 'true or false', int: 'an integer', float: 'a number',
-           str: 'a string'}
+  kinds = {
+      bool: 'true or false',
+      int: 'an integer',
+      float: 'a number',
+      str: 'a string'
+  }
   try:
     if isinstance(old, bool):
       if text.lower() not in ('true', 'false'):
@@ -202,8 +210,9 @@ def main(argv) -> None:
   from mixmo_jax import platform
   # The target's XLA flag defaults (deterministic GPU kernels), not this
   # host's: XLA_FLAGS is read when the first backend starts, just below.
-  platform.apply_defaults(platforms=(
-      'cpu', 'gpu' if target.platform == 'cuda' else target.platform))
+  platform.apply_defaults(
+      platforms=('cpu',
+                 'gpu' if target.platform == 'cuda' else target.platform))
   from experiments.aot import case, largest
   if _TOPOLOGY.value:
     target = targets_lib.with_topology(target, _TOPOLOGY.value)
@@ -235,8 +244,8 @@ def main(argv) -> None:
   if _WRITE_BASELINE.value:
     baseline_lib.write(_WRITE_BASELINE.value, rows)
   if _BASELINE.value:
-    lines, regressed = baseline_lib.compare(baseline_lib.read(_BASELINE.value),
-                                            rows)
+    lines, regressed = baseline_lib.compare(
+        baseline_lib.read(_BASELINE.value), rows)
     print('\n'.join(lines), file=sys.stderr if _JSON.value else sys.stdout)
     failed |= regressed
   sys.exit(1 if failed else 0)

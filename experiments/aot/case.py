@@ -21,7 +21,7 @@ run's bound multiplies it by the config's steps (epochs x |D| b / B).
 """
 import time
 import traceback
-from typing import Any, Dict
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,8 @@ JAX_MEMORY_FRACTION = 0.75
 
 
 def _steps_per_epoch(config) -> int:
-  num_train = (config.num_train_examples
-               or data.get_dataset(config.dataset).num_train)
+  num_train = (
+      config.num_train_examples or data.get_dataset(config.dataset).num_train)
   return pipeline.steps_per_epoch(config, num_train)
 
 
@@ -49,28 +49,33 @@ def train_inputs(config, mesh):
   shard = sharding.data_sharded(mesh)
   size, m = config.image_size, config.num_members
   unique = pipeline.unique_per_step(config)
-  args = [jax.ShapeDtypeStruct((unique, size, size, 3), jnp.uint8,
-                               sharding=shard),
-          jax.ShapeDtypeStruct((unique,), jnp.int32, sharding=shard)]
+  args = [
+      jax.ShapeDtypeStruct((unique, size, size, 3), jnp.uint8, sharding=shard),
+      jax.ShapeDtypeStruct((unique,), jnp.int32, sharding=shard)
+  ]
   if pipeline.needs_partners(config):
     b = config.batch_size
-    args += [jax.ShapeDtypeStruct((b, m, size, size, 3), jnp.uint8,
-                                  sharding=shard),
-             jax.ShapeDtypeStruct((b, m), jnp.int32, sharding=shard)]
+    args += [
+        jax.ShapeDtypeStruct((b, m, size, size, 3), jnp.uint8, sharding=shard),
+        jax.ShapeDtypeStruct((b, m), jnp.int32, sharding=shard)
+    ]
   return args
 
 
-def _memory(compiled) -> Dict[str, int]:
+def _memory(compiled) -> dict[str, int]:
   stats = compiled.memory_analysis()
-  out = {'argument_bytes': stats.argument_size_in_bytes,
-         'output_bytes': stats.output_size_in_bytes,
-         'alias_bytes': stats.alias_size_in_bytes,
-         'temp_bytes': stats.temp_size_in_bytes}
+  out = {
+      'argument_bytes': stats.argument_size_in_bytes,
+      'output_bytes': stats.output_size_in_bytes,
+      'alias_bytes': stats.alias_size_in_bytes,
+      'temp_bytes': stats.temp_size_in_bytes
+  }
   # Live at once: the inputs, the outputs not written in place of an input
   # (the donated state), and the scratch. (The stats' own
   # peak_memory_in_bytes is 0 on the GPU path, so it is not used.)
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes']
-                       - out['alias_bytes'] + out['temp_bytes'])
+  out['peak_bytes'] = (
+      out['argument_bytes'] + out['output_bytes'] - out['alias_bytes'] +
+      out['temp_bytes'])
   return out
 
 
@@ -94,16 +99,15 @@ def compile_eval(config, mesh):
   predict = inference.make_predict_fn(model, mesh, config.image_mean,
                                       config.image_std)
   size = config.image_size
-  images = jax.ShapeDtypeStruct(
-      (config.eval_batch_size, size, size, 3), jnp.uint8,
-      sharding=sharding.data_sharded(mesh))
+  images = jax.ShapeDtypeStruct((config.eval_batch_size, size, size, 3),
+                                jnp.uint8, sharding=sharding.data_sharded(mesh))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return predict.lower(variables, images).compile()
 
 
 def bound_s(target: targets_lib.Target, dtype: str, num_devices: int,
             step_flops: float, kernel_io_bytes: float,
-            reduce_bytes: float) -> Dict[str, Any]:
+            reduce_bytes: float) -> dict[str, Any]:
   """The step's lower bound (module docstring) and what limits it.
 
   `reduce_bytes`: what the compiled step all-reduces per device (the
@@ -111,52 +115,59 @@ def bound_s(target: targets_lib.Target, dtype: str, num_devices: int,
   them back to the float32 parameters, and the BatchNorm moments)."""
   compute = step_flops / num_devices / target.peak_flops[dtype]
   memory = kernel_io_bytes / target.hbm_bytes_per_s
-  reduce = (2 * (num_devices - 1) / num_devices * reduce_bytes
-            / target.link_bytes_per_s)
-  return {'step_lower_bound_s': max(compute, memory) + reduce,
-          'bound_by': 'compute' if compute >= memory else 'memory',
-          'compute_s': compute, 'memory_s': memory, 'all_reduce_s': reduce}
+  reduce = (2 * (num_devices - 1) / num_devices * reduce_bytes /
+            target.link_bytes_per_s)
+  return {
+      'step_lower_bound_s': max(compute, memory) + reduce,
+      'bound_by': 'compute' if compute >= memory else 'memory',
+      'compute_s': compute,
+      'memory_s': memory,
+      'all_reduce_s': reduce
+  }
 
 
 def _train_figures(compiled, counts, grad_bytes, target, dtype: str,
-                   num_devices: int) -> Dict[str, Any]:
+                   num_devices: int) -> dict[str, Any]:
   """Memory, work, kernels, collectives and (with a target) the bound of a
   compiled train step (`compile_train`'s results)."""
   entry = hlo.entry_stats(compiled.as_text())
-  out = dict(_memory(compiled), flops_per_step=counts['total'],
-             conv_flops_per_step=counts['conv'],
-             kernels_per_step=entry.kernels,
-             kernel_kinds=entry.kernel_kinds,
-             loop_collectives=entry.loop_collectives,
-             kernel_io_bytes=entry.kernel_io_bytes,
-             collectives=entry.collectives, gradient_bytes=grad_bytes)
+  out = dict(
+      _memory(compiled), flops_per_step=counts['total'],
+      conv_flops_per_step=counts['conv'], kernels_per_step=entry.kernels,
+      kernel_kinds=entry.kernel_kinds, loop_collectives=entry.loop_collectives,
+      kernel_io_bytes=entry.kernel_io_bytes, collectives=entry.collectives,
+      gradient_bytes=grad_bytes)
   if target is not None:
-    out.update(bound_s(target, dtype, num_devices, counts['total'],
-                       entry.kernel_io_bytes,
-                       entry.collectives.get('all-reduce', {}).get('bytes',
-                                                                   0)))
+    out.update(
+        bound_s(target, dtype, num_devices, counts['total'],
+                entry.kernel_io_bytes,
+                entry.collectives.get('all-reduce', {}).get('bytes', 0)))
   return out
 
 
-def predict(config, mesh, target=None) -> Dict[str, Any]:
+def predict(config, mesh, target=None) -> dict[str, Any]:
   """What the compiled train step of `config` on `mesh` (real devices or
   not) predicts: its peak bytes per device, kernels per step and, with a
   `target`, the step's lower bound. experiments/device_check.py prints it
   beside the measured figures."""
   return _train_figures(*compile_train(config, mesh), target,
-                        config.model.get('dtype', 'float32'),
-                        mesh.devices.size)
+                        config.model.get('dtype', 'float32'), mesh.devices.size)
 
 
 def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
-        label: str = '', with_eval: bool = True) -> Dict[str, Any]:
+        label: str = '', with_eval: bool = True) -> dict[str, Any]:
   """Compiles one case; a failure is reported in the result, not raised."""
   config = config.copy_and_resolve_references()
   config.model.dtype = dtype
-  result: Dict[str, Any] = {
-      'target': target.key, 'devices': num_devices, 'dtype': dtype,
-      'config': label, 'batch_size': config.batch_size, 'compiled': False,
-      'error': ''}
+  result: dict[str, Any] = {
+      'target': target.key,
+      'devices': num_devices,
+      'dtype': dtype,
+      'config': label,
+      'batch_size': config.batch_size,
+      'compiled': False,
+      'error': ''
+  }
   problems = config_validation.problems(config, num_devices=num_devices)
   if problems:
     result['error'] = '; '.join(problems)
@@ -171,8 +182,8 @@ def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
     return result
   result['compile_s'] = round(time.perf_counter() - start, 1)
   result['compiled'] = True
-  result.update(_train_figures(compiled, counts, grad_bytes, target, dtype,
-                               num_devices))
+  result.update(
+      _train_figures(compiled, counts, grad_bytes, target, dtype, num_devices))
   steps = _steps_per_epoch(config) * config.num_epochs
   result['run_steps'] = steps
   result['run_lower_bound_h'] = result['step_lower_bound_s'] * steps / 3600
@@ -181,11 +192,11 @@ def run(config, target: targets_lib.Target, num_devices: int, dtype: str,
   if with_eval:
     result['eval_batch_size'] = config.eval_batch_size
     try:
-      result['eval_peak_bytes'] = _memory(compile_eval(config, mesh))[
-          'peak_bytes']
+      result['eval_peak_bytes'] = _memory(compile_eval(config,
+                                                       mesh))['peak_bytes']
       result['eval_compiled'] = True
     except Exception as e:
       result['eval_compiled'] = False
-      result['eval_error'] = (f'{type(e).__name__}: {e}'.splitlines()
-                              or [''])[0]
+      result['eval_error'] = (f'{type(e).__name__}: {e}'.splitlines() or
+                              [''])[0]
   return result

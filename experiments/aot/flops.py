@@ -21,21 +21,23 @@ maximum) are entered; loops are not expected in a train step (a while loop
 raises, as its trip count is unknown).
 """
 import math
-from typing import Any, Dict
+from typing import Any
 
 import jax
 from jax.extend import core as jex_core
 
 ELEMENTWISE = frozenset({
     'add', 'sub', 'mul', 'div', 'rem', 'neg', 'max', 'min', 'abs', 'sign',
-    'exp', 'exp2', 'log', 'log1p', 'expm1', 'tanh', 'logistic', 'sqrt',
-    'rsqrt', 'cbrt', 'pow', 'integer_pow', 'square', 'sin', 'cos', 'erf',
-    'erf_inv', 'floor', 'ceil', 'round', 'select_n', 'clamp', 'eq', 'ne',
-    'lt', 'le', 'gt', 'ge', 'and', 'or', 'not', 'xor', 'nextafter',
-    'atan2', 'is_finite', 'add_any', 'reciprocal'})
-REDUCTIONS = frozenset({'reduce_sum', 'reduce_max', 'reduce_min',
-                        'reduce_prod', 'argmax', 'argmin', 'reduce_and',
-                        'reduce_or', 'cumsum', 'cumlogsumexp', 'cummax'})
+    'exp', 'exp2', 'log', 'log1p', 'expm1', 'tanh', 'logistic', 'sqrt', 'rsqrt',
+    'cbrt', 'pow', 'integer_pow', 'square', 'sin', 'cos', 'erf', 'erf_inv',
+    'floor', 'ceil', 'round', 'select_n', 'clamp', 'eq', 'ne', 'lt', 'le', 'gt',
+    'ge', 'and', 'or', 'not', 'xor', 'nextafter', 'atan2', 'is_finite',
+    'add_any', 'reciprocal'
+})
+REDUCTIONS = frozenset({
+    'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_prod', 'argmax', 'argmin',
+    'reduce_and', 'reduce_or', 'cumsum', 'cumlogsumexp', 'cummax'
+})
 
 
 def _size(aval) -> int:
@@ -50,8 +52,8 @@ def conv_flops(eqn) -> int:
   rhs_spec = dims.rhs_spec  # (out feature, in feature, *spatial) indices.
   taps = math.prod(rhs.shape[d] for d in rhs_spec[2:])
   dilation = math.prod(eqn.params.get('lhs_dilation') or (1,))
-  return (2 * _size(eqn.outvars[0].aval) * taps * rhs.shape[rhs_spec[1]]
-          // dilation)
+  return (2 * _size(eqn.outvars[0].aval) * taps * rhs.shape[rhs_spec[1]] //
+          dilation)
 
 
 def dot_flops(eqn) -> int:
@@ -72,7 +74,7 @@ def _sub_jaxprs(eqn):
         yield v
 
 
-def count(jaxpr) -> Dict[str, int]:
+def count(jaxpr) -> dict[str, int]:
   """{'conv', 'dot', 'rest'} FLOPs of a (Closed)Jaxpr."""
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   total = {'conv': 0, 'dot': 0, 'rest': 0}
@@ -97,7 +99,7 @@ def count(jaxpr) -> Dict[str, int]:
   return total
 
 
-def of(fn, *args: Any) -> Dict[str, int]:
+def of(fn, *args: Any) -> dict[str, int]:
   """FLOPs of `fn(*args)` (args may be jax.ShapeDtypeStruct): its conv,
   dot and remaining FLOPs and their 'total'."""
   counts = count(jax.make_jaxpr(fn)(*args))

@@ -19,18 +19,36 @@ once (caches ignored).
 import dataclasses
 import math
 import re
-from typing import Dict, List, Tuple
 
 # Bytes per element of XLA's element types.
-_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2,
-          'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
-          's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
-          'f8e4m3fn': 1, 'f8e5m2': 1}
+_BYTES = {
+    'pred': 1,
+    's4': 0.5,
+    'u4': 0.5,
+    's8': 1,
+    'u8': 1,
+    's16': 2,
+    'u16': 2,
+    'f16': 2,
+    'bf16': 2,
+    's32': 4,
+    'u32': 4,
+    'f32': 4,
+    's64': 8,
+    'u64': 8,
+    'f64': 8,
+    'c64': 8,
+    'c128': 16,
+    'f8e4m3fn': 1,
+    'f8e5m2': 1
+}
 _ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%(\S+)\s+=\s+(.*)$')
-_FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple',
-                   'bitcast', 'partition-id', 'replica-id', 'after-all',
-                   'opt-barrier', 'copy-done', 'send-done', 'recv-done'})
+_FREE = frozenset({
+    'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
+    'partition-id', 'replica-id', 'after-all', 'opt-barrier', 'copy-done',
+    'send-done', 'recv-done'
+})
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                'collective-permute', 'collective-broadcast')
 
@@ -40,12 +58,11 @@ def shape_bytes(shape: str) -> int:
   total = 0.
   for dtype, dims in _ARRAY.findall(shape):
     if dtype in _BYTES:
-      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(',')
-                                         if d)
+      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
   return int(total)
 
 
-def _split_shape(rest: str) -> Tuple[str, str]:
+def _split_shape(rest: str) -> tuple[str, str]:
   """'(a, b) op(...)' or 'f32[2]{0} op(...)' -> (shape, 'op(...)')."""
   if rest.startswith('('):
     depth = 0
@@ -61,11 +78,11 @@ def _split_shape(rest: str) -> Tuple[str, str]:
 class EntryStats:
   kernels: int = 0
   kernel_io_bytes: int = 0
-  collectives: Dict[str, Dict[str, int]] = dataclasses.field(
-      default_factory=dict)
-  kernel_kinds: Dict[str, int] = dataclasses.field(default_factory=dict)
+  collectives: dict[str, dict[str,
+                              int]] = dataclasses.field(default_factory=dict)
+  kernel_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
   loop_collectives: int = 0
-  opcodes: Dict[str, int] = dataclasses.field(default_factory=dict)
+  opcodes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def kernel_kind(opcode: str) -> str:
@@ -85,7 +102,7 @@ def kernel_kind(opcode: str) -> str:
   return 'copy' if opcode == 'copy-start' else 'other'
 
 
-def entry_lines(text: str) -> List[str]:
+def entry_lines(text: str) -> list[str]:
   """The instruction lines of the module's ENTRY computation."""
   lines, inside = [], False
   for line in text.splitlines():
@@ -116,7 +133,7 @@ def _loop_collectives(text: str) -> int:
 
 def entry_stats(text: str) -> EntryStats:
   """Kernels, their I/O bytes and the collectives of one device's step."""
-  sizes: Dict[str, int] = {}
+  sizes: dict[str, int] = {}
   stats = EntryStats(loop_collectives=_loop_collectives(text))
   for line in entry_lines(text):
     match = _INSTRUCTION.match(line)
@@ -125,8 +142,8 @@ def entry_stats(text: str) -> EntryStats:
     name, rest = match.groups()
     shape, call = _split_shape(rest)
     opcode = call.partition('(')[0]
-    operands = re.findall(r'%([^\s,()]+)', call.partition('(')[2].partition(
-        ')')[0])
+    operands = re.findall(r'%([^\s,()]+)',
+                          call.partition('(')[2].partition(')')[0])
     result = shape_bytes(shape)
     sizes[name] = result
     if opcode == 'custom-call':

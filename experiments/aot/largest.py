@@ -12,7 +12,8 @@ scale with it); the answer fits and is within 3% of the largest that does.
 Each probe is one compilation.
 """
 import math
-from typing import Any, Callable, Dict
+from typing import Any
+from collections.abc import Callable
 
 from experiments.aot import case
 
@@ -52,30 +53,35 @@ def search(fits: Callable[[int], bool], start: int, step: int,
   return lo * step
 
 
-def largest_batch(config, target, num_devices: int, dtype: str,
-                  fractions=(case.JAX_MEMORY_FRACTION, 1.0)
-                  ) -> Dict[str, Any]:
+def largest_batch(
+    config, target, num_devices: int, dtype: str,
+    fractions=(case.JAX_MEMORY_FRACTION, 1.0)) -> dict[str, Any]:
   """For each fraction f, the largest B whose peak fits f of the device's
   memory; probes are compiled once and shared by the fractions."""
-  peaks: Dict[int, Any] = {}  # B -> peak bytes, or the compile error.
+  peaks: dict[int, Any] = {}  # B -> peak bytes, or the compile error.
 
   def peak(batch: int):
     if batch not in peaks:
       trial = config.copy_and_resolve_references()
       trial.batch_size = batch
       result = case.run(trial, target, num_devices, dtype, with_eval=False)
-      peaks[batch] = (result['peak_bytes'] if result['compiled']
-                      else result['error'])
+      peaks[batch] = (
+          result['peak_bytes'] if result['compiled'] else result['error'])
     return peaks[batch]
 
   u = unit(config, num_devices)
-  out: Dict[str, Any] = {'unit': u, 'search': (
-      'doubling from the config batch, then bisection in multiples of '
-      f'{u} to within 1/32; one compilation per probe')}
+  out: dict[str, Any] = {
+      'unit':
+          u,
+      'search':
+          ('doubling from the config batch, then bisection in multiples of '
+           f'{u} to within 1/32; one compilation per probe')
+  }
   for fraction in fractions:
     limit = fraction * target.memory_bytes
-    best = search(lambda b, limit=limit: isinstance(peak(b), int)
-                  and peak(b) <= limit, config.batch_size, u)
+    best = search(
+        lambda b, limit=limit: isinstance(peak(b), int) and peak(b) <= limit,
+        config.batch_size, u)
     out[f'largest_batch_{round(fraction * 100)}pct'] = best
   out['probes'] = dict(sorted(peaks.items()))
   return out

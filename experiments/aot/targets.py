@@ -14,13 +14,15 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = ('float32', 'bfloat16')
 # What each platform needs installed (the `aot` extra installs both).
-PLUGINS = {'cuda': ('jax_cuda12_plugin', 'jax[cuda12]'),
-           'tpu': ('libtpu', 'jax[tpu]')}
+PLUGINS = {
+    'cuda': ('jax_cuda12_plugin', 'jax[cuda12]'),
+    'tpu': ('libtpu', 'jax[tpu]')
+}
 
 
 class TargetError(ValueError):
@@ -48,18 +50,21 @@ class Target:
   platform: str
   memory_bytes: int
   hbm_bytes_per_s: float
-  peak_flops: Dict[str, float]
+  peak_flops: dict[str, float]
   link_bytes_per_s: float
-  topologies: Dict[str, str]
+  topologies: dict[str, str]
   target_config: str = ''
 
 
 @functools.cache
-def all_targets() -> Dict[str, Target]:
+def all_targets() -> dict[str, Target]:
   with open(os.path.join(HERE, 'targets.json'), encoding='utf-8') as f:
     data = json.load(f)
-  return {key: Target(key=key, **value) for key, value in data.items()
-          if not key.startswith('_')}
+  return {
+      key: Target(key=key, **value)
+      for key, value in data.items()
+      if not key.startswith('_')
+  }
 
 
 def get(key: str) -> Target:
@@ -104,13 +109,12 @@ def devices(target: Target, num_devices: int) -> Sequence:
                         f'{len(topology)} here')
     return topology
   if target.platform == 'cuda':
-    with open(os.path.join(HERE, target.target_config),
-              encoding='utf-8') as f:
-      topology = topologies.get_topology_desc(
-          platform='cuda', target_config=f.read(), topology=name)
+    with open(os.path.join(HERE, target.target_config), encoding='utf-8') as f:
+      topology = topologies.get_topology_desc(platform='cuda',
+                                              target_config=f.read(),
+                                              topology=name)
   else:
-    topology = topologies.get_topology_desc(platform='tpu',
-                                            topology_name=name)
+    topology = topologies.get_topology_desc(platform='tpu', topology_name=name)
   found = list(topology.devices)
   if len(found) != num_devices:
     raise TargetError(f'topology {name} of {target.key} has {len(found)} '

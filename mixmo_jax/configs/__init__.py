@@ -14,20 +14,20 @@ import importlib
 import importlib.util
 import os
 import re
-from typing import Optional
 
 from mixmo_jax.configs.base import METHODS, MODIFIERS
 
 DATASET_CONFIGS = ('cifar10', 'cifar100', 'digits', 'tiny_imagenet')
 
-__all__ = ['DATASET_CONFIGS', 'METHODS', 'MODIFIERS', 'get', 'load',
-           'unknown_field']
+__all__ = [
+    'DATASET_CONFIGS', 'METHODS', 'MODIFIERS', 'get', 'load', 'unknown_field'
+]
 _LOCKED = re.compile(r'Key "([^"]+)" does not exist and cannot be added since '
                      r'the config is locked')
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)"')
 
 
-def unknown_field(error: BaseException) -> Optional[str]:
+def unknown_field(error: BaseException) -> str | None:
   """One line for ml_collections' refusal of a field the locked base
   config lacks (a typo in a config file), else None."""
   found = _LOCKED.search(str(error))

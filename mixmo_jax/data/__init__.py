@@ -24,6 +24,10 @@ from mixmo_jax.data.registry import (DatasetSpec, DatasetUnavailableError,
                                      register_dataset)
 
 __all__ = [
-    'DatasetSpec', 'DatasetUnavailableError', 'dataset_names', 'get_dataset',
-    'load_split', 'register_dataset',
+    'DatasetSpec',
+    'DatasetUnavailableError',
+    'dataset_names',
+    'get_dataset',
+    'load_split',
+    'register_dataset',
 ]

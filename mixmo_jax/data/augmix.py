@@ -99,15 +99,22 @@ RESAMPLES = ('nearest', 'bilinear')
 
 # MixMo's magnitude ranges [lo, hi] (value = severity / 30 * (hi - lo) + lo).
 _MIXMO_RANGES = {
-    'identity': (0.0, 1.0), 'equalize': (0.0, 1.0), 'posterize': (4.0, 8.0),
-    'rotate': (0.0, 30.0), 'solarize': (0.0, 256.0), 'shear_x': (0.0, 0.3),
-    'shear_y': (0.0, 0.3), 'translate_x': (0.0, 0.45),
-    'translate_y': (0.0, 0.45), 'invert': (0.0, 1.0)}
+    'identity': (0.0, 1.0),
+    'equalize': (0.0, 1.0),
+    'posterize': (4.0, 8.0),
+    'rotate': (0.0, 30.0),
+    'solarize': (0.0, 256.0),
+    'shear_x': (0.0, 0.3),
+    'shear_y': (0.0, 0.3),
+    'translate_x': (0.0, 0.45),
+    'translate_y': (0.0, 0.45),
+    'invert': (0.0, 1.0)
+}
 _MIXMO_MAX_DEPTH = 4  # depth <= 0: uniform in {1, 2, 3, 4}.
 _AUGMIX_MAX_DEPTH = 3  # depth <= 0: uniform in {1, 2, 3}.
 
-
 # ---------------------------------------------------------------- helpers --
+
 
 def _map_images(fn, images, *params):
   """Applies fn(image [H, W, 3], *scalars) to every image of [..., H, W, 3].
@@ -117,8 +124,10 @@ def _map_images(fn, images, *params):
   images = jnp.asarray(images)
   lead = images.shape[:-3]
   flat = images.reshape((-1,) + images.shape[-3:])
-  flat_params = [jnp.broadcast_to(jnp.asarray(p, jnp.float32), lead).reshape(-1)
-                 for p in params]
+  flat_params = [
+      jnp.broadcast_to(jnp.asarray(p, jnp.float32), lead).reshape(-1)
+      for p in params
+  ]
   out = jax.vmap(fn)(flat, *flat_params)
   return out.reshape(lead + out.shape[1:])
 
@@ -143,6 +152,7 @@ def _values():
 
 # ------------------------------------------------------ point operations --
 
+
 def _identity_lut():
   return jnp.broadcast_to(_values(), (3, 256))
 
@@ -161,8 +171,8 @@ def _posterize_lut(bits):
 def _solarize_lut(threshold):
   """v if v < threshold else 255 - v (PIL; the threshold may be a float)."""
   values = _values()
-  values = jnp.where(values.astype(jnp.float32) < threshold, values,
-                     255 - values)
+  values = jnp.where(
+      values.astype(jnp.float32) < threshold, values, 255 - values)
   return jnp.broadcast_to(values, (3, 256))
 
 
@@ -239,31 +249,33 @@ def invert(images):
 
 def posterize(images, bits):
   """Keeps `bits` (int, broadcast to [...]) high bits per channel (PIL)."""
-  return _map_images(lambda im, b: _apply_lut(im, _posterize_lut(b)),
-                     images, bits)
+  return _map_images(lambda im, b: _apply_lut(im, _posterize_lut(b)), images,
+                     bits)
 
 
 def solarize(images, threshold):
   """Inverts values >= threshold (broadcast to [...]) (PIL ImageOps)."""
-  return _map_images(lambda im, t: _apply_lut(im, _solarize_lut(t)),
-                     images, threshold)
+  return _map_images(lambda im, t: _apply_lut(im, _solarize_lut(t)), images,
+                     threshold)
 
 
 def equalize(images):
   """Per-channel histogram equalisation (PIL ImageOps.equalize)."""
   return _map_images(
-      lambda im: _apply_lut(im, jax.vmap(_equalize_lut)(_histograms(im))),
-      images)
+      lambda im: _apply_lut(im,
+                            jax.vmap(_equalize_lut)(_histograms(im))), images)
 
 
 def autocontrast(images):
   """Per-channel stretch of [min, max] to [0, 255] (PIL, cutoff 0)."""
   return _map_images(
-      lambda im: _apply_lut(im, jax.vmap(_autocontrast_lut)(_histograms(im))),
+      lambda im: _apply_lut(im,
+                            jax.vmap(_autocontrast_lut)(_histograms(im))),
       images)
 
 
 # -------------------------------------------------- geometric operations --
+
 
 def _warp(image, coefficients, resample):
   """PIL-style affine resampling of uint8 [H, W, 3], black fill.
@@ -321,7 +333,8 @@ def _affine_coefficients(op, magnitude, height, width):
       jnp.stack([one, m, m * (height / 2), zero, one, zero]),
       jnp.stack([one, zero, zero, m, one, m * (width / 2)]),
       jnp.stack([one, zero, m, zero, one, zero]),
-      jnp.stack([one, zero, zero, zero, one, m])])
+      jnp.stack([one, zero, zero, zero, one, m])
+  ])
   row = jnp.clip(op - _NUM_POINT_OPS + 1, 0, 5)
   return table[row]
 
@@ -335,7 +348,9 @@ def _geometric(op_name):
     def one(im, mag):
       coefficients = _affine_coefficients(op, mag, im.shape[0], im.shape[1])
       return _warp(im, coefficients, resample)
+
     return _map_images(one, images, magnitude)
+
   return fn
 
 
@@ -376,6 +391,7 @@ def translate_y(images, pixels, resample='bilinear'):
 
 
 # ---------------------------------------------------------------- chains --
+
 
 class Chains(NamedTuple):
   """The random draws of AugMix for images [...] (leading dims `...`).
@@ -433,13 +449,16 @@ def _magnitudes(key, ops, rule, severity, height, width):
     def value(name):
       lo, hi = _MIXMO_RANGES[name]
       return frac * (hi - lo) + lo
+
     per_op = {
         'posterize': float(int(value('posterize'))),
         'solarize': value('solarize'),
         'rotate': value('rotate'),
-        'shear_x': value('shear_x'), 'shear_y': value('shear_y'),
+        'shear_x': value('shear_x'),
+        'shear_y': value('shear_y'),
         'translate_x': value('translate_x') * width,
-        'translate_y': value('translate_y') * height}
+        'translate_y': value('translate_y') * height
+    }
     table = jnp.asarray([per_op.get(name, 0.0) for name in OPERATIONS],
                         jnp.float32)
     unsigned = table[ops]
@@ -450,9 +469,11 @@ def _magnitudes(key, ops, rule, severity, height, width):
         'posterize': 4 - int_param(4),
         'solarize': 256 - int_param(256),
         'rotate': int_param(30),
-        'shear_x': level * 0.3 / 10, 'shear_y': level * 0.3 / 10,
+        'shear_x': level * 0.3 / 10,
+        'shear_y': level * 0.3 / 10,
         'translate_x': int_param(width / 3),
-        'translate_y': int_param(height / 3)}
+        'translate_y': int_param(height / 3)
+    }
     unsigned = jnp.zeros(ops.shape, jnp.float32)
     for name, val in candidates.items():
       unsigned = jnp.where(ops == _ID[name], val, unsigned)
@@ -509,12 +530,13 @@ def _step(image, op, magnitude, resample, with_autocontrast):
   hist = _histograms(image)
   luts = jnp.stack([
       _identity_lut(),
-      (jax.vmap(_autocontrast_lut)(hist) if with_autocontrast
-       else _identity_lut()),
+      (jax.vmap(_autocontrast_lut)(hist)
+       if with_autocontrast else _identity_lut()),
       jax.vmap(_equalize_lut)(hist),
       _posterize_lut(magnitude),
       _solarize_lut(magnitude),
-      _invert_lut()])
+      _invert_lut()
+  ])
   point = jnp.where(op < _NUM_POINT_OPS, op, 0)
   image = _apply_lut(image, luts[point])
   coefficients = _affine_coefficients(op, magnitude, image.shape[0],
@@ -545,18 +567,19 @@ def apply_chains(images, chains, *, resample, as_float=False,
       lambda x: x.reshape((flat.shape[0],) + x.shape[len(lead):]), chains)
 
   def chain(image, ops, mags, length):
+
     def body(img, step):
       i, op, mag = step
       op = jnp.where(i < length, op, _ID['identity'])
       return _step(img, op, mag, resample, with_autocontrast), None
+
     steps = (jnp.arange(ops.shape[0]), ops, mags)
     return jax.lax.scan(body, image, steps)[0]
 
   def one(image, c):
-    augmented = jax.vmap(chain, in_axes=(None, 0, 0, 0))(
-        image, c.ops, c.magnitudes, c.depths)
-    mix = jnp.einsum('j,jhwc->hwc', c.weights,
-                     augmented.astype(jnp.float32))
+    augmented = jax.vmap(chain, in_axes=(None, 0, 0, 0))(image, c.ops,
+                                                         c.magnitudes, c.depths)
+    mix = jnp.einsum('j,jhwc->hwc', c.weights, augmented.astype(jnp.float32))
     return (1.0 - c.m) * image.astype(jnp.float32) + c.m * mix
 
   out = jax.vmap(one)(flat, flat_chains).reshape(images.shape)
@@ -565,9 +588,8 @@ def apply_chains(images, chains, *, resample, as_float=False,
   return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
 
 
-def augmix(key, images, draws=None, num_draws=None, *, rule='mixmo',
-           severity=3, width=3, depth=-1, alpha=1.0, resample=None,
-           as_float=False):
+def augmix(key, images, draws=None, num_draws=None, *, rule='mixmo', severity=3,
+           width=3, depth=-1, alpha=1.0, resample=None, as_float=False):
   """AugMix of every image: one draw per image, or per draw id.
 
   Args:
@@ -607,7 +629,7 @@ def augmix(key, images, draws=None, num_draws=None, *, rule='mixmo',
   else:
     if tuple(jnp.shape(draws)) != images.shape[:-3]:
       raise ValueError(f'augmix draws {jnp.shape(draws)} must match the '
-                       f'images\' leading shape {images.shape[:-3]}.')
+                       f"images' leading shape {images.shape[:-3]}.")
     chains = sample_chains(key, (int(num_draws),), images.shape[-3:-1],
                            **settings)
     chains = jax.tree.map(lambda c: c[jnp.asarray(draws)], chains)

@@ -120,8 +120,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _unpickle(data):
   """Python-2 CIFAR pickle bytes -> dict with str keys."""
   batch = _ArrayUnpickler(io.BytesIO(data), encoding='bytes').load()
-  return {(k.decode() if isinstance(k, bytes) else k): v
-          for k, v in batch.items()}
+  return {
+      (k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()
+  }
 
 
 def _batches_to_arrays(batches, label_key):
@@ -138,8 +139,9 @@ def _manual_source(name, manual_dir):
     return None
   archive, folder, _, train_files, test_files = _ARCHIVES[name]
   for path in (os.path.join(manual_dir, folder), manual_dir):
-    if all(os.path.isfile(os.path.join(path, f))
-           for f in train_files + test_files):
+    if all(
+        os.path.isfile(os.path.join(path, f))
+        for f in train_files + test_files):
       return path
   path = os.path.join(manual_dir, archive)
   return path if os.path.isfile(path) else None
@@ -199,8 +201,7 @@ def load(name, split, data_dir='', manual_dir=''):
     logging.info('Reading %s %s from %s', name, split, source)
     return read_manual(name, split, source)
   if host_reachable():
-    logging.info('Downloading and preparing %s into %s', name,
-                 builder.data_dir)
+    logging.info('Downloading and preparing %s into %s', name, builder.data_dir)
     builder.download_and_prepare()
     return _read_tfds(builder, split)
   raise DatasetUnavailableError(
@@ -213,6 +214,7 @@ def _load(config, split):
 
 
 for _name, _classes in (('cifar10', 10), ('cifar100', 100)):
-  registry.register_dataset(_name, registry.DatasetSpec(
-      num_classes=_classes, image_size=32, num_train=50000, num_test=10000,
-      load=_load))
+  registry.register_dataset(
+      _name,
+      registry.DatasetSpec(num_classes=_classes, image_size=32, num_train=50000,
+                           num_test=10000, load=_load))

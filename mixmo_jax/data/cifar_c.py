@@ -22,7 +22,7 @@ file is read batch by batch, never held whole in memory. Every check
 Shapes: S = 5 severities, n images per severity, H, W image size.
 """
 import os
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,11 +32,25 @@ LABELS_FILE = 'labels.npy'
 # The 19 corruptions of CIFAR-10-C / CIFAR-100-C, in the order of Hendrycks &
 # Dietterich's Figure 1 (noise, blur, weather, digital), then the 4 extras.
 CORRUPTIONS = (
-    'gaussian_noise', 'shot_noise', 'impulse_noise',
-    'defocus_blur', 'glass_blur', 'motion_blur', 'zoom_blur',
-    'snow', 'frost', 'fog', 'brightness',
-    'contrast', 'elastic_transform', 'pixelate', 'jpeg_compression',
-    'speckle_noise', 'gaussian_blur', 'spatter', 'saturate',
+    'gaussian_noise',
+    'shot_noise',
+    'impulse_noise',
+    'defocus_blur',
+    'glass_blur',
+    'motion_blur',
+    'zoom_blur',
+    'snow',
+    'frost',
+    'fog',
+    'brightness',
+    'contrast',
+    'elastic_transform',
+    'pixelate',
+    'jpeg_compression',
+    'speckle_noise',
+    'gaussian_blur',
+    'spatter',
+    'saturate',
 )
 
 
@@ -90,7 +104,7 @@ def read_labels(folder: str, num_classes: int) -> np.ndarray:
   return labels
 
 
-def find_corruptions(folder: str) -> Tuple[List[str], List[str], List[str]]:
+def find_corruptions(folder: str) -> tuple[list[str], list[str], list[str]]:
   """Which of the 19 corruptions the folder holds.
 
   Returns:
@@ -155,7 +169,7 @@ def check_folder(folder: str, num_classes: int, image_size: int,
   return labels
 
 
-def severity_slices(num_images: int) -> List[slice]:
+def severity_slices(num_images: int) -> list[slice]:
   """Rows of severities 1..5: [s * n, (s + 1) * n), n = num_images / 5."""
   n = num_images // NUM_SEVERITIES
   return [slice(s * n, (s + 1) * n) for s in range(NUM_SEVERITIES)]

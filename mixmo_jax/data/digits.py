@@ -75,6 +75,8 @@ def _load(config, split):
   return load(split, config.image_size, config.get('data_seed', 0))
 
 
-registry.register_dataset('digits', registry.DatasetSpec(
-    num_classes=10, image_size=32, num_train=1437, num_test=360, load=_load,
-    resizable=True, test_set_fields=('data_seed',)))
+registry.register_dataset(
+    'digits',
+    registry.DatasetSpec(num_classes=10, image_size=32, num_train=1437,
+                         num_test=360, load=_load, resizable=True,
+                         test_set_fields=('data_seed',)))

@@ -15,6 +15,8 @@ def _load(config, split):
   return 255 - images, labels
 
 
-registry.register_dataset('digits_inverted', registry.DatasetSpec(
-    num_classes=10, image_size=32, num_train=1437, num_test=360, load=_load,
-    resizable=True, test_set_fields=('data_seed',)))
+registry.register_dataset(
+    'digits_inverted',
+    registry.DatasetSpec(num_classes=10, image_size=32, num_train=1437,
+                         num_test=360, load=_load, resizable=True,
+                         test_set_fields=('data_seed',)))

@@ -17,7 +17,6 @@ import numpy as np
 
 from mixmo_jax import keys
 
-
 # ---------------------------------------------------------------- training order
 
 
@@ -120,8 +119,9 @@ def partner_indices(seed, step, num_train, own, repetitions, num_members):
   with jax.default_device(_cpu_device()):
     key = jax.random.fold_in(
         jax.random.fold_in(keys.data_key(int(seed)), PARTNER_SALT), int(step))
-    j = np.asarray(jax.random.randint(key, (rows, int(num_members)), 0,
-                                      int(num_train) - 1), np.int64)
+    j = np.asarray(
+        jax.random.randint(key, (rows, int(num_members)), 0,
+                           int(num_train) - 1), np.int64)
   own_rep = np.tile(own, int(repetitions))[:, None]
   return j + (j >= own_rep)
 
@@ -161,7 +161,7 @@ def eval_batches(images, labels, batch_size):
     valid = len(x)
     mask = np.arange(batch_size) < valid
     if valid < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:],
-                                      x.dtype)])
+      x = np.concatenate(
+          [x, np.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
       y = np.concatenate([y, np.zeros((batch_size - valid,), np.int32)])
     yield x, y, mask

@@ -20,7 +20,8 @@ import dataclasses
 import pickle
 import tarfile
 import zipfile
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,7 +31,7 @@ _CORRUPT_ERRORS = (tarfile.TarError, EOFError, pickle.UnpicklingError,
                    zipfile.BadZipFile)
 
 SPLITS = ('train', 'test')
-Loader = Callable[[Any, str], Tuple[np.ndarray, np.ndarray]]
+Loader = Callable[[Any, str], tuple[np.ndarray, np.ndarray]]
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -61,12 +62,12 @@ class DatasetSpec:
   image_size: int
   num_train: int
   num_test: int
-  load: Optional[Loader] = None
+  load: Loader | None = None
   resizable: bool = False
-  test_set_fields: Tuple[str, ...] = ()
+  test_set_fields: tuple[str, ...] = ()
 
 
-_REGISTRY: Dict[str, DatasetSpec] = {}
+_REGISTRY: dict[str, DatasetSpec] = {}
 
 
 def register_dataset(name: str, spec: DatasetSpec, *,
@@ -83,7 +84,7 @@ def register_dataset(name: str, spec: DatasetSpec, *,
   return spec
 
 
-def dataset_names() -> Tuple[str, ...]:
+def dataset_names() -> tuple[str, ...]:
   """Sorted names of the registered datasets."""
   return tuple(sorted(_REGISTRY))
 
@@ -97,7 +98,7 @@ def get_dataset(name: str) -> DatasetSpec:
                      f'{", ".join(dataset_names())}') from None
 
 
-def load_split(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
+def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The whole split of `config.dataset` in host memory.
 
   Args:
@@ -130,8 +131,7 @@ def load_split(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     raise DatasetUnavailableError(
         f'{config.dataset} {split}: a file in {where or "the data folder"} '
         f'is damaged ({type(e).__name__}: {" ".join(str(e).split())}); '
-        'download it again, check its size and checksum, or remove it'
-    ) from e
+        'download it again, check its size and checksum, or remove it') from e
   images = np.asarray(images, np.uint8)
   labels = np.asarray(labels, np.int32)
   if images.shape[1:] != (size, size, 3) or labels.shape != images.shape[:1]:

@@ -49,12 +49,12 @@ def load(split, data_dir='', manual_dir=''):
     logging.info('Reading %s %s from %s', NAME, split, path)
     return read_mat(path)
   if cifar.host_reachable(DOWNLOAD_HOST, port=80):
-    logging.info('Downloading and preparing %s into %s', NAME,
-                 builder.data_dir)
+    logging.info('Downloading and preparing %s into %s', NAME, builder.data_dir)
     builder.download_and_prepare()
     return cifar._read_tfds(builder, split)
-  where = (os.path.abspath(manual_dir) if manual_dir
-           else '<a folder you name in config.manual_dir>')
+  where = (
+      os.path.abspath(manual_dir)
+      if manual_dir else '<a folder you name in config.manual_dir>')
   raise DatasetUnavailableError(
       f'{NAME} is not available offline (no prepared TFDS data, no '
       f'{FILES[split]}, {DOWNLOAD_HOST} unreachable): put {FILES[split]} '
@@ -68,6 +68,7 @@ def _load(config, split):
               manual_dir=config.get('manual_dir', ''))
 
 
-registry.register_dataset(NAME, registry.DatasetSpec(
-    num_classes=10, image_size=32, num_train=73257, num_test=26032,
-    load=_load))
+registry.register_dataset(
+    NAME,
+    registry.DatasetSpec(num_classes=10, image_size=32, num_train=73257,
+                         num_test=26032, load=_load))

@@ -73,8 +73,11 @@ class _Zip:
 
   def names(self):
     n = len(self.prefix)
-    return [i.filename[n:] for i in self.zip.infolist()
-            if i.filename.startswith(self.prefix) and not i.is_dir()]
+    return [
+        i.filename[n:]
+        for i in self.zip.infolist()
+        if i.filename.startswith(self.prefix) and not i.is_dir()
+    ]
 
   def read(self, name):
     return self.zip.read(self.prefix + name)
@@ -111,24 +114,27 @@ def _read_text(source, names, name):
 
 def list_split(source, names, split):
   """(file names [N], labels int32 [N], wnids sorted [C]) of a split."""
-  wnids = sorted(w.strip() for w in _read_text(source, names, _WNIDS)
-                 .splitlines() if w.strip())
+  wnids = sorted(w.strip()
+                 for w in _read_text(source, names, _WNIDS).splitlines()
+                 if w.strip())
   index = {w: i for i, w in enumerate(wnids)}
   if split == 'train':
-    files = sorted((index[parts[1]], p) for p, parts in
-                   ((p, p.split('/')) for p in names)
-                   if len(parts) == 4 and parts[0] == 'train'
-                   and parts[1] in index and parts[2] == 'images'
-                   and parts[3].endswith('.JPEG'))
+    files = sorted(
+        (index[parts[1]], p)
+        for p, parts in ((p, p.split('/')) for p in names)
+        if len(parts) == 4 and parts[0] == 'train' and parts[1] in index and
+        parts[2] == 'images' and parts[3].endswith('.JPEG'))
     if not files:
       raise DatasetUnavailableError(
           f'Tiny ImageNet: no train/<wnid>/images/*.JPEG in {source.where}.')
     labels = [c for c, _ in files]
     files = [p for _, p in files]
   else:
-    rows = [line.split('\t') for line in
-            _read_text(source, names, _VAL_ANNOTATIONS).splitlines()
-            if line.strip()]
+    rows = [
+        line.split('\t')
+        for line in _read_text(source, names, _VAL_ANNOTATIONS).splitlines()
+        if line.strip()
+    ]
     rows = sorted((r[0], r[1]) for r in rows)
     files = [f'val/images/{f}' for f, _ in rows]
     unknown = sorted({w for _, w in rows} - set(index))
@@ -209,10 +215,11 @@ def load(split, manual_dir, cache_dir=''):
 
 def _load(config, split):
   manual_dir = config.get('manual_dir', '')
-  return load(split, manual_dir,
-              cache_dir=config.get('data_dir', '') or manual_dir)
+  return load(split, manual_dir, cache_dir=config.get('data_dir', '') or
+              manual_dir)
 
 
-registry.register_dataset('tiny_imagenet', registry.DatasetSpec(
-    num_classes=200, image_size=IMAGE_SIZE, num_train=100000, num_test=10000,
-    load=_load))
+registry.register_dataset(
+    'tiny_imagenet',
+    registry.DatasetSpec(num_classes=200, image_size=IMAGE_SIZE,
+                         num_train=100000, num_test=10000, load=_load))

@@ -8,9 +8,8 @@ import math
 from absl import logging
 import numpy as np
 
-from mixmo_jax.evaluation.primitives import (accuracy, brier, ece,
-                                             log_softmax, nll,
-                                             temperature_scale)
+from mixmo_jax.evaluation.primitives import (accuracy, brier, ece, log_softmax,
+                                             nll, temperature_scale)
 
 # Temperature bracket: T in [T_MIN, T_MAX], i.e. beta = 1 / T in
 # [1 / T_MAX, 1 / T_MIN]. Real networks are fitted well inside it (Guo et al.
@@ -174,8 +173,10 @@ def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   perm = np.random.default_rng(seed).permutation(n)
   halves = (perm[:n // 2], perm[n // 2:])
   separable = [is_separable(log_probs[h], labels[h]) for h in halves]
-  temps = [1.0 if sep else fit_temperature(log_probs[h], labels[h])
-           for h, sep in zip(halves, separable)]
+  temps = [
+      1.0 if sep else fit_temperature(log_probs[h], labels[h])
+      for h, sep in zip(halves, separable)
+  ]
   for name, sep, h in zip('AB', separable, halves):
     if sep:
       logging.warning(
@@ -189,8 +190,8 @@ def calibrated_metrics(log_probs, labels, seed=0, num_bins=15):
   for key in ('nll', 'ece', 'top1', 'brier'):
     result[key + '_c'] = 0.5 * (scores[0][key] + scores[1][key])
   fitted = [t for t, sep in zip(temps, separable) if not sep]
-  result['temperature'] = (float(np.exp(np.mean(np.log(fitted))))
-                           if fitted else None)
+  result['temperature'] = (
+      float(np.exp(np.mean(np.log(fitted)))) if fitted else None)
   result['temperatures'] = temps
   result['separable'] = separable
   return result

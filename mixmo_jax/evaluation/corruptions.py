@@ -9,7 +9,8 @@ per-cell statistics, exact).
 """
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -32,13 +33,13 @@ CORRUPTION_NOTES = {
 }
 
 
-def _json_float(value) -> Optional[float]:
+def _json_float(value) -> float | None:
   value = float(value)
   return value if math.isfinite(value) else None
 
 
 def cell_statistics(log_probs: np.ndarray, labels: np.ndarray,
-                    num_bins: int = 15) -> Dict[str, np.ndarray]:
+                    num_bins: int = 15) -> dict[str, np.ndarray]:
   """Additive statistics of one (corruption, severity) cell.
 
   Args:
@@ -52,8 +53,9 @@ def cell_statistics(log_probs: np.ndarray, labels: np.ndarray,
     (`scores_from_statistics`).
   """
   n = len(labels)
-  acc, conf, count = (np.asarray(x) for x in
-                      metrics.calibration_bins(log_probs, labels, num_bins))
+  acc, conf, count = (
+      np.asarray(x)
+      for x in metrics.calibration_bins(log_probs, labels, num_bins))
   return {
       'n': np.float64(n),
       'top1': np.sum(metrics.top_k_correct(log_probs, labels, 1)),
@@ -66,18 +68,21 @@ def cell_statistics(log_probs: np.ndarray, labels: np.ndarray,
 
 
 def scores_from_statistics(
-    sums: Dict[str, np.ndarray]) -> Dict[str, Optional[float]]:
+    sums: dict[str, np.ndarray]) -> dict[str, float | None]:
   """{top1, top5, nll, ece} from (summed) `cell_statistics`:
   top-k = correct_k / n, NLL = summed NLL / n and
   ECE = sum_b |acc mass_b - conf mass_b| / n (= sum_b |B_b|/n |acc_b - conf_b|).
   """
   n = sums['n']
   return {
-      'top1': _json_float(sums['top1'] / n),
-      'top5': _json_float(sums['top5'] / n),
-      'nll': _json_float(sums['nll'] / n),
-      'ece': _json_float(np.sum(np.abs(sums['acc_mass'] - sums['conf_mass']))
-                         / n),
+      'top1':
+          _json_float(sums['top1'] / n),
+      'top5':
+          _json_float(sums['top5'] / n),
+      'nll':
+          _json_float(sums['nll'] / n),
+      'ece':
+          _json_float(np.sum(np.abs(sums['acc_mass'] - sums['conf_mass'])) / n),
   }
 
 
@@ -85,34 +90,31 @@ def _add(total, sums):
   return sums if total is None else {k: total[k] + sums[k] for k in total}
 
 
-def cell_scores(log_probs: np.ndarray, labels: np.ndarray,
-                num_bins: int = 15):
+def cell_scores(log_probs: np.ndarray, labels: np.ndarray, num_bins: int = 15):
   """(metrics of one cell, its additive statistics): the additive metrics
   from `cell_statistics` and every other `registry.cell_metrics()` metric
   from its function."""
   sums = cell_statistics(log_probs, labels, num_bins)
   scores = scores_from_statistics(sums)
-  others = tuple(m for m in registry.cell_metrics()
-                 if m.name not in CORRUPTION_METRICS)
+  others = tuple(
+      m for m in registry.cell_metrics() if m.name not in CORRUPTION_METRICS)
   scores.update(registry.compute(log_probs, labels, others))
   return scores, sums
 
 
-def _mean(cells: Sequence[Dict[str, Optional[float]]]
-          ) -> Dict[str, Optional[float]]:
+def _mean(cells: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
   """Unweighted mean over cells of each metric (None if any cell's is)."""
-  out: Dict[str, Optional[float]] = {}
+  out: dict[str, float | None] = {}
   for k in cells[0]:
     values = [c[k] for c in cells]
     known = [v for v in values if v is not None]
-    out[k] = (None if len(known) < len(values)
-              else _json_float(np.mean(known)))
+    out[k] = (None if len(known) < len(values) else _json_float(np.mean(known)))
   return out
 
 
 def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
-                         eval_batch_size: Optional[int] = None,
-                         num_bins: int = 15) -> Dict[str, Any]:
+                         eval_batch_size: int | None = None,
+                         num_bins: int = 15) -> dict[str, Any]:
   """Top-1, top-5, NLL (no temperature scaling), ECE and the other per-cell
   registered metrics on CIFAR-10/100-C.
 
@@ -145,8 +147,8 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
     logging.warning('%d of the %d CIFAR-C corruptions are missing from %s: %s',
                     len(missing), len(corruptions.CORRUPTIONS), folder,
                     ', '.join(missing))
-  per_corruption: Dict[str, Any] = {}
-  cells: List[Dict[str, Optional[float]]] = []
+  per_corruption: dict[str, Any] = {}
+  cells: list[dict[str, float | None]] = []
   total: Any = None
   for name in present:
     images = corruptions.open_corruption(folder, name, len(labels),
@@ -165,7 +167,9 @@ def evaluate_corruptions(runs: Sequence[Run], folder: str, mesh,
                  [round(table[str(s)]['top1'], 4) for s in range(1, 6)])
   per_severity = {
       str(s): _mean([per_corruption[c][str(s)] for c in present])
-      for s in range(1, len(slices) + 1)}
+      for s in range(1,
+                     len(slices) + 1)
+  }
   return {
       'folder': os.path.abspath(folder),
       'num_images_per_severity': len(labels) // corruptions.NUM_SEVERITIES,

@@ -9,7 +9,7 @@ count), the last one padded and its padding dropped, so every sample counts
 once and all batches share one compiled program.
 """
 import functools
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -52,14 +52,14 @@ def predict_member_logits(predict_fn: Callable, variables, images: np.ndarray,
   Returns:
     float32 [N, M, C] on the host (every process gets all of it).
   """
-  batch_size = min(batch_size, rounded_batch_size(max(len(images), 1),
-                                                  mesh.devices.size))
+  batch_size = min(batch_size,
+                   rounded_batch_size(max(len(images), 1), mesh.devices.size))
   labels = np.zeros(len(images), np.int32)
-  slicer = pipeline.process_slice(
-      batch_size, jax.process_index(), jax.process_count())
+  slicer = pipeline.process_slice(batch_size, jax.process_index(),
+                                  jax.process_count())
   outputs = []
-  for batch_images, _, mask in pipeline.eval_batches(
-      images, labels, batch_size):
+  for batch_images, _, mask in pipeline.eval_batches(images, labels,
+                                                     batch_size):
     batch = sharding.global_batch(batch_images[slicer], mesh)
     logits = predict_fn(variables, batch)
     if jax.process_count() > 1:
@@ -79,7 +79,7 @@ def _cached_predict_fn(model, mesh, mean, std):
 
 
 def predict_with_config(model, config, variables, images, mesh,
-                        batch_size: Optional[int] = None) -> np.ndarray:
+                        batch_size: int | None = None) -> np.ndarray:
   """`predict_member_logits` with the config's normalisation.
 
   Args:

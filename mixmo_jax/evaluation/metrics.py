@@ -31,8 +31,8 @@ from mixmo_jax.evaluation.calibration import (  # noqa: F401  Re-exported.
     cross_fitted_log_probs, fit_temperature, is_separable)
 from mixmo_jax.evaluation.primitives import (  # noqa: F401  Re-exported.
     ENSEMBLE_MODES, accuracy, bin_edges, brier, calibration_bins, clean_json,
-    ece, ensemble_log_probs, log_softmax, logsumexp, nll,
-    pairwise_error_counts, temperature_scale, top_k_accuracy, top_k_correct)
+    ece, ensemble_log_probs, log_softmax, logsumexp, nll, pairwise_error_counts,
+    temperature_scale, top_k_accuracy, top_k_correct)
 from mixmo_jax.evaluation.ranking import (  # noqa: F401  Re-exported.
     OOD_SCORES, TACE_BINS, TACE_MIXMO_THRESHOLD, TACE_UM_THRESHOLD,
     adaptive_bin_index, auroc, average_precision, confidence_auc,
@@ -90,12 +90,16 @@ def diversity(member_logits, labels):
     floats; all None when M = 1 (no pair; None keeps eval.json valid JSON).
   """
   num_examples = np.shape(member_logits)[0]
-  both, one, disagree = (np.asarray(x) for x in
-                         pairwise_error_counts(member_logits, labels))
+  both, one, disagree = (
+      np.asarray(x) for x in pairwise_error_counts(member_logits, labels))
   kl, cosine = pairwise_probability_diversity(member_logits)
   if both.size == 0:
-    return {'ratio_error': None, 'disagreement': None, 'average_kl': None,
-            'cosine_similarity': None}
+    return {
+        'ratio_error': None,
+        'disagreement': None,
+        'average_kl': None,
+        'cosine_similarity': None
+    }
   ratios = np.where(both > 0, one / np.maximum(both, 1), 2.0 * one)
   return {
       'ratio_error': float(np.mean(ratios)),
@@ -142,8 +146,10 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
   members = []
   for i in range(num_members):
     member_lp = log_softmax(member_logits[:, i])
-    members.append({'top1': accuracy(member_lp, labels, 1),
-                    'nll': float(nll(member_lp, labels))})
+    members.append({
+        'top1': accuracy(member_lp, labels, 1),
+        'nll': float(nll(member_lp, labels))
+    })
   result = {
       'num_examples': int(num_examples),
       'num_members': int(num_members),
@@ -152,9 +158,12 @@ def evaluation_metrics(member_logits, labels, *, ensemble='logits',
       'ensemble': ens,
       'members': members,
       'diversity': diversity(member_logits, labels),
-      'calibration': {'seed': cal['seed'], 'split_sizes': cal['split_sizes'],
-                      'temperatures': cal['temperatures'],
-                      'separable': cal['separable']},
+      'calibration': {
+          'seed': cal['seed'],
+          'split_sizes': cal['split_sizes'],
+          'temperatures': cal['temperatures'],
+          'separable': cal['separable']
+      },
   }
   return clean_json(result)
 
@@ -196,14 +205,11 @@ def flatten_metrics(tree, prefix='', sep='/'):
 # The built-in metrics of eval.json['ensemble'] (see `registry`).
 # ----------------------------------------------------------------------------
 
-registry.register_metric(
-    'top1', lambda lp, y: accuracy(lp, y, 1), title='top1',
-    higher_is_better=True, per_cell=True, percent=True)
-registry.register_metric(
-    'top5', lambda lp, y: accuracy(lp, y, 5), title='top5',
-    higher_is_better=True, per_cell=True, percent=True)
-registry.register_metric('nll', nll, title='nll', per_cell=True,
-                         decimals=3)
+registry.register_metric('top1', lambda lp, y: accuracy(lp, y, 1), title='top1',
+                         higher_is_better=True, per_cell=True, percent=True)
+registry.register_metric('top5', lambda lp, y: accuracy(lp, y, 5), title='top5',
+                         higher_is_better=True, per_cell=True, percent=True)
+registry.register_metric('nll', nll, title='nll', per_cell=True, decimals=3)
 registry.register_metric('ece', ece, title='ece', per_cell=True)
 registry.register_metric('brier', brier, title='brier')
 registry.register_metric('auc', confidence_auc, title='auc',

@@ -12,7 +12,8 @@ uncertainty. eval.json['ood'][name] = {auroc_msp, aupr_in_msp, aupr_out_msp,
 tnr_at_tpr95_msp, the same four for entropy, dempster_shafer_mean_logits
 and dempster_shafer_members (`metrics.ood_scores`), num_in, num_ood, split}.
 """
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,10 +50,9 @@ def load_ood_images(config, name: str) -> np.ndarray:
   return data.load_split(ood_config, OOD_SPLIT)[0]
 
 
-def evaluate_ood(runs: Sequence[Run], names: Sequence[str], mesh,
-                 test_logits: np.ndarray,
-                 eval_batch_size: Optional[int] = None
-                 ) -> Dict[str, Dict[str, Any]]:
+def evaluate_ood(
+    runs: Sequence[Run], names: Sequence[str], mesh, test_logits: np.ndarray,
+    eval_batch_size: int | None = None) -> dict[str, dict[str, Any]]:
   """{name: metrics.ood_metrics(test, OOD) + {'split'}} for each OOD set.
 
   Args:

@@ -12,7 +12,6 @@ h, w mask size.
 import contextlib
 import math
 import os
-from typing import List
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,7 +37,7 @@ def _new_figure(figsize):
 
 
 # Formats written beside each PNG (same name, other suffix); `extra_formats`.
-_EXTRA_FORMATS: List[str] = []
+_EXTRA_FORMATS: list[str] = []
 EXTRA_FORMATS_ALLOWED = ('pdf', 'svg')
 
 
@@ -118,8 +117,9 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   Returns:
     path.
   """
-  acc, conf, count = (np.asarray(x) for x in
-                      metrics.calibration_bins(log_probs, labels, num_bins))
+  acc, conf, count = (
+      np.asarray(x)
+      for x in metrics.calibration_bins(log_probs, labels, num_bins))
   ece = float(metrics.ece(log_probs, labels, num_bins))
   edges = metrics.bin_edges(num_bins)
   centers = 0.5 * (edges[:-1] + edges[1:])
@@ -131,18 +131,14 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
          color='tab:blue', label='accuracy of the bin')
   gap = conf - acc  # > 0: over-confident; < 0: under-confident.
   for sign, color, label in ((1, 'tab:red', 'over-confident (conf > acc)'),
-                             (-1, 'tab:green',
-                              'under-confident (conf < acc)')):
+                             (-1, 'tab:green', 'under-confident (conf < acc)')):
     sel = filled & (sign * gap > 0)
     if sel.any():
       ax.bar(centers[sel], gap[sel], bottom=acc[sel], width=width,
-             edgecolor=color, color=color, alpha=0.35, hatch='//',
-             label=label)
-  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1,
-          label='perfect calibration')
+             edgecolor=color, color=color, alpha=0.35, hatch='//', label=label)
+  ax.plot([0, 1], [0, 1], '--', color='gray', lw=1, label='perfect calibration')
   share = count / max(count.sum(), 1)
-  ax.plot(centers[filled], share[filled], 'k.', ms=4,
-          label='share of samples')
+  ax.plot(centers[filled], share[filled], 'k.', ms=4, label='share of samples')
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
   ax.set_xlabel('confidence')
@@ -168,20 +164,22 @@ def member_vs_ensemble(eval_result, path):
   ens = eval_result.get('ensemble', {})
   names = [f'member {i}' for i in range(len(members))] + ['ensemble']
   colors = ['tab:blue'] * len(members) + ['tab:orange']
-  top1 = [_percent(m.get('top1')) for m in members] + [
-      _percent(ens.get('top1'))]
-  nll_names = names + (['ensemble\n(TS)'] if ens.get('nll_c') is not None
-                       else [])
+  top1 = [_percent(m.get('top1')) for m in members
+         ] + [_percent(ens.get('top1'))]
+  nll_names = names + (['ensemble\n(TS)']
+                       if ens.get('nll_c') is not None else [])
   nll = [_num(m.get('nll')) for m in members] + [_num(ens.get('nll'))]
   if ens.get('nll_c') is not None:
     nll.append(_num(ens['nll_c']))
   fig = _new_figure(FIGSIZES['member_vs_ensemble'])
   for col, (label, values, xs, title) in enumerate([
       ('top-1 (%)', top1, names, 'Top-1 accuracy'),
-      ('NLL', nll, nll_names, 'Negative log-likelihood')]):
+      ('NLL', nll, nll_names, 'Negative log-likelihood')
+  ]):
     ax = fig.add_subplot(1, 2, col + 1)
-    bars = ax.bar(range(len(values)), values,
-                  color=(colors + ['tab:green'])[:len(values)])
+    bars = ax.bar(
+        range(len(values)), values,
+        color=(colors + ['tab:green'])[:len(values)])
     ax.bar_label(bars, fmt='%.3g', fontsize=7)
     ax.set_xticks(range(len(values)))
     many = len(values) > 4
@@ -214,8 +212,11 @@ def diversity_accuracy(results, path):
   ax = fig.add_subplot(1, 1, 1)
   for i, (name, res) in enumerate(results.items()):
     d_re = res.get('diversity', {}).get('ratio_error')
-    member_top1 = [m.get('top1') for m in res.get('members', [])
-                   if m.get('top1') is not None]
+    member_top1 = [
+        m.get('top1')
+        for m in res.get('members', [])
+        if m.get('top1') is not None
+    ]
     if d_re is None or not member_top1:
       continue
     color = f'C{i % 10}'
@@ -224,8 +225,9 @@ def diversity_accuracy(results, path):
     ax.plot([d_re], [y], 'o', color=color)
     ax.plot([d_re], [y_ens], '^', color=color)
     ax.plot([d_re, d_re], [y, y_ens], ':', color=color, lw=1)
-    ax.annotate(str(name), (d_re, y), textcoords='offset points',
-                xytext=(4, -10), fontsize=8, color=color)
+    ax.annotate(
+        str(name), (d_re, y), textcoords='offset points', xytext=(4, -10),
+        fontsize=8, color=color)
   ax.plot([], [], 'ko', label='mean member top-1')
   ax.plot([], [], 'k^', label='ensemble top-1')
   ax.legend(fontsize=8, loc='best')
@@ -286,8 +288,8 @@ def training_curves(run_workdir, path):
   records = flat_history(wd.read_history(run_workdir))
   num_members = 0
   for _, flat in records:
-    while f'members/{num_members}/top1' in flat or (
-        f'members/{num_members}/nll' in flat):
+    while f'members/{num_members}/top1' in flat or (f'members/{num_members}/nll'
+                                                    in flat):
       num_members += 1
   fig = _new_figure(FIGSIZES['training_curves'])
   panels = [('top1', 100.0, 'top-1 (%)'), ('nll', 1.0, 'NLL')]
@@ -311,8 +313,8 @@ def training_curves(run_workdir, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='best')
   _train_panel(fig.add_subplot(1, 3, 3), run_workdir)
-  fig.suptitle(os.path.basename(os.path.normpath(os.fspath(run_workdir))),
-               fontsize=9)
+  fig.suptitle(
+      os.path.basename(os.path.normpath(os.fspath(run_workdir))), fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -320,8 +322,7 @@ def training_curves(run_workdir, path):
 def _train_panel(ax, run_workdir):
   """Train cross-entropy (left axis) and learning rate (right) vs epoch."""
   history = wd.read_history(run_workdir)
-  spe = next((r['step'] / r['epoch'] for r in history if r.get('epoch')),
-             None)
+  spe = next((r['step'] / r['epoch'] for r in history if r.get('epoch')), None)
   tags = ('train/cross_entropy', 'train/learning_rate')
   scalars = train_scalars(run_workdir, tags)
   scale = (1.0 / spe) if spe else 1.0
@@ -332,16 +333,18 @@ def _train_panel(ax, run_workdir):
             va='center', transform=ax.transAxes)
     return
   steps, values = scalars[tags[0]]
-  ax.plot(np.asarray(steps) * scale, values, '-', color='tab:blue',
-          label='train loss (cross-entropy)')
+  ax.plot(
+      np.asarray(steps) * scale, values, '-', color='tab:blue',
+      label='train loss (cross-entropy)')
   ax.set_ylabel('train loss')
   ax.grid(alpha=0.3)
   lines = ax.get_legend_handles_labels()
   if tags[1] in scalars:
     twin = ax.twinx()
     steps, values = scalars[tags[1]]
-    twin.plot(np.asarray(steps) * scale, values, '-', color='tab:orange',
-              label='learning rate')
+    twin.plot(
+        np.asarray(steps) * scale, values, '-', color='tab:orange',
+        label='learning rate')
     twin.set_ylabel('learning rate')
     more = twin.get_legend_handles_labels()
     lines = (lines[0] + more[0], lines[1] + more[1])
@@ -421,8 +424,8 @@ def mask_gallery(member_images, weights, path):
       ax.set_yticks([])
       if k == 0:
         ax.set_title(name, fontsize=8)
-  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92,
-                      wspace=0.05, hspace=0.05)
+  fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.05,
+                      hspace=0.05)
   return _save(fig, path)
 
 
@@ -446,17 +449,15 @@ def write_evaluation_plots(eval_result, log_probs, labels, out_dir,
   storage.makedirs(out_dir)
   run = run_title(eval_result)
   cal = eval_result.get('calibration', {})
-  scaled = metrics.cross_fitted_log_probs(log_probs, labels,
-                                          cal.get('seed', 0),
+  scaled = metrics.cross_fitted_log_probs(log_probs, labels, cal.get('seed', 0),
                                           cal.get('temperatures'))
   return [
       reliability_diagram(log_probs, labels,
                           os.path.join(out_dir, 'reliability.png'), num_bins,
                           title=f'{run} ensemble' if run else 'ensemble'),
-      reliability_diagram(scaled, labels,
-                          os.path.join(out_dir, 'reliability_ts.png'),
-                          num_bins, title=(f'{run} ensemble, TS' if run
-                                           else 'ensemble, TS')),
+      reliability_diagram(
+          scaled, labels, os.path.join(out_dir, 'reliability_ts.png'), num_bins,
+          title=(f'{run} ensemble, TS' if run else 'ensemble, TS')),
       member_vs_ensemble(eval_result,
                          os.path.join(out_dir, 'member_vs_ensemble.png')),
   ]

@@ -172,7 +172,7 @@ def brier(log_probs, labels):
   """
   xp, lp = _normalise(log_probs)
   onehot = _one_hot(xp, _ints(xp, labels), lp.shape[-1], lp.dtype)
-  return xp.mean(xp.sum((xp.exp(lp) - onehot) ** 2, axis=-1))
+  return xp.mean(xp.sum((xp.exp(lp) - onehot)**2, axis=-1))
 
 
 def bin_edges(num_bins=15):

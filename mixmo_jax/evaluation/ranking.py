@@ -13,7 +13,6 @@ from mixmo_jax.evaluation.primitives import (clean_json, ensemble_log_probs,
                                              log_softmax, logsumexp,
                                              top_k_correct)
 
-
 TACE_BINS = 15  # Adaptive bins per class (both definitions; as for ECE).
 # Only probabilities p_nc above the threshold are binned: uncertainty-metrics
 # (Nixon et al. 2019) use 0.01, the official MixMo code 1e-3.
@@ -138,8 +137,8 @@ def confidence_auc(log_probs, labels):
   Args:
     log_probs: [N, C]; labels: [N] int.
   """
-  correct = np.asarray(top_k_correct(np.asarray(log_probs, np.float64),
-                                     labels, 1))
+  correct = np.asarray(
+      top_k_correct(np.asarray(log_probs, np.float64), labels, 1))
   return auroc(max_probability(log_probs), correct)
 
 
@@ -167,8 +166,7 @@ def _class_probabilities(log_probs, labels):
   return np.exp(lp), np.asarray(labels, np.int64)
 
 
-def tace_um(log_probs, labels, num_bins=TACE_BINS,
-            threshold=TACE_UM_THRESHOLD):
+def tace_um(log_probs, labels, num_bins=TACE_BINS, threshold=TACE_UM_THRESHOLD):
   """Thresholded adaptive calibration error of uncertainty-metrics.
 
   For every class c separately, over the samples with p_nc > threshold
@@ -235,8 +233,9 @@ def tace_mixmo(log_probs, labels, num_bins=TACE_BINS,
     hit = (labels[keep][order] == c).astype(np.float64)
     size = p.size // num_bins
     position = np.arange(p.size)
-    bins = (np.minimum(position // size, num_bins - 1) if size
-            else np.full(p.size, num_bins - 1))
+    bins = (
+        np.minimum(position // size, num_bins -
+                   1) if size else np.full(p.size, num_bins - 1))
     gap = np.bincount(bins, weights=hit - p, minlength=num_bins)
     total += np.sum(np.abs(gap))
   return total / (num_examples * num_classes)
@@ -293,9 +292,12 @@ def ood_scores(member_logits, ensemble='logits'):
   lp = ensemble_log_probs(z, ensemble)
   per_member = np.stack([dempster_shafer(z[:, i]) for i in range(z.shape[1])],
                         axis=1)  # Shape: [N, M].
-  return {'msp': -max_probability(lp), 'entropy': entropy(lp),
-          'dempster_shafer_mean_logits': dempster_shafer(z.mean(axis=1)),
-          'dempster_shafer_members': per_member.mean(axis=1)}
+  return {
+      'msp': -max_probability(lp),
+      'entropy': entropy(lp),
+      'dempster_shafer_mean_logits': dempster_shafer(z.mean(axis=1)),
+      'dempster_shafer_members': per_member.mean(axis=1)
+  }
 
 
 def ood_metrics(in_member_logits, ood_member_logits, ensemble='logits'):
@@ -315,8 +317,9 @@ def ood_metrics(in_member_logits, ood_member_logits, ensemble='logits'):
      ..., tnr_at_tpr95_dempster_shafer_members, num_in, num_ood}; JSON-safe
     (NaN -> None).
   """
-  parts = [ood_scores(x, ensemble) for x in (in_member_logits,
-                                             ood_member_logits)]
+  parts = [
+      ood_scores(x, ensemble) for x in (in_member_logits, ood_member_logits)
+  ]
   num_in, num_ood = (len(p['msp']) for p in parts)
   is_ood = np.r_[np.zeros(num_in, bool), np.ones(num_ood, bool)]
   result = {'num_in': num_in, 'num_ood': num_ood}

@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class MetricSpec:
   higher_is_better: bool = False
   per_cell: bool = False
   percent: bool = False
-  decimals: Optional[int] = None
+  decimals: int | None = None
 
   def summary_decimals(self) -> int:
     if self.decimals is not None:
@@ -80,13 +80,13 @@ class MetricSpec:
     return max(digits - 2, 0) if self.percent else digits
 
 
-_REGISTRY: Dict[str, MetricSpec] = collections.OrderedDict()
+_REGISTRY: dict[str, MetricSpec] = collections.OrderedDict()
 
 
-def register_metric(name: str, fn: MetricFn, *, title: Optional[str] = None,
+def register_metric(name: str, fn: MetricFn, *, title: str | None = None,
                     fmt: str = '.4f', higher_is_better: bool = False,
                     per_cell: bool = False, percent: bool = False,
-                    decimals: Optional[int] = None,
+                    decimals: int | None = None,
                     overwrite: bool = False) -> MetricSpec:
   """Registers metric `name` (see `MetricSpec`); returns its spec.
 
@@ -117,7 +117,7 @@ def register_metric(name: str, fn: MetricFn, *, title: Optional[str] = None,
   return spec
 
 
-def metric_specs() -> Tuple[MetricSpec, ...]:
+def metric_specs() -> tuple[MetricSpec, ...]:
   """Every registered metric, in registration order (built-ins first)."""
   return tuple(_REGISTRY.values())
 
@@ -131,14 +131,14 @@ def get_metric(name: str) -> MetricSpec:
                      f'{", ".join(_REGISTRY)}') from None
 
 
-def cell_metrics() -> Tuple[MetricSpec, ...]:
+def cell_metrics() -> tuple[MetricSpec, ...]:
   """The metrics CIFAR-C computes per (corruption, severity) cell."""
   return tuple(s for s in metric_specs() if s.per_cell)
 
 
-def compute(log_probs: np.ndarray, labels: np.ndarray,
-            specs: Optional[Tuple[MetricSpec, ...]] = None
-            ) -> Dict[str, Optional[float]]:
+def compute(
+    log_probs: np.ndarray, labels: np.ndarray,
+    specs: tuple[MetricSpec, ...] | None = None) -> dict[str, float | None]:
   """{name: fn(log_probs, labels)} over `specs` (default: all registered);
   NaN / inf values become None (strict JSON)."""
   log_probs = np.asarray(log_probs, np.float64)
@@ -150,7 +150,7 @@ def compute(log_probs: np.ndarray, labels: np.ndarray,
   return out
 
 
-def summary_metrics() -> Dict[str, MetricSpec]:
+def summary_metrics() -> dict[str, MetricSpec]:
   """name -> spec of every registered metric, for `experiments.summarize`:
   its column title (`title`), whether it is shown x 100 (`percent`), its
   decimals (`summary_decimals()`) and `higher_is_better`."""

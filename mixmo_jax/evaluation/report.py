@@ -6,7 +6,8 @@ identity and, for a single run, `best_on_test`: the paper's best-epoch
 protocol read from eval_history.jsonl); `format_table` prints it.
 """
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,8 +21,7 @@ BEST_EPOCH_NOTE = ('paper protocol (Appendix 6.5): epoch of best test top-1, '
 BEST_FIELDS = ('top1', 'nll', 'nll_c', 'ece', 'ece_c')
 
 
-def best_on_test(history: Sequence[Dict[str, Any]]
-                 ) -> Optional[Dict[str, Any]]:
+def best_on_test(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
   """The paper's selection (Appendix 6.5) over eval_history.jsonl records.
 
   The authors evaluate the test set after every epoch and report the epoch
@@ -45,22 +45,27 @@ def best_on_test(history: Sequence[Dict[str, Any]]
       continue
     if math.isfinite(top1) and top1 >= best_top1:  # >=: latest on ties.
       best_top1 = top1
-      best = {'epoch': record.get('epoch'), 'step': record['step'],
-              **{k: ensemble.get(k) for k in BEST_FIELDS}}
+      best = {
+          'epoch': record.get('epoch'),
+          'step': record['step'],
+          **{
+              k: ensemble.get(k) for k in BEST_FIELDS
+          }
+      }
       best['top1'] = top1
   if best is not None:
     best['note'] = BEST_EPOCH_NOTE
   return best
 
 
-def best_epoch_on_test(workdir: str) -> Optional[Dict[str, Any]]:
+def best_epoch_on_test(workdir: str) -> dict[str, Any] | None:
   """Deprecated: `best_on_test(workdir.read_history(workdir))`."""
   return best_on_test(wd.read_history(workdir))
 
 
-def evaluate_test_set(runs: Sequence[Run], mesh,
-                      eval_batch_size: Optional[int] = None
-                      ) -> Tuple[Dict[str, Any], np.ndarray, np.ndarray]:
+def evaluate_test_set(
+    runs: Sequence[Run], mesh, eval_batch_size: int | None = None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Metrics of the runs' (ensembled) members on the whole test set.
 
   Returns:
@@ -74,8 +79,8 @@ def evaluate_test_set(runs: Sequence[Run], mesh,
       logits, labels, ensemble=config.evaluation.ensemble,
       calibration_seed=config.evaluation.calibration_seed)
   result['step'] = runs[0].step
-  result['num_params'] = sum(models.num_params(r.variables['params'])
-                             for r in runs)
+  result['num_params'] = sum(
+      models.num_params(r.variables['params']) for r in runs)
   result['workdirs'] = [storage.absolute(r.workdir) for r in runs]
   if len(runs) > 1:
     result['steps'] = [r.step for r in runs]
@@ -91,19 +96,20 @@ def _f(value, spec='7.4f'):
   return f'{"-":>7s}' if value is None else format(value, spec)
 
 
-def _columns(ens: Dict[str, Any]):
+def _columns(ens: dict[str, Any]):
   """(title, key, fmt, width) of every registered metric present in `ens`,
   and of a present key nobody registers (e.g. a metric registered when the
   file was written), in registration order."""
   specs = [s for s in registry.metric_specs() if s.name in ens]
   cols = [(s.title, s.name, s.fmt, max(7, len(s.title))) for s in specs]
   known = {s.name for s in specs} | set(registry.RESERVED)
-  cols += [(k[:10], k, '.4f', max(7, len(k[:10]))) for k in ens
+  cols += [(k[:10], k, '.4f', max(7, len(k[:10])))
+           for k in ens
            if k not in known and isinstance(ens[k], (int, float, type(None)))]
   return cols
 
 
-def _row(label: str, cols, values: Dict[str, Any]) -> str:
+def _row(label: str, cols, values: dict[str, Any]) -> str:
   cells = []
   for _, key, fmt, width in cols:
     if key in values:
@@ -113,7 +119,7 @@ def _row(label: str, cols, values: Dict[str, Any]) -> str:
   return f'{label:10s} ' + ' '.join(cells).rstrip()
 
 
-def format_table(result: Dict[str, Any]) -> str:
+def format_table(result: dict[str, Any]) -> str:
   """A readable summary of an eval.json dict: one column per registered
   metric (`registry`), the temperature-scaled row, the members, diversity,
   best epoch, CIFAR-C and OOD detection."""
@@ -123,9 +129,9 @@ def format_table(result: Dict[str, Any]) -> str:
   lines.append(f'{", ".join(runs)} (step {steps}): '
                f'{result["num_members"]} members, {result["num_examples"]} '
                f'test images, ensemble = mean of member '
-               f'{result["ensemble_mode"]}'
-               + (f', {result["num_params"]:,} parameters'
-                  if result.get('num_params') else ''))
+               f'{result["ensemble_mode"]}' +
+               (f', {result["num_params"]:,} parameters' if result
+                .get('num_params') else ''))
   cols = _columns(ens)
   lines.append(f'{"":10s} ' + ' '.join(f'{t:>{w}s}' for t, _, _, w in cols))
   lines.append(_row('ensemble', cols, ens))
@@ -134,10 +140,11 @@ def format_table(result: Dict[str, Any]) -> str:
                f'{_f(ens["temperature"], ".4g")}')
   cal = result.get('calibration') or {}
   if cal.get('temperatures'):
-    halves = [f'{name} {_f(t, ".4g").strip()}'
-              + (' (no error: not fitted)' if sep else '')
-              for name, t, sep in zip('AB', cal['temperatures'],
-                                      cal.get('separable', [False] * 2))]
+    halves = [
+        f'{name} {_f(t, ".4g").strip()}' +
+        (' (no error: not fitted)' if sep else '') for name, t, sep in zip(
+            'AB', cal['temperatures'], cal.get('separable', [False] * 2))
+    ]
     lines.append(f'{"":10s} temperatures of the cross-fitted halves: '
                  f'{", ".join(halves)}')
   for i, member in enumerate(result['members']):
@@ -165,7 +172,8 @@ def format_table(result: Dict[str, Any]) -> str:
                  f'{corr["num_images_per_severity"]} images per severity, '
                  'nll without temperature scaling):')
     for name, row in [('mean', corr['mean']), ('pooled', corr['pooled'])] + [
-        (f'severity {s}', v) for s, v in corr['per_severity'].items()]:
+        (f'severity {s}', v) for s, v in corr['per_severity'].items()
+    ]:
       cells = ' '.join(f'{t} {_f(row[k])}' for t, k, _, _ in _columns(row))
       lines.append(f'  {name:12s} {cells}')
     if corr['missing_corruptions']:

@@ -8,7 +8,8 @@ average all N x M predictions.
 """
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import jax
@@ -37,8 +38,9 @@ def check_finite(logits: np.ndarray, where: str) -> None:
   logit is NaN or inf."""
   logits = np.asarray(logits)
   if not np.isfinite(logits).all():
-    bad = int(np.sum(~np.isfinite(logits).all(axis=tuple(
-        range(1, logits.ndim))))) if logits.ndim > 1 else 1
+    bad = int(
+        np.sum(~np.isfinite(logits).all(
+            axis=tuple(range(1, logits.ndim))))) if logits.ndim > 1 else 1
     raise NonFiniteOutputError(
         f'the checkpoint {where} predicts NaN or inf logits for {bad} of '
         f'{len(logits)} images: its parameters diverged; it cannot be '
@@ -75,7 +77,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not wd.checkpoint_steps(workdir):
     raise EvaluationError(f'no checkpoint in {ckpt_dir}')
   config_json = wd.path(workdir, wd.CONFIG)
-  on_disk: Union[Dict[str, Any], None, OSError, ValueError]
+  on_disk: dict[str, Any] | None | OSError | ValueError
   try:
     on_disk = wd.read_config_dict(workdir)
   except (OSError, ValueError) as e:
@@ -97,9 +99,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                             'file the run wrote')
     return config
   if on_disk is None or isinstance(on_disk, Exception):
-    logging.warning('%s is %s: using the config stored with the checkpoints '
-                    'and writing it back.', config_json,
-                    'missing' if on_disk is None else 'not valid JSON')
+    logging.warning(
+        '%s is %s: using the config stored with the checkpoints '
+        'and writing it back.', config_json,
+        'missing' if on_disk is None else 'not valid JSON')
     try:
       wd.write_config(workdir, ml_collections.ConfigDict(stored))
     except wd.WorkdirError as e:
@@ -107,9 +110,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   else:
     changes = config_validation.config_changes(stored, on_disk)
     if changes:
-      logging.warning('%s differs from the config stored with the '
-                      'checkpoints (%s); using the stored one.', config_json,
-                      '; '.join(changes))
+      logging.warning(
+          '%s differs from the config stored with the '
+          'checkpoints (%s); using the stored one.', config_json,
+          '; '.join(changes))
   return ml_collections.ConfigDict(stored)
 
 
@@ -131,12 +135,12 @@ def check_compatible(configs: Sequence[Any], workdirs: Sequence[str]) -> None:
             'needs the same test set and classes')
 
 
-def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
+def read_configs(workdirs: Sequence[str]) -> list[ml_collections.ConfigDict]:
   """Every workdir's config.json, checked (see `read_config`) and compatible
   (see `check_compatible`); nothing is restored yet."""
   if not workdirs:
     raise EvaluationError('no workdir given')
-  seen: Dict[str, str] = {}
+  seen: dict[str, str] = {}
   for workdir in workdirs:
     real = storage.absolute(workdir) if storage.is_url(workdir) else (
         os.path.realpath(workdir))
@@ -151,7 +155,7 @@ def read_configs(workdirs: Sequence[str]) -> List[ml_collections.ConfigDict]:
 
 
 def load_runs(workdirs: Sequence[str],
-              step: checkpointing.Step = None) -> List[Run]:
+              step: checkpointing.Step = None) -> list[Run]:
   """Checks every workdir first (`read_configs`), then restores each run.
 
   Args:
@@ -186,14 +190,17 @@ def restore_run(workdir: str, config=None,
   model = models.get_model(config)
   size = config.image_size
   shapes = jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32),
-      train=False))
+      jax.random.PRNGKey(0), np.zeros(
+          (1, size, size, 3), np.float32), train=False))
   replicated = sharding.replicated(sharding.local_mesh())
-  abstract = {k: jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      shapes[k]) for k in ('params', 'batch_stats')}
-  variables, restored = checkpointing.restore_variables(workdir, abstract,
-                                                        step)
+  abstract = {
+      k:
+          jax.tree.map(
+              lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                             sharding=replicated), shapes[k])
+      for k in ('params', 'batch_stats')
+  }
+  variables, restored = checkpointing.restore_variables(workdir, abstract, step)
   return Run(workdir, config, variables, int(restored))
 
 
@@ -201,7 +208,7 @@ def restore_run(workdir: str, config=None,
 
 
 def predict_members(runs: Sequence[Run], images: np.ndarray, mesh,
-                    eval_batch_size: Optional[int] = None) -> np.ndarray:
+                    eval_batch_size: int | None = None) -> np.ndarray:
   """Member logits of every run on `images`, concatenated over members.
 
   Args:

@@ -23,6 +23,10 @@ from mixmo_jax.mixmo.registry import (UnknownMixingError, get_mixing,
                                       register_mixing, sample_mixing_weights)
 
 __all__ = [
-    'UnknownMixingError', 'get_mixing', 'mixing_names', 'register_alias',
-    'register_mixing', 'sample_mixing_weights',
+    'UnknownMixingError',
+    'get_mixing',
+    'mixing_names',
+    'register_alias',
+    'register_mixing',
+    'sample_mixing_weights',
 ]

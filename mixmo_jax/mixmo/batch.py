@@ -25,7 +25,7 @@ size, h, w the mixing map (stem output), G groups of R = B / G rows.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,6 @@ PixelAugment = Callable[[Array, Array, Array, int], Array]
 # partner pasted on it) or 'per_input' (an independent draw per member
 # input and per partner).
 PIXEL_AUGMENT_DRAWS = ('per_sample', 'per_input')
-
 
 # ----------------------------------------------------------------------------
 # Repetition, permutations, partners.
@@ -115,10 +114,9 @@ def member_indices(key: Array, batch_size: int, num_members: int,
       raise ValueError(f'batch {batch_size} does not split into {groups} '
                        'groups.')
     rows = batch_size // groups
-    per_group = jax.vmap(lambda k: member_indices(k, rows, num_members,
-                                                  input_repetition))(
-                                                      jax.random.split(key,
-                                                                       groups))
+    per_group = jax.vmap(
+        lambda k: member_indices(k, rows, num_members, input_repetition))(
+            jax.random.split(key, groups))
     offsets = (jnp.arange(groups, dtype=jnp.int32) * rows)[:, None, None]
     return (per_group + offsets).reshape(batch_size, num_members)
   rho = float(input_repetition)
@@ -140,8 +138,8 @@ def member_indices(key: Array, batch_size: int, num_members: int,
   return perms.T.astype(jnp.int32)  # Shape: [B, M].
 
 
-def partner_positions(key: Array, idx: Array, num_unique: int,
-                      batch: int, groups: int = 1) -> Array:
+def partner_positions(key: Array, idx: Array, num_unique: int, batch: int,
+                      groups: int = 1) -> Array:
   """Positions in the repeated batch of another sample for each member input.
 
   Within the group of R = B / G rows of the input (n = N / G samples),
@@ -168,7 +166,7 @@ def partner_positions(key: Array, idx: Array, num_unique: int,
 
 
 def take_rows(x: Array, idx: Array, groups: int = 1,
-              cols: Optional[Array] = None) -> Array:
+              cols: Array | None = None) -> Array:
   """x[idx] (or x[idx, cols]) where each row's indices lie in its group.
 
   The same values as the plain gather, taken group by group: x's G groups
@@ -207,14 +205,13 @@ def take_rows(x: Array, idx: Array, groups: int = 1,
 def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                  num_members: int, repetitions: int, num_classes: int,
                  input_repetition: float = 0.0, groups: int = 1,
-                 augment: Optional[Callable[[Array, Array], Array]] = None,
-                 augment_per_copy: bool = True,
-                 pixel_augment: Optional[PixelAugment] = None,
-                 pixel_augment_draws: str = 'per_sample',
+                 augment: Callable[[Array, Array], Array] | None = None,
+                 augment_per_copy: bool = True, pixel_augment: PixelAugment
+                 | None = None, pixel_augment_draws: str = 'per_sample',
                  pixel_mix: str = 'none', pixel_mix_rule: str = 'per_sample',
-                 pixel_mix_prob=0.5, cutmix_alpha=1.0,
-                 mixup_alpha=1.0, partner_images: Optional[Array] = None,
-                 partner_labels: Optional[Array] = None) -> Tuple[Array, Array]:
+                 pixel_mix_prob=0.5, cutmix_alpha=1.0, mixup_alpha=1.0,
+                 partner_images: Array | None = None,
+                 partner_labels: Array | None = None) -> tuple[Array, Array]:
   """The M member inputs and targets of a step (Algorithm 1 step 1).
 
   1. Batch repetition: the N unique samples become B = N * b rows in G
@@ -298,18 +295,20 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
                        groups)  # Shape: [B, M].
   k_member_aug, k_partner_aug = jax.random.split(
       jax.random.fold_in(key, PIXEL_AUGMENT_KEY))
-  sample_of_row = repeat_batch(jnp.arange(num_unique, dtype=jnp.int32),
-                               repetitions, groups)  # Shape: [B].
+  sample_of_row = repeat_batch(
+      jnp.arange(num_unique, dtype=jnp.int32), repetitions,
+      groups)  # Shape: [B].
 
   def draws_of(member_idx):
     """Draw ids [B, M'] of the member inputs idx [B, M'] and their number."""
     cols = jnp.arange(member_idx.shape[1], dtype=jnp.int32)[None, :]
     if pixel_augment_draws == 'per_sample':
-      return (take_rows(sample_of_row, member_idx, groups)
-              * member_idx.shape[1] + cols,
-              num_unique * member_idx.shape[1])
-    return (jnp.arange(member_idx.size, dtype=jnp.int32).reshape(
-        member_idx.shape), member_idx.size)
+      return (
+          take_rows(sample_of_row, member_idx, groups) * member_idx.shape[1] +
+          cols, num_unique * member_idx.shape[1])
+    return (jnp.arange(member_idx.size,
+                       dtype=jnp.int32).reshape(member_idx.shape),
+            member_idx.size)
 
   def augment_pixels(k, v, member_idx):
     if pixel_augment is None:
@@ -321,8 +320,9 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   targets = take_rows(y, idx, groups)  # Shape: [B, M].
   # The partners' draws: those of their input's sample ('per_sample'),
   # else their own key.
-  k_partner_draw = (k_member_aug if pixel_augment_draws == 'per_sample'
-                    else k_partner_aug)
+  k_partner_draw = (
+      k_member_aug if pixel_augment_draws == 'per_sample' else k_partner_aug)
+
   def partners_of(member_idx):
     """(augmented x_k float, y_k) for member inputs idx [B, M']."""
     if partner_images is None:
@@ -338,24 +338,27 @@ def member_batch(key: Array, images: Array, labels: Array, weights: Array, *,
   if pixel_mix != 'none' and num_members > 1:
     partners, partner_y = partners_of(idx)
     if pixel_mix == 'cutmix':
-      xs, targets = pixel_mixing.cutmix_for_mixmo(
-          k_pix, xs, targets, partners, partner_y, weights,
-          num_classes, prob=pixel_mix_prob, alpha=cutmix_alpha)
+      xs, targets = pixel_mixing.cutmix_for_mixmo(k_pix, xs, targets, partners,
+                                                  partner_y, weights,
+                                                  num_classes,
+                                                  prob=pixel_mix_prob,
+                                                  alpha=cutmix_alpha)
     else:
-      xs, targets = pixel_mixing.mixup_for_mixmo(
-          k_pix, xs, targets, partners, partner_y, num_classes,
-          prob=pixel_mix_prob, alpha=mixup_alpha)
+      xs, targets = pixel_mixing.mixup_for_mixmo(k_pix, xs, targets, partners,
+                                                 partner_y, num_classes,
+                                                 prob=pixel_mix_prob,
+                                                 alpha=mixup_alpha)
   elif pixel_mix in ('cutmix', 'mixup'):
     onehot = jax.nn.one_hot(targets[:, 0], num_classes)
-    fn, alpha = ((pixel_mixing.cutmix, cutmix_alpha) if pixel_mix == 'cutmix'
-                 else (pixel_mixing.mixup, mixup_alpha))
+    fn, alpha = ((pixel_mixing.cutmix,
+                  cutmix_alpha) if pixel_mix == 'cutmix' else
+                 (pixel_mixing.mixup, mixup_alpha))
     if pixel_mix_rule == 'batch':
       x0, soft = fn(k_pix, xs[:, 0], onehot, alpha)
     else:
       partners, partner_y = partners_of(idx[:, :1])
       x0, soft = fn(k_pix, xs[:, 0], onehot, alpha, prob=pixel_mix_prob,
                     per_sample=True, partner_images=partners[:, 0],
-                    partner_onehot=jax.nn.one_hot(partner_y[:, 0],
-                                                  num_classes))
+                    partner_onehot=jax.nn.one_hot(partner_y[:, 0], num_classes))
     xs, targets = x0[:, None], soft[:, None]
   return xs, targets

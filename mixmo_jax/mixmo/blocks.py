@@ -39,7 +39,7 @@ alpha and p may be traced.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,7 @@ Array = jax.Array
 MaskFn = Callable[[Array, Array, int, int], Array]
 
 
-def sample_kappa(key: Array, batch_size: int, num_members: int,
-                 alpha) -> Array:
+def sample_kappa(key: Array, batch_size: int, num_members: int, alpha) -> Array:
   """Mixing ratios kappa[b] ~ Dir_M(alpha) (Beta(alpha, alpha) for M = 2).
 
   Paper Appendix 6.3.  Returns float32 [B, M], rows summing to 1
@@ -137,8 +136,8 @@ def mask_block(make_mask: MaskFn):
       return linear, kappa
     member = jax.random.randint(key_member, (), 0, num_members)
     area = jnp.take(kappa, member, axis=1)  # Shape: [B].
-    patched = mask_weights(make_mask(key_mask, area, height, width), kappa,
-                           member)
+    patched = mask_weights(
+        make_mask(key_mask, area, height, width), kappa, member)
     use_mask = jax.random.uniform(key_binary, ()) < jnp.asarray(p, jnp.float32)
     weights = jnp.where(use_mask, patched, linear)
     kappa = jnp.where(use_mask, jnp.mean(patched, axis=(2, 3)), kappa)
@@ -149,7 +148,7 @@ def mask_block(make_mask: MaskFn):
 
 @register_mixing('sum')
 def sum_mixing(key, batch_size, num_members, height, width, *, alpha,
-               p) -> Tuple[Array, Array]:
+               p) -> tuple[Array, Array]:
   """MIMO (Havasi et al.): l = M * sum_i (1/M) l_i = sum_i l_i.
 
   weights = kappa = 1/M; key, alpha and p are unused.
@@ -161,7 +160,7 @@ def sum_mixing(key, batch_size, num_members, height, width, *, alpha,
 
 @register_mixing('linear')
 def linear_mixing(key, batch_size, num_members, height, width, *, alpha,
-                  p) -> Tuple[Array, Array]:
+                  p) -> tuple[Array, Array]:
   """Linear-MixMo (eq. 6): l = M * sum_i kappa_i l_i, kappa ~ Dir_M(alpha).
 
   For M = 2, kappa_0 ~ Beta(alpha, alpha) and kappa_1 = 1 - kappa_0.
@@ -173,14 +172,14 @@ def linear_mixing(key, batch_size, num_members, height, width, *, alpha,
 
 
 cut_mixing = register_mixing('cut')(mask_block(masks.random_box_masks))
-top_bottom_concat_mixing = register_mixing('top_bottom_concat')(mask_block(
-    lambda k, a, h, w: masks.concat_masks(k, a, h, w, axis=0)))
-left_right_concat_mixing = register_mixing('left_right_concat')(mask_block(
-    lambda k, a, h, w: masks.concat_masks(k, a, h, w, axis=1)))
+top_bottom_concat_mixing = register_mixing('top_bottom_concat')(
+    mask_block(lambda k, a, h, w: masks.concat_masks(k, a, h, w, axis=0)))
+left_right_concat_mixing = register_mixing('left_right_concat')(
+    mask_block(lambda k, a, h, w: masks.concat_masks(k, a, h, w, axis=1)))
 patchup_mixing = register_mixing('patchup')(mask_block(masks.patchup_masks))
 fmix_mixing = register_mixing('fmix')(mask_block(masks.fmix_masks))
-cowmask_mixing = register_mixing('cowmask')(mask_block(
-    lambda k, a, h, w: masks.cow_masks(k, a.shape[0], h, w)))
+cowmask_mixing = register_mixing('cowmask')(
+    mask_block(lambda k, a, h, w: masks.cow_masks(k, a.shape[0], h, w)))
 
 # Names of this package before 0.2, which followed the paper's prose (a
 # "horizontal concatenation" puts the images side by side): they keep their

@@ -13,7 +13,8 @@ sum_i c_i(x) (Algorithm 1 line 38).
 Shape letters: B batch, M members, H, W image size, h, w stem output size,
 C0 stem channels, F feature size, C classes.
 """
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,10 +26,12 @@ Padding = str | Sequence[tuple[int, int]]
 # He-normal fan-in init of the stacked [M, ...] stems and heads (truncated
 # normal, std sqrt(2 / fan_in) after the truncation correction, as in the
 # reference); axis 0 indexes members and is excluded from the fan.
-stacked_he_normal = nn.initializers.variance_scaling(
-    2.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+stacked_he_normal = nn.initializers.variance_scaling(2.0, 'fan_in',
+                                                     'truncated_normal',
+                                                     in_axis=-2, out_axis=-1,
+                                                     batch_axis=(0,))
 
-STEM_INITS = ("mixmo", "mimo")
+STEM_INITS = ('mixmo', 'mimo')
 
 
 def stem_init(kind: str, num_members: int):
@@ -42,11 +45,11 @@ def stem_init(kind: str, num_members: int):
     times, so only the init differs: std divided by sqrt(M).
   """
   if kind not in STEM_INITS:
-    raise ValueError(f"model.stem must be one of {STEM_INITS}, got {kind!r}")
-  scale = 2.0 if kind == "mixmo" else 2.0 / num_members
-  return nn.initializers.variance_scaling(
-      scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-      batch_axis=(0,))
+    raise ValueError(f'model.stem must be one of {STEM_INITS}, got {kind!r}')
+  scale = 2.0 if kind == 'mixmo' else 2.0 / num_members
+  return nn.initializers.variance_scaling(scale, 'fan_in', 'truncated_normal',
+                                          in_axis=-2, out_axis=-1,
+                                          batch_axis=(0,))
 
 
 class Stems(nn.Module):
@@ -78,31 +81,32 @@ class Stems(nn.Module):
   num_members: int
   features: int
   strides: int = 1
-  padding: Padding = "SAME"
+  padding: Padding = 'SAME'
   dtype: Dtype = jnp.float32
-  init_rule: str = "mixmo"
+  init_rule: str = 'mixmo'
   conv_general_dilated: Callable[..., jax.Array] = jax.lax.conv_general_dilated
 
   def _conv(self, x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     return self.conv_general_dilated(
         x, kernel, window_strides=(self.strides, self.strides),
-        padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=groups)
 
   @nn.compact
-  def __call__(self, x: jax.Array, mix_weights: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               mix_weights: jax.Array | None = None) -> jax.Array:
     m, c0 = self.num_members, self.features
-    kernel = self.param("kernel", stem_init(self.init_rule, m), (m, 3, 3, 3, c0),
-                        jnp.float32)
+    kernel = self.param('kernel', stem_init(self.init_rule, m),
+                        (m, 3, 3, 3, c0), jnp.float32)
     if mix_weights is None:
       if x.ndim != 4:
-        raise ValueError(f"inference input must be [B,H,W,3], got {x.shape}")
+        raise ValueError(f'inference input must be [B,H,W,3], got {x.shape}')
       # sum_i c_i(x) as one conv with the summed kernel. Shape: [3,3,3,C0].
       summed = kernel.sum(axis=0).astype(self.dtype)
       return self._conv(x.astype(self.dtype), summed, groups=1)
     b = x.shape[0]
     if x.ndim != 5 or x.shape[1] != m:
-      raise ValueError(f"mixed input must be [B,M={m},H,W,3], got {x.shape}")
+      raise ValueError(f'mixed input must be [B,M={m},H,W,3], got {x.shape}')
     # Stack members along channels: [B,M,H,W,3] -> [B,H,W,M*3] (member-major).
     stacked = jnp.moveaxis(x, 1, 3).reshape(b, x.shape[2], x.shape[3], m * 3)
     # Block-diagonal kernel [3,3,M*3,M*C0]: member i's 3 input channels feed
@@ -110,15 +114,18 @@ class Stems(nn.Module):
     # CPU grouped-conv gradient is ~30x slower; the extra zeros cost M times
     # the (tiny) stem FLOPs.
     eye = jnp.eye(m, dtype=kernel.dtype)
-    block = jnp.einsum("mhwic,mn->hwminc", kernel, eye).reshape(3, 3, m * 3, m * c0)
-    feats = self._conv(stacked.astype(self.dtype), block.astype(self.dtype), groups=1)
+    block = jnp.einsum('mhwic,mn->hwminc', kernel,
+                       eye).reshape(3, 3, m * 3, m * c0)
+    feats = self._conv(
+        stacked.astype(self.dtype), block.astype(self.dtype), groups=1)
     h, w = feats.shape[1], feats.shape[2]
     if mix_weights.shape != (b, m, h, w):
       raise ValueError(
-          f"mix_weights must be [B,M,h,w]={(b, m, h, w)} (stem output size), "
-          f"got {mix_weights.shape}")
+          f'mix_weights must be [B,M,h,w]={(b, m, h, w)} (stem output size), '
+          f'got {mix_weights.shape}')
     feats = feats.reshape(b, h, w, m, c0)  # Shape: [B,h,w,M,C0].
-    mixed = jnp.einsum("bhwmc,bmhw->bhwc", feats, mix_weights.astype(self.dtype),
+    mixed = jnp.einsum('bhwmc,bmhw->bhwc', feats,
+                       mix_weights.astype(self.dtype),
                        preferred_element_type=jnp.float32)
     return (m * mixed).astype(self.dtype)
 
@@ -138,10 +145,9 @@ class Heads(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     f = features.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
+    kernel = self.param('kernel', self.kernel_init,
                         (self.num_members, f, self.num_classes), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros,
+    bias = self.param('bias', nn.initializers.zeros,
                       (self.num_members, self.num_classes), jnp.float32)
     features = features.astype(jnp.float32)
-    return jnp.einsum("bf,mfc->bmc", features, kernel) + bias
-
+    return jnp.einsum('bf,mfc->bmc', features, kernel) + bias

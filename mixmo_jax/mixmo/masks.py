@@ -36,7 +36,6 @@ FMIX_DECAY_POWER = 3.0
 COWMASK_SIGMA_RANGE = (4.0, 16.0)
 COWMASK_PROPORTION_RANGE = (0.2, 0.8)
 
-
 # ----------------------------------------------------------------------------
 # The box rule (CutMix, Yun et al. 2019), shared by Cut-MixMo and CutMix.
 # ----------------------------------------------------------------------------
@@ -181,14 +180,14 @@ def patchup_masks(key: Array, area: Array, height: int, width: int,
   if s < 1:
     raise ValueError(f'block_size must be >= 1, got {block_size}.')
   gamma = patchup_gamma(area, height, width, s)  # Shape: [B].
-  seeds = jax.random.bernoulli(
-      key, gamma[:, None, None], (gamma.shape[0], height, width))
+  seeds = jax.random.bernoulli(key, gamma[:, None, None],
+                               (gamma.shape[0], height, width))
   before, after = s // 2, s - 1 - s // 2
   # Output (y, x) is 1 if a seed lies in [y - after, y + before] (same in x):
   # the seed's square covers [seed - before, seed + after].
   return jax.lax.reduce_window(
-      seeds.astype(jnp.float32), 0.0, jax.lax.max,
-      window_dimensions=(1, s, s), window_strides=(1, 1, 1),
+      seeds.astype(jnp.float32), 0.0, jax.lax.max, window_dimensions=(1, s, s),
+      window_strides=(1, 1, 1),
       padding=((0, 0), (after, before), (after, before)))
 
 
@@ -238,8 +237,8 @@ def low_frequency_maps(key: Array, batch_size: int, height: int, width: int,
   """
   freq_y = jnp.fft.fftfreq(height)[:, None]  # Shape: [h, 1].
   freq_x = jnp.fft.rfftfreq(width)[None, :]  # Shape: [1, w // 2 + 1].
-  freq = jnp.sqrt(freq_y ** 2 + freq_x ** 2)
-  scale = 1.0 / jnp.maximum(freq, 1.0 / max(height, width)) ** decay_power
+  freq = jnp.sqrt(freq_y**2 + freq_x**2)
+  scale = 1.0 / jnp.maximum(freq, 1.0 / max(height, width))**decay_power
   shape = (batch_size,) + freq.shape
   key_re, key_im = jax.random.split(key)
   spectrum = scale * jax.lax.complex(
@@ -281,9 +280,9 @@ def _gaussian_matrices(sigma: Array, size: int, radius: int) -> Array:
   """
   pos = jnp.arange(size, dtype=jnp.float32)
   offset = pos[:, None] - pos[None, :]  # Shape: [size, size].
-  var = (sigma.astype(jnp.float32) ** 2)[:, None, None]  # Shape: [B, 1, 1].
-  kernel = jnp.exp(-offset[None] ** 2 / (2.0 * var)) / jnp.sqrt(
-      2.0 * jnp.pi * var)
+  var = (sigma.astype(jnp.float32)**2)[:, None, None]  # Shape: [B, 1, 1].
+  kernel = jnp.exp(-offset[None]**2 /
+                   (2.0 * var)) / jnp.sqrt(2.0 * jnp.pi * var)
   return jnp.where(jnp.abs(offset)[None] <= radius, kernel, 0.0)
 
 
@@ -308,8 +307,8 @@ def gaussian_smooth(images: Array, sigma: Array, max_sigma: float) -> Array:
   radius = int(math.ceil(3.0 * max_sigma))
   rows = _gaussian_matrices(sigma, height, radius)  # Shape: [B, h, h].
   cols = _gaussian_matrices(sigma, width, radius)  # Shape: [B, w, w].
-  return jnp.einsum('bij,bjk,blk->bil', rows, images.astype(jnp.float32),
-                    cols, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('bij,bjk,blk->bil', rows, images.astype(jnp.float32), cols,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def cow_masks(key: Array, batch_size: int, height: int, width: int,
@@ -332,12 +331,12 @@ def cow_masks(key: Array, batch_size: int, height: int, width: int,
   """
   key_q, key_sigma, key_noise = jax.random.split(key, 3)
   q_min, q_max = proportion_range
-  proportion = jax.random.uniform(
-      key_q, (batch_size,), minval=q_min, maxval=q_max)
+  proportion = jax.random.uniform(key_q, (batch_size,), minval=q_min,
+                                  maxval=q_max)
   s_min, s_max = sigma_range
-  sigma = jnp.exp(jax.random.uniform(
-      key_sigma, (batch_size,), minval=math.log(s_min),
-      maxval=math.log(s_max)))
+  sigma = jnp.exp(
+      jax.random.uniform(key_sigma, (batch_size,), minval=math.log(s_min),
+                         maxval=math.log(s_max)))
   noise = jax.random.normal(key_noise, (batch_size, height, width))
   smooth = gaussian_smooth(noise, sigma, max_sigma=s_max)
   return top_fraction_masks(-smooth, proportion)

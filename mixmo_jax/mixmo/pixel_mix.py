@@ -235,9 +235,11 @@ def cutmix_for_mixmo(key, member_images, member_labels, other_images,
   lam = jax.random.beta(key_lam, alpha, alpha, shape)
   keep = 1.0 - masks.random_box_masks(key_box, 1.0 - lam, height, width)
   visible = resize_nearest(mixmo_weights, height, width)
-  return apply_cutmix_for_mixmo(
-      member_images, jax.nn.one_hot(member_labels, num_classes), other_images,
-      jax.nn.one_hot(other_labels, num_classes), keep, visible, apply)
+  return apply_cutmix_for_mixmo(member_images,
+                                jax.nn.one_hot(member_labels,
+                                               num_classes), other_images,
+                                jax.nn.one_hot(other_labels, num_classes), keep,
+                                visible, apply)
 
 
 def mixup_for_mixmo(key, member_images, member_labels, other_images,

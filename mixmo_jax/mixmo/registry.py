@@ -33,16 +33,16 @@ Shapes: B batch, M members, h x w the mixing map (stem output).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-MixingFn = Callable[..., Tuple[Array, Array]]
+MixingFn = Callable[..., tuple[Array, Array]]
 
-_REGISTRY: Dict[str, MixingFn] = {}
-_ALIASES: Dict[str, str] = {}
+_REGISTRY: dict[str, MixingFn] = {}
+_ALIASES: dict[str, str] = {}
 
 
 class UnknownMixingError(KeyError, ValueError):
@@ -69,9 +69,8 @@ def register_mixing(name: str, *, overwrite: bool = False):
 
   def decorator(fn: MixingFn) -> MixingFn:
     if (name in _REGISTRY or name in _ALIASES) and not overwrite:
-      raise ValueError(
-          f'Mixing block {name!r} is already registered; pass '
-          'overwrite=True to replace it.')
+      raise ValueError(f'Mixing block {name!r} is already registered; pass '
+                       'overwrite=True to replace it.')
     _ALIASES.pop(name, None)
     _REGISTRY[name] = fn
     return fn
@@ -86,7 +85,7 @@ def register_alias(alias: str, name: str) -> None:
   _ALIASES[alias] = name
 
 
-def mixing_names() -> Tuple[str, ...]:
+def mixing_names() -> tuple[str, ...]:
   """Sorted names (aliases included) of all registered mixing blocks."""
   return tuple(sorted(set(_REGISTRY) | set(_ALIASES)))
 
@@ -108,7 +107,7 @@ def get_mixing(name: str) -> MixingFn:
 
 def sample_mixing_weights(key: Array, batch_size: int, num_members: int,
                           height: int, width: int, *, method: str, alpha,
-                          p) -> Tuple[Array, Array]:
+                          p) -> tuple[Array, Array]:
   """Samples mixing weights with the block registered as `method`.
 
   Args:
@@ -125,8 +124,8 @@ def sample_mixing_weights(key: Array, batch_size: int, num_members: int,
   Raises:
     ValueError: the block returned other shapes than the contract's.
   """
-  weights, kappa = get_mixing(method)(
-      key, batch_size, num_members, height, width, alpha=alpha, p=p)
+  weights, kappa = get_mixing(method)(key, batch_size, num_members, height,
+                                      width, alpha=alpha, p=p)
   expected_w = (batch_size, num_members, height, width)
   if tuple(weights.shape) != expected_w or tuple(kappa.shape) != expected_w[:2]:
     raise ValueError(

@@ -5,7 +5,8 @@ The MixMo-specific layers (the M stems with the mixing, the M heads) are in
 """
 import os
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -33,11 +34,10 @@ def batch_norm(train: bool, dtype: Dtype, name: str | None = None,
   per TPU core).
   """
   if groups > 1:
-    return GroupedBatchNorm(groups, use_running_average=not train,
-                            dtype=dtype, name=name)
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5,
-      dtype=dtype, param_dtype=jnp.float32, name=name)
+    return GroupedBatchNorm(groups, use_running_average=not train, dtype=dtype,
+                            name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class GroupedBatchNorm(nn.Module):
@@ -72,8 +72,8 @@ class GroupedBatchNorm(nn.Module):
     if b % self.groups:
       raise ValueError(f'GroupedBatchNorm: batch {b} is not divisible by '
                        f'{self.groups} groups')
-    xg = x.astype(jnp.float32).reshape((self.groups, b // self.groups)
-                                       + x.shape[1:])
+    xg = x.astype(jnp.float32).reshape((self.groups, b // self.groups) +
+                                       x.shape[1:])
     axes = tuple(range(1, xg.ndim - 1))
     mean = xg.mean(axes, keepdims=True)  # [G, 1, ..., F]
     var = jnp.maximum((xg * xg).mean(axes, keepdims=True) - mean * mean, 0.)
@@ -102,8 +102,9 @@ def onednn() -> ModuleType | None:
   except ImportError as e:  # The folder removed, or a jax name it needs.
     if not _WARNED:
       _WARNED.append(e)
-      logging.warning('%s=1 but mixmo_jax.contrib.onednn cannot be loaded '
-                      '(%s): XLA convs', ONEDNN_ENV, e)
+      logging.warning(
+          '%s=1 but mixmo_jax.contrib.onednn cannot be loaded '
+          '(%s): XLA convs', ONEDNN_ENV, e)
     return None
   return onednn_conv
 
@@ -128,8 +129,7 @@ def conv(features: int, kernel: int, strides: int, padding: Padding,
          dtype: Dtype, name: str | None = None) -> nn.Conv:
   """Bias-free square conv with He-normal fan-in init, float32 params,
   computed by `conv_general_dilated` above."""
-  return nn.Conv(
-      features, (kernel, kernel), strides=(strides, strides), padding=padding,
-      use_bias=False, kernel_init=he_normal(), dtype=dtype,
-      param_dtype=jnp.float32, name=name,
-      conv_general_dilated=conv_general_dilated)
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=padding, use_bias=False, kernel_init=he_normal(),
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=conv_general_dilated)

@@ -48,14 +48,17 @@ class PreActBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    pre = nn.relu(common.batch_norm(train, self.dtype, name="bn1")(x))
+    pre = nn.relu(common.batch_norm(train, self.dtype, name='bn1')(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = common.conv(self.features, 1, self.strides, "VALID", self.dtype,
-                             name="shortcut_conv")(pre)
-    out = common.conv(self.features, 3, self.strides, PAD1, self.dtype, name="conv1")(pre)
-    out = nn.relu(common.batch_norm(train, self.dtype, name="bn2")(out))
-    out = common.conv(self.features, 3, 1, PAD1, self.dtype, name="conv2")(out)
+      shortcut = common.conv(self.features, 1, self.strides, 'VALID',
+                             self.dtype, name='shortcut_conv')(
+                                 pre)
+    out = common.conv(self.features, 3, self.strides, PAD1, self.dtype,
+                      name='conv1')(
+                          pre)
+    out = nn.relu(common.batch_norm(train, self.dtype, name='bn2')(out))
+    out = common.conv(self.features, 3, 1, PAD1, self.dtype, name='conv2')(out)
     return out + shortcut
 
 
@@ -100,9 +103,9 @@ class PreActResNet18(nn.Module):
       final = _half(_half(_half(_half(size))))
       if not POOL <= final < 2 * POOL:
         raise ValueError(
-            f"preact_resnet18 needs image_size in [49, 112] (its last map, "
-            f"ceil(size/16) = {final}, must give 1x1 after the 4x4 pool); "
-            f"got {(height, width)}")
+            f'preact_resnet18 needs image_size in [49, 112] (its last map, '
+            f'ceil(size/16) = {final}, must give 1x1 after the 4x4 pool); '
+            f'got {(height, width)}')
 
   @nn.compact
   def __call__(self, x: jax.Array, mix_weights: jax.Array | None = None,
@@ -110,19 +113,21 @@ class PreActResNet18(nn.Module):
     self.check_image_size(x.shape[-3], x.shape[-2])
     k = self.base_width
     h = layers.Stems(self.num_members, k, strides=2, padding=PAD1,
-                     dtype=self.dtype, name="stems",
+                     dtype=self.dtype, name='stems',
                      conv_general_dilated=common.conv_general_dilated)(
                          x, mix_weights)
-    self.sow("intermediates", "stem", h)
-    for stage, (blocks, stride) in enumerate(zip(STAGE_BLOCKS, STAGE_STRIDES), start=1):
+    self.sow('intermediates', 'stem', h)
+    for stage, (blocks,
+                stride) in enumerate(zip(STAGE_BLOCKS, STAGE_STRIDES), start=1):
       for block in range(1, blocks + 1):
-        h = PreActBlock(k * 2 ** (stage - 1) * self.width,
+        h = PreActBlock(k * 2**(stage - 1) * self.width,
                         stride if block == 1 else 1, dtype=self.dtype,
-                        name=f"stage{stage}_block{block}")(h, train)
-      self.sow("intermediates", f"stage{stage}", h)
-    pooled = nn.avg_pool(h.astype(jnp.float32), (POOL, POOL), strides=(POOL, POOL))
+                        name=f'stage{stage}_block{block}')(h, train)
+      self.sow('intermediates', f'stage{stage}', h)
+    pooled = nn.avg_pool(
+        h.astype(jnp.float32), (POOL, POOL), strides=(POOL, POOL))
     features = pooled.reshape(pooled.shape[0], -1)  # Shape: [B,8kw] (1x1 map).
-    self.sow("intermediates", "features", features)
+    self.sow('intermediates', 'features', features)
     heads = layers.Heads(self.num_members, self.num_classes,
-                         kernel_init=nn.initializers.normal(0.01), name="heads")
+                         kernel_init=nn.initializers.normal(0.01), name='heads')
     return heads(features)

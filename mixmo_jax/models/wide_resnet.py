@@ -44,30 +44,35 @@ class WideBasicBlock(nn.Module):
   features: int
   strides: int
   dtype: Any = jnp.float32
-  stride_on: str = "second"
+  stride_on: str = 'second'
   bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(common.batch_norm, train, self.dtype,
                            groups=self.bn_groups)
-    out = nn.relu(bn(name="bn1")(x))
-    first = self.strides if self.stride_on == "first" else 1
-    second = self.strides if self.stride_on == "second" else 1
-    out = common.conv(self.features, 3, first, "SAME", self.dtype, name="conv1")(out)
-    out = nn.relu(bn(name="bn2")(out))
-    out = common.conv(self.features, 3, second, "SAME", self.dtype, name="conv2")(out)
+    out = nn.relu(bn(name='bn1')(x))
+    first = self.strides if self.stride_on == 'first' else 1
+    second = self.strides if self.stride_on == 'second' else 1
+    out = common.conv(self.features, 3, first, 'SAME', self.dtype,
+                      name='conv1')(
+                          out)
+    out = nn.relu(bn(name='bn2')(out))
+    out = common.conv(self.features, 3, second, 'SAME', self.dtype,
+                      name='conv2')(
+                          out)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
-      shortcut = common.conv(self.features, 1, self.strides, "VALID", self.dtype,
-                             name="shortcut_conv")(x)
+      shortcut = common.conv(self.features, 1, self.strides, 'VALID',
+                             self.dtype, name='shortcut_conv')(
+                                 x)
     return out + shortcut
 
 
 def depth_problem(depth: int) -> str | None:
   """Why `depth` is not a WRN depth (6n + 4, n >= 1), or None."""
   if depth < 10 or (depth - 4) % 6:
-    return "WRN depth must be 6n+4 (10, 16, 22, 28, ...)"
+    return 'WRN depth must be 6n+4 (10, 16, 22, 28, ...)'
   return None
 
 
@@ -103,24 +108,24 @@ class WideResNet(nn.Module):
   num_classes: int
   num_members: int
   dtype: Any = jnp.float32
-  stem: str = "mixmo"
-  stride_on: str = "second"
+  stem: str = 'mixmo'
+  stride_on: str = 'second'
   bn_groups: int = 1
 
-  STRIDE_ON = ("second", "first")
+  STRIDE_ON = ('second', 'first')
 
   def __post_init__(self):
     self.blocks_per_stage()  # Raises ValueError early for a bad depth.
     if self.stride_on not in self.STRIDE_ON:
-      raise ValueError(f"model.stride_on must be one of {self.STRIDE_ON}, "
-                       f"got {self.stride_on!r}")
+      raise ValueError(f'model.stride_on must be one of {self.STRIDE_ON}, '
+                       f'got {self.stride_on!r}')
     super().__post_init__()
 
   def blocks_per_stage(self) -> int:
     """n = (depth - 4) / 6; raises ValueError unless depth = 6n + 4, n >= 1."""
     problem = depth_problem(self.depth)
     if problem:
-      raise ValueError(f"WideResNet depth {self.depth}: {problem}")
+      raise ValueError(f'WideResNet depth {self.depth}: {problem}')
     return (self.depth - 4) // 6
 
   def stem_resolution(self, height: int, width: int) -> tuple[int, int]:
@@ -133,26 +138,30 @@ class WideResNet(nn.Module):
     Sizes divisible by 4 reproduce the reference's padding exactly.
     """
     if height < 1 or width < 1:
-      raise ValueError(f"wide_resnet needs a positive image size, got {(height, width)}")
+      raise ValueError(
+          f'wide_resnet needs a positive image size, got {(height, width)}')
 
   @nn.compact
   def __call__(self, x: jax.Array, mix_weights: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     n = self.blocks_per_stage()
-    h = layers.Stems(self.num_members, STEM_FEATURES, strides=1, padding="SAME",
-                     dtype=self.dtype, init_rule=self.stem, name="stems",
+    h = layers.Stems(self.num_members, STEM_FEATURES, strides=1, padding='SAME',
+                     dtype=self.dtype, init_rule=self.stem, name='stems',
                      conv_general_dilated=common.conv_general_dilated)(
                          x, mix_weights)
-    self.sow("intermediates", "stem", h)
-    for stage, (mult, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
+    self.sow('intermediates', 'stem', h)
+    for stage, (mult,
+                stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
       for block in range(1, n + 1):
         h = WideBasicBlock(mult * self.width, stride if block == 1 else 1,
                            dtype=self.dtype, stride_on=self.stride_on,
                            bn_groups=self.bn_groups,
-                           name=f"stage{stage}_block{block}")(h, train)
-      self.sow("intermediates", f"stage{stage}", h)
-    h = nn.relu(common.batch_norm(train, self.dtype, name="final_bn",
-                                  groups=self.bn_groups)(h))
+                           name=f'stage{stage}_block{block}')(h, train)
+      self.sow('intermediates', f'stage{stage}', h)
+    h = nn.relu(
+        common.batch_norm(train, self.dtype, name='final_bn',
+                          groups=self.bn_groups)(h))
     features = h.astype(jnp.float32).mean(axis=(1, 2))  # Shape: [B,64w].
-    self.sow("intermediates", "features", features)
-    return layers.Heads(self.num_members, self.num_classes, name="heads")(features)
+    self.sow('intermediates', 'features', features)
+    return layers.Heads(self.num_members, self.num_classes, name='heads')(
+        features)

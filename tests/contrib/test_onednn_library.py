@@ -14,9 +14,10 @@ from mixmo_jax.contrib.onednn import library
 
 # Where the cpu-onednn extra installed the library and a compiler is found,
 # the path must be on: a kernel that fails the probe is an error, not a skip.
-BUILDABLE = (platform.machine() == 'x86_64' and sys.platform == 'linux'
-             and library.onednn_root() is not None
-             and shutil.which(os.environ.get('CXX', 'g++')) is not None)
+BUILDABLE = (
+    platform.machine() == 'x86_64' and sys.platform == 'linux' and
+    library.onednn_root() is not None and
+    shutil.which(os.environ.get('CXX', 'g++')) is not None)
 needs_build = pytest.mark.skipif(
     not BUILDABLE, reason='no oneDNN library (extra cpu-onednn) or no C++ '
     'compiler here')
@@ -66,15 +67,14 @@ def test_a_failed_build_turns_the_path_off_with_one_warning(tmp_path):
   env = dict(os.environ, MIXMO_ONEDNN_CONV='1', JAX_PLATFORMS='cpu',
              CXX='false', MIXMO_CACHE_DIR=str(tmp_path))
   out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
-                       check=True, capture_output=True, text=True,
-                       timeout=120)
+                       check=True, capture_output=True, text=True, timeout=120)
   lines = out.stdout.split('\n')
   assert lines[0] == 'False False'
   # Window pixels inside the image, summed over the 16 outputs: 4 corners
   # of 4, 8 edges of 6, 4 interior of 9; times Ci = 2 and Co = 2.
   assert float(lines[1]) == (4 * 4 + 8 * 6 + 4 * 9) * 2 * 2
   warnings = [l for l in out.stderr.splitlines() if 'MIXMO_ONEDNN_CONV' in l]
-  expected = ('failed' if library.onednn_root() is not None
-              else 'no oneDNN library')
+  expected = ('failed'
+              if library.onednn_root() is not None else 'no oneDNN library')
   assert len(warnings) == 1 and expected in warnings[0], out.stderr
   assert list(tmp_path.iterdir()) == []

@@ -54,7 +54,7 @@ import logging
 import os
 import platform as _host
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 from jax import lax
@@ -73,8 +73,7 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 def _xla_conv(x, w, strides: tuple[int, int], pads: Pads):
   """XLA's NHWC/HWIO conv y [B, Ho, Wo, Co]: the reference and fallback."""
-  return lax.conv_general_dilated(x, w, strides, pads,
-                                  dimension_numbers=_NHWC)
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
 
 
 def _xla_input_grad(dy, w, x_shape, strides, pads):
@@ -120,9 +119,11 @@ def _batch_axes(sharding):
 # What each call reads and writes, as (operand a, operand b) -> result:
 #   conv: (x, w) -> y    dx: (dy, w) -> dx    dw: (x, dy) -> dw
 # Einsum-like rules for the partitioner: b is the batch.
-_RULES = {'conv': 'b h w c, p q c o -> b i j o',
-          'dx': 'b i j o, p q c o -> b h w c',
-          'dw': 'b h w c, b i j o -> p q c o'}
+_RULES = {
+    'conv': 'b h w c, p q c o -> b i j o',
+    'dx': 'b i j o, p q c o -> b h w c',
+    'dw': 'b h w c, b i j o -> p q c o'
+}
 
 
 @functools.cache
@@ -130,6 +131,7 @@ def _op(kind: str, out_shape: tuple[int, ...], strides: tuple[int, int],
         pads: Pads):
   """The FFI call of `kind` (above) split over a batch-sharded mesh and,
   under vmap, XLA's equivalent."""
+
   def call(a, b):
     return _ffi(kind, out_shape, a, b, strides, pads)
 
@@ -141,9 +143,11 @@ def _op(kind: str, out_shape: tuple[int, ...], strides: tuple[int, int],
       local = (arg_shapes[0].shape[0] // _size(mesh, axes),) + out_shape[1:]
       return mesh, lambda a, b: _ffi(kind, local, a, b, strides, pads), \
           batch, (batch, replicated)
+
     def per_shard(a, b):
       dw = _ffi(kind, out_shape, a, b, strides, pads)
       return lax.psum(dw, axes) if axes is not None else dw
+
     return mesh, per_shard, replicated, (batch, batch)
 
   def infer(mesh, arg_shapes, result_shape):
@@ -164,12 +168,14 @@ def _op(kind: str, out_shape: tuple[int, ...], strides: tuple[int, int],
   @op.def_vmap
   def _vmapped(axis_size, in_batched, a, b):
     del axis_size
+
     def xla(a, b):
       if kind == 'conv':
         return _xla_conv(a, b, strides, pads)
       if kind == 'dx':
         return _xla_input_grad(a, b, out_shape, strides, pads)
       return _xla_weight_grad(a, b, out_shape, strides, pads)
+
     axes = tuple(0 if batched else None for batched in in_batched)
     return jax.vmap(xla, in_axes=axes)(a, b), True
 
@@ -206,7 +212,6 @@ def _onednn_conv_bwd(strides, pads, res, dy):
 
 
 _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
-
 
 _LOCAL = threading.local()
 
@@ -256,9 +261,10 @@ def enabled() -> bool:
   try:
     library.load()
   except Exception as e:
-    logging.warning('%s=1 but the oneDNN kernels are unavailable (%s); '
-                    "using XLA's convs", ENV, str(e).splitlines()[0]
-                    if str(e) else type(e).__name__)
+    logging.warning(
+        '%s=1 but the oneDNN kernels are unavailable (%s); '
+        "using XLA's convs", ENV,
+        str(e).splitlines()[0] if str(e) else type(e).__name__)
     return False
   # Concrete values even when the first use is inside a jit trace.
   with jax.ensure_compile_time_eval(), jax.default_device(cpu):
@@ -272,20 +278,23 @@ def _probe() -> bool:
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
   try:
-    for strides, pads in (((1, 1), ((1, 1), (1, 1))),
-                          ((2, 2), ((0, 1), (1, 0)))):
-      ours = jax.jit(jax.value_and_grad(loss(
-          lambda x, w: _onednn_conv(x, w, strides, pads)), (0, 1)))(x, w)
-      ref = jax.jit(jax.value_and_grad(loss(
-          lambda x, w: _xla_conv(x, w, strides, pads)), (0, 1)))(x, w)
+    for strides, pads in (((1, 1), ((1, 1), (1, 1))), ((2, 2), ((0, 1), (1,
+                                                                         0)))):
+      ours = jax.jit(
+          jax.value_and_grad(
+              loss(lambda x, w: _onednn_conv(x, w, strides, pads)), (0, 1)))(x,
+                                                                             w)
+      ref = jax.jit(
+          jax.value_and_grad(
+              loss(lambda x, w: _xla_conv(x, w, strides, pads)), (0, 1)))(x, w)
       for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-        if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                           atol=1e-4):
+        if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4):
           raise ValueError('result differs from XLA conv')
   except Exception as e:
-    logging.warning("%s: the oneDNN conv probe failed (%s); using XLA's "
-                    'convs', ENV, str(e).splitlines()[0] if str(e) else
-                    type(e).__name__)
+    logging.warning(
+        "%s: the oneDNN conv probe failed (%s); using XLA's "
+        'convs', ENV,
+        str(e).splitlines()[0] if str(e) else type(e).__name__)
     return False
   return True
 
@@ -297,8 +306,7 @@ def _dims_match(x, w, dimension_numbers) -> bool:
 
 def _explicit_pads(x, w, strides, padding) -> Pads | None:
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides,
-                                  padding)
+    padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], strides, padding)
   pads = tuple(tuple(int(v) for v in p) for p in padding)
   if len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
     return None
@@ -319,14 +327,14 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                 batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)
   usable = (
-      lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2
-      and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
-      and feature_group_count == 1 and batch_group_count == 1
-      and precision is None and preferred_element_type is None
-      and all(d == 1 for d in (lhs_dilation or (1, 1)))
-      and all(d == 1 for d in (rhs_dilation or (1, 1)))
-      and dimension_numbers is not None
-      and _dims_match(lhs, rhs, dimension_numbers))
+      lhs.ndim == 4 and rhs.ndim == 4 and len(window_strides) == 2 and
+      lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and
+      feature_group_count == 1 and batch_group_count == 1 and
+      precision is None and preferred_element_type is None and
+      all(d == 1 for d in (lhs_dilation or (1, 1))) and
+      all(d == 1 for d in (rhs_dilation or (1, 1))) and
+      dimension_numbers is not None and
+      _dims_match(lhs, rhs, dimension_numbers))
   pads = _explicit_pads(lhs, rhs, tuple(window_strides), padding) \
       if usable else None
   if pads is None or not active():
@@ -334,5 +342,4 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   strides = tuple(int(s) for s in window_strides)
   return lax.platform_dependent(
       lhs, rhs, cpu=lambda x, w: _onednn_conv(x, w, strides, pads),
-      default=lambda x, w: lax.conv_general_dilated(x, w, *args[2:],
-                                                    **kwargs))
+      default=lambda x, w: lax.conv_general_dilated(x, w, *args[2:], **kwargs))

@@ -37,10 +37,16 @@ ROOT_ENV = 'MIXMO_ONEDNN_ROOT'
 CACHE_ENV = 'MIXMO_CACHE_DIR'
 SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
 # The FFI targets, by what they compute, and the handler symbols of SOURCE.
-TARGETS = {'conv': 'mixmo_onednn_conv', 'dx': 'mixmo_onednn_conv_dx',
-           'dw': 'mixmo_onednn_conv_dw'}
-_SYMBOLS = {'conv': 'MixmoOnednnConv', 'dx': 'MixmoOnednnConvDx',
-            'dw': 'MixmoOnednnConvDw'}
+TARGETS = {
+    'conv': 'mixmo_onednn_conv',
+    'dx': 'mixmo_onednn_conv_dx',
+    'dw': 'mixmo_onednn_conv_dw'
+}
+_SYMBOLS = {
+    'conv': 'MixmoOnednnConv',
+    'dx': 'MixmoOnednnConvDx',
+    'dw': 'MixmoOnednnConvDw'
+}
 _LIB = 'libdnnl.so.3'
 _HEADER = pathlib.Path('include', 'oneapi', 'dnnl', 'dnnl.hpp')
 
@@ -49,8 +55,8 @@ def onednn_root() -> pathlib.Path | None:
   """The folder holding lib/libdnnl.so.3 and the headers, None if none."""
   candidates = [os.environ.get(ROOT_ENV, ''), sys.prefix, site.USER_BASE]
   for root in candidates:
-    if root and (pathlib.Path(root, 'lib', _LIB).exists()
-                 and pathlib.Path(root, _HEADER).exists()):
+    if root and (pathlib.Path(root, 'lib', _LIB).exists() and
+                 pathlib.Path(root, _HEADER).exists()):
       return pathlib.Path(root)
   return None
 
@@ -66,10 +72,12 @@ def cache_dir() -> pathlib.Path:
 def _compile_command(compiler: str, root: pathlib.Path,
                      out: pathlib.Path) -> list[str]:
   lib = root / 'lib'
-  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
-          f'-I{jax.ffi.include_dir()}', f'-I{root / "include"}',
-          str(SOURCE), f'-L{lib}', f'-l:{_LIB}', f'-Wl,-rpath,{lib}',
-          '-o', str(out)]
+  return [
+      compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
+      f'-I{jax.ffi.include_dir()}', f'-I{root / "include"}',
+      str(SOURCE), f'-L{lib}', f'-l:{_LIB}', f'-Wl,-rpath,{lib}', '-o',
+      str(out)
+  ]
 
 
 def build() -> pathlib.Path:
@@ -99,12 +107,12 @@ def build() -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out_dir)
   os.close(fd)
   try:
-    done = subprocess.run(_compile_command(compiler, root, pathlib.Path(tmp)),
-                          capture_output=True, text=True, timeout=600,
-                          check=False)
+    done = subprocess.run(
+        _compile_command(compiler, root, pathlib.Path(tmp)),
+        capture_output=True, text=True, timeout=600, check=False)
     if done.returncode:
-      raise RuntimeError(f'{compiler} failed: '
-                         + (done.stderr.strip().splitlines() or ['?'])[-1])
+      raise RuntimeError(f'{compiler} failed: ' +
+                         (done.stderr.strip().splitlines() or ['?'])[-1])
     os.replace(tmp, out)  # Atomic: another process sees all of it or none.
   finally:
     if os.path.exists(tmp):
@@ -121,9 +129,9 @@ def load() -> ctypes.CDLL:
   """
   lib = ctypes.CDLL(str(build()))
   for kind, target in TARGETS.items():
-    jax.ffi.register_ffi_target(
-        target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])),
-        platform='cpu')
+    jax.ffi.register_ffi_target(target,
+                                jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])),
+                                platform='cpu')
   return lib
 
 
@@ -141,4 +149,3 @@ def threads() -> int:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') \
       else (os.cpu_count() or 1)
   return max(1, cores // max(1, jax.local_device_count('cpu')))
-
