@@ -89,11 +89,11 @@ def main(argv):
   platform.setup(config)  # XLA flags, before jax starts.
   _initialize_distributed()
   cli.start_backend()
-  from mixmo_jax import training
+  from mixmo_jax import locking, training
   try:  # It validates first: a bad field fails in a second.
     training.train_and_evaluate(config, _WORKDIR.value,
                                 allow_config_change=_ALLOW_CHANGE.value)
-  except (config_validation.ConfigError, workdir.WorkdirBusyError) as e:
+  except (config_validation.ConfigError, locking.WorkdirBusyError) as e:
     fail(e)
   except workdir.WorkdirError as e:  # The folder itself: the environment.
     fail(e, 1)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax.training import train_state
 
-from mixmo_jax import (config_validation, keys, models, optim, preemption,
-                       sharding, workdir as wd)
+from mixmo_jax import (config_validation, keys, locking, models, optim,
+                       preemption, sharding, workdir as wd)
 from mixmo_jax.data import augment
 from mixmo_jax.data import augmix
 from mixmo_jax.data import pipeline
@@ -246,7 +246,7 @@ def train_and_evaluate(config, workdir: str, *,
   Set the XLA flags first (`platform.setup(config)`, as main and
   `mixmo_jax.train` do). Every config field is validated before the workdir
   is touched; then the workdir's lock is taken (one trainer per workdir,
-  `workdir.trainer_lock`), the config compared with the one stored with the
+  `locking.trainer_lock`), the config compared with the one stored with the
   checkpoints, config.json written and the run trained. SIGINT / SIGTERM
   save a checkpoint and stop; the previous signal handlers are restored on
   return.
@@ -265,7 +265,7 @@ def train_and_evaluate(config, workdir: str, *,
   Raises:
     config_validation.ConfigError: see `prepare_workdir`; or a workdir named
       by a URL this package cannot use (`workdir.url_problem`).
-    workdir.WorkdirBusyError: another trainer holds the workdir.
+    locking.WorkdirBusyError: another trainer holds the workdir.
     workdir.WorkdirError: the workdir (or its lock file) cannot be used.
     data.DatasetUnavailableError, checkpointing.CheckpointError (also a
     failed or impossible checkpoint write), checkpointing.NonFiniteStateError,
@@ -275,7 +275,7 @@ def train_and_evaluate(config, workdir: str, *,
     raise config_validation.ConfigError(wd.url_problem(workdir))
   config_validation.validate(config)  # Before the workdir is touched.
   lock = (
-      wd.trainer_lock(workdir)
+      locking.trainer_lock(workdir)
       if jax.process_index() == 0 else contextlib.nullcontext())
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   from mixmo_jax import progress
@@ -388,8 +388,8 @@ def _train(config, workdir: str,
         batch, waited = batches.get(step)
         state, step_metrics = step_fn(state, *batch)
         done = step + 1
-        if wd.lease_lost():  # A gs:// workdir taken over: write no more.
-          raise wd.WorkdirBusyError(
+        if locking.lease_lost():  # A gs:// workdir taken over: write no more.
+          raise locking.WorkdirBusyError(
               f'another trainer took over {workdir} (this one did not renew '
               f'its lease in time); stopped at step {done} without saving')
         reporter.step(done, step_metrics, data_wait=waited)
@@ -441,7 +441,7 @@ def _train(config, workdir: str,
     # Failed, or stopped at once: the event file is closed without the
     # summary (every event is on disk already; in a bucket the rest is
     # uploaded, unless another trainer took the workdir over).
-    reporter.abort(upload=not isinstance(e, wd.WorkdirBusyError))
+    reporter.abort(upload=not isinstance(e, locking.WorkdirBusyError))
     raise
   reporter.close(wd.read_history(workdir))
   ckpt.close()

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import tiny_digits_config
 from mixmo_jax import checkpointing, predict, progress, sharding, training
+from mixmo_jax import locking
 from mixmo_jax import workdir as wd
 from mixmo_jax.evaluation import metrics
 from mixmo_jax.evaluation import runs as runs_lib
@@ -227,8 +228,9 @@ def test_failed_start_leaves_the_workdir_fresh(tmp_path, monkeypatch):
 
 def test_busy_workdir_is_refused_before_anything(run):
   before = _digests(run)
-  with wd.trainer_lock(run):
-    with pytest.raises(wd.WorkdirBusyError, match='in use by another trainer'):
+  with locking.trainer_lock(run):
+    with pytest.raises(locking.WorkdirBusyError,
+                       match='in use by another trainer'):
       training.train_and_evaluate(tiny_digits_config(), run)
   assert _digests(run) == before
 

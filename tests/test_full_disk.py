@@ -21,6 +21,7 @@ import pytest
 
 from conftest import REPO, mount_or_skip, xla_flags
 from mixmo_jax import checkpointing, sharding
+from mixmo_jax import locking
 from mixmo_jax import workdir as wd
 
 # A 3-epoch WRN-10-1 digits run, a checkpoint every epoch (~0.7 MB each).
@@ -128,7 +129,7 @@ def test_start_on_a_full_disk_is_one_line(tmp_path):
     os.makedirs(os.path.join(disk, 'run'))
     fill(disk)
     with pytest.raises(wd.WorkdirError) as err:
-      with wd.trainer_lock(os.path.join(disk, 'run')):
+      with locking.trainer_lock(os.path.join(disk, 'run')):
         pass
     assert '\n' not in str(err.value)
     assert 'No space left on device' in str(err.value)

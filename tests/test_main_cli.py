@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import REPO, load_config, tiny_digits_config
+from mixmo_jax import locking
 from mixmo_jax import workdir as workdir_lib
 
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'clu', 'orbax')
@@ -164,7 +165,7 @@ def test_every_bad_field_one_line_each_exit_2(tmp_path):
 def test_second_trainer_is_refused_exit_2(tmp_path):
   """Issue 14.3: the lock's holder is named; nothing is written."""
   workdir = tmp_path / 'run'
-  with workdir_lib.trainer_lock(str(workdir)):
+  with locking.trainer_lock(str(workdir)):
     code, lines = _main(workdir, '--config.model.width=1')
   assert code == 2
   assert len(lines) == 1, lines

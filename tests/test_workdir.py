@@ -1,6 +1,6 @@
 """The workdir's lock and the cheap readers of its checkpoints (issue 14.3).
 
-In-process: a second `trainer_lock` on the same file from a new open file
+In-process: a second `locking.trainer_lock` on the same file from a new open file
 description conflicts exactly as another process's would (flock locks belong
 to the open file, not to the process).
 """
@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from mixmo_jax import locking
 from mixmo_jax import workdir as wd
 
 
@@ -26,35 +27,35 @@ def _json(path):
 
 def test_second_trainer_is_refused_naming_the_holder(tmp_path):
   workdir = str(tmp_path / 'run')
-  with wd.trainer_lock(workdir):
-    with pytest.raises(wd.WorkdirBusyError) as err:
-      with wd.trainer_lock(workdir):
+  with locking.trainer_lock(workdir):
+    with pytest.raises(locking.WorkdirBusyError) as err:
+      with locking.trainer_lock(workdir):
         pass
     message = str(err.value)
     assert '\n' not in message
     assert f'"pid": {os.getpid()}' in message
     assert 'in use by another trainer' in message
-  with wd.trainer_lock(workdir):  # Released on exit: free again.
+  with locking.trainer_lock(workdir):  # Released on exit: free again.
     holder = _json(os.path.join(workdir, wd.LOCK))
     assert holder['pid'] == os.getpid() and holder['host']
 
 
 def test_lock_of_a_killed_process_is_free(tmp_path):
   workdir = str(tmp_path / 'run')
-  code = ('import os, signal, sys; from mixmo_jax import workdir as wd\n'
-          f'with wd.trainer_lock({workdir!r}):\n'
+  code = ('import os, signal, sys; from mixmo_jax import locking\n'
+          f'with locking.trainer_lock({workdir!r}):\n'
           '  print("locked", flush=True); os.kill(os.getpid(), signal.SIGKILL)')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, timeout=60)
   assert out.returncode == -9 and 'locked' in out.stdout
   assert os.path.exists(os.path.join(workdir, wd.LOCK))  # Stale file left.
-  with wd.trainer_lock(workdir):  # But free.
+  with locking.trainer_lock(workdir):  # But free.
     pass
 
 
 def _lock_error(workdir):
   with pytest.raises(wd.WorkdirError) as err:
-    with wd.trainer_lock(workdir):
+    with locking.trainer_lock(workdir):
       pass
   message = str(err.value)
   assert '\n' not in message
@@ -123,8 +124,8 @@ def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
   ], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == 'held'
-    with pytest.raises(wd.WorkdirBusyError) as err:
-      with wd.trainer_lock(str(workdir)):
+    with pytest.raises(locking.WorkdirBusyError) as err:
+      with locking.trainer_lock(str(workdir)):
         pass
   finally:
     holder.kill()
@@ -135,7 +136,7 @@ def test_refusal_names_the_live_holder_not_the_recorded_one(tmp_path):
   assert f'pid {holder.pid} (' in message, message
   assert f'({sys.executable[:60]}' in message  # Its command line.
   assert '999999999' in message  # The stale record, as what the file says.
-  with wd.trainer_lock(str(workdir)):  # Free once that process is gone.
+  with locking.trainer_lock(str(workdir)):  # Free once that process is gone.
     pass
 
 
