@@ -222,8 +222,8 @@ def _check_model(c: _Checks):
     if problem:
       c.fail('model.depth', depth, problem)
   c.choice('model.stem', layers.STEM_INITS)
-  for field, default in (('model.stride_on', 'second'), ('model.bn_group_rows',
-                                                         0)):
+  wide_resnet_only = (('model.stride_on', 'second'), ('model.bn_group_rows', 0))
+  for field, default in wide_resnet_only:
     # Read by the WideResNet only.
     if name is not None and name != 'wide_resnet' and c.get(field) != default:
       c.fail(

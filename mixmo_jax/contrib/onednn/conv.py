@@ -262,39 +262,46 @@ def enabled() -> bool:
     library.load()
   except Exception as e:
     logging.warning(
-        '%s=1 but the oneDNN kernels are unavailable (%s); '
-        "using XLA's convs", ENV,
-        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        "%s=1 but the oneDNN kernels are unavailable (%s); "
+        "using XLA's convs", ENV, _reason(e))
     return False
   # Concrete values even when the first use is inside a jit trace.
   with jax.ensure_compile_time_eval(), jax.default_device(cpu):
     return _probe()
 
 
+def _reason(e: Exception) -> str:
+  """An exception's first line, or its type's name."""
+  return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+# (strides, pads) of the probe's convs: unstrided and strided, asymmetric.
+_PROBES = (((1, 1), ((1, 1), (1, 1))), ((2, 2), ((0, 1), (1, 0))))
+
+
 def _probe() -> bool:
-  """One small conv and its gradients through oneDNN against XLA's."""
+  """Small convs and their gradients through oneDNN against XLA's."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+
+  def value_and_grads(conv, strides, pads):
+
+    def loss(x, w):
+      return jnp.sum(jnp.sin(conv(x, w, strides, pads)))
+
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
   try:
-    for strides, pads in (((1, 1), ((1, 1), (1, 1))), ((2, 2), ((0, 1), (1,
-                                                                         0)))):
-      ours = jax.jit(
-          jax.value_and_grad(
-              loss(lambda x, w: _onednn_conv(x, w, strides, pads)), (0, 1)))(x,
-                                                                             w)
-      ref = jax.jit(
-          jax.value_and_grad(
-              loss(lambda x, w: _xla_conv(x, w, strides, pads)), (0, 1)))(x, w)
+    for strides, pads in _PROBES:
+      ours = value_and_grads(_onednn_conv, strides, pads)
+      ref = value_and_grads(_xla_conv, strides, pads)
       for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         if not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4):
           raise ValueError('result differs from XLA conv')
   except Exception as e:
-    logging.warning(
-        "%s: the oneDNN conv probe failed (%s); using XLA's "
-        'convs', ENV,
-        str(e).splitlines()[0] if str(e) else type(e).__name__)
+    logging.warning("%s: the oneDNN conv probe failed (%s); using XLA's convs",
+                    ENV, _reason(e))
     return False
   return True
 
