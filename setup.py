@@ -56,8 +56,8 @@ setuptools.setup(
     ],
     extras_require={
         # Opt-in CPU kernels (MIXMO_ONEDNN_CONV=1, mixmo_jax/contrib/onednn):
-        # oneDNN's convolution weight-gradient kernel and its headers, built
-        # into an XLA FFI call at first use.
+        # oneDNN's library and headers, built into our FFI handlers of the
+        # convolution and both its gradients at first use.
         'cpu-onednn': _ONEDNN,
         'cuda12': ['jax[cuda12]>=0.10'],
         # python -m experiments.aot: jax's CUDA and TPU plugins, pinned by
