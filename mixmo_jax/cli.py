@@ -132,18 +132,25 @@ def _load_config_file(spec: str):
   return configs.load(spec)
 
 
-def _override_problem(config, arg: str):
-  """Why `--config.FIELD=VALUE` does not fit `config`, or None if it does."""
-  field, _, value = arg[len('--config.'):].partition('=')
+def field_problem(config, field: str) -> str | None:
+  """Why the dotted `field` is not a field of `config` ("config.model has no
+  field 'x' (fields: ...)"), or None if it is."""
   node, parts = config, field.split('.')
   for i, part in enumerate(parts):
     parent = '.'.join(['config'] + parts[:i])
     if not hasattr(node, 'keys') or part not in node:
       known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
-      return (f'--config.{field}={value}: {parent} has no field {part!r} '
+      return (f'{parent} has no field {part!r} '
               f'(fields: {known or "none, it is a " + type(node).__name__})')
     node = node[part]
   return None
+
+
+def _override_problem(config, arg: str):
+  """Why `--config.FIELD=VALUE` does not fit `config`, or None if it does."""
+  field, _, value = arg[len('--config.'):].partition('=')
+  problem = field_problem(config, field)
+  return f'--config.{field}={value}: {problem}' if problem else None
 
 
 def describe_flag_error(argv, error: Exception) -> str:

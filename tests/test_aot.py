@@ -318,8 +318,8 @@ def _aot(*args):
     (['--dtype=float16'], "--dtype='float16' is not allowed"),
     (['--config=configs/nope.py'], '--config=configs/nope.py: config file'),
     (['--baseline=nope.json'], '--baseline=nope.json: no such file'),
-    (['--set=model.nope=1'], "--set=model.nope=1: FIELD=VALUE with FIELD a "
-     "config field; config.model has no 'nope'"),
+    (['--set=model.nope=1'], "--set=model.nope=1: config.model has no field "
+     "'nope' (fields: bn_group_rows, depth,"),
     (['--set=model.depth=deep'], "--set=model.depth=deep: model.depth takes "
      "an integer, not 'deep'"),
     (['--set=model.bn_group_rows'], '--set=model.bn_group_rows: FIELD=VALUE'),

@@ -94,17 +94,18 @@ def _print_target_config() -> None:
 
 def _set_field(config, assignment: str) -> None:
   """Applies one --set=FIELD=VALUE, VALUE read as the field's type."""
+  from mixmo_jax import cli
   field, sep, text = assignment.partition('=')
-  node, parts = config, field.split('.')
-  for i, part in enumerate(parts):
-    if not sep or not hasattr(node, 'keys') or part not in node:
-      where = '.'.join(['config'] + parts[:i])
-      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else ''
-      _fail(f'--set={assignment}: FIELD=VALUE with FIELD a config field; '
-            f'{where} has no {part!r} (fields: {known})')
-    if i < len(parts) - 1:
-      node = node[part]
-  old = node[parts[-1]]
+  if not sep:
+    _fail(f'--set={assignment}: FIELD=VALUE with FIELD a config field')
+  problem = cli.field_problem(config, field)
+  if problem:
+    _fail(f'--set={assignment}: {problem}')
+  *path, name = field.split('.')
+  node = config
+  for part in path:
+    node = node[part]
+  old = node[name]
   kinds = {
       bool: 'true or false',
       int: 'an integer',
@@ -123,7 +124,7 @@ def _set_field(config, assignment: str) -> None:
   except (ValueError, SyntaxError):
     _fail(f'--set={assignment}: {field} takes '
           f'{kinds.get(type(old), "a Python literal")}, not {text!r}')
-  node[parts[-1]] = value
+  node[name] = value
 
 
 def _cases():

@@ -102,45 +102,45 @@ def kernel_kind(opcode: str) -> str:
   return 'copy' if opcode == 'copy-start' else 'other'
 
 
-def entry_lines(text: str) -> list[str]:
-  """The instruction lines of the module's ENTRY computation."""
-  lines, inside = [], False
+def _split(text: str) -> tuple[list[str], list[str]]:
+  """(the ENTRY computation's lines, every other computation's lines)."""
+  entry, others, inside = [], [], False
   for line in text.splitlines():
     if line.startswith('ENTRY '):
       inside = True
     elif inside and line.startswith('}'):
-      break
-    elif inside:
-      lines.append(line)
-  return lines
+      inside = False
+    else:
+      (entry if inside else others).append(line)
+  return entry, others
 
 
-def _loop_collectives(text: str) -> int:
-  """Collectives outside the entry computation: in a while loop's body or
-  condition (collectives are never fused), where each trip runs them."""
-  count, inside_entry = 0, False
-  for line in text.splitlines():
-    if line.startswith('ENTRY '):
-      inside_entry = True
-    elif inside_entry and line.startswith('}'):
-      inside_entry = False
-    match = _INSTRUCTION.match(line)
-    if match and not inside_entry:
-      opcode = _split_shape(match.group(2))[1].partition('(')[0]
-      count += opcode.removesuffix('-start') in COLLECTIVES
-  return count
+def entry_lines(text: str) -> list[str]:
+  """The instruction lines of the module's ENTRY computation."""
+  return _split(text)[0]
+
+
+def _opcode(line: str) -> tuple[str, str, str] | None:
+  """(name, result shape, 'op(operands...)...') of an instruction line."""
+  match = _INSTRUCTION.match(line)
+  if not match:
+    return None
+  name, rest = match.groups()
+  return (name, *_split_shape(rest))
 
 
 def entry_stats(text: str) -> EntryStats:
   """Kernels, their I/O bytes and the collectives of one device's step."""
   sizes: dict[str, int] = {}
-  stats = EntryStats(loop_collectives=_loop_collectives(text))
-  for line in entry_lines(text):
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, rest = match.groups()
-    shape, call = _split_shape(rest)
+  entry, others = _split(text)
+  stats = EntryStats()
+  # Collectives outside the entry computation are in a while loop's body or
+  # condition (collectives are never fused): each trip runs them.
+  for parsed in filter(None, map(_opcode, others)):
+    opcode = parsed[2].partition('(')[0]
+    stats.loop_collectives += opcode.removesuffix('-start') in COLLECTIVES
+  for parsed in filter(None, map(_opcode, entry)):
+    name, shape, call = parsed
     opcode = call.partition('(')[0]
     operands = re.findall(r'%([^\s,()]+)',
                           call.partition('(')[2].partition(')')[0])
