@@ -30,6 +30,10 @@ import sys
 
 # Compile-only: the accelerators are described, never started.
 os.environ['JAX_PLATFORMS'] = 'cpu'
+# An executable compiled for devices that are not here cannot be read back
+# from jax's persistent compilation cache (jax warns and compiles again):
+# leave it out of a cache the user may have set.
+os.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
 
 from absl import app, flags
 
