@@ -11,24 +11,6 @@ import difflib
 import math
 from typing import Any
 
-from mixmo_jax import workdir as wd
-
-# Fields that do not change the training trajectory: they may differ when a
-# workdir is resumed (the change is logged and recorded in the workdir).
-RESUME_ALLOWED_CHANGES = (
-    'eval_every_epochs',
-    'checkpoint_every_epochs',
-    'keep_checkpoints',
-    'keep_best_checkpoint',
-    'log_every_steps',
-    'eval_batch_size',
-    'data_dir',
-    'manual_dir',
-    'evaluation.ensemble',
-    'evaluation.calibration_seed',
-    'cpu_devices',
-)
-
 
 class ConfigError(ValueError):
   """Config fields that are not allowed: one line per problem, e.g.
@@ -57,13 +39,13 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _leaves(tree, prefix: str = '') -> dict[str, Any]:
+def field_values(tree, prefix: str = '') -> dict[str, Any]:
   """{dotted field: value} of a ConfigDict or dict tree."""
   out = {}
   for key in tree.keys():
     value = tree[key]
     if hasattr(value, 'keys') and hasattr(value, 'items'):
-      out.update(_leaves(value, f'{prefix}{key}.'))
+      out.update(field_values(value, f'{prefix}{key}.'))
     else:
       out[f'{prefix}{key}'] = value
   return out
@@ -74,7 +56,7 @@ class _Checks:
 
   def __init__(self, config):
     self.config = config
-    self.values = _leaves(config)
+    self.values = field_values(config)
     self.problems: list[str] = []
     self.bad = set()  # Fields already reported: dependent checks skip them.
 
@@ -390,7 +372,7 @@ def problems(config, num_devices: int) -> list[str]:
   """Every problem of `config`, one line each (empty when valid)."""
   from mixmo_jax.configs import base
   c = _Checks(config)
-  c.key_tree(_leaves(base.base_config()))
+  c.key_tree(field_values(base.base_config()))
   spec = _check_data(c)
   _check_model(c)
   _check_mixing(c)
@@ -421,59 +403,3 @@ def validate(config, num_devices: int | None = None) -> None:
   found = problems(config, num_devices)
   if found:
     raise ConfigError(found)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-  """Fields whose values differ, as 'field: old -> new' lines."""
-  a, b = _flatten(old), _flatten(new)
-  return [
-      f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-      if a.get(k) != b.get(k)
-  ]
-
-
-def check_resume(workdir: str, config,
-                 allow_changes: bool = False) -> list[str]:
-  """Compares `config` with the workdir's before resuming.
-
-  The reference is the config stored with the newest checkpoint (so that a
-  deleted config.json lets no changed config through), else config.json.
-  A workdir without any checkpoint is fresh: a start that failed before its
-  first checkpoint blocks no later run.
-
-  Returns the changed fields (empty for a new workdir). Changes outside
-  `RESUME_ALLOWED_CHANGES` raise `ConfigError` unless `allow_changes`.
-  """
-  path = wd.path(workdir, wd.CONFIG)
-  if not wd.checkpoint_steps(workdir):
-    return []  # Never trained (e.g. a start that failed): a fresh workdir.
-  old = wd.stored_config(workdir)
-  if old is not None:
-    path = f'the config stored with the checkpoints in {workdir}'
-  else:
-    try:
-      old = wd.read_config_dict(workdir)
-    except ValueError as e:
-      raise ConfigError(f'{e}; restore it or start a new workdir') from e
-  if old is None:
-    return []
-  changes = config_changes(old, wd.config_to_dict(config))
-  blocked = [
-      c for c in changes if c.split(':')[0] not in RESUME_ALLOWED_CHANGES
-  ]
-  if blocked and not allow_changes:
-    raise ConfigError(
-        f'config differs from {path} in fields that change training: '
-        f'{"; ".join(blocked)} (rerun with the same config, or pass '
-        '--allow_config_change to accept deliberately)')
-  return changes

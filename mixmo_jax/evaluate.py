@@ -138,15 +138,16 @@ def write_plots(result: dict[str, Any], logits: np.ndarray, labels: np.ndarray,
                 out_dir: str, history_workdir: str | None = None) -> list[str]:
   """reliability.png, member_vs_ensemble.png and (when `history_workdir` has
   an eval_history.jsonl) training_curves.png in `out_dir`."""
-  from mixmo_jax.evaluation import plots  # matplotlib only when asked for.
+  # matplotlib only when asked for.
+  from mixmo_jax.evaluation import curves, plots
   log_probs = metrics.ensemble_log_probs(
       np.asarray(logits, np.float64), result['ensemble_mode'])
   paths = plots.write_evaluation_plots(result, log_probs, labels, out_dir)
   if history_workdir is not None:
     if storage.isfile(wd.path(history_workdir, wd.HISTORY)):
       paths.append(
-          plots.training_curves(history_workdir,
-                                os.path.join(out_dir, 'training_curves.png')))
+          curves.training_curves(history_workdir,
+                                 os.path.join(out_dir, 'training_curves.png')))
   return paths
 
 

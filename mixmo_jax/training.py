@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.training import train_state
 
 from mixmo_jax import (config_validation, keys, locking, models, optim,
-                       preemption, sharding, workdir as wd)
+                       preemption, resume_config, sharding, workdir as wd)
 from mixmo_jax.data import augment
 from mixmo_jax.data import augmix
 from mixmo_jax.data import pipeline
@@ -304,7 +304,7 @@ def prepare_workdir(config, workdir: str,
     config_validation.ConfigError: a resume with a changed config (unless
       allow_config_change).
   """
-  changes = config_validation.check_resume(workdir, config, allow_config_change)
+  changes = resume_config.check_resume(workdir, config, allow_config_change)
   if jax.process_index() != 0:
     return
   if changes:

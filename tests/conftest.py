@@ -113,6 +113,20 @@ def tiny_digits_config(arg=None):
   return config
 
 
+def with_fields(config, overrides):
+  """A copy of `config` with {dotted field: value}, of any type (an unlocked
+  dict tree, so that the validator sees wrong types and unknown fields)."""
+  import ml_collections
+  tree = config.to_dict()
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = tree
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return ml_collections.ConfigDict(tree)
+
+
 @pytest.fixture(scope='session')
 def digits_workdir(tmp_path_factory):
   """A trained 2-epoch digits workdir (WRN-10-1, M=2), shared by tests.

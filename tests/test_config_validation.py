@@ -2,33 +2,17 @@
 
 Each bad value is checked against `validate(config)` on a valid tiny digits
 config: the ConfigError is one line naming `config.FIELD=VALUE` and what is
-allowed, and validation writes nothing. Resume checks run on a workdir holding
-only a config.json.
+allowed, and validation writes nothing.
 """
-import json
 import os
 import sys
 
-import ml_collections
 import pytest
 
-from conftest import load_config, tiny_digits_config
+from conftest import load_config, tiny_digits_config, with_fields
 from mixmo_jax import config_validation as cv
-from mixmo_jax import workdir as workdir_lib
 
 NUM_DEVICES = 8  # conftest: 8 fake CPU devices.
-
-
-def _with(config, overrides):
-  """A copy of `config` with {dotted field: value}, of any type."""
-  tree = config.to_dict()
-  for field, value in overrides.items():
-    *parents, leaf = field.split('.')
-    node = tree
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return ml_collections.ConfigDict(tree)
 
 
 def test_reference_configs_are_valid():
@@ -178,7 +162,7 @@ CASES = {
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_bad_value_names_field_and_allowed(name, tmp_path, monkeypatch):
   overrides, named, allowed = CASES[name]
-  config = _with(tiny_digits_config(), overrides)
+  config = with_fields(tiny_digits_config(), overrides)
   monkeypatch.chdir(tmp_path)  # Anything written would land here.
   with pytest.raises(cv.ConfigError) as err:
     cv.validate(config, NUM_DEVICES)
@@ -209,110 +193,6 @@ def test_validation_imports_no_tensorflow():
   out = subprocess.run([sys.executable, '-c', code], cwd=repo, check=True,
                        capture_output=True, text=True, timeout=120)
   assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout
-
-
-# ------------------------------------------------------------------ resume
-
-
-def _workdir_with(config, tmp_path, stored=None):
-  """A workdir with config.json and a checkpoint folder (step 10) holding,
-  if given, `stored` as the config saved with the checkpoint."""
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  with open(workdir / 'config.json', 'w') as f:
-    json.dump(workdir_lib.config_to_dict(config), f)
-  step = workdir / 'checkpoints' / '10'
-  step.mkdir(parents=True)
-  if stored is not None:
-    (step / 'config').mkdir()
-    with open(step / 'config' / 'metadata', 'w') as f:
-      json.dump(workdir_lib.config_to_dict(stored), f)
-  return str(workdir)
-
-
-def test_workdir_without_checkpoint_is_fresh(tmp_path):
-  """A start that failed before its first checkpoint blocks nothing."""
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  os.rmdir(os.path.join(workdir, 'checkpoints', '10'))
-  config = tiny_digits_config()
-  config.model.width = 2
-  assert cv.check_resume(workdir, config) == []
-
-
-def test_stored_config_is_compared_without_config_json(tmp_path):
-  workdir = _workdir_with(tiny_digits_config(), tmp_path,
-                          stored=tiny_digits_config())
-  os.remove(os.path.join(workdir, 'config.json'))
-  config = tiny_digits_config()
-  config.mixing.p = 0.6
-  with pytest.raises(cv.ConfigError, match=r'mixing\.p: 0\.5 -> 0\.6'):
-    cv.check_resume(workdir, config)
-  assert cv.check_resume(workdir, tiny_digits_config()) == []
-
-
-def test_new_workdir_has_no_changes(tmp_path):
-  assert cv.check_resume(str(tmp_path / 'new'), tiny_digits_config()) == []
-  assert not os.path.exists(tmp_path / 'new')
-
-
-def test_same_config_resumes(tmp_path):
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  assert cv.check_resume(workdir, tiny_digits_config()) == []
-
-
-def test_changed_trajectory_field_is_refused(tmp_path):
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  config = tiny_digits_config()
-  config.mixing.p = 0.6
-  config.model.width = 2
-  config.eval_every_epochs = 2  # Allowed, but the others block.
-  with pytest.raises(cv.ConfigError) as err:
-    cv.check_resume(workdir, config)
-  message = str(err.value)
-  assert '\n' not in message
-  assert 'mixing.p: 0.5 -> 0.6' in message
-  assert 'model.width: 1 -> 2' in message
-  assert 'eval_every_epochs' not in message  # Only the blocking fields.
-  assert '--allow_config_change' in message
-
-
-@pytest.mark.parametrize('field,value', [('eval_every_epochs', 2),
-                                         ('checkpoint_every_epochs', 2),
-                                         ('keep_checkpoints', 5),
-                                         ('log_every_steps', 7),
-                                         ('eval_batch_size', 400),
-                                         ('evaluation.calibration_seed', 3)])
-def test_allow_listed_change_is_accepted(field, value, tmp_path):
-  assert field in cv.RESUME_ALLOWED_CHANGES
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  config = _with(tiny_digits_config(), {field: value})
-  changes = cv.check_resume(workdir, config)
-  assert len(changes) == 1 and changes[0].startswith(f'{field}: ')
-
-
-def test_allow_list_has_no_trajectory_field():
-  trajectory = ('seed', 'dataset', 'num_members', 'batch_size',
-                'batch_repetitions', 'num_epochs', 'num_train_examples',
-                'data_seed', 'mixing.p', 'mixing.alpha', 'mixing.r',
-                'mixing.method', 'model.width', 'model.depth', 'model.dtype',
-                'optimizer.base_learning_rate', 'augment.pixel_mix')
-  assert not set(trajectory) & set(cv.RESUME_ALLOWED_CHANGES)
-
-
-def test_flag_accepts_deliberate_change(tmp_path):
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  config = tiny_digits_config()
-  config.mixing.p = 0.6
-  assert cv.check_resume(workdir, config,
-                         allow_changes=True) == ['mixing.p: 0.5 -> 0.6']
-
-
-def test_unreadable_config_json_is_a_config_error(tmp_path):
-  workdir = _workdir_with(tiny_digits_config(), tmp_path)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write('{"seed": ')  # Cut short.
-  with pytest.raises(cv.ConfigError, match='not valid JSON'):
-    cv.check_resume(workdir, tiny_digits_config())
 
 
 # Issue 14.2: nan / inf, seeds, sizes, warm-up; every problem in one pass.
@@ -366,7 +246,7 @@ ONE_PASS_CASES = {
 @pytest.mark.parametrize('name', sorted(ONE_PASS_CASES))
 def test_nan_inf_seeds_sizes_are_refused(name, tmp_path, monkeypatch):
   overrides, named, allowed = ONE_PASS_CASES[name]
-  config = _with(tiny_digits_config(), overrides)
+  config = with_fields(tiny_digits_config(), overrides)
   monkeypatch.chdir(tmp_path)
   with pytest.raises(cv.ConfigError) as err:
     cv.validate(config, NUM_DEVICES)
@@ -379,13 +259,13 @@ def test_nan_inf_seeds_sizes_are_refused(name, tmp_path, monkeypatch):
 
 def test_warmup_as_long_as_the_run_is_accepted():
   # 320 examples / 32 unique = 10 steps per epoch, 2 epochs, b = 2.
-  config = _with(tiny_digits_config(),
-                 {'optimizer.warmup_steps_per_repetition': 10})
+  config = with_fields(tiny_digits_config(),
+                       {'optimizer.warmup_steps_per_repetition': 10})
   cv.validate(config, NUM_DEVICES)
 
 
 def test_every_problem_is_reported_in_one_pass():
-  config = _with(
+  config = with_fields(
       tiny_digits_config(), {
           'mixing.p': float('nan'),
           'seed': -1,

@@ -216,3 +216,25 @@ def test_no_pragmas_for_a_linter_nobody_runs():
           if f.endswith('.py') and pragma in _read(os.path.join(folder, f))
       ]
   assert not found, found
+
+
+# Files about one idea: the one exception is AugMix (Hendrycks et al.'s list
+# of image operations, one small jax.numpy function each).
+MAX_LINES = 450
+LONG_ALLOWED = {os.path.join(PACKAGE, 'data', 'augmix.py')}
+
+
+def test_no_module_grows_past_the_budget():
+  repo = os.path.dirname(ROOT)
+  long = {}
+  for top in (PACKAGE, 'experiments', 'scripts', 'configs', 'examples'):
+    for folder, _, files in os.walk(os.path.join(repo, top)):
+      for f in files:
+        path = os.path.join(folder, f)
+        rel = os.path.relpath(path, repo)
+        if f.endswith('.py') and rel not in LONG_ALLOWED:
+          lines = _read(path).count('\n')
+          if lines > MAX_LINES:
+            long[rel] = lines
+  assert not long, f'over {MAX_LINES} lines: {long}'
+  assert all(os.path.exists(os.path.join(repo, p)) for p in LONG_ALLOWED)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from mixmo_jax.evaluation import metrics
 from mixmo_jax import workdir as workdir_lib
-from mixmo_jax.evaluation import plots
+from mixmo_jax.evaluation import curves, plots
 
 
 def _check_png(path, figsize):
@@ -140,16 +140,16 @@ def test_training_curves_nested_flat_and_broken_lines(tmp_path, run):
   run_dir = tmp_path / 'run'
   run_dir.mkdir()
   (run_dir / 'eval_history.jsonl').write_text('\n'.join(lines) + '\n')
-  records = plots.flat_history(workdir_lib.read_history(str(run_dir)))
+  records = curves.flat_history(workdir_lib.read_history(str(run_dir)))
   assert [e for e, _ in records] == [1.0, 2.0, 3.0, 4.0, 50.0]
   assert records[3][1]['ensemble/top1'] == 0.7
   assert records[0][1]['members/1/top1'] == result['members'][1]['top1']
-  path = plots.training_curves(str(run_dir), tmp_path / 'curves.png')
+  path = curves.training_curves(str(run_dir), tmp_path / 'curves.png')
   _check_png(path, plots.FIGSIZES['training_curves'])
   empty = tmp_path / 'empty'
   empty.mkdir()
   _check_png(
-      plots.training_curves(str(empty), tmp_path / 'empty.png'),
+      curves.training_curves(str(empty), tmp_path / 'empty.png'),
       plots.FIGSIZES['training_curves'])
 
 

@@ -182,14 +182,14 @@ def test_tiny_run_event_files(digits_workdir):
 
 
 def test_training_curves_read_train_scalars(digits_workdir, tmp_path):
-  from mixmo_jax.evaluation import plots
+  from mixmo_jax.evaluation import curves
   tags = ('train/cross_entropy', 'train/learning_rate')
-  scalars = plots.train_scalars(digits_workdir, tags)
+  scalars = curves.train_scalars(digits_workdir, tags)
   assert set(scalars) == set(tags)
   steps, values = scalars['train/cross_entropy']
   assert steps == sorted(steps) and steps[-1] == 20 and 10 in steps
   assert all(np.isfinite(values))
-  path = plots.training_curves(digits_workdir, tmp_path / 'curves.png')
+  path = curves.training_curves(digits_workdir, tmp_path / 'curves.png')
   assert os.path.getsize(path) > 0
 
 

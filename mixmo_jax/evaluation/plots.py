@@ -1,4 +1,5 @@
-"""Evaluation figures (PNG): reliability, members vs ensemble, diversity, masks.
+"""Evaluation figures (PNG): reliability, members vs ensemble, diversity, masks
+(the training curves: `curves`).
 
 Every function draws on a fresh `matplotlib.figure.Figure` rendered by the Agg
 canvas (no pyplot, no global backend switch, safe in scripts and tests),
@@ -17,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mixmo_jax import events, storage, workdir as wd
+from mixmo_jax import storage
 from mixmo_jax.evaluation import metrics
 
 DPI = 100
@@ -30,7 +31,8 @@ FIGSIZES = {
 GALLERY_CELL_INCHES = 1.5
 
 
-def _new_figure(figsize):
+def new_figure(figsize):
+  """An empty figure of `figsize` inches at DPI, drawn by the Agg canvas."""
   fig = Figure(figsize=figsize, dpi=DPI)
   FigureCanvasAgg(fig)
   return fig
@@ -71,7 +73,8 @@ def extra_formats(names):
     _EXTRA_FORMATS[:] = saved
 
 
-def _save(fig, path):
+def save(fig, path):
+  """Writes `fig` at `path` (PNG) and each extra format beside it; `path`."""
   path = os.fspath(path)
   storage.save_figure(fig, path, 'png', dpi=DPI)
   for extension in _EXTRA_FORMATS:
@@ -125,7 +128,7 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   centers = 0.5 * (edges[:-1] + edges[1:])
   width = 1.0 / num_bins
   filled = count > 0
-  fig = _new_figure(FIGSIZES['reliability_diagram'])
+  fig = new_figure(FIGSIZES['reliability_diagram'])
   ax = fig.add_subplot(1, 1, 1)
   ax.bar(centers[filled], acc[filled], width=width, edgecolor='black',
          color='tab:blue', label='accuracy of the bin')
@@ -147,7 +150,7 @@ def reliability_diagram(log_probs, labels, path, num_bins=15, title=None):
   prefix = f'{title}: ' if title else ''
   ax.set_title(f'{prefix}ECE = {ece:.4f} ({num_bins} bins)', fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def member_vs_ensemble(eval_result, path):
@@ -171,7 +174,7 @@ def member_vs_ensemble(eval_result, path):
   nll = [_num(m.get('nll')) for m in members] + [_num(ens.get('nll'))]
   if ens.get('nll_c') is not None:
     nll.append(_num(ens['nll_c']))
-  fig = _new_figure(FIGSIZES['member_vs_ensemble'])
+  fig = new_figure(FIGSIZES['member_vs_ensemble'])
   for col, (label, values, xs, title) in enumerate([
       ('top-1 (%)', top1, names, 'Top-1 accuracy'),
       ('NLL', nll, nll_names, 'Negative log-likelihood')
@@ -191,7 +194,7 @@ def member_vs_ensemble(eval_result, path):
       ax.set_ylim(0.0, 105.0)  # Bars start at 0: heights compare honestly.
   fig.suptitle(run_title(eval_result), fontsize=9)
   fig.tight_layout()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def diversity_accuracy(results, path):
@@ -208,7 +211,7 @@ def diversity_accuracy(results, path):
   Returns:
     path.
   """
-  fig = _new_figure(FIGSIZES['diversity_accuracy'])
+  fig = new_figure(FIGSIZES['diversity_accuracy'])
   ax = fig.add_subplot(1, 1, 1)
   for i, (name, res) in enumerate(results.items()):
     d_re = res.get('diversity', {}).get('ratio_error')
@@ -236,119 +239,7 @@ def diversity_accuracy(results, path):
   ax.set_title('Diversity / accuracy', fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  return _save(fig, path)
-
-
-def flat_history(records):
-  """History records (`workdir.read_history`) flattened and sorted by epoch.
-
-  Metrics may be nested ({"ensemble": {...}, "members": [...]}) or flat
-  ("ensemble/top1"). A record without "epoch" falls back to "step".
-
-  Returns:
-    list of (epoch float, {flat key: float}).
-  """
-  out = []
-  for record in records:
-    flat = metrics.flatten_metrics(record)
-    out.append((float(flat.get('epoch', flat.get('step', 0))), flat))
-  out.sort(key=lambda r: r[0])
-  return out
-
-
-def _series(records, key, scale=1.0):
-  xs = [e for e, flat in records if key in flat]
-  ys = [scale * flat[key] for e, flat in records if key in flat]
-  return xs, ys
-
-
-def train_scalars(run_workdir, tags):
-  """{tag: ([step], [value])} of the run's TensorBoard scalars (the train/*
-  lines `progress.Reporter` writes, read by `events`); {} without event
-  files."""
-  return events.read_scalars(os.fspath(run_workdir), tags)
-
-
-def training_curves(run_workdir, path):
-  """Ensemble and member top-1 (%) and NLL against epoch, and the training.
-
-  Left: ensemble top-1 (solid) and member top-1 (dashed); middle: ensemble
-  NLL, ensemble NLL_c when present, member NLL; right: the train loss
-  (cross-entropy of the train step) and the learning rate from the
-  TensorBoard event files. Curves whose key is missing from a line simply
-  skip that line.
-
-  Args:
-    run_workdir: the run's workdir (its eval_history.jsonl is read).
-    path: output PNG path.
-
-  Returns:
-    path.
-  """
-  records = flat_history(wd.read_history(run_workdir))
-  num_members = 0
-  for _, flat in records:
-    while f'members/{num_members}/top1' in flat or (f'members/{num_members}/nll'
-                                                    in flat):
-      num_members += 1
-  fig = _new_figure(FIGSIZES['training_curves'])
-  panels = [('top1', 100.0, 'top-1 (%)'), ('nll', 1.0, 'NLL')]
-  for col, (metric, scale, ylabel) in enumerate(panels):
-    ax = fig.add_subplot(1, 3, col + 1)
-    xs, ys = _series(records, f'ensemble/{metric}', scale)
-    ax.plot(xs, ys, '-o', ms=3, color='black', label='ensemble')
-    if metric == 'nll':
-      xs, ys = _series(records, 'ensemble/nll_c')
-      if xs:
-        ax.plot(xs, ys, '-', color='tab:gray', label='ensemble NLL$_c$')
-    for i in range(num_members):
-      xs, ys = _series(records, f'members/{i}/{metric}', scale)
-      if xs:
-        ax.plot(xs, ys, '--', color=f'C{i % 10}', label=f'member {i}')
-    if not records:
-      ax.text(0.5, 0.5, 'no evaluations yet', ha='center', va='center',
-              transform=ax.transAxes)
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='best')
-  _train_panel(fig.add_subplot(1, 3, 3), run_workdir)
-  fig.suptitle(
-      os.path.basename(os.path.normpath(os.fspath(run_workdir))), fontsize=9)
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def _train_panel(ax, run_workdir):
-  """Train cross-entropy (left axis) and learning rate (right) vs epoch."""
-  history = wd.read_history(run_workdir)
-  spe = next((r['step'] / r['epoch'] for r in history if r.get('epoch')), None)
-  tags = ('train/cross_entropy', 'train/learning_rate')
-  scalars = train_scalars(run_workdir, tags)
-  scale = (1.0 / spe) if spe else 1.0
-  ax.set_xlabel('epoch' if spe else 'step')
-  ax.set_title('training', fontsize=10)
-  if tags[0] not in scalars:
-    ax.text(0.5, 0.5, 'no train scalars (TensorBoard events)', ha='center',
-            va='center', transform=ax.transAxes)
-    return
-  steps, values = scalars[tags[0]]
-  ax.plot(
-      np.asarray(steps) * scale, values, '-', color='tab:blue',
-      label='train loss (cross-entropy)')
-  ax.set_ylabel('train loss')
-  ax.grid(alpha=0.3)
-  lines = ax.get_legend_handles_labels()
-  if tags[1] in scalars:
-    twin = ax.twinx()
-    steps, values = scalars[tags[1]]
-    twin.plot(
-        np.asarray(steps) * scale, values, '-', color='tab:orange',
-        label='learning rate')
-    twin.set_ylabel('learning rate')
-    more = twin.get_legend_handles_labels()
-    lines = (lines[0] + more[0], lines[1] + more[1])
-  ax.legend(*lines, fontsize=8, loc='best')
+  return save(fig, path)
 
 
 def upsample_nearest(weights, height, width):
@@ -412,7 +303,7 @@ def mask_gallery(member_images, weights, path):
   num_rows, num_members = x.shape[:2]
   mask0 = upsample_nearest(weights[:, 0], x.shape[2], x.shape[3])
   mixed = mix_images(x, weights)
-  fig = _new_figure(mask_gallery_figsize(num_rows, num_members))
+  fig = new_figure(mask_gallery_figsize(num_rows, num_members))
   cols = num_members + 2
   for k in range(num_rows):
     panels = [(x[k, i], f'input {i}', None) for i in range(num_members)]
@@ -426,7 +317,7 @@ def mask_gallery(member_images, weights, path):
         ax.set_title(name, fontsize=8)
   fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.05,
                       hspace=0.05)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def write_evaluation_plots(eval_result, log_probs, labels, out_dir,

@@ -16,8 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mixmo_jax import (checkpointing, config_validation, data, models, storage,
-                       sharding, workdir as wd)
+from mixmo_jax import (checkpointing, config_validation, data, models,
+                       resume_config, storage, sharding, workdir as wd)
 from mixmo_jax.evaluation import inference
 
 # Fields every run of an ensemble must share (same test set, same classes);
@@ -108,7 +108,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     except wd.WorkdirError as e:
       logging.warning('%s', e)
   else:
-    changes = config_validation.config_changes(stored, on_disk)
+    changes = resume_config.config_changes(stored, on_disk)
     if changes:
       logging.warning(
           '%s differs from the config stored with the '
